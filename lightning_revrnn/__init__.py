@@ -1,0 +1,26 @@
+"""lightning-revrnn: reversible RNNs that reconstruct hidden states exactly instead of storing them."""
+
+from lightning_revrnn.buffer import BufferStats, InformationBuffer
+from lightning_revrnn.cells import NFRevGRUCell, NFRevLSTMCell, ReversibleCell, RevGRUCell, RevLSTMCell
+from lightning_revrnn.errors import FixedPointOverflowError, ReconstructionError
+from lightning_revrnn.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
+from lightning_revrnn.sweep import StepHead
+
+__all__ = [
+    "BufferStats",
+    "FixedPointOverflowError",
+    "InformationBuffer",
+    "NFRevGRU",
+    "NFRevGRUCell",
+    "NFRevLSTM",
+    "NFRevLSTMCell",
+    "ReconstructionError",
+    "RevGRU",
+    "RevGRUCell",
+    "RevLSTM",
+    "RevLSTMCell",
+    "ReversibleCell",
+    "ReversibleRNN",
+    "StepHead",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""Fixed-point arithmetic of reversible RNNs (spec section 3).
+
+Hidden and cell values are int64 tensors ``h*`` with ``R_H`` fractional bits (``h = h* · 2^-R_H``).
+Forget values are rounded to ``R_Z`` bits, ``1 ≤ z* ≤ 2^R_Z``. :func:`reversible_multiply` scales a
+fixed-point value by ``z*/2^R_Z`` and moves the bits that the scaling destroys into a per-unit buffer
+word; :func:`reversible_divide` is its exact inverse. Everything here is elementwise and vectorised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_revrnn.errors import FixedPointOverflowError
+
+#: Fractional bits of hidden and cell values.
+R_H = 23
+#: Fractional bits of forget values.
+R_Z = 10
+#: ``2^R_Z``: the fixed-point "one" of a forget value.
+FORGET_ONE = 1 << R_Z
+#: Largest magnitude a hidden or cell value may reach. It keeps ``|h*| < 2^53``, so a state converts to
+#: float64 and back exactly, and every integer step stays far from int64 wrap-around.
+MAX_ABS_VALUE = 2.0**30
+_SCALE = float(1 << R_H)
+_INV_SCALE = 1.0 / _SCALE
+_LOW_MASK = FORGET_ONE - 1
+
+
+def forget_floor(max_forget_bits: int | None) -> int:
+    """Smallest allowed ``z*``: ``2^(R_Z - k)`` for a limit of ``k`` bits, 1 without a limit."""
+    if max_forget_bits is None:
+        return 1
+    return 1 << (R_Z - max_forget_bits)
+
+
+def bits_per_multiply(max_forget_bits: int | None) -> int:
+    """Upper bound on the bits one multiplication adds to a buffer word (``log2(2^R_Z / z*_min)``)."""
+    return R_Z if max_forget_bits is None else max_forget_bits
+
+
+def limit_forget(z: Tensor, max_forget_bits: int | None) -> Tensor:
+    """``z = (1 - 2^-k)·σ + 2^-k`` so that at most ``k`` bits are forgotten per multiplication."""
+    if max_forget_bits is None:
+        return z
+    floor = 2.0**-max_forget_bits
+    return z * (1.0 - floor) + floor
+
+
+def quantize_forget(z: Tensor, max_forget_bits: int | None) -> Tensor:
+    """Round forget values in ``(0, 1]`` to int64 ``z* = round(z · 2^R_Z)``, clamped to the allowed range."""
+    zq = torch.round(z * FORGET_ONE).clamp_(forget_floor(max_forget_bits), FORGET_ONE)
+    return zq.to(torch.int64)
+
+
+def to_fixed(x: Tensor) -> Tensor:
+    """Round a float tensor to fixed point (int64, ``R_H`` fractional bits). No range check: see :func:`check_range`."""
+    return torch.round(x * _SCALE).to(torch.int64)
+
+
+def to_float(h: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fixed point to float; exact in float64 (``|h*| < 2^53``), correctly rounded in float32."""
+    return h.to(dtype) * _INV_SCALE
+
+
+def check_range(x: Tensor, what: str) -> None:
+    """Raise :class:`FixedPointOverflowError` if ``x`` holds a non-finite value or one beyond ±2^30."""
+    peak = x.detach().abs().amax() if x.numel() else x.new_zeros(())
+    if not bool(peak < MAX_ABS_VALUE):
+        raise FixedPointOverflowError(
+            f"{what} holds {float(peak)!r}, outside the fixed-point range ±2^30 (or not finite). "
+            "Fix: pass a finite initial state of moderate size; for NaN/inf, lower the learning rate or clip gradients."
+        )
+
+
+def straight_through(exact: Tensor, surrogate: Tensor) -> Tensor:
+    """Value of ``exact`` (bit for bit), gradient of ``surrogate``: rounding treated as identity."""
+    if not surrogate.requires_grad:
+        return exact
+    return exact + (surrogate - surrogate.detach())
+
+
+def reversible_multiply(h: Tensor, z: Tensor, word: Tensor) -> tuple[Tensor, Tensor]:
+    """``h* ← h*·z*/2^R_Z`` exactly invertibly; the lost low bits go into ``word`` (all int64, ``word ≥ 0``).
+
+    ``word ← word·2^R_Z + (h* mod 2^R_Z)``; ``h* ← ⌊h*/2^R_Z⌋·z* + (word mod z*)``; ``word ← ⌊word/z*⌋``.
+    The caller guarantees ``word < 2^(63 - R_Z)`` beforehand (see :class:`~lightning_revrnn.buffer.InformationBuffer`).
+    """
+    word = word * FORGET_ONE + (h & _LOW_MASK)
+    h = (h >> R_Z) * z + torch.remainder(word, z)
+    word = torch.div(word, z, rounding_mode="floor")
+    return h, word
+
+
+def reversible_divide(h: Tensor, z: Tensor, word: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact inverse of :func:`reversible_multiply`: returns the ``(h*, word)`` it was given."""
+    word = word * z + torch.remainder(h, z)
+    h = torch.div(h, z, rounding_mode="floor") * FORGET_ONE + (word & _LOW_MASK)
+    word = word >> R_Z
+    return h, word
+
+
+class RangeGuard:
+    """Collects the largest magnitude of values about to be rounded to fixed point, on the device.
+
+    Checking every step would synchronise host and device once per step; the guard keeps a running
+    maximum (NaN-propagating) and :meth:`check` raises once, at the end of a window.
+    """
+
+    def __init__(self) -> None:
+        self.peak: Tensor | None = None
+
+    def observe(self, x: Tensor) -> None:
+        """Fold ``max |x|`` into the running peak (NaN stays NaN)."""
+        m = x.detach().abs().amax()
+        self.peak = m if self.peak is None else torch.maximum(self.peak, m)
+
+    def check(self, what: str) -> None:
+        """Raise :class:`FixedPointOverflowError` if any observed value was non-finite or beyond ±2^30."""
+        if self.peak is not None and not bool(self.peak < MAX_ABS_VALUE):
+            raise FixedPointOverflowError(
+                f"{what}: a gate or update value was {float(self.peak)!r} (outside ±2^30 or not finite), so "
+                "fixed-point rounding would wrap. Fix: the weights or inputs hold NaN/inf or exploded; lower the "
+                "learning rate, clip gradients, or check the input."
+            )
+        self.peak = None

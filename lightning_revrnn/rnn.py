@@ -1,0 +1,278 @@
+"""Multi-layer reversible sequence modules shaped like ``nn.GRU`` / ``nn.LSTM``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_revrnn.buffer import BufferStats
+from lightning_revrnn.cells import NFRevGRUCell, NFRevLSTMCell, ReversibleCell, RevGRUCell, RevLSTMCell
+from lightning_revrnn.fixed_point import check_range, straight_through, to_fixed, to_float
+from lightning_revrnn.sweep import (
+    ReverseSweep,
+    StepHead,
+    Window,
+    exact_final_state,
+    forward_window,
+    split_state,
+)
+
+Mode = Literal["reverse", "store"]
+MODES = ("reverse", "store")
+#: A state: one tensor ``(L, B, H)`` when all layers have the same size, else a list of ``(B, H_l)``.
+State = Union[Tensor, list[Tensor]]
+
+
+class ReversibleRNN(nn.Module):
+    """Stack of reversible cells trained by reversal (``mode="reverse"``) or by storing (``"store"``).
+
+    Args:
+        input_size: features of ``x``.
+        hidden_size: even size of every layer, or a list with one even size per layer.
+        num_layers: layers (must match the list's length if ``hidden_size`` is a list).
+        max_forget_bits: at most this many bits forgotten per unit and step: 1, 2, 3, 5 or None (≤ R_Z).
+        dropout: locked dropout between layers (one mask per window, reused by the reverse sweep).
+        input_dropout: locked dropout on the input of the first layer.
+        dropconnect: DropConnect on the hidden-to-hidden weights (one mask per window).
+        batch_first: ``x`` is ``(B, T, F)`` instead of ``(T, B, F)``.
+        mode: ``"reverse"`` (reconstruct states in backward) or ``"store"`` (ordinary autograd through the
+            same fixed-point forward). Settable later as ``rnn.mode``.
+
+    ``out, h_n = rnn(x, hx=None)``. ``h_n`` is float64 so that it carries the fixed-point state exactly:
+    passing it back as ``hx`` continues bit for bit. With ``head`` (a :class:`StepHead`), the first
+    return value is the head's sum over steps instead of the outputs.
+    """
+
+    cell_class: type[ReversibleCell]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int | Sequence[int],
+        num_layers: int = 1,
+        max_forget_bits: int | None = 3,
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        dropconnect: float = 0.0,
+        batch_first: bool = False,
+        mode: Mode = "reverse",
+    ) -> None:
+        super().__init__()
+        if isinstance(hidden_size, int):
+            sizes = [hidden_size] * num_layers
+        else:
+            sizes = list(hidden_size)
+            if num_layers not in (1, len(sizes)):
+                raise ValueError(f"num_layers={num_layers} but hidden_size lists {len(sizes)} sizes.")
+        if not sizes:
+            raise ValueError("num_layers must be at least 1.")
+        for name, p in (("dropout", dropout), ("input_dropout", input_dropout), ("dropconnect", dropconnect)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}.")
+        self.input_size = input_size
+        self.hidden_sizes = sizes
+        self.uniform = isinstance(hidden_size, int)
+        self.num_layers = len(sizes)
+        self.max_forget_bits = max_forget_bits
+        self.dropout, self.input_dropout, self.dropconnect = dropout, input_dropout, dropconnect
+        self.batch_first = batch_first
+        self.mode = mode
+        ins = [input_size, *sizes[:-1]]
+        self.cells = nn.ModuleList(self.cell_class(i, h, max_forget_bits) for i, h in zip(ins, sizes))
+        self._stats: list[BufferStats] | None = None
+        self.last_window: Window | None = None
+
+    @property
+    def mode(self) -> Mode:
+        """``"reverse"`` or ``"store"``."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: Mode) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}.")
+        self._mode = value
+
+    @property
+    def state_count(self) -> int:
+        """Tensors per layer in a state: 1 (h) or 2 (h, c)."""
+        return self.cells[0].halves_per_group
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, batch_first={self.batch_first}"
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward(
+        self, x: Tensor, hx: State | tuple[State, State] | None = None, head: StepHead | None = None
+    ) -> tuple[Tensor, State | tuple[State, State]]:
+        x = self._check_input(x)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        T, B = x.shape[0], x.shape[1]
+        init = self._initial_state(hx, B, x)
+        window = Window(
+            cells=list(self.cells),
+            input_masks=self._input_masks(B, x),
+            hidden_masks=[self._mask(c.weight_hh.shape, self.dropconnect, x) for c in self.cells],
+            head=head,
+            retain=False,
+        )
+        params = [p for c in self.cells for p in (c.weight_ih, c.bias, c.weight_hh)]
+        head_params = [] if head is None else [p for p in head.parameters() if p.requires_grad]
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, *init, *params, *head_params)
+        )
+        window.retain = needs_grad
+        if needs_grad and self.mode == "reverse":
+            res = ReverseSweep.apply(window, self.state_count, x, *init, *params, *head_params)
+            primary, finals = res[0], list(res[1:])
+        else:
+            primary, finals = self._forward_autograd(window, x, init, B)
+        if needs_grad:
+            self._stats = [
+                buf.stats(32 * T * B * c.hidden_size * c.halves_per_group)
+                for buf, c in zip(window.buffers, self.cells)
+            ]
+        self.last_window = window if needs_grad and self.mode == "reverse" else None
+        if head is None and self.batch_first:
+            primary = primary.transpose(0, 1)
+        return primary, self._pack_state(finals)
+
+    def _forward_autograd(
+        self, window: Window, x: Tensor, init: list[Tensor], batch: int
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Evaluation and ``mode="store"``: the same forward, autograd recording it if grad is on."""
+        n = self.state_count
+        halves = [split_state(c, init[l * n : (l + 1) * n]) for l, c in enumerate(self.cells)]
+        state = [[to_fixed(h.detach()) for h in hs] for hs in halves]
+        state_f = [
+            [straight_through_init(i, h) for i, h in zip(ints, hs)] for ints, hs in zip(state, halves)
+        ]
+        window.start(batch, x.device)
+        state, state_f, res = forward_window(window, x, state, state_f)
+        primary = torch.stack(res).sum() if window.head is not None else torch.stack(res)
+        finals = [f for c, s, sf in zip(self.cells, state, state_f) for f in exact_final_state(c, s, sf)]
+        return primary, finals
+
+    # ------------------------------------------------------------------------------------ accounting
+    def memory_stats(self) -> dict[str, object]:
+        """The paper's accounting for the last training window (spec section 4), totals plus per layer.
+
+        Keys: ``normal_bits``, ``used_bits``, ``optimal_bits``, ``actual_ratio`` (normal/used),
+        ``optimal_ratio`` (normal/optimal), ``efficiency`` (optimal/used), ``drains``,
+        ``multiplications``, and ``layers`` (one such mapping per layer).
+        Raises ``RuntimeError`` before the first forward with gradients.
+        """
+        if self._stats is None:
+            raise RuntimeError("memory_stats() describes the last training window: run a forward with grad first.")
+        total = BufferStats(
+            normal_bits=sum(s.normal_bits for s in self._stats),
+            used_bits=sum(s.used_bits for s in self._stats),
+            optimal_bits=sum(s.optimal_bits for s in self._stats),
+            drains=sum(s.drains for s in self._stats),
+            multiplications=sum(s.multiplications for s in self._stats),
+        )
+        return {**total.as_dict(), "layers": [s.as_dict() for s in self._stats]}
+
+    # ------------------------------------------------------------------------------------ validation
+    def _check_input(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(x).__name__}.")
+        layout = "(batch, time, features)" if self.batch_first else "(time, batch, features)"
+        if x.dim() != 3:
+            raise ValueError(f"{type(self).__name__} expects a 3-D input {layout}, got shape {tuple(x.shape)}.")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"Input has {x.shape[-1]} features but the module was built with input_size={self.input_size}."
+            )
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"Input {layout} has an empty dimension: shape {tuple(x.shape)}.")
+        if x.dtype != torch.float32:
+            raise TypeError(
+                f"{type(self).__name__} computes in float32 (exact fixed-point reversal), got {x.dtype}. "
+                "Fix: pass x.float(); autocast is disabled inside the module."
+            )
+        dtypes = {p.dtype for p in self.parameters()}
+        if dtypes != {torch.float32}:
+            raise TypeError(f"{type(self).__name__} parameters must be float32, got {sorted(map(str, dtypes))}.")
+        return x
+
+    def _initial_state(self, hx: State | tuple[State, State] | None, batch: int, x: Tensor) -> list[Tensor]:
+        """Flat list of per-layer ``(B, H_l)`` tensors (h, or h and c per layer), range-checked."""
+        n = self.state_count
+        if hx is None:
+            return [x.new_zeros(batch, h) for h in self.hidden_sizes for _ in range(n)]
+        parts = list(hx) if n == 2 else [hx]
+        if n == 2 and len(parts) != 2:
+            raise ValueError("RevLSTM expects hx = (h, c).")
+        per_kind = [self._layers_of(p, batch) for p in parts]
+        flat = [per_kind[k][l] for l in range(self.num_layers) for k in range(n)]
+        for i, t in enumerate(flat):
+            check_range(t, f"initial state tensor {i}")
+        return flat
+
+    def _layers_of(self, s: State, batch: int) -> list[Tensor]:
+        layers = list(s.unbind(0)) if isinstance(s, Tensor) and s.dim() == 3 else s
+        if isinstance(layers, Tensor) or len(layers) != self.num_layers:
+            raise ValueError(
+                f"hx must hold one (batch, hidden) state per layer ({self.num_layers} layers): a tensor "
+                f"(num_layers, batch, hidden) or a list of (batch, hidden_l) tensors."
+            )
+        for l, (t, h) in enumerate(zip(layers, self.hidden_sizes)):
+            if not isinstance(t, Tensor) or tuple(t.shape) != (batch, h):
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"hx for layer {l} must have shape {(batch, h)}, got {got}.")
+            if not t.is_floating_point():
+                raise TypeError(f"hx for layer {l} must be a float tensor, got {t.dtype}.")
+        return [t.float() if t.dtype != torch.float64 else t for t in layers]
+
+    def _pack_state(self, finals: list[Tensor]) -> State | tuple[State, State]:
+        n = self.state_count
+        kinds: list[State] = []
+        for k in range(n):
+            layers = finals[k::n]
+            kinds.append(torch.stack(layers) if self.uniform else layers)
+        return kinds[0] if n == 1 else (kinds[0], kinds[1])
+
+    def _input_masks(self, batch: int, x: Tensor) -> list[Tensor | None]:
+        sizes = [self.input_size, *self.hidden_sizes[:-1]]
+        probs = [self.input_dropout] + [self.dropout] * (self.num_layers - 1)
+        return [self._mask((batch, s), p, x) for s, p in zip(sizes, probs)]
+
+    def _mask(self, shape: tuple[int, ...] | torch.Size, p: float, like: Tensor) -> Tensor | None:
+        """A locked dropout mask, scaled by 1/(1-p); None in evaluation or when p = 0."""
+        if not self.training or p == 0.0:
+            return None
+        return like.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def straight_through_init(ints: Tensor, given: Tensor) -> Tensor:
+    """The initial float half: exactly ``to_float(ints)``, with the gradient of the caller's ``hx``."""
+    return straight_through(to_float(ints), given.float())
+
+
+class RevGRU(ReversibleRNN):
+    """Reversible GRU (:class:`~lightning_revrnn.cells.RevGRUCell` layers). ``hx``/``h_n``: h."""
+
+    cell_class = RevGRUCell
+
+
+class RevLSTM(ReversibleRNN):
+    """Reversible LSTM (:class:`~lightning_revrnn.cells.RevLSTMCell` layers). ``hx``/``h_n``: (h, c)."""
+
+    cell_class = RevLSTMCell
+
+
+class NFRevGRU(ReversibleRNN):
+    """No-forgetting RevGRU: exactly invertible by additive coupling alone (no buffer)."""
+
+    cell_class = NFRevGRUCell
+
+
+class NFRevLSTM(ReversibleRNN):
+    """No-forgetting RevLSTM: exactly invertible by additive coupling alone (no buffer)."""
+
+    cell_class = NFRevLSTMCell

@@ -1,0 +1,288 @@
+"""The time loops: the exact forward over a window, and the reverse sweep that trains by reversal.
+
+:func:`forward_window` is the one forward: evaluation, ``mode="store"`` (autograd through it) and the
+forward of ``mode="reverse"`` all run it, so every mode computes bit-identical states.
+:class:`ReverseSweep` is the ``mode="reverse"`` autograd Function: its forward keeps only the buffers,
+the final state, the inputs and the masks; its single backward walks the window backwards through all
+layers, reconstructing each state from the next, recomputing that step's local graph, and returning the
+gradients of the input, the initial state and every parameter. It checks each reconstructed state
+against a checksum taken in forward and raises :class:`~lightning_revrnn.errors.ReconstructionError`
+naming the first layer and step that diverged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_revrnn.buffer import InformationBuffer
+from lightning_revrnn.cells import ReversibleCell
+from lightning_revrnn.errors import ReconstructionError
+from lightning_revrnn.fixed_point import RangeGuard, check_range, straight_through, to_fixed, to_float
+
+
+class StepHead(nn.Module):
+    """A per-step output head run inside the sweep, e.g. decoder + cross-entropy of step ``t``.
+
+    Subclasses implement :meth:`forward` returning a scalar for step ``step`` of the window; the sequence
+    module returns the sum over steps. In ``mode="reverse"`` the head is evaluated once without grad in
+    forward (for the value) and once more with grad for the same step during the reverse sweep, so no
+    ``T × batch × vocab`` tensor is ever held. Anything the head needs per window (targets, a dropout
+    mask) must be set on it before the call and stay unchanged until backward.
+    """
+
+    def forward(self, output: Tensor, step: int) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError("StepHead subclasses return the scalar loss of one step.")
+
+
+@dataclass
+class Window:
+    """Everything one window's forward and reverse share (host objects, not differentiated)."""
+
+    cells: list[ReversibleCell]
+    input_masks: list[Tensor | None]
+    hidden_masks: list[Tensor | None]
+    head: StepHead | None
+    retain: bool
+    buffers: list[InformationBuffer] = field(default_factory=list)
+    guards: list[RangeGuard] = field(default_factory=list)
+
+    def start(self, batch: int, device: torch.device) -> None:
+        """Fresh (empty) buffers and guards for a new window."""
+        self.buffers = [
+            InformationBuffer((batch, c.half), device, c.max_forget_bits, self.retain) for c in self.cells
+        ]
+        self.guards = [RangeGuard() for _ in self.cells]
+
+    def layer_input(self, layer: int, x: Tensor) -> Tensor:
+        """Apply the layer's locked dropout mask (inputs for layer 0, between layers above)."""
+        mask = self.input_masks[layer]
+        return x if mask is None else x * mask
+
+
+def split_state(cell: ReversibleCell, full: list[Tensor]) -> list[Tensor]:
+    """``[h]`` or ``[h, c]`` of shape (B, H) to the cell's list of halves."""
+    halves = [cell.split_output(s) for s in full]
+    return [halves[j][i] for j in range(len(full)) for i in (0, 1)]
+
+
+def join_state(full_count: int, halves: list[Tensor]) -> list[Tensor]:
+    """Inverse of :func:`split_state`."""
+    return [torch.cat(halves[2 * j : 2 * j + 2], 1) for j in range(full_count)]
+
+
+_MIX: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def state_checksum(state: list[Tensor]) -> Tensor:
+    """An int64 fingerprint of a state: a position-weighted sum, exact in modular arithmetic."""
+    total = state[0].new_zeros(())
+    for k, s in enumerate(state):
+        key = (s.numel(), s.device)
+        if key not in _MIX:
+            _MIX[key] = torch.arange(1, 2 * s.numel() + 1, 2, device=s.device, dtype=torch.int64)
+        total = total + (s.reshape(-1) * _MIX[key]).sum() * (2 * k + 1)
+    return total
+
+
+@contextlib.contextmanager
+def exact_float_context(device: torch.device, precision: str) -> Iterator[None]:
+    """Autocast off and one fixed float32 matmul precision, so forward and reverse round alike."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def forward_window(
+    window: Window, x: Tensor, state: list[list[Tensor]], state_f: list[list[Tensor]],
+    out: Tensor | None = None, checksums: Tensor | None = None,
+) -> tuple[list[list[Tensor]], list[list[Tensor]], Tensor | list[Tensor]]:
+    """Run the window forward. Returns the final (int, float) states and the outputs.
+
+    The outputs are the top layer's float outputs per step (written into ``out`` when given, else a list
+    of tensors that keep their graph), or the per-step head values when the window has a head.
+    ``checksums[t, l]`` receives the fingerprint of layer ``l``'s state after step ``t``.
+    """
+    weights = [c.hidden_weights(m) for c, m in zip(window.cells, window.hidden_masks)]
+    results: list[Tensor] = []
+    for t in range(x.shape[0]):
+        inp = x[t]
+        for l, cell in enumerate(window.cells):
+            xp = cell.project_input(window.layer_input(l, inp))
+            state[l], state_f[l] = cell.forward_step(
+                weights[l], xp, state[l], state_f[l], window.buffers[l], window.guards[l]
+            )
+            if checksums is not None:
+                checksums[t, l] = state_checksum(state[l])
+            inp = cell.output(state_f[l])
+        if window.head is not None:
+            results.append(window.head(inp, t))
+        elif out is not None:
+            out[t] = inp
+        else:
+            results.append(inp)
+    for l, guard in enumerate(window.guards):
+        guard.check(f"layer {l}")
+    return state, state_f, (out if out is not None and window.head is None else results)
+
+
+def exact_final_state(cell: ReversibleCell, ints: list[Tensor], floats: list[Tensor]) -> list[Tensor]:
+    """Final state as float64 (exact), carrying the float surrogate's gradient where it has one."""
+    halves = [straight_through(to_float(i, torch.float64), f.double()) for i, f in zip(ints, floats)]
+    for k, h in enumerate(ints):
+        check_range(to_float(h, torch.float64), f"final state half {k}")
+    return join_state(cell.halves_per_group, halves)
+
+
+class ReverseSweep(torch.autograd.Function):
+    """Training by reversal. ``apply(window, n_state, x, *state_tensors, *cell_params, *head_params)``.
+
+    ``state_tensors`` are the initial states (float, ``(B, H)`` each; per layer ``h`` or ``h, c``),
+    ``cell_params`` the cells' parameters in :meth:`_layer_params` order. Returns the outputs
+    (``(T, B, H_top)``) or, with a head, the summed head value, followed by the exact final states.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, window: Window, n_state: int, x: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
+        cells = window.cells
+        h0 = [split_state(c, list(flat[l * n_state : (l + 1) * n_state])) for l, c in enumerate(cells)]
+        state = [[to_fixed(h) for h in hs] for hs in h0]
+        state_f = [[to_float(s) for s in st] for st in state]
+        T, B = x.shape[0], x.shape[1]
+        precision = torch.get_float32_matmul_precision()
+        checksums = torch.zeros(T, len(cells), dtype=torch.int64, device=x.device)
+        out = None if window.head is not None else x.new_empty(T, B, cells[-1].hidden_size)
+        window.start(B, x.device)
+        with exact_float_context(x.device, precision):
+            state0 = [list(s) for s in state]
+            state, state_f, res = forward_window(window, x, state, state_f, out, checksums)
+        finals = [exact_final_state(c, s, f) for c, s, f in zip(cells, state, state_f)]
+        ctx.window, ctx.n_state, ctx.precision = window, n_state, precision
+        ctx.n_final = [len(s) for s in state]
+        masks = [m for m in window.input_masks + window.hidden_masks if m is not None]
+        ctx.save_for_backward(
+            x, checksums, *[h for s in state0 for h in s], *[h for s in state for h in s], *masks,
+            *[t for b in window.buffers for t in b.tensors()],
+        )
+        primary = torch.stack(res).sum() if window.head is not None else out
+        return (primary, *[f for fs in finals for f in fs])
+
+    @staticmethod
+    def backward(ctx: Any, grad_primary: Tensor, *grad_final: Tensor) -> tuple[Tensor | None, ...]:
+        window: Window = ctx.window
+        cells, n_state = window.cells, ctx.n_state
+        # Saved: x, checksums, initial and final int halves; masks and buffer tensors follow only so that
+        # saved-tensor hooks see everything the sweep keeps alive (the window holds the same objects).
+        saved = ctx.saved_tensors
+        x, checksums = saved[0], saved[1]
+        pos, state0, state = 2, [], []
+        for target in (state0, state):
+            for n in ctx.n_final:
+                target.append(list(saved[pos : pos + n]))
+                pos += n
+        with torch.enable_grad(), exact_float_context(x.device, ctx.precision):
+            return _reverse(ctx, window, x, checksums, state0, state, grad_primary, grad_final, n_state)
+
+
+def _layer_params(cell: ReversibleCell) -> list[Tensor]:
+    return [cell.weight_ih, cell.bias, cell.weight_hh]
+
+
+def _head_params(head: StepHead | None) -> list[Tensor]:
+    return [] if head is None else [p for p in head.parameters() if p.requires_grad]
+
+
+def _reverse(
+    ctx: Any, window: Window, x: Tensor, checksums: Tensor, state0: list[list[Tensor]],
+    state: list[list[Tensor]], grad_primary: Tensor, grad_final: tuple[Tensor, ...], n_state: int,
+) -> tuple[Tensor | None, ...]:
+    cells, head = window.cells, window.head
+    T, L = x.shape[0], len(cells)
+    state = [list(s) for s in state]
+    # Hidden weights: the same (DropConnect-masked) tensors as in forward, as leaves.
+    hidden_full = [c.weight_hh if m is None else c.weight_hh * m for c, m in zip(cells, window.hidden_masks)]
+    w_leaves = [[w.detach().requires_grad_() for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden_full)]
+    d_w = [[torch.zeros_like(w) for w in ws] for ws in w_leaves]
+    d_ih = [torch.zeros_like(c.weight_ih) for c in cells]
+    d_bias = [torch.zeros_like(c.bias) for c in cells]
+    head_params = _head_params(head)
+    d_head = [torch.zeros_like(p) for p in head_params]
+    grads: list[list[Tensor]] = []
+    for l, c in enumerate(cells):
+        gs = [g if g is not None else torch.zeros(x.shape[1], c.hidden_size, device=x.device) for g in
+              grad_final[l * n_state : (l + 1) * n_state]]
+        grads.append([h.float() for h in split_state(c, [g.to(x.dtype) for g in gs])])
+    dx = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
+    diverged = torch.zeros(T, L, dtype=torch.bool, device=x.device)
+    for t in range(T - 1, -1, -1):
+        inputs = [window.layer_input(0, x[t])]
+        for l in range(1, L):
+            inputs.append(window.layer_input(l, cells[l - 1].output([to_float(h) for h in state[l - 1][:2]])))
+        top = cells[-1]
+        if head is not None:
+            out_leaf = top.output([to_float(h) for h in state[-1][:2]]).requires_grad_()
+            d = torch.autograd.grad(head(out_leaf, t), [out_leaf, *head_params], grad_primary, allow_unused=True)
+            d_out = d[0] if d[0] is not None else torch.zeros_like(out_leaf)
+            for acc, g in zip(d_head, d[1:]):
+                if g is not None:
+                    acc.add_(g)
+        else:
+            d_out = grad_primary[t]
+        for i, g in enumerate(top.split_output(d_out)):
+            grads[-1][i] = grads[-1][i] + g
+        for l in range(L - 1, -1, -1):
+            cell = cells[l]
+            with torch.no_grad():
+                xp = cell.project_input(inputs[l])
+            state[l], grads[l], d_xp, dws = cell.reverse_step(w_leaves[l], xp, state[l], grads[l], window.buffers[l])
+            expected = checksums[t - 1, l] if t > 0 else state_checksum(list(state0[l]))
+            diverged[t, l] = state_checksum(state[l]) != expected
+            for acc, g in zip(d_w[l], dws):
+                acc.add_(g)
+            d_ih[l].addmm_(d_xp.t(), inputs[l])
+            d_bias[l].add_(d_xp.sum(0))
+            d_in = d_xp @ cell.weight_ih
+            mask = window.input_masks[l]
+            if mask is not None:
+                d_in = d_in * mask
+            if l > 0:
+                for i, g in enumerate(cells[l - 1].split_output(d_in)):
+                    grads[l - 1][i] = grads[l - 1][i] + g
+            elif dx is not None:
+                dx[t] = d_in
+    _check_reconstruction(window, diverged, state, state0)
+    params_grads: list[Tensor | None] = []
+    for l, c in enumerate(cells):
+        d_hidden = torch.autograd.grad(hidden_full[l], c.weight_hh, torch.cat(d_w[l], 0))[0]
+        params_grads += [d_ih[l], d_bias[l], d_hidden]
+    d_state: list[Tensor | None] = []
+    for l, c in enumerate(cells):
+        d_state += join_state(c.halves_per_group, grads[l])
+    return (None, None, dx, *d_state, *params_grads, *d_head)
+
+
+def _check_reconstruction(
+    window: Window, diverged: Tensor, state: list[list[Tensor]], state0: list[list[Tensor]]
+) -> None:
+    if bool(diverged.any()):
+        bad = diverged.nonzero().tolist()
+        t, l = max(bad)  # the reverse sweep meets the latest step first
+        raise ReconstructionError(
+            f"Reverse sweep diverged: layer {l}, reconstructing the state before step {t} did not match the "
+            f"forward pass bit for bit ({len(bad)} (step, layer) states differ). The saved buffer was modified, "
+            "or forward and backward ran with different numerics (autocast, TF32, threads, device)."
+        )
+    for l, (buf, s, s0) in enumerate(zip(window.buffers, state, state0)):
+        if not all(torch.equal(a, b) for a, b in zip(s, s0)) or not buf.is_empty():
+            raise ReconstructionError(
+                f"Reverse sweep of layer {l} did not return to the initial state with an empty buffer."
+            )
