@@ -4,7 +4,7 @@ from lightning_revrnn.buffer import BufferStats, InformationBuffer
 from lightning_revrnn.cells import NFRevGRUCell, NFRevLSTMCell, ReversibleCell, RevGRUCell, RevLSTMCell
 from lightning_revrnn.errors import FixedPointOverflowError, ReconstructionError
 from lightning_revrnn.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
-from lightning_revrnn.sweep import StepHead
+from lightning_revrnn.sweep import StepHead, StepStem
 
 __all__ = [
     "BufferStats",
@@ -22,5 +22,6 @@ __all__ = [
     "ReversibleCell",
     "ReversibleRNN",
     "StepHead",
+    "StepStem",
 ]
 __version__ = "0.1.0"

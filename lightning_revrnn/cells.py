@@ -119,7 +119,8 @@ class ReversibleCell(nn.Module):
         """k-limited forget value: (int ``z*``, float with value ``z*/2^R_Z`` and the gradient of ``z``)."""
         z = limit_forget(z, self.max_forget_bits)
         zq = quantize_forget(z.detach(), self.max_forget_bits)
-        return zq, straight_through(zq.to(z.dtype) / FORGET_ONE, z)
+        # NaN stays NaN in the float value (the int is then meaningless) so a RangeGuard sees it.
+        return zq, straight_through(zq.to(z.dtype).div_(FORGET_ONE) + (z.detach() - z.detach()), z)
 
     # ------------------------------------------------------------------------------------- equations
     @abstractmethod
@@ -268,7 +269,7 @@ class RevLSTMCell(ReversibleCell):
     def _half_forward(self, w, xp, other, own, own_f, buf, guard):
         h, c = own
         fq, pq, fs, ps, add_c, o = self._update(w, xp, other)
-        guard.observe(add_c)
+        guard.observe(add_c + fs + ps)
         c = (c if fq is None else buf.multiply(c, fq)) + to_fixed(add_c.detach())
         c_f = straight_through(to_float(c), fs * own_f[1] + add_c)
         add_h = o * torch.tanh(c_f)

@@ -14,10 +14,12 @@ from lightning_revrnn.fixed_point import check_range, straight_through, to_fixed
 from lightning_revrnn.sweep import (
     ReverseSweep,
     StepHead,
+    StepStem,
     Window,
     exact_final_state,
     forward_window,
     split_state,
+    trainable,
 )
 
 Mode = Literal["reverse", "store"]
@@ -43,7 +45,8 @@ class ReversibleRNN(nn.Module):
 
     ``out, h_n = rnn(x, hx=None)``. ``h_n`` is float64 so that it carries the fixed-point state exactly:
     passing it back as ``hx`` continues bit for bit. With ``head`` (a :class:`StepHead`), the first
-    return value is the head's sum over steps instead of the outputs.
+    return value is the head's sum over steps instead of the outputs. With ``stem`` (a :class:`StepStem`),
+    ``x`` is what the stem reads per step (e.g. token ids ``(T, B)``) instead of features.
     """
 
     cell_class: type[ReversibleCell]
@@ -106,28 +109,32 @@ class ReversibleRNN(nn.Module):
 
     # ------------------------------------------------------------------------------------- forward
     def forward(
-        self, x: Tensor, hx: State | tuple[State, State] | None = None, head: StepHead | None = None
+        self,
+        x: Tensor,
+        hx: State | tuple[State, State] | None = None,
+        head: StepHead | None = None,
+        stem: StepStem | None = None,
     ) -> tuple[Tensor, State | tuple[State, State]]:
-        x = self._check_input(x)
+        x = self._check_input(x, stem)
         if self.batch_first:
             x = x.transpose(0, 1)
         T, B = x.shape[0], x.shape[1]
-        init = self._initial_state(hx, B, x)
+        like = torch.empty((), device=x.device)
+        init = self._initial_state(hx, B, like)
         window = Window(
             cells=list(self.cells),
-            input_masks=self._input_masks(B, x),
-            hidden_masks=[self._mask(c.weight_hh.shape, self.dropconnect, x) for c in self.cells],
+            input_masks=self._input_masks(B, like),
+            hidden_masks=[self._mask(c.weight_hh.shape, self.dropconnect, like) for c in self.cells],
             head=head,
+            stem=stem,
             retain=False,
         )
         params = [p for c in self.cells for p in (c.weight_ih, c.bias, c.weight_hh)]
-        head_params = [] if head is None else [p for p in head.parameters() if p.requires_grad]
-        needs_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, *init, *params, *head_params)
-        )
+        extra = trainable(head) + trainable(stem)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *init, *params, *extra))
         window.retain = needs_grad
         if needs_grad and self.mode == "reverse":
-            res = ReverseSweep.apply(window, self.state_count, x, *init, *params, *head_params)
+            res = ReverseSweep.apply(window, self.state_count, x, *init, *params, *extra)
             primary, finals = res[0], list(res[1:])
         else:
             primary, finals = self._forward_autograd(window, x, init, B)
@@ -178,9 +185,13 @@ class ReversibleRNN(nn.Module):
         return {**total.as_dict(), "layers": [s.as_dict() for s in self._stats]}
 
     # ------------------------------------------------------------------------------------ validation
-    def _check_input(self, x: Tensor) -> Tensor:
+    def _check_input(self, x: Tensor, stem: StepStem | None) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(x).__name__}.")
+        if stem is not None:
+            if x.dim() < 2 or x.shape[0] == 0 or x.shape[1] == 0:
+                raise ValueError(f"With a stem, x must be (time, batch, ...) and non-empty, got {tuple(x.shape)}.")
+            return x
         layout = "(batch, time, features)" if self.batch_first else "(time, batch, features)"
         if x.dim() != 3:
             raise ValueError(f"{type(self).__name__} expects a 3-D input {layout}, got shape {tuple(x.shape)}.")

@@ -40,6 +40,20 @@ class StepHead(nn.Module):
         raise NotImplementedError("StepHead subclasses return the scalar loss of one step.")
 
 
+class StepStem(nn.Module):
+    """A per-step input stem run inside the sweep, e.g. embedding lookup + locked dropout of step ``t``.
+
+    With a stem the sequence module's input is whatever the stem reads (token ids ``(T, B)``, say) and
+    :meth:`forward` maps one step of it to the first layer's input ``(B, input_size)``. In
+    ``mode="reverse"`` the stem runs again for each step of the reverse sweep, so the ``T × B × input``
+    tensor it produces is never held between forward and backward. It must be deterministic within a
+    window (sample any dropout mask before the call).
+    """
+
+    def forward(self, inputs: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError("StepStem subclasses map one step of inputs to (batch, input_size).")
+
+
 @dataclass
 class Window:
     """Everything one window's forward and reverse share (host objects, not differentiated)."""
@@ -47,8 +61,9 @@ class Window:
     cells: list[ReversibleCell]
     input_masks: list[Tensor | None]
     hidden_masks: list[Tensor | None]
-    head: StepHead | None
     retain: bool
+    head: StepHead | None = None
+    stem: StepStem | None = None
     buffers: list[InformationBuffer] = field(default_factory=list)
     guards: list[RangeGuard] = field(default_factory=list)
 
@@ -58,6 +73,10 @@ class Window:
             InformationBuffer((batch, c.half), device, c.max_forget_bits, self.retain) for c in self.cells
         ]
         self.guards = [RangeGuard() for _ in self.cells]
+
+    def step_input(self, inputs: Tensor, t: int) -> Tensor:
+        """The first layer's input at step ``t`` (through the stem, if any), before input dropout."""
+        return inputs[t] if self.stem is None else self.stem(inputs[t])
 
     def layer_input(self, layer: int, x: Tensor) -> Tensor:
         """Apply the layer's locked dropout mask (inputs for layer 0, between layers above)."""
@@ -115,7 +134,7 @@ def forward_window(
     weights = [c.hidden_weights(m) for c, m in zip(window.cells, window.hidden_masks)]
     results: list[Tensor] = []
     for t in range(x.shape[0]):
-        inp = x[t]
+        inp = window.step_input(x, t)
         for l, cell in enumerate(window.cells):
             xp = cell.project_input(window.layer_input(l, inp))
             state[l], state_f[l] = cell.forward_step(
@@ -144,7 +163,7 @@ def exact_final_state(cell: ReversibleCell, ints: list[Tensor], floats: list[Ten
 
 
 class ReverseSweep(torch.autograd.Function):
-    """Training by reversal. ``apply(window, n_state, x, *state_tensors, *cell_params, *head_params)``.
+    """Training by reversal. ``apply(window, n_state, x, *states, *cell_params, *head_params, *stem_params)``.
 
     ``state_tensors`` are the initial states (float, ``(B, H)`` each; per layer ``h`` or ``h, c``),
     ``cell_params`` the cells' parameters in :meth:`_layer_params` order. Returns the outputs
@@ -160,7 +179,7 @@ class ReverseSweep(torch.autograd.Function):
         T, B = x.shape[0], x.shape[1]
         precision = torch.get_float32_matmul_precision()
         checksums = torch.zeros(T, len(cells), dtype=torch.int64, device=x.device)
-        out = None if window.head is not None else x.new_empty(T, B, cells[-1].hidden_size)
+        out = None if window.head is not None else torch.empty(T, B, cells[-1].hidden_size, device=x.device)
         window.start(B, x.device)
         with exact_float_context(x.device, precision):
             state0 = [list(s) for s in state]
@@ -197,8 +216,9 @@ def _layer_params(cell: ReversibleCell) -> list[Tensor]:
     return [cell.weight_ih, cell.bias, cell.weight_hh]
 
 
-def _head_params(head: StepHead | None) -> list[Tensor]:
-    return [] if head is None else [p for p in head.parameters() if p.requires_grad]
+def trainable(module: nn.Module | None) -> list[Tensor]:
+    """Parameters of an optional head or stem that take gradients, in a fixed order."""
+    return [] if module is None else [p for p in module.parameters() if p.requires_grad]
 
 
 def _reverse(
@@ -214,17 +234,19 @@ def _reverse(
     d_w = [[torch.zeros_like(w) for w in ws] for ws in w_leaves]
     d_ih = [torch.zeros_like(c.weight_ih) for c in cells]
     d_bias = [torch.zeros_like(c.bias) for c in cells]
-    head_params = _head_params(head)
+    head_params, stem_params = trainable(head), trainable(window.stem)
     d_head = [torch.zeros_like(p) for p in head_params]
+    d_stem = [torch.zeros_like(p) for p in stem_params]
     grads: list[list[Tensor]] = []
     for l, c in enumerate(cells):
         gs = [g if g is not None else torch.zeros(x.shape[1], c.hidden_size, device=x.device) for g in
               grad_final[l * n_state : (l + 1) * n_state]]
         grads.append([h.float() for h in split_state(c, [g.to(x.dtype) for g in gs])])
-    dx = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
+    dx = torch.zeros_like(x) if ctx.needs_input_grad[2] and window.stem is None else None
     diverged = torch.zeros(T, L, dtype=torch.bool, device=x.device)
     for t in range(T - 1, -1, -1):
-        inputs = [window.layer_input(0, x[t])]
+        x_t = window.step_input(x, t) if stem_params else window.step_input(x, t).detach()
+        inputs = [window.layer_input(0, x_t.detach())]
         for l in range(1, L):
             inputs.append(window.layer_input(l, cells[l - 1].output([to_float(h) for h in state[l - 1][:2]])))
         top = cells[-1]
@@ -232,9 +254,7 @@ def _reverse(
             out_leaf = top.output([to_float(h) for h in state[-1][:2]]).requires_grad_()
             d = torch.autograd.grad(head(out_leaf, t), [out_leaf, *head_params], grad_primary, allow_unused=True)
             d_out = d[0] if d[0] is not None else torch.zeros_like(out_leaf)
-            for acc, g in zip(d_head, d[1:]):
-                if g is not None:
-                    acc.add_(g)
+            _accumulate(d_head, d[1:])
         else:
             d_out = grad_primary[t]
         for i, g in enumerate(top.split_output(d_out)):
@@ -259,6 +279,8 @@ def _reverse(
                     grads[l - 1][i] = grads[l - 1][i] + g
             elif dx is not None:
                 dx[t] = d_in
+            elif stem_params:
+                _accumulate(d_stem, torch.autograd.grad(x_t, stem_params, d_in, allow_unused=True))
     _check_reconstruction(window, diverged, state, state0)
     params_grads: list[Tensor | None] = []
     for l, c in enumerate(cells):
@@ -267,7 +289,13 @@ def _reverse(
     d_state: list[Tensor | None] = []
     for l, c in enumerate(cells):
         d_state += join_state(c.halves_per_group, grads[l])
-    return (None, None, dx, *d_state, *params_grads, *d_head)
+    return (None, None, dx, *d_state, *params_grads, *d_head, *d_stem)
+
+
+def _accumulate(acc: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:
+    for a, g in zip(acc, grads):
+        if g is not None:
+            a.add_(g)
 
 
 def _check_reconstruction(

@@ -1,0 +1,29 @@
+# Quick start: `make demo` (main job) and `make test` (test suite). Both create .venv when missing and
+# install the project with torch pinned; bring your own torch with e.g. `make test TORCH=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | tr -c 'A-Za-z0-9.' '_')
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python benchmarks/rnn.py --small
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/rnn.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

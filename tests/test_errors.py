@@ -1,0 +1,102 @@
+"""Bad input gets a clear error naming the problem, never a silent wrong result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_revrnn import FixedPointOverflowError, ReconstructionError, RevGRU, RevGRUCell, RevLSTM
+
+
+def test_odd_hidden_size_is_rejected_with_a_fix() -> None:
+    with pytest.raises(ValueError, match="even"):
+        RevGRU(4, 7)
+    with pytest.raises(ValueError, match="even"):
+        RevLSTM(4, [8, 5], num_layers=2)
+    with pytest.raises(ValueError, match="even"):
+        RevGRUCell(4, 3)
+
+
+def test_invalid_options() -> None:
+    with pytest.raises(ValueError, match="max_forget_bits"):
+        RevGRU(4, 8, max_forget_bits=4)
+    with pytest.raises(ValueError, match="mode"):
+        RevGRU(4, 8, mode="checkpoint")  # type: ignore[arg-type]
+    rnn = RevGRU(4, 8)
+    with pytest.raises(ValueError, match="mode"):
+        rnn.mode = "fast"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="dropout"):
+        RevGRU(4, 8, dropout=1.0)
+    with pytest.raises(ValueError, match="num_layers"):
+        RevGRU(4, [8, 8], num_layers=3)
+
+
+def test_wrong_input_shape_and_dtype() -> None:
+    rnn = RevGRU(4, 8)
+    with pytest.raises(ValueError, match="3-D"):
+        rnn(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="input_size=4"):
+        rnn(torch.randn(5, 2, 3))
+    with pytest.raises(TypeError, match="float32"):
+        rnn(torch.randn(5, 2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="empty"):
+        rnn(torch.randn(0, 2, 4))
+    with pytest.raises(TypeError, match="tensor"):
+        rnn([[1.0]])  # type: ignore[arg-type]
+
+
+def test_wrong_initial_state() -> None:
+    rnn = RevGRU(4, 8, num_layers=2)
+    x = torch.randn(5, 3, 4)
+    with pytest.raises(ValueError, match="layer 0 must have shape"):
+        rnn(x, torch.zeros(2, 2, 8))
+    with pytest.raises(ValueError, match="one \\(batch, hidden\\) state per layer"):
+        rnn(x, torch.zeros(1, 3, 8))
+    with pytest.raises(ValueError, match="\\(h, c\\)"):
+        RevLSTM(4, 8)(x, (torch.zeros(1, 3, 8),))
+
+
+def test_overflowing_initial_state_raises() -> None:
+    rnn = RevGRU(4, 8)
+    with pytest.raises(FixedPointOverflowError, match="initial state"):
+        rnn(torch.randn(5, 3, 4), torch.full((1, 3, 8), 1e12))
+    with pytest.raises(FixedPointOverflowError):
+        rnn(torch.randn(5, 3, 4), torch.full((1, 3, 8), float("nan")))
+
+
+@pytest.mark.parametrize("mode", ["reverse", "store"])
+def test_nan_weights_raise_instead_of_wrapping(mode: str) -> None:
+    rnn = RevLSTM(4, 8, mode=mode)
+    with torch.no_grad():
+        rnn.cells[0].weight_ih[3, 0] = float("nan")
+    with pytest.raises(FixedPointOverflowError, match="layer 0"):
+        rnn(torch.randn(5, 3, 4, requires_grad=True))
+    with torch.no_grad(), pytest.raises(FixedPointOverflowError):
+        rnn(torch.randn(5, 3, 4))
+
+
+@pytest.mark.parametrize("target", ["word", "plane"])
+def test_corrupted_buffer_is_detected_and_names_the_layer(target: str) -> None:
+    torch.manual_seed(0)
+    rnn = RevGRU(4, 8, num_layers=2, max_forget_bits=None)
+    with torch.no_grad():
+        rnn.cells[1].bias.fill_(-5.0)  # layer 1 forgets hard: drains happen
+    out, _ = rnn(torch.randn(60, 3, 4, requires_grad=True))
+    buf = rnn.last_window.buffers[1]
+    if target == "word":
+        buf.word = buf.word + 1
+    else:
+        assert buf.planes, "the setup must produce drained planes"
+        buf.planes[0] = buf.planes[0] ^ 1
+    with pytest.raises(ReconstructionError, match="layer 1"):
+        out.sum().backward()
+
+
+def test_reconstruction_error_names_the_step() -> None:
+    torch.manual_seed(0)
+    rnn = RevGRU(4, 8, max_forget_bits=3)
+    out, _ = rnn(torch.randn(10, 2, 4, requires_grad=True))
+    buf = rnn.last_window.buffers[0]
+    buf.word = buf.word ^ 1  # corrupts the last multiplication's bits: the last step diverges first
+    with pytest.raises(ReconstructionError, match="before step 9"):
+        out.sum().backward()
