@@ -1,1 +1,5 @@
-"""Callbacks."""
+"""Lightning callbacks of lightning-revrnn (installed as ``lightning_revrnn.callbacks``)."""
+
+from lightning_revrnn.callbacks.memory_report import MemoryReport
+
+__all__ = ["MemoryReport"]

@@ -1,0 +1,290 @@
+"""Language modelling with Lightning (spec section 6): one LightningModule for the reversible RNNs and
+their ``nn.GRU``/``nn.LSTM`` baselines, with the same AWD-LSTM-style architecture around them.
+
+Reversible models train by reversal with the embedding (:class:`EmbeddingStem`) and the decoder plus
+cross-entropy (:class:`DecoderHead`) of every step computed inside the reverse sweep, so neither the
+``T × B × emb`` inputs nor the ``T × B × vocab`` logits live from forward to backward.
+
+Batches follow the DataModules' contract: ``{"inputs": (T, B) ids, "targets": (T, B) ids or -100,
+"reset": bool}``, consecutive batches continuing the same streams. The hidden state carries across them
+(exactly, for reversible models), detached, and restarts at each epoch and wherever ``reset`` is set.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
+from torch.func import functional_call
+from torchmetrics.text import Perplexity
+from typing_extensions import override
+
+from lightning_revrnn.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
+from lightning_revrnn.sweep import StepHead, StepStem
+
+RnnType = Literal["revgru", "revlstm", "nfrevgru", "nfrevlstm", "gru", "lstm"]
+REVERSIBLE: dict[str, type[ReversibleRNN]] = {
+    "revgru": RevGRU, "revlstm": RevLSTM, "nfrevgru": NFRevGRU, "nfrevlstm": NFRevLSTM,
+}
+BASELINES: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM}
+Batch = dict[str, Any]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The paper's optimiser: SGD, learning rate 20, weight decay 1.2e-6."""
+    return torch.optim.SGD(params, lr=20.0, weight_decay=1.2e-6)
+
+
+def locked_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor | None:
+    """One dropout mask for the whole window (scaled by 1/(1-p)), or None when ``p`` is 0."""
+    if p == 0.0:
+        return None
+    return like.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def detach_state(state: Any) -> Any:
+    """Detach a nested state (tensor, list or tuple of them) for truncated BPTT."""
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, (list, tuple)):
+        return type(state)(detach_state(s) for s in state)
+    return state
+
+
+class EmbeddingStem(StepStem):
+    """Embedding lookup with word-level embedding dropout (one keep/drop decision per vocabulary word
+    per window, as AWD-LSTM's embedded dropout, applied by gathering the word mask per token)."""
+
+    def __init__(self, embedding: nn.Embedding, dropout: float) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.dropout = dropout
+        self.word_mask: Tensor | None = None
+
+    def sample(self, training: bool) -> None:
+        """Draw this window's word mask (none in evaluation)."""
+        w = self.embedding.weight
+        self.word_mask = locked_mask((w.shape[0], 1), self.dropout, w) if training else None
+
+    @override
+    def forward(self, inputs: Tensor) -> Tensor:
+        x = self.embedding(inputs)
+        return x if self.word_mask is None else x * self.word_mask[inputs]
+
+
+class DecoderHead(StepHead):
+    """Locked output dropout, (tied) decoder and summed cross-entropy of one step (targets -100 ignored)."""
+
+    def __init__(self, decoder: nn.Linear, dropout: float) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.dropout = dropout
+        self.targets: Tensor | None = None
+        self.mask: Tensor | None = None
+
+    def prepare(self, targets: Tensor, training: bool) -> None:
+        """Set this window's targets ``(T, B)`` and output dropout mask."""
+        self.targets = targets
+        w = self.decoder.weight
+        self.mask = locked_mask((targets.shape[1], w.shape[1]), self.dropout, w) if training else None
+
+    def logits(self, output: Tensor) -> Tensor:
+        """Decoder logits of outputs ``(..., B, emb)`` after output dropout."""
+        return self.decoder(output if self.mask is None else output * self.mask)
+
+    @override
+    def forward(self, output: Tensor, step: int) -> Tensor:
+        assert self.targets is not None, "DecoderHead.prepare() sets the targets first"
+        return F.cross_entropy(self.logits(output), self.targets[step], ignore_index=-100, reduction="sum")
+
+
+class BaselineRNN(nn.Module):
+    """``nn.GRU``/``nn.LSTM`` layers (cuDNN where available) with the reversible models' regularisation:
+    locked dropout on the input and between layers, DropConnect on the hidden-to-hidden weights."""
+
+    def __init__(
+        self, kind: str, input_size: int, sizes: list[int], input_dropout: float, dropout: float,
+        dropconnect: float,
+    ) -> None:
+        super().__init__()
+        ins = [input_size, *sizes[:-1]]
+        self.layers = nn.ModuleList(BASELINES[kind](i, h) for i, h in zip(ins, sizes))
+        self.is_lstm = kind == "lstm"
+        self.input_dropout, self.dropout, self.dropconnect = input_dropout, dropout, dropconnect
+
+    def forward(self, x: Tensor, hx: list[Any] | None = None) -> tuple[Tensor, list[Any]]:
+        finals = []
+        for l, layer in enumerate(self.layers):
+            p = self.input_dropout if l == 0 else self.dropout
+            mask = locked_mask((x.shape[1], x.shape[2]), p, x) if self.training else None
+            x = x if mask is None else x * mask
+            h = None if hx is None else hx[l]
+            if self.training and self.dropconnect > 0:
+                w = layer.weight_hh_l0
+                dropped = w * locked_mask(tuple(w.shape), self.dropconnect, w)
+                x, h_n = functional_call(layer, {**dict(layer.named_parameters()), "weight_hh_l0": dropped}, (x, h))
+            else:
+                x, h_n = layer(x, h)
+            finals.append(h_n)
+        return x, finals
+
+
+class LanguageModel(pl.LightningModule):
+    """The paper's language model (AWD-LSTM style) around a reversible RNN or a baseline.
+
+    Args:
+        vocab_size: vocabulary size (the DataModule's ``vocab_size``).
+        rnn: ``revgru``, ``revlstm``, ``nfrevgru``, ``nfrevlstm`` or the baselines ``gru``, ``lstm``.
+        num_layers: layers; the top one has ``emb_size`` units (tied decoder), the lower ones
+            ``hidden_size``.
+        max_forget_bits: reversible models' forgetting limit (2, 3, 5 or None in the paper).
+        dropout_*: embedding (word-level), input, between layers (hidden), output; ``dropconnect`` on
+            the hidden-to-hidden weights. Defaults are the paper's.
+        mode: reversible training mode, ``"reverse"`` or ``"store"``.
+        optimizer: a factory from parameters to a torch optimiser (default: SGD, lr 20, wd 1.2e-6).
+        lr_factor: multiply the learning rate by this when validation perplexity stalls (÷4).
+        seed: dropout masks are drawn from ``(seed, global step, rank)``, so a resumed run sees the masks
+            an uninterrupted one would.
+
+    Logged: ``train_loss``, ``train_ppl`` (per step), ``val_ppl``, ``test_ppl`` (per epoch, torchmetrics).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        rnn: RnnType = "revgru",
+        num_layers: int = 1,
+        emb_size: int = 650,
+        hidden_size: int = 1150,
+        max_forget_bits: int | None = 3,
+        dropout_emb: float = 0.1,
+        dropout_input: float = 0.4,
+        dropout_hidden: float = 0.3,
+        dropout_output: float = 0.4,
+        dropconnect: float = 0.5,
+        mode: Literal["reverse", "store"] = "reverse",
+        optimizer: OptimizerFactory = default_optimizer,
+        lr_factor: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if rnn not in REVERSIBLE and rnn not in BASELINES:
+            raise ValueError(f"rnn must be one of {sorted([*REVERSIBLE, *BASELINES])}, got {rnn!r}.")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.reversible = rnn in REVERSIBLE
+        sizes = [hidden_size] * (num_layers - 1) + [emb_size]
+        self.embedding = nn.Embedding(vocab_size, emb_size)
+        self.decoder = nn.Linear(emb_size, vocab_size)
+        self.decoder.weight = self.embedding.weight  # tied
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        self.stem = EmbeddingStem(self.embedding, dropout_emb)
+        self.head = DecoderHead(self.decoder, dropout_output)
+        self.rnn: nn.Module
+        if self.reversible:
+            self.rnn = REVERSIBLE[rnn](
+                emb_size, sizes, num_layers=num_layers, max_forget_bits=max_forget_bits, dropout=dropout_hidden,
+                input_dropout=dropout_input, dropconnect=dropconnect, mode=mode,
+            )
+        else:
+            self.rnn = BaselineRNN(rnn, emb_size, sizes, dropout_input, dropout_hidden, dropconnect)
+        self.val_ppl = Perplexity(ignore_index=-100)
+        self.test_ppl = Perplexity(ignore_index=-100)
+        self._hidden: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------- steps
+    def _carry(self, stage: str, batch: Batch) -> Any:
+        """The state continuing this stream, or None where it restarts."""
+        if batch.get("reset", False):
+            self._hidden.pop(stage, None)
+        return self._hidden.get(stage)
+
+    def _step_seed(self) -> int:
+        return zlib.crc32(f"{self.hparams.seed}:{self.global_step}:{self.global_rank}".encode())
+
+    @override
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        tokens, targets = batch["inputs"], batch["targets"]
+        hx = self._carry("train", batch)
+        devices = [tokens.device] if tokens.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self._step_seed())
+            self.stem.sample(True)
+            self.head.prepare(targets, True)
+            if self.reversible:
+                total, h_n = self.rnn(tokens, hx, head=self.head, stem=self.stem)
+            else:
+                out, h_n = self.rnn(self.stem(tokens), hx)
+                logits = self.head.logits(out)
+                total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        count = (targets != -100).sum().clamp_min(1)
+        loss = total / count
+        self._hidden["train"] = detach_state(h_n)
+        self.log("train_loss", loss, prog_bar=True, batch_size=int(count))
+        self.log("train_ppl", loss.detach().exp(), batch_size=int(count))
+        return loss
+
+    def _evaluate(self, stage: str, batch: Batch, metric: Perplexity) -> None:
+        tokens, targets = batch["inputs"], batch["targets"]
+        hx = self._carry(stage, batch)
+        self.stem.sample(False)
+        self.head.prepare(targets, False)
+        out, h_n = self.rnn(self.stem(tokens), hx)
+        self._hidden[stage] = detach_state(h_n)
+        metric.update(self.head.logits(out).transpose(0, 1), targets.t())
+        self.log(f"{stage}_ppl", metric, prog_bar=True)
+
+    @override
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate("val", batch, self.val_ppl)
+
+    @override
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate("test", batch, self.test_ppl)
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._hidden.pop("train", None)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._hidden.pop("val", None)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._hidden.pop("test", None)
+
+    # ------------------------------------------------------------------------------------ optimisation
+    @override
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        optimizer = self.optimizer_factory(self.parameters())
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.hparams.lr_factor, patience=0
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl", "interval": "epoch", "strict": False},
+        }
+
+    # ------------------------------------------------------------------------------------ checkpointing
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["revrnn_hidden"] = self._hidden.get("train")
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hidden = checkpoint.get("revrnn_hidden")
+        self._hidden = {} if hidden is None else {"train": hidden}
+
+    # -------------------------------------------------------------------------------------- accounting
+    def memory_stats(self) -> dict[str, Any] | None:
+        """The reversible RNN's accounting for the last training window; None for the baselines."""
+        return self.rnn.memory_stats() if isinstance(self.rnn, ReversibleRNN) else None
