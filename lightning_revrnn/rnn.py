@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Literal, Union
 
 import torch
@@ -86,7 +87,7 @@ class ReversibleRNN(nn.Module):
         ins = [input_size, *sizes[:-1]]
         self.cells = nn.ModuleList(self.cell_class(i, h, max_forget_bits) for i, h in zip(ins, sizes))
         self._stats: list[BufferStats] | None = None
-        self.last_window: Window | None = None
+        self._last_window: Callable[[], Window | None] = lambda: None
 
     @property
     def mode(self) -> Mode:
@@ -98,6 +99,11 @@ class ReversibleRNN(nn.Module):
         if value not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {value!r}.")
         self._mode = value
+
+    @property
+    def last_window(self) -> Window | None:
+        """The last reverse-mode training window while its graph is alive (buffers, masks), else None."""
+        return self._last_window()
 
     @property
     def state_count(self) -> int:
@@ -143,7 +149,8 @@ class ReversibleRNN(nn.Module):
                 buf.stats(32 * T * B * c.hidden_size * c.halves_per_group)
                 for buf, c in zip(window.buffers, self.cells)
             ]
-        self.last_window = window if needs_grad and self.mode == "reverse" else None
+        # A weak reference: the autograd graph owns the window (and its buffer) until backward frees it.
+        self._last_window = weakref.ref(window) if needs_grad and self.mode == "reverse" else (lambda: None)
         if head is None and self.batch_first:
             primary = primary.transpose(0, 1)
         return primary, self._pack_state(finals)

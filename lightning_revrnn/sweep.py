@@ -129,7 +129,7 @@ def forward_window(
 
     The outputs are the top layer's float outputs per step (written into ``out`` when given, else a list
     of tensors that keep their graph), or the per-step head values when the window has a head.
-    ``checksums[t, l]`` receives the fingerprint of layer ``l``'s state after step ``t``.
+    ``checksums[t + 1, l]`` receives the fingerprint of layer ``l``'s state after step ``t``.
     """
     weights = [c.hidden_weights(m) for c, m in zip(window.cells, window.hidden_masks)]
     results: list[Tensor] = []
@@ -141,7 +141,7 @@ def forward_window(
                 weights[l], xp, state[l], state_f[l], window.buffers[l], window.guards[l]
             )
             if checksums is not None:
-                checksums[t, l] = state_checksum(state[l])
+                checksums[t + 1, l] = state_checksum(state[l])
             inp = cell.output(state_f[l])
         if window.head is not None:
             results.append(window.head(inp, t))
@@ -178,18 +178,19 @@ class ReverseSweep(torch.autograd.Function):
         state_f = [[to_float(s) for s in st] for st in state]
         T, B = x.shape[0], x.shape[1]
         precision = torch.get_float32_matmul_precision()
-        checksums = torch.zeros(T, len(cells), dtype=torch.int64, device=x.device)
+        checksums = torch.zeros(T + 1, len(cells), dtype=torch.int64, device=x.device)
+        for l, st in enumerate(state):
+            checksums[0, l] = state_checksum(st)
         out = None if window.head is not None else torch.empty(T, B, cells[-1].hidden_size, device=x.device)
         window.start(B, x.device)
         with exact_float_context(x.device, precision):
-            state0 = [list(s) for s in state]
             state, state_f, res = forward_window(window, x, state, state_f, out, checksums)
         finals = [exact_final_state(c, s, f) for c, s, f in zip(cells, state, state_f)]
         ctx.window, ctx.n_state, ctx.precision = window, n_state, precision
         ctx.n_final = [len(s) for s in state]
         masks = [m for m in window.input_masks + window.hidden_masks if m is not None]
         ctx.save_for_backward(
-            x, checksums, *[h for s in state0 for h in s], *[h for s in state for h in s], *masks,
+            x, checksums, *[h for s in state for h in s], *masks,
             *[t for b in window.buffers for t in b.tensors()],
         )
         primary = torch.stack(res).sum() if window.head is not None else out
@@ -199,21 +200,24 @@ class ReverseSweep(torch.autograd.Function):
     def backward(ctx: Any, grad_primary: Tensor, *grad_final: Tensor) -> tuple[Tensor | None, ...]:
         window: Window = ctx.window
         cells, n_state = window.cells, ctx.n_state
-        # Saved: x, checksums, initial and final int halves; masks and buffer tensors follow only so that
-        # saved-tensor hooks see everything the sweep keeps alive (the window holds the same objects).
+        if getattr(ctx, "swept", False) and any(c.forgets for c in cells):
+            raise RuntimeError(
+                "A reversible RNN in mode='reverse' supports one backward per forward: the reverse sweep "
+                "consumes the information buffer. For a second backward through the same graph "
+                "(retain_graph=True, double backward), use mode='store'."
+            )
+        ctx.swept = True
+        # Saved: x, the checksums (initial state and every step), the final int halves; masks and buffer
+        # tensors follow only so that saved-tensor hooks see everything the sweep keeps alive (the window
+        # holds the same objects).
         saved = ctx.saved_tensors
         x, checksums = saved[0], saved[1]
-        pos, state0, state = 2, [], []
-        for target in (state0, state):
-            for n in ctx.n_final:
-                target.append(list(saved[pos : pos + n]))
-                pos += n
+        pos, state = 2, []
+        for n in ctx.n_final:
+            state.append(list(saved[pos : pos + n]))
+            pos += n
         with torch.enable_grad(), exact_float_context(x.device, ctx.precision):
-            return _reverse(ctx, window, x, checksums, state0, state, grad_primary, grad_final, n_state)
-
-
-def _layer_params(cell: ReversibleCell) -> list[Tensor]:
-    return [cell.weight_ih, cell.bias, cell.weight_hh]
+            return _reverse(ctx, window, x, checksums, state, grad_primary, grad_final, n_state)
 
 
 def trainable(module: nn.Module | None) -> list[Tensor]:
@@ -222,8 +226,7 @@ def trainable(module: nn.Module | None) -> list[Tensor]:
 
 
 def _reverse(
-    ctx: Any, window: Window, x: Tensor, checksums: Tensor, state0: list[list[Tensor]],
-    state: list[list[Tensor]], grad_primary: Tensor, grad_final: tuple[Tensor, ...], n_state: int,
+    ctx: Any, window: Window, x: Tensor, checksums: Tensor, state: list[list[Tensor]], grad_primary: Tensor, grad_final: tuple[Tensor, ...], n_state: int,
 ) -> tuple[Tensor | None, ...]:
     cells, head = window.cells, window.head
     T, L = x.shape[0], len(cells)
@@ -264,8 +267,7 @@ def _reverse(
             with torch.no_grad():
                 xp = cell.project_input(inputs[l])
             state[l], grads[l], d_xp, dws = cell.reverse_step(w_leaves[l], xp, state[l], grads[l], window.buffers[l])
-            expected = checksums[t - 1, l] if t > 0 else state_checksum(list(state0[l]))
-            diverged[t, l] = state_checksum(state[l]) != expected
+            diverged[t, l] = state_checksum(state[l]) != checksums[t, l]
             for acc, g in zip(d_w[l], dws):
                 acc.add_(g)
             d_ih[l].addmm_(d_xp.t(), inputs[l])
@@ -281,7 +283,7 @@ def _reverse(
                 dx[t] = d_in
             elif stem_params:
                 _accumulate(d_stem, torch.autograd.grad(x_t, stem_params, d_in, allow_unused=True))
-    _check_reconstruction(window, diverged, state, state0)
+    _check_reconstruction(window, diverged)
     params_grads: list[Tensor | None] = []
     for l, c in enumerate(cells):
         d_hidden = torch.autograd.grad(hidden_full[l], c.weight_hh, torch.cat(d_w[l], 0))[0]
@@ -298,9 +300,7 @@ def _accumulate(acc: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:
             a.add_(g)
 
 
-def _check_reconstruction(
-    window: Window, diverged: Tensor, state: list[list[Tensor]], state0: list[list[Tensor]]
-) -> None:
+def _check_reconstruction(window: Window, diverged: Tensor) -> None:
     if bool(diverged.any()):
         bad = diverged.nonzero().tolist()
         t, l = max(bad)  # the reverse sweep meets the latest step first
@@ -309,8 +309,6 @@ def _check_reconstruction(
             f"forward pass bit for bit ({len(bad)} (step, layer) states differ). The saved buffer was modified, "
             "or forward and backward ran with different numerics (autocast, TF32, threads, device)."
         )
-    for l, (buf, s, s0) in enumerate(zip(window.buffers, state, state0)):
-        if not all(torch.equal(a, b) for a, b in zip(s, s0)) or not buf.is_empty():
-            raise ReconstructionError(
-                f"Reverse sweep of layer {l} did not return to the initial state with an empty buffer."
-            )
+    for l, buf in enumerate(window.buffers):
+        if not buf.is_empty():
+            raise ReconstructionError(f"Reverse sweep of layer {l} reached the initial state with a non-empty buffer.")

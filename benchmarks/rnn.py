@@ -1,0 +1,448 @@
+"""Benchmark forward+backward of RevGRU / RevLSTM against the ``nn.GRU`` / ``nn.LSTM`` baselines.
+
+Every configuration runs in this one process, side by side: the baseline (cuDNN on CUDA, ATen on CPU)
+and the reversible module in both training modes (``"reverse"``: reconstruct states in backward;
+``"store"``: ordinary autograd through the same fixed-point forward) for each ``max_forget_bits``.
+
+One *step* is: forward, ``out.sum().backward()``, gradients set to None. Per configuration:
+
+1. a warm-up step, its forward wrapped in :func:`saved_tensor_bytes` excluding the parameters (bytes
+   held for backward, the input's storage included); the reversible module's ``memory_stats()`` is read
+   right after this forward;
+2. a second step whose forward excludes the parameters *and* the input ``x`` (the "excl. input" figure);
+3. on CUDA, one step measured with the allocator: ``max_memory_allocated() - memory_allocated()`` at its
+   start (``x`` is allocated before, so this is an "excl. input" figure; "incl." adds ``x``'s bytes);
+4. ``--repeats`` timed steps, no hooks; the reported time is their median.
+
+On CPU the memory columns are the saved-tensor bytes; on CUDA they are the allocator peak (the
+saved-tensor bytes are still recorded in the JSON). The memory ratio is baseline bytes / reversible
+bytes (higher is better for the reversible model), the time ratio reversible time / baseline time.
+
+Usage::
+
+    python benchmarks/rnn.py                 # the paper's sizes (long on CPU)
+    python benchmarks/rnn.py --small         # smoke run, well under a minute on 2 cores
+    python benchmarks/rnn.py --seq-lens 70 --layers 1 --bits 3 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_revrnn import RevGRU, RevLSTM
+from lightning_revrnn.memory import saved_tensor_bytes
+
+#: Sizes of the paper's experiments, used unless ``--small`` or an explicit flag overrides them.
+PAPER_PRESET: dict[str, Any] = {
+    "seq_lens": [70, 1000], "layers": [1, 2], "batch": 20, "input_size": 650, "hidden": 650, "repeats": 3,
+}
+#: A quick smoke-test preset.
+SMALL_PRESET: dict[str, Any] = {
+    "seq_lens": [20, 100], "layers": [1], "batch": 4, "input_size": 64, "hidden": 64, "repeats": 1,
+}
+#: Reversible class and baseline class per ``--cells`` name.
+CELLS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {"gru": (RevGRU, nn.GRU), "lstm": (RevLSTM, nn.LSTM)}
+#: ``max_forget_bits`` values the library accepts.
+BITS_CHOICES = (1, 2, 3, 5, None)
+#: Keys copied from ``memory_stats()`` into a row.
+STAT_KEYS = (
+    "normal_bits", "used_bits", "optimal_bits", "actual_ratio", "optimal_ratio", "efficiency",
+    "drains", "multiplications",
+)
+MB = 1e6
+
+
+# ---------------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration. ``mode`` and ``bits`` are None for the baseline."""
+
+    cell: str
+    layers: int
+    seq_len: int
+    batch: int
+    input_size: int
+    hidden: int
+    mode: str | None = None
+    bits: int | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        """True for the ``nn.GRU`` / ``nn.LSTM`` row."""
+        return self.mode is None
+
+    @property
+    def group(self) -> tuple[str, int, int]:
+        """Rows sharing this key are compared with the same baseline."""
+        return (self.cell, self.layers, self.seq_len)
+
+    def label(self) -> str:
+        """Short human-readable name for progress messages."""
+        what = "baseline" if self.is_baseline else f"{self.mode} k={fmt_bits(self.bits)}"
+        return f"{self.cell} L={self.layers} T={self.seq_len} {what}"
+
+
+@dataclass
+class Row:
+    """Measurements of one configuration (one table row, one JSON object)."""
+
+    config: Config
+    model: str
+    #: ``type(out.grad_fn).__name__``: shows which kernel ran (e.g. ``MkldnnRnnLayerBackward0``: fused oneDNN).
+    grad_fn: str | None = None
+    times_ms: list[float] = field(default_factory=list)
+    median_ms: float | None = None
+    input_bytes: int = 0
+    saved_bytes_incl_input: int | None = None
+    saved_bytes_excl_input: int | None = None
+    cuda_peak_bytes_excl_input: int | None = None
+    stats: dict[str, Any] | None = None
+    error: str | None = None
+    time_ratio: float | None = None
+    mem_ratio_incl_input: float | None = None
+    mem_ratio_excl_input: float | None = None
+
+    def memory_bytes(self, include_input: bool) -> int | None:
+        """The device's memory figure: allocator peak on CUDA, saved-tensor bytes on CPU."""
+        if self.cuda_peak_bytes_excl_input is not None:
+            peak = self.cuda_peak_bytes_excl_input
+            return peak + self.input_bytes if include_input else peak
+        return self.saved_bytes_incl_input if include_input else self.saved_bytes_excl_input
+
+    def to_json(self) -> dict[str, Any]:
+        """Flat JSON-serialisable mapping."""
+        d = asdict(self)
+        config = d.pop("config")
+        return {**config, "baseline": self.config.is_baseline, **d,
+                "memory_bytes_incl_input": self.memory_bytes(True),
+                "memory_bytes_excl_input": self.memory_bytes(False)}
+
+
+def fmt_bits(bits: int | None) -> str:
+    """``max_forget_bits`` as written on the command line."""
+    return "none" if bits is None else str(bits)
+
+
+def parse_bits(text: str) -> int | None:
+    """argparse type for ``--bits``: an allowed integer or ``none``."""
+    value = None if text.lower() == "none" else int(text)
+    if value not in BITS_CHOICES:
+        raise argparse.ArgumentTypeError(f"bits must be one of {', '.join(map(fmt_bits, BITS_CHOICES))}, got {text!r}")
+    return value
+
+
+def build_configs(args: argparse.Namespace) -> list[Config]:
+    """All configurations, grouped: for each (cell, layers, T), the baseline first, then mode × bits."""
+    configs: list[Config] = []
+    for cell in args.cells:
+        for layers in args.layers:
+            for seq_len in args.seq_lens:
+                base = Config(cell, layers, seq_len, args.batch, args.input_size, args.hidden)
+                configs.append(base)
+                configs += [
+                    Config(cell, layers, seq_len, args.batch, args.input_size, args.hidden, mode, bits)
+                    for mode in args.modes
+                    for bits in args.bits
+                ]
+    return configs
+
+
+# ------------------------------------------------------------------------------------------- measuring
+def build_model(config: Config, device: torch.device) -> nn.Module:
+    """A fresh module seeded with ``torch.manual_seed(0)`` (same weights for every mode of a config)."""
+    rev_class, base_class = CELLS[config.cell]
+    torch.manual_seed(0)
+    if config.is_baseline:
+        model = base_class(config.input_size, config.hidden, num_layers=config.layers)
+    else:
+        model = rev_class(
+            config.input_size, config.hidden, num_layers=config.layers,
+            max_forget_bits=config.bits, mode=config.mode,
+        )
+    return model.to(device).train()
+
+
+def make_input(config: Config, device: torch.device) -> Tensor:
+    """``x`` of shape (T, B, F), the same values for every config of one shape, a leaf requiring grad."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(config.seq_len, config.batch, config.input_size, generator=gen)
+    return x.to(device).requires_grad_()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def backward_and_clear(model: nn.Module, x: Tensor, out: Tensor) -> None:
+    """The loss ``out.sum()``, its backward, then every gradient set to None."""
+    out.sum().backward()
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+
+
+def step(model: nn.Module, x: Tensor) -> None:
+    """One plain training step: forward, backward, gradients cleared."""
+    out, _ = model(x)
+    backward_and_clear(model, x, out)
+
+
+def measure_saved(
+    model: nn.Module, x: Tensor, include_input: bool, on_forward: Callable[[Tensor], None] | None = None
+) -> int:
+    """One step whose forward counts the bytes autograd saves (parameters, and ``x`` unless included, excluded).
+
+    ``on_forward(out)`` runs right after the forward, before backward (used to read ``memory_stats()``).
+    """
+    exclude = [*model.parameters(), *([] if include_input else [x])]
+    with saved_tensor_bytes(exclude=exclude) as saved:
+        out, _ = model(x)
+    if on_forward is not None:
+        on_forward(out)
+    backward_and_clear(model, x, out)
+    return saved.total
+
+
+def measure_cuda_peak(model: nn.Module, x: Tensor, device: torch.device) -> int:
+    """Allocator peak of one step above what was allocated at its start (``x`` and the weights)."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    step(model, x)
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - start
+
+
+def time_steps(model: nn.Module, x: Tensor, device: torch.device, repeats: int) -> list[float]:
+    """Wall time of ``repeats`` steps, in milliseconds each."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        step(model, x)
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def reversible_stats(model: nn.Module) -> dict[str, Any]:
+    """The paper's accounting of the last forward (totals and per layer)."""
+    stats = model.memory_stats()
+    return {**{k: stats[k] for k in STAT_KEYS}, "layers": stats["layers"]}
+
+
+def measure(config: Config, device: torch.device, repeats: int) -> Row:
+    """All measurements of one configuration; an exception is recorded in the row, not raised."""
+    model = build_model(config, device)
+    row = Row(config=config, model=type(model).__name__)
+    x = make_input(config, device)
+    row.input_bytes = x.untyped_storage().nbytes()
+    try:
+        def read_stats(out: Tensor) -> None:
+            row.grad_fn = type(out.grad_fn).__name__
+            if not config.is_baseline:
+                row.stats = reversible_stats(model)
+
+        row.saved_bytes_incl_input = measure_saved(model, x, include_input=True, on_forward=read_stats)
+        row.saved_bytes_excl_input = measure_saved(model, x, include_input=False)
+        if device.type == "cuda":
+            row.cuda_peak_bytes_excl_input = measure_cuda_peak(model, x, device)
+        row.times_ms = time_steps(model, x, device, repeats)
+        row.median_ms = statistics.median(row.times_ms)
+    except Exception as exc:  # noqa: BLE001 - a failing config is reported, the others still run
+        row.error = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Time ratio (rev/baseline) and memory ratios (baseline/rev) against each group's baseline."""
+    baselines = {r.config.group: r for r in rows if r.config.is_baseline and r.error is None}
+    for row in rows:
+        base = baselines.get(row.config.group)
+        if base is None or row.error is not None:
+            continue
+        row.time_ratio = _ratio(row.median_ms, base.median_ms)
+        row.mem_ratio_incl_input = _ratio(base.memory_bytes(True), row.memory_bytes(True))
+        row.mem_ratio_excl_input = _ratio(base.memory_bytes(False), row.memory_bytes(False))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return float(a) / float(b) if b else float("inf")
+
+
+def run_all(configs: Sequence[Config], device: torch.device, repeats: int) -> Iterator[Row]:
+    """Measure every configuration in order, reporting progress on stderr."""
+    for i, config in enumerate(configs, 1):
+        start = time.perf_counter()
+        row = measure(config, device, repeats)
+        took = time.perf_counter() - start
+        status = f"ERROR {row.error}" if row.error else f"{row.median_ms:.1f} ms/step"
+        print(f"[{i}/{len(configs)}] {config.label()}: {status} ({took:.1f} s)", file=sys.stderr, flush=True)
+        yield row
+
+
+# --------------------------------------------------------------------------------------------- output
+COLUMNS = (
+    "cell", "L", "T", "mode", "k", "ms", "t/base", "MB", "MB-x", "mem×", "mem×-x",
+    "actual", "optimal", "eff",
+)
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def table_cells(row: Row) -> list[str]:
+    """The printed columns of one row (accounting columns empty for baselines)."""
+    c, s = row.config, row.stats or {}
+    incl, excl = row.memory_bytes(True), row.memory_bytes(False)
+    cells = [
+        row.model, str(c.layers), str(c.seq_len),
+        "-" if c.is_baseline else str(c.mode), "-" if c.is_baseline else fmt_bits(c.bits),
+    ]
+    if row.error is not None:
+        return cells + [f"ERROR: {row.error}"]
+    return cells + [
+        _num(row.median_ms, 1), _num(row.time_ratio, 2),
+        _num(None if incl is None else incl / MB, 2), _num(None if excl is None else excl / MB, 2),
+        _num(row.mem_ratio_incl_input, 2), _num(row.mem_ratio_excl_input, 2),
+        _num(s.get("actual_ratio"), 2), _num(s.get("optimal_ratio"), 2), _num(s.get("efficiency"), 3),
+    ]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Fixed-width table, one line per row, a blank line before each baseline group."""
+    body = [table_cells(r) for r in rows]
+    widths = [max([len(h)] + [len(b[i]) for b in body if i < len(b) and (i < 5 or len(b) == len(COLUMNS))])
+              for i, h in enumerate(COLUMNS)]
+
+    def line(cells: Sequence[str]) -> str:
+        if len(cells) != len(COLUMNS):  # an error row: key columns, then the message
+            return "  ".join([c.ljust(w) for c, w in zip(cells[:5], widths)] + list(cells[5:]))
+        return "  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = [line(COLUMNS), line(["-" * w for w in widths])]
+    for i, (row, cells) in enumerate(zip(rows, body)):
+        if i and row.config.is_baseline:
+            lines.append("")
+        lines.append(line(cells))
+    return "\n".join(lines)
+
+
+def legend(device: torch.device) -> str:
+    """What the columns mean."""
+    what = "CUDA allocator peak over forward+backward" if device.type == "cuda" else "bytes saved for backward"
+    return (
+        f"ms: median step (forward + backward); t/base: time / baseline time. MB: {what}, incl. the input x; "
+        "MB-x: excluding x. mem×, mem×-x: baseline MB / this MB. actual, optimal: the paper's memory ratios "
+        "(normal/used, normal/optimal bits); eff: optimal/used bits."
+    )
+
+
+def device_slug(device: torch.device) -> str:
+    """``cpu`` or the CUDA card's name, lower-case with dashes."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def write_json(path: Path, device: torch.device, args: argparse.Namespace, rows: Sequence[Row]) -> None:
+    """Write the results file (creating its directory)."""
+    payload = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "mkldnn_enabled": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
+        "memory_metric": "cuda_peak" if device.type == "cuda" else "saved_tensor_bytes",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": [r.to_json() for r in rows],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the flags and fill unset sizes from the paper's preset or ``--small``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths T (default 70 1000)")
+    p.add_argument("--layers", type=int, nargs="+", help="num_layers values (default 1 2)")
+    p.add_argument("--batch", type=int, help="batch size (default 20)")
+    p.add_argument("--input-size", type=int, help="input features (default 650)")
+    p.add_argument("--hidden", type=int, help="hidden size, even (default 650)")
+    p.add_argument("--bits", type=parse_bits, nargs="+", default=[2, 3, 5, None],
+                   help="max_forget_bits values: 1 2 3 5 none (default 2 3 5 none)")
+    p.add_argument("--modes", nargs="+", choices=["reverse", "store"], default=["reverse", "store"])
+    p.add_argument("--cells", nargs="+", choices=sorted(CELLS), default=["gru", "lstm"])
+    p.add_argument("--repeats", type=int, help="timed steps after one warm-up; the median is reported (default 3)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int,
+                   help="torch.set_num_threads (default: torch's choice); 1 is steadier on a shared, busy CPU")
+    p.add_argument("--out", type=Path,
+                   help="JSON path (default benchmarks/results/rnn-<device>.json, rnn-<device>-small.json with --small)")
+    p.add_argument("--small", action="store_true", help="quick preset: T 20 100, hidden/input 64, batch 4, L 1, 1 repeat")
+    args = p.parse_args(argv)
+    preset = SMALL_PRESET if args.small else PAPER_PRESET
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    if args.hidden <= 0 or args.hidden % 2:
+        p.error(f"--hidden must be a positive even number (reversible cells split the state), got {args.hidden}")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    for name in ("batch", "input_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if min(args.seq_lens) < 1 or min(args.layers) < 1:
+        p.error("--seq-lens and --layers must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    """Run the benchmark, print the table, write the JSON; returns the rows."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.out is None:
+        suffix = "-small" if args.small else ""  # a smoke run never overwrites the real results
+        args.out = Path(__file__).resolve().parent / "results" / f"rnn-{device_slug(device)}{suffix}.json"
+    configs = build_configs(args)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{len(configs)} configurations, {args.repeats} timed repeat(s) each", file=sys.stderr, flush=True)
+    rows = list(run_all(configs, device, args.repeats))
+    add_ratios(rows)
+    print(format_table(rows))
+    print()
+    print(legend(device))
+    write_json(args.out, device, args, rows)
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
