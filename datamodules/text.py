@@ -1,0 +1,150 @@
+"""Word-level text corpora: Penn Treebank (Mikolov) and WikiText-2 (tokenised, v1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .corpus import Vocabulary, tokenize_bytes
+from .download import CorpusSpec, default_data_dir, ensure_files, missing_error, verify_bytes
+from .streams import TokenStreamDataModule
+
+PTB_SPEC = CorpusSpec(
+    name="PTB",
+    subdir="ptb",
+    url="http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",
+    archive="tgz",
+    files={"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"},
+    members={
+        "ptb.train.txt": "./simple-examples/data/ptb.train.txt",
+        "ptb.valid.txt": "./simple-examples/data/ptb.valid.txt",
+        "ptb.test.txt": "./simple-examples/data/ptb.test.txt",
+    },
+    sha256={
+        "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+        "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+        "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+    },
+)
+"""Mikolov's preprocessed PTB (10k vocabulary, ``<unk>`` and ``N`` substituted)."""
+
+WIKITEXT2_SPEC = CorpusSpec(
+    name="WikiText-2",
+    subdir="wikitext-2",
+    url="https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+    archive="zip",
+    files={"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"},
+    members={
+        "wiki.train.tokens": "wikitext-2/wiki.train.tokens",
+        "wiki.valid.tokens": "wikitext-2/wiki.valid.tokens",
+        "wiki.test.tokens": "wikitext-2/wiki.test.tokens",
+    },
+    sha256={
+        "wiki.train.tokens": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+        "wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+        "wiki.test.tokens": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+    },
+)
+"""WikiText-2 v1, tokenised (33,278-token vocabulary with ``<unk>``)."""
+
+
+class TextCorpusDataModule(TokenStreamDataModule):
+    """A word-level corpus described by a :class:`~.download.CorpusSpec` (set :attr:`spec` in subclasses).
+
+    ``data_dir`` is the folder holding the split files; by default ``$REVRNN_DATA_DIR/<subdir>``, else
+    ``$XDG_CACHE_HOME/lightning-revrnn/<subdir>`` (``~/.cache/...``). :meth:`prepare_data` verifies present
+    files and downloads missing ones; :meth:`setup` reads (and re-verifies) the files it needs. The vocabulary
+    is built from the training split (plus ``<eos>``) and is closed.
+    """
+
+    spec: CorpusSpec
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        batch_size: int = 20,
+        eval_batch_size: int = 10,
+        bptt: int = 70,
+        variable_bptt: bool = False,
+        seed: int = 0,
+        download: bool = True,
+    ) -> None:
+        """See the class docstring and :class:`~.streams.TokenStreamDataModule`."""
+        super().__init__(batch_size, eval_batch_size, bptt, variable_bptt, seed)
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir(self.spec.subdir)
+        self.download = bool(download)
+
+    def path(self, split: str) -> Path:
+        """Path of ``split``'s file."""
+        return self.data_dir / self.spec.files[split]
+
+    def prepare_data(self) -> None:
+        """Verify the files present (SHA-256) and download the missing ones (atomically)."""
+        ensure_files(self.spec, self.data_dir, download=self.download)
+
+    def _read(self, split: str) -> list[str]:
+        path = self.path(split)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise missing_error(
+                self.spec,
+                self.data_dir,
+                [path.name],
+                "setup() found it absent (prepare_data() downloads missing files; a Trainer calls it first).",
+            ) from None
+        verify_bytes(path, data, self.spec)
+        return tokenize_bytes(data, str(path))
+
+    def load_splits(self, splits: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Build the vocabulary from ``train`` (once) and encode ``splits``."""
+        out: dict[str, torch.Tensor] = {}
+        if self.vocab is None:
+            train_tokens = self._read("train")
+            self.vocab = Vocabulary.build(train_tokens)
+            out["train"] = self.vocab.encode(train_tokens, str(self.path("train")))
+        for split in splits:
+            if split not in out:
+                out[split] = self.vocab.encode(self._read(split), str(self.path(split)))
+        return out
+
+
+class PTBDataModule(TextCorpusDataModule):
+    """Penn Treebank (Mikolov): 929,589 / 73,760 / 82,430 tokens incl. ``<eos>``, vocabulary 10,000."""
+
+    spec = PTB_SPEC
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        batch_size: int = 20,
+        eval_batch_size: int = 10,
+        bptt: int = 70,
+        variable_bptt: bool = False,
+        seed: int = 0,
+        download: bool = True,
+    ) -> None:
+        """See :class:`TextCorpusDataModule`."""
+        super().__init__(data_dir, batch_size, eval_batch_size, bptt, variable_bptt, seed, download)
+        self.save_hyperparameters()
+
+
+class WikiText2DataModule(TextCorpusDataModule):
+    """WikiText-2 (v1, tokenised): 2,088,628 / 217,646 / 245,569 tokens incl. ``<eos>``, vocabulary 33,278."""
+
+    spec = WIKITEXT2_SPEC
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        batch_size: int = 20,
+        eval_batch_size: int = 10,
+        bptt: int = 70,
+        variable_bptt: bool = False,
+        seed: int = 0,
+        download: bool = True,
+    ) -> None:
+        """See :class:`TextCorpusDataModule`."""
+        super().__init__(data_dir, batch_size, eval_batch_size, bptt, variable_bptt, seed, download)
+        self.save_hyperparameters()
