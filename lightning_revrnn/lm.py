@@ -13,12 +13,13 @@ Batches follow the DataModules' contract: ``{"inputs": (T, B) ids, "targets": (T
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.cli import OptimizerCallable
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -34,10 +35,9 @@ REVERSIBLE: dict[str, type[ReversibleRNN]] = {
 }
 BASELINES: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM}
 Batch = dict[str, Any]
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
     """The paper's optimiser: SGD, learning rate 20, weight decay 1.2e-6."""
     return torch.optim.SGD(params, lr=20.0, weight_decay=1.2e-6)
 
@@ -170,7 +170,7 @@ class LanguageModel(pl.LightningModule):
         dropout_output: float = 0.4,
         dropconnect: float = 0.5,
         mode: Literal["reverse", "store"] = "reverse",
-        optimizer: OptimizerFactory = default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_factor: float = 0.25,
         seed: int = 0,
     ) -> None:
