@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/rnn.py --small
+	$(BIN)/python -m lightning_revrnn.demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/rnn.py

@@ -98,11 +98,6 @@ class ReversibleCell(nn.Module):
         """Both groups' input pre-activations for one step: ``(B, 2·rows)``."""
         return F.linear(x, self.weight_ih, self.bias)
 
-    def hidden_weights(self, mask: Tensor | None) -> list[Tensor]:
-        """Per-group hidden-to-hidden weights for a window, DropConnect mask applied (already scaled)."""
-        w = self.weight_hh if mask is None else self.weight_hh * mask
-        return list(w.split(self.hidden_rows, 0))
-
     def own(self, group: int) -> list[int]:
         """Indices in a state of the halves that ``group`` updates, h first."""
         return [group + 2 * j for j in range(self.halves_per_group)]

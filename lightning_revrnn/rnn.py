@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_revrnn.buffer import BufferStats
 from lightning_revrnn.cells import NFRevGRUCell, NFRevLSTMCell, ReversibleCell, RevGRUCell, RevLSTMCell
+from lightning_revrnn.dropout import SeededMask
 from lightning_revrnn.fixed_point import check_range, straight_through, to_fixed, to_float
 from lightning_revrnn.sweep import (
     ReverseSweep,
@@ -130,7 +131,7 @@ class ReversibleRNN(nn.Module):
         window = Window(
             cells=list(self.cells),
             input_masks=self._input_masks(B, like),
-            hidden_masks=[self._mask(c.weight_hh.shape, self.dropconnect, like) for c in self.cells],
+            hidden_masks=[self._dropconnect_mask(c, like) for c in self.cells],
             head=head,
             stem=stem,
             retain=False,
@@ -259,6 +260,12 @@ class ReversibleRNN(nn.Module):
         sizes = [self.input_size, *self.hidden_sizes[:-1]]
         probs = [self.input_dropout] + [self.dropout] * (self.num_layers - 1)
         return [self._mask((batch, s), p, x) for s, p in zip(sizes, probs)]
+
+    def _dropconnect_mask(self, cell: ReversibleCell, like: Tensor) -> SeededMask | None:
+        """DropConnect on the cell's hidden-to-hidden weights: a seed, redrawn in forward and reverse."""
+        if not self.training or self.dropconnect == 0.0:
+            return None
+        return SeededMask.sample(tuple(cell.weight_hh.shape), self.dropconnect, like.device)
 
     def _mask(self, shape: tuple[int, ...] | torch.Size, p: float, like: Tensor) -> Tensor | None:
         """A locked dropout mask, scaled by 1/(1-p); None in evaluation or when p = 0."""

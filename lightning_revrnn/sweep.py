@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_revrnn.buffer import InformationBuffer
 from lightning_revrnn.cells import ReversibleCell
+from lightning_revrnn.dropout import SeededMask
 from lightning_revrnn.errors import ReconstructionError
 from lightning_revrnn.fixed_point import RangeGuard, check_range, straight_through, to_fixed, to_float
 
@@ -40,18 +41,23 @@ class StepHead(nn.Module):
         raise NotImplementedError("StepHead subclasses return the scalar loss of one step.")
 
 
+#: Steps per chunk of first-layer input projections (one GEMM per chunk instead of one per step).
+CHUNK = 16
+
+
 class StepStem(nn.Module):
     """A per-step input stem run inside the sweep, e.g. embedding lookup + locked dropout of step ``t``.
 
     With a stem the sequence module's input is whatever the stem reads (token ids ``(T, B)``, say) and
-    :meth:`forward` maps one step of it to the first layer's input ``(B, input_size)``. In
+    :meth:`forward` maps a chunk of steps of it (leading dims ``(T', B)``) to the first layer's input
+    ``(T', B, input_size)``, elementwise in time. In
     ``mode="reverse"`` the stem runs again for each step of the reverse sweep, so the ``T × B × input``
     tensor it produces is never held between forward and backward. It must be deterministic within a
     window (sample any dropout mask before the call).
     """
 
     def forward(self, inputs: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError("StepStem subclasses map one step of inputs to (batch, input_size).")
+        raise NotImplementedError("StepStem subclasses map (T', B, ...) inputs to (T', B, input_size).")
 
 
 @dataclass
@@ -60,7 +66,7 @@ class Window:
 
     cells: list[ReversibleCell]
     input_masks: list[Tensor | None]
-    hidden_masks: list[Tensor | None]
+    hidden_masks: list[SeededMask | None]
     retain: bool
     head: StepHead | None = None
     stem: StepStem | None = None
@@ -74,9 +80,19 @@ class Window:
         ]
         self.guards = [RangeGuard() for _ in self.cells]
 
-    def step_input(self, inputs: Tensor, t: int) -> Tensor:
-        """The first layer's input at step ``t`` (through the stem, if any), before input dropout."""
-        return inputs[t] if self.stem is None else self.stem(inputs[t])
+    def chunk_input(self, inputs: Tensor, t0: int, t1: int) -> Tensor:
+        """The first layer's input for steps ``t0..t1-1`` (through the stem, if any), before input dropout."""
+        return inputs[t0:t1] if self.stem is None else self.stem(inputs[t0:t1])
+
+    def first_projection(self, inputs: Tensor, t0: int, t1: int) -> Tensor:
+        """The first layer's input pre-activations for one chunk ``(t1-t0, B, rows)``: one GEMM over the
+        chunk, computed identically in forward and reverse (chunks always start at multiples of CHUNK)."""
+        return self.cells[0].project_input(self.layer_input(0, self.chunk_input(inputs, t0, t1)))
+
+    def hidden_weights(self, layer: int) -> Tensor:
+        """The layer's hidden-to-hidden weights for this window (DropConnect mask redrawn from its seed)."""
+        cell, mask = self.cells[layer], self.hidden_masks[layer]
+        return cell.weight_hh if mask is None else cell.weight_hh * mask.materialize()
 
     def layer_input(self, layer: int, x: Tensor) -> Tensor:
         """Apply the layer's locked dropout mask (inputs for layer 0, between layers above)."""
@@ -131,12 +147,14 @@ def forward_window(
     of tensors that keep their graph), or the per-step head values when the window has a head.
     ``checksums[t + 1, l]`` receives the fingerprint of layer ``l``'s state after step ``t``.
     """
-    weights = [c.hidden_weights(m) for c, m in zip(window.cells, window.hidden_masks)]
+    weights = [list(window.hidden_weights(l).split(c.hidden_rows, 0)) for l, c in enumerate(window.cells)]
     results: list[Tensor] = []
-    for t in range(x.shape[0]):
-        inp = window.step_input(x, t)
+    T = x.shape[0]
+    for t in range(T):
+        if t % CHUNK == 0:
+            xp0 = window.first_projection(x, t, min(t + CHUNK, T))
         for l, cell in enumerate(window.cells):
-            xp = cell.project_input(window.layer_input(l, inp))
+            xp = xp0[t % CHUNK] if l == 0 else cell.project_input(window.layer_input(l, inp))
             state[l], state_f[l] = cell.forward_step(
                 weights[l], xp, state[l], state_f[l], window.buffers[l], window.guards[l]
             )
@@ -188,7 +206,7 @@ class ReverseSweep(torch.autograd.Function):
         finals = [exact_final_state(c, s, f) for c, s, f in zip(cells, state, state_f)]
         ctx.window, ctx.n_state, ctx.precision = window, n_state, precision
         ctx.n_final = [len(s) for s in state]
-        masks = [m for m in window.input_masks + window.hidden_masks if m is not None]
+        masks = [m for m in window.input_masks if m is not None]
         ctx.save_for_backward(
             x, checksums, *[h for s in state for h in s], *masks,
             *[t for b in window.buffers for t in b.tensors()],
@@ -232,7 +250,7 @@ def _reverse(
     T, L = x.shape[0], len(cells)
     state = [list(s) for s in state]
     # Hidden weights: the same (DropConnect-masked) tensors as in forward, as leaves.
-    hidden_full = [c.weight_hh if m is None else c.weight_hh * m for c, m in zip(cells, window.hidden_masks)]
+    hidden_full = [window.hidden_weights(l) for l in range(L)]
     w_leaves = [[w.detach().requires_grad_() for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden_full)]
     d_w = [[torch.zeros_like(w) for w in ws] for ws in w_leaves]
     d_ih = [torch.zeros_like(c.weight_ih) for c in cells]
@@ -248,8 +266,15 @@ def _reverse(
     dx = torch.zeros_like(x) if ctx.needs_input_grad[2] and window.stem is None else None
     diverged = torch.zeros(T, L, dtype=torch.bool, device=x.device)
     for t in range(T - 1, -1, -1):
-        x_t = window.step_input(x, t) if stem_params else window.step_input(x, t).detach()
-        inputs = [window.layer_input(0, x_t.detach())]
+        if t == T - 1 or t % CHUNK == CHUNK - 1:  # entering a chunk from its end
+            t0, t1 = t - t % CHUNK, t + 1
+            x0 = window.chunk_input(x, t0, t1)
+            in0 = window.layer_input(0, x0.detach())
+            with torch.no_grad():
+                xp0 = cells[0].project_input(in0)
+            d_xp0 = torch.zeros_like(xp0)
+            deferred: list[list[tuple[Tensor, Tensor]]] = [[] for _ in cells]
+        inputs: list[Tensor] = [in0]  # layer 0 uses its chunk
         for l in range(1, L):
             inputs.append(window.layer_input(l, cells[l - 1].output([to_float(h) for h in state[l - 1][:2]])))
         top = cells[-1]
@@ -264,25 +289,32 @@ def _reverse(
             grads[-1][i] = grads[-1][i] + g
         for l in range(L - 1, -1, -1):
             cell = cells[l]
-            with torch.no_grad():
-                xp = cell.project_input(inputs[l])
+            if l == 0:
+                xp = xp0[t - t0]
+            else:
+                with torch.no_grad():
+                    xp = cell.project_input(inputs[l])
             state[l], grads[l], d_xp, dws = cell.reverse_step(w_leaves[l], xp, state[l], grads[l], window.buffers[l])
             diverged[t, l] = state_checksum(state[l]) != checksums[t, l]
             for acc, g in zip(d_w[l], dws):
                 acc.add_(g)
-            d_ih[l].addmm_(d_xp.t(), inputs[l])
-            d_bias[l].add_(d_xp.sum(0))
-            d_in = d_xp @ cell.weight_ih
-            mask = window.input_masks[l]
-            if mask is not None:
-                d_in = d_in * mask
-            if l > 0:
-                for i, g in enumerate(cells[l - 1].split_output(d_in)):
-                    grads[l - 1][i] = grads[l - 1][i] + g
-            elif dx is not None:
-                dx[t] = d_in
+            if l == 0:
+                d_xp0[t - t0] = d_xp
+                continue
+            deferred[l].append((d_xp, inputs[l]))  # input-weight gradient: one GEMM per chunk below
+            d_in = _masked(d_xp @ cell.weight_ih, window.input_masks[l])
+            for i, g in enumerate(cells[l - 1].split_output(d_in)):
+                grads[l - 1][i] = grads[l - 1][i] + g
+        if t == t0:  # leaving the chunk: its input-weight gradients and the first layer's input gradient
+            for l in range(1, L):
+                d_xps, ins = zip(*reversed(deferred[l]))
+                _linear_param_grads(d_ih[l], d_bias[l], torch.stack(d_xps), torch.stack(ins))
+            _linear_param_grads(d_ih[0], d_bias[0], d_xp0, in0)
+            d_x0 = _masked(d_xp0 @ cells[0].weight_ih, window.input_masks[0])
+            if dx is not None:
+                dx[t0:t1] = d_x0
             elif stem_params:
-                _accumulate(d_stem, torch.autograd.grad(x_t, stem_params, d_in, allow_unused=True))
+                _accumulate(d_stem, torch.autograd.grad(x0, stem_params, d_x0, allow_unused=True))
     _check_reconstruction(window, diverged)
     params_grads: list[Tensor | None] = []
     for l, c in enumerate(cells):
@@ -292,6 +324,17 @@ def _reverse(
     for l, c in enumerate(cells):
         d_state += join_state(c.halves_per_group, grads[l])
     return (None, None, dx, *d_state, *params_grads, *d_head, *d_stem)
+
+
+def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
+    return x if mask is None else x * mask
+
+
+def _linear_param_grads(d_weight: Tensor, d_bias: Tensor, d_out: Tensor, inputs: Tensor) -> None:
+    """Accumulate ``y = x Wᵀ + b`` parameter gradients over a chunk ``(C, B, ·)`` in one GEMM."""
+    d_out, inputs = d_out.flatten(0, 1), inputs.flatten(0, 1)
+    d_weight.addmm_(d_out.t(), inputs)
+    d_bias.add_(d_out.sum(0))
 
 
 def _accumulate(acc: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, RevGRU, RevLSTM
 from lightning_revrnn.fixed_point import to_fixed, to_float
-from lightning_revrnn.sweep import Window, split_state
+from lightning_revrnn.sweep import CHUNK, Window, split_state
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
 FORGET_BITS = (1, 2, 3, 5, None)
@@ -77,7 +77,7 @@ def sample_masks(rnn, x, seed):
     """The masks the module samples in its forward for ``seed`` (same RNG calls, same order)."""
     torch.manual_seed(seed)
     inp = rnn._input_masks(x.shape[1], x)
-    hid = [rnn._mask(c.weight_hh.shape, rnn.dropconnect, x) for c in rnn.cells]
+    hid = [rnn._dropconnect_mask(c, x) for c in rnn.cells]
     return inp, hid
 
 
@@ -103,11 +103,14 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
     recorded = [[list(s) for s in state]]  # recorded[t][l]: layer l's int halves after t steps
     outputs = []
     with torch.no_grad():
-        weights = [c.hidden_weights(m) for c, m in zip(cells, hidden_masks)]
+        weights = [list(window.hidden_weights(l).split(c.hidden_rows, 0)) for l, c in enumerate(cells)]
         for t in range(T):
-            inp = x[t]
             for l, cell in enumerate(cells):
-                xp = cell.project_input(window.layer_input(l, inp))
+                if l == 0:  # the first layer's projection is one GEMM per chunk, as in the module
+                    t0 = t - t % CHUNK
+                    xp = window.first_projection(x, t0, min(t0 + CHUNK, T))[t - t0]
+                else:
+                    xp = cell.project_input(window.layer_input(l, inp))
                 state_f = [to_float(s) for s in state[l]]
                 state[l], state_f = cell.forward_step(
                     weights[l], xp, state[l], state_f, window.buffers[l], window.guards[l]
@@ -129,15 +132,20 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
         assert all(d > 0 for d in drains) and all(b.planes for b in window.buffers), drains
 
     w_leaves = [
-        [w.detach().requires_grad_() for w in c.hidden_weights(m)] for c, m in zip(cells, hidden_masks)
+        [w.detach().requires_grad_() for w in window.hidden_weights(l).split(c.hidden_rows, 0)]
+        for l, c in enumerate(cells)
     ]
     for t in range(T - 1, -1, -1):
         for l in range(len(cells) - 1, -1, -1):
             cell = cells[l]
             # Layer l's input at step t: x[t], or the output of layer l-1 after step t (not yet reversed).
-            inp = x[t] if l == 0 else cells[l - 1].output([to_float(h) for h in state[l - 1][:2]])
             with torch.no_grad():
-                xp = cell.project_input(window.layer_input(l, inp))
+                if l == 0:
+                    t0 = t - t % CHUNK
+                    xp = window.first_projection(x, t0, min(t0 + CHUNK, T))[t - t0]
+                else:
+                    inp = cells[l - 1].output([to_float(h) for h in state[l - 1][:2]])
+                    xp = cell.project_input(window.layer_input(l, inp))
             grads = [torch.randn(B, cell.half) for _ in state[l]]
             state[l], _, _, _ = cell.reverse_step(w_leaves[l], xp, state[l], grads, window.buffers[l])
             for k, (got, want) in enumerate(zip(state[l], recorded[t][l])):
