@@ -80,7 +80,7 @@ class EmbeddingStem(StepStem):
 
 
 class DecoderHead(StepHead):
-    """Locked output dropout, (tied) decoder and summed cross-entropy of one step (targets -100 ignored)."""
+    """Locked output dropout, (tied) decoder and summed cross-entropy of a chunk of steps (-100 ignored)."""
 
     def __init__(self, decoder: nn.Linear, dropout: float) -> None:
         super().__init__()
@@ -100,9 +100,11 @@ class DecoderHead(StepHead):
         return self.decoder(output if self.mask is None else output * self.mask)
 
     @override
-    def forward(self, output: Tensor, step: int) -> Tensor:
+    def forward(self, output: Tensor, start: int) -> Tensor:
         assert self.targets is not None, "DecoderHead.prepare() sets the targets first"
-        return F.cross_entropy(self.logits(output), self.targets[step], ignore_index=-100, reduction="sum")
+        targets = self.targets[start : start + output.shape[0]]
+        logits = self.logits(output)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
 class BaselineRNN(nn.Module):

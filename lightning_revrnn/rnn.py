@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal, Union
 
 import torch
@@ -88,7 +88,7 @@ class ReversibleRNN(nn.Module):
         ins = [input_size, *sizes[:-1]]
         self.cells = nn.ModuleList(self.cell_class(i, h, max_forget_bits) for i, h in zip(ins, sizes))
         self._stats: list[BufferStats] | None = None
-        self._last_window: Callable[[], Window | None] = lambda: None
+        self._last_window: weakref.ref[Window] | None = None
 
     @property
     def mode(self) -> Mode:
@@ -104,7 +104,11 @@ class ReversibleRNN(nn.Module):
     @property
     def last_window(self) -> Window | None:
         """The last reverse-mode training window while its graph is alive (buffers, masks), else None."""
-        return self._last_window()
+        return None if self._last_window is None else self._last_window()
+
+    def __getstate__(self) -> dict[str, object]:
+        # The weak reference to the last window cannot be pickled (ddp_spawn, torch.save of the module).
+        return {**super().__getstate__(), "_last_window": None}
 
     @property
     def state_count(self) -> int:
@@ -151,7 +155,7 @@ class ReversibleRNN(nn.Module):
                 for buf, c in zip(window.buffers, self.cells)
             ]
         # A weak reference: the autograd graph owns the window (and its buffer) until backward frees it.
-        self._last_window = weakref.ref(window) if needs_grad and self.mode == "reverse" else (lambda: None)
+        self._last_window = weakref.ref(window) if needs_grad and self.mode == "reverse" else None
         if head is None and self.batch_first:
             primary = primary.transpose(0, 1)
         return primary, self._pack_state(finals)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lightning_revrnn.buffer import InformationBuffer
 from lightning_revrnn.cells import ReversibleCell
@@ -28,17 +29,19 @@ from lightning_revrnn.fixed_point import RangeGuard, check_range, straight_throu
 
 
 class StepHead(nn.Module):
-    """A per-step output head run inside the sweep, e.g. decoder + cross-entropy of step ``t``.
+    """An output head run inside the sweep, e.g. decoder + cross-entropy, a chunk of steps at a time.
 
-    Subclasses implement :meth:`forward` returning a scalar for step ``step`` of the window; the sequence
-    module returns the sum over steps. In ``mode="reverse"`` the head is evaluated once without grad in
-    forward (for the value) and once more with grad for the same step during the reverse sweep, so no
-    ``T × batch × vocab`` tensor is ever held. Anything the head needs per window (targets, a dropout
-    mask) must be set on it before the call and stay unchanged until backward.
+    Subclasses implement :meth:`forward`: given the top layer's outputs ``(C, B, H)`` for steps
+    ``start .. start+C-1`` of the window, return the scalar sum of the head over those steps (it must be a
+    sum over steps: the sequence module returns the total over the window). The head only ever sees
+    ``CHUNK`` steps at once, so no ``T × batch × vocab`` tensor exists. In ``mode="reverse"`` it runs in
+    forward (for the value), then during the reverse sweep once per step with its parameters detached
+    (for the gradient flowing into the RNN) and once per chunk for its own parameters' gradients. Anything
+    it needs per window (targets, a dropout mask) must be set before the call and stay until backward.
     """
 
-    def forward(self, output: Tensor, step: int) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError("StepHead subclasses return the scalar loss of one step.")
+    def forward(self, output: Tensor, start: int) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError("StepHead subclasses return the scalar sum over a chunk of steps.")
 
 
 #: Steps per chunk of first-layer input projections (one GEMM per chunk instead of one per step).
@@ -152,7 +155,9 @@ def forward_window(
     T = x.shape[0]
     for t in range(T):
         if t % CHUNK == 0:
-            xp0 = window.first_projection(x, t, min(t + CHUNK, T))
+            t0, t1 = t, min(t + CHUNK, T)
+            xp0 = window.first_projection(x, t0, t1)
+            chunk_out: list[Tensor] = []
         for l, cell in enumerate(window.cells):
             xp = xp0[t % CHUNK] if l == 0 else cell.project_input(window.layer_input(l, inp))
             state[l], state_f[l] = cell.forward_step(
@@ -162,7 +167,9 @@ def forward_window(
                 checksums[t + 1, l] = state_checksum(state[l])
             inp = cell.output(state_f[l])
         if window.head is not None:
-            results.append(window.head(inp, t))
+            chunk_out.append(inp)
+            if t == t1 - 1:
+                results.append(window.head(torch.stack(chunk_out), t0))
         elif out is not None:
             out[t] = inp
         else:
@@ -256,6 +263,7 @@ def _reverse(
     d_ih = [torch.zeros_like(c.weight_ih) for c in cells]
     d_bias = [torch.zeros_like(c.bias) for c in cells]
     head_params, stem_params = trainable(head), trainable(window.stem)
+    head_frozen = None if head is None else {n: p.detach() for n, p in head.named_parameters()}
     d_head = [torch.zeros_like(p) for p in head_params]
     d_stem = [torch.zeros_like(p) for p in stem_params]
     grads: list[list[Tensor]] = []
@@ -274,15 +282,18 @@ def _reverse(
                 xp0 = cells[0].project_input(in0)
             d_xp0 = torch.zeros_like(xp0)
             deferred: list[list[tuple[Tensor, Tensor]]] = [[] for _ in cells]
+            head_inputs: list[Tensor] = []
         inputs: list[Tensor] = [in0]  # layer 0 uses its chunk
         for l in range(1, L):
             inputs.append(window.layer_input(l, cells[l - 1].output([to_float(h) for h in state[l - 1][:2]])))
         top = cells[-1]
         if head is not None:
+            # The gradient into the RNN now; the head's own parameters once per chunk, below.
             out_leaf = top.output([to_float(h) for h in state[-1][:2]]).requires_grad_()
-            d = torch.autograd.grad(head(out_leaf, t), [out_leaf, *head_params], grad_primary, allow_unused=True)
-            d_out = d[0] if d[0] is not None else torch.zeros_like(out_leaf)
-            _accumulate(d_head, d[1:])
+            value = functional_call(head, head_frozen, (out_leaf[None], t))
+            d_out = torch.autograd.grad(value, out_leaf, grad_primary, allow_unused=True)[0]
+            d_out = torch.zeros_like(out_leaf) if d_out is None else d_out
+            head_inputs.append(out_leaf.detach())
         else:
             d_out = grad_primary[t]
         for i, g in enumerate(top.split_output(d_out)):
@@ -311,6 +322,9 @@ def _reverse(
                 _linear_param_grads(d_ih[l], d_bias[l], torch.stack(d_xps), torch.stack(ins))
             _linear_param_grads(d_ih[0], d_bias[0], d_xp0, in0)
             d_x0 = _masked(d_xp0 @ cells[0].weight_ih, window.input_masks[0])
+            if head_params:
+                value = head(torch.stack(head_inputs[::-1]), t0)
+                _accumulate(d_head, torch.autograd.grad(value, head_params, grad_primary, allow_unused=True))
             if dx is not None:
                 dx[t0:t1] = d_x0
             elif stem_params:

@@ -100,3 +100,15 @@ def test_reconstruction_error_names_the_step() -> None:
     buf.word = buf.word ^ 1  # corrupts the last multiplication's bits: the last step diverges first
     with pytest.raises(ReconstructionError, match="before step 9"):
         out.sum().backward()
+
+
+def test_module_pickles_before_and_after_a_training_step() -> None:
+    """ddp_spawn and torch.save pickle the module; the weak reference to the last window is dropped."""
+    import pickle
+
+    rnn = RevGRU(4, 4)
+    pickle.loads(pickle.dumps(rnn))
+    out, _ = rnn(torch.randn(3, 2, 4, requires_grad=True))
+    clone = pickle.loads(pickle.dumps(rnn))
+    assert clone.last_window is None and rnn.last_window is not None
+    out.sum().backward()

@@ -31,9 +31,10 @@ class Decode(StepHead):
         self.lin = nn.Linear(dim, vocab)
         self.targets: Tensor | None = None
 
-    def forward(self, output: Tensor, step: int) -> Tensor:
+    def forward(self, output: Tensor, start: int) -> Tensor:
         assert self.targets is not None
-        return nn.functional.cross_entropy(self.lin(output), self.targets[step], reduction="sum")
+        targets = self.targets[start : start + output.shape[0]]
+        return nn.functional.cross_entropy(self.lin(output).flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 @pytest.mark.parametrize("cls", [RevGRU, RevLSTM])

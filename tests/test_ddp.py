@@ -1,0 +1,139 @@
+"""DistributedDataParallel on CPU (gloo, 2 processes) with a reversible language model.
+
+``ddp_spawn`` runs inside pytest; ``ddp`` relaunches its script per rank, so it runs as a subprocess
+(``tests/ddp_script.py``) in its own session, killed as a group on timeout. Deselect with ``-m "not ddp"``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+if str(Path(__file__).parent) not in sys.path:  # ddp_script is a sibling module (also run as a script)
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from ddp_script import GLOBAL_BATCH, MARKER, GradSaver, build_data, build_model  # noqa: E402
+
+pytestmark = [
+    pytest.mark.ddp,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*IterableDataset.*has `__len__` defined.*"),
+    pytest.mark.filterwarnings("ignore:.*ReduceLROnPlateau conditioned on metric val_ppl which is not available.*"),
+]
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK",
+            "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+@pytest.fixture
+def clean_env() -> Iterator[None]:
+    """Lightning's launchers write MASTER_PORT & co. into os.environ: start without them, restore afterwards."""
+    saved = dict(os.environ)
+    for key in DIST_ENV:
+        os.environ.pop(key, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _one_step(folder: Path, rnn: str, devices: int, **kwargs: Any) -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, max_steps=1, limit_train_batches=1, limit_val_batches=0,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[GradSaver(str(folder))], **kwargs,
+    )
+    trainer.fit(build_model(rnn), build_data())
+    if kwargs.get("strategy") != "ddp_spawn":  # spawn does not bring global_step back to the main process
+        assert trainer.global_step == 1
+
+
+def _single_process_grads(tmp_path: Path, rnn: str) -> dict[str, Any]:
+    folder = tmp_path / "single"
+    folder.mkdir()
+    _one_step(folder, rnn, devices=1)
+    return torch.load(folder / "grads-world1-rank0.pt")
+
+
+def _assert_ddp_grads_equal_single(folder: Path, single: dict[str, Any]) -> None:
+    """Rank r trained on columns [2r, 2r+2) of the global batch; both ranks hold the all-reduced gradient,
+    which equals (up to float round-off) the single-process gradient of the whole global batch."""
+    ranks = [torch.load(folder / f"grads-world2-rank{r}.pt") for r in range(2)]
+    assert single["inputs"].shape[1] == GLOBAL_BATCH
+    for r, saved in enumerate(ranks):
+        assert torch.equal(saved["inputs"], single["inputs"][:, 2 * r : 2 * r + 2])
+    names = set(single["grads"])
+    assert names and all(set(saved["grads"]) == names for saved in ranks)
+    for name in sorted(names):
+        torch.testing.assert_close(ranks[0]["grads"][name], ranks[1]["grads"][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(ranks[0]["grads"][name], single["grads"][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(single["grads"][n].abs().max() > 0 for n in names)
+
+
+@pytest.mark.parametrize(
+    "rnn", ["revgru", "gru"]
+)
+def test_ddp_spawn_gradients_equal_single_process(tmp_path: Path, clean_env: None, rnn: str) -> None:
+    single = _single_process_grads(tmp_path, rnn)
+    _one_step(tmp_path, rnn, devices=2, strategy="ddp_spawn")
+    _assert_ddp_grads_equal_single(tmp_path, single)
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid`` (Linux /proc)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry.name))
+    return alive
+
+
+def test_ddp_strategy_in_a_subprocess(tmp_path: Path, clean_env: None) -> None:
+    """A few ``strategy="ddp"`` steps of a reversible LM (the script itself checks sharding, parameter sync
+    and finite metrics); its first-step gradients equal a single process's on the global batch."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    leftovers: list[int] = []
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"ddp script timed out; output:\n{out[-4000:]}")
+    finally:
+        if Path("/proc").is_dir():  # rank 1 is rank 0's child in the same session: wait until it is gone
+            deadline = time.monotonic() + 20
+            while (leftovers := _group_alive(proc.pid)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if leftovers or proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not leftovers, f"processes outlived the ddp script: {leftovers}"
+    assert proc.returncode == 0, out[-4000:]
+    marker = [line for line in out.splitlines() if line.startswith(MARKER)]
+    assert len(marker) == 1, out[-4000:]
+    assert "world_size=2" in marker[0] and "global_step=3" in marker[0]
+    _assert_ddp_grads_equal_single(tmp_path, _single_process_grads(tmp_path, "revgru"))
