@@ -65,7 +65,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from lightning_revrnn.lm import Batch, LanguageModel, detach_state
+from lightning_revrnn.lm import Batch, LanguageModel
 from lightning_revrnn.memory import saved_tensor_bytes
 
 try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.lm_step``
@@ -144,15 +144,11 @@ class CheckpointedLM(LanguageModel):
         return (total, *self._flatten(h_n))
 
     @override
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        tokens, targets = batch["inputs"], batch["targets"]
-        hx = self._carry("train", batch)
+    def window_loss(self, tokens: Tensor, hx: Any) -> tuple[Tensor, Any]:
+        targets = self.head.targets
+        assert targets is not None
         devices = [tokens.device] if tokens.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self._step_seed())
-            self.stem.sample(True)
-            self.head.prepare(targets, True)
-            self._rng = RngState.capture(devices)  # where the plain step's BaselineRNN draws its masks
+        self._rng = RngState.capture(devices)  # where the plain step's BaselineRNN draws its masks
         flat = [] if hx is None else self._flatten(hx)
         total: Tensor | None = None
         for start in range(0, tokens.shape[0], self.chunk):
@@ -163,12 +159,7 @@ class CheckpointedLM(LanguageModel):
             )
             total = part if total is None else total + part
         assert total is not None
-        count = (targets != -100).sum().clamp_min(1)
-        loss = total / count
-        self._hidden["train"] = detach_state(self._unflatten(flat))
-        self.log("train_loss", loss, prog_bar=True, batch_size=int(count))
-        self.log("train_ppl", loss.detach().exp(), batch_size=int(count))
-        return loss
+        return total, self._unflatten(flat)
 
     def recompute_probe(self, batch: Batch) -> int:
         """Bytes autograd saves when the first (largest) chunk of the last window runs once with grad: what

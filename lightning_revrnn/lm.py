@@ -221,18 +221,21 @@ class LanguageModel(pl.LightningModule):
             torch.manual_seed(self._step_seed())
             self.stem.sample(True)
             self.head.prepare(targets, True)
-            if self.reversible:
-                total, h_n = self.rnn(tokens, hx, head=self.head, stem=self.stem)
-            else:
-                out, h_n = self.rnn(self.stem(tokens), hx)
-                logits = self.head.logits(out)
-                total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            total, h_n = self.window_loss(tokens, hx)
         count = (targets != -100).sum().clamp_min(1)
         loss = total / count
         self._hidden["train"] = detach_state(h_n)
         self.log("train_loss", loss, prog_bar=True, batch_size=int(count))
         self.log("train_ppl", loss.detach().exp(), batch_size=int(count))
         return loss
+
+    def window_loss(self, tokens: Tensor, hx: Any) -> tuple[Tensor, Any]:
+        """Summed cross-entropy of one training window and its final state (masks and targets already set
+        on the stem and head). Reversible models run stem and head inside the reverse sweep."""
+        if self.reversible:
+            return self.rnn(tokens, hx, head=self.head, stem=self.stem)
+        out, h_n = self.rnn(self.stem(tokens), hx)
+        return self.head(out, 0), h_n
 
     def _evaluate(self, stage: str, batch: Batch, metric: Perplexity) -> None:
         tokens, targets = batch["inputs"], batch["targets"]
