@@ -31,5 +31,5 @@ class SeededMask:
     def materialize(self) -> Tensor:
         """The mask as a float32 tensor, bit-identical on every call."""
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        mask = torch.empty(self.shape, device=self.device)
+        mask = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         return mask.bernoulli_(1.0 - self.p, generator=generator).div_(1.0 - self.p)

@@ -19,6 +19,7 @@ from lightning_revrnn.sweep import (
     StepStem,
     Window,
     exact_final_state,
+    exact_float_context,
     forward_window,
     split_state,
     trainable,
@@ -171,7 +172,8 @@ class ReversibleRNN(nn.Module):
             [straight_through_init(i, h) for i, h in zip(ints, hs)] for ints, hs in zip(state, halves)
         ]
         window.start(batch, x.device)
-        state, state_f, res = forward_window(window, x, state, state_f)
+        with exact_float_context(x.device, torch.get_float32_matmul_precision()):
+            state, state_f, res = forward_window(window, x, state, state_f)
         primary = torch.stack(res).sum() if window.head is not None else torch.stack(res)
         finals = [f for c, s, sf in zip(self.cells, state, state_f) for f in exact_final_state(c, s, sf)]
         return primary, finals

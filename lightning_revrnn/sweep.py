@@ -206,7 +206,7 @@ class ReverseSweep(torch.autograd.Function):
         checksums = torch.zeros(T + 1, len(cells), dtype=torch.int64, device=x.device)
         for l, st in enumerate(state):
             checksums[0, l] = state_checksum(st)
-        out = None if window.head is not None else torch.empty(T, B, cells[-1].hidden_size, device=x.device)
+        out = None if window.head is not None else torch.empty(T, B, cells[-1].hidden_size, dtype=torch.float32, device=x.device)
         window.start(B, x.device)
         with exact_float_context(x.device, precision):
             state, state_f, res = forward_window(window, x, state, state_f, out, checksums)
@@ -268,9 +268,9 @@ def _reverse(
     d_stem = [torch.zeros_like(p) for p in stem_params]
     grads: list[list[Tensor]] = []
     for l, c in enumerate(cells):
-        gs = [g if g is not None else torch.zeros(x.shape[1], c.hidden_size, device=x.device) for g in
-              grad_final[l * n_state : (l + 1) * n_state]]
-        grads.append([h.float() for h in split_state(c, [g.to(x.dtype) for g in gs])])
+        gs = [torch.zeros(x.shape[1], c.hidden_size, device=x.device) if g is None else g.float() for g in
+              grad_final[l * n_state : (l + 1) * n_state]]  # float64 (h_n's dtype) to the sweep's float32
+        grads.append(split_state(c, gs))
     dx = torch.zeros_like(x) if ctx.needs_input_grad[2] and window.stem is None else None
     diverged = torch.zeros(T, L, dtype=torch.bool, device=x.device)
     for t in range(T - 1, -1, -1):

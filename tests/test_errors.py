@@ -112,3 +112,20 @@ def test_module_pickles_before_and_after_a_training_step() -> None:
     clone = pickle.loads(pickle.dumps(rnn))
     assert clone.last_window is None and rnn.last_window is not None
     out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_does_not_change_the_arithmetic(dtype: torch.dtype) -> None:
+    """Mixed precision around the module (Lightning's 16-mixed) leaves evaluation and store mode exact."""
+    torch.manual_seed(0)
+    rnn = RevLSTM(4, 8)
+    x = torch.randn(12, 3, 4)
+    with torch.no_grad():
+        ref, h_ref = rnn(x)
+        with torch.autocast("cpu", dtype=dtype):
+            out, h = rnn(x)
+    assert torch.equal(out, ref) and torch.equal(h[0], h_ref[0]) and torch.equal(h[1], h_ref[1])
+    rnn.mode = "store"
+    with torch.autocast("cpu", dtype=dtype):
+        out_store, _ = rnn(x.requires_grad_())
+    assert torch.equal(out_store, ref)

@@ -77,3 +77,18 @@ def test_stem_keeps_only_tokens_between_forward_and_backward() -> None:
     # Per step: tokens (8·B) + checksum (8) + buffer (< 3 bits per unit-multiplication, in 32-bit planes)
     # + targets are the head's own; far below one float input row (4·B·E = 512 bytes).
     assert per_step < 4 * B * E / 4, per_step
+
+
+def test_final_state_gradient_reaches_the_weights_with_a_stem() -> None:
+    """Token ids are int64: the final-state gradient must stay float (a classifier on h_n)."""
+    torch.manual_seed(0)
+    stem, rnn = Embed(11, 8), RevGRU(8, 6)
+    tokens = torch.randint(0, 11, (5, 3))
+    grads = {}
+    for mode in ("store", "reverse"):
+        rnn.mode = mode
+        _, h_n = rnn(tokens, stem=stem)
+        grads[mode] = torch.autograd.grad((h_n * 0.37).sum(), [rnn.cells[0].weight_hh, stem.emb.weight])
+    assert grads["reverse"][0].abs().max() > 0
+    for a, b in zip(grads["store"], grads["reverse"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
