@@ -83,7 +83,8 @@ class MemoryReport(Callback):
         else:
             measured = float(self._cpu_bytes or 0)
         metrics = {f"{PREFIX}activation_bytes": self._mean_over_ranks(trainer, measured, device)}
-        stats = pl_module.memory_stats() if callable(getattr(pl_module, "memory_stats", None)) else None
+        memory_stats = getattr(pl_module, "memory_stats", None)
+        stats = memory_stats() if callable(memory_stats) else None
         if stats is not None:
             metrics.update(self._accounting(trainer, stats, device))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -48,6 +48,8 @@ class ReversibleCell(nn.Module):
     forgets: bool = True
     #: Half tensors owned by one group: 1 (h) or 2 (h, c).
     halves_per_group: int = 1
+    #: Units per half (``hidden_size // 2``). An instance attribute that shadows ``nn.Module.half()``.
+    half: int  # type: ignore[assignment]
 
     def __init__(self, input_size: int, hidden_size: int, max_forget_bits: int | None = 3) -> None:
         super().__init__()
@@ -210,14 +212,19 @@ class RevGRUCell(ReversibleCell):
         zq, zs = self._forget(z)
         return zq, zs, (1.0 - zs) * g
 
-    def _half_forward(self, w, xp, other, own, own_f, buf, guard):
+    def _half_forward(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
+        buf: InformationBuffer, guard: RangeGuard,
+    ) -> tuple[list[Tensor], list[Tensor]]:
         zq, zs, add = self._update(w, xp, other)
         guard.observe(add)
         h = own[0] if zq is None else buf.multiply(own[0], zq)
         h = h + to_fixed(add.detach())
         return [h], [straight_through(to_float(h), zs * own_f[0] + add)]
 
-    def _half_reverse(self, w, xp, other, own, buf):
+    def _half_reverse(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         zq, zs, add = self._update(w, xp, other)
         h = own[0] - to_fixed(add.detach())
         h = h if zq is None else buf.divide(h, zq)
@@ -230,7 +237,7 @@ class NFRevGRUCell(RevGRUCell):
 
     forgets = False
 
-    def _update(self, w, xp, other):
+    def _update(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
         z, _, g = self._gates(w, xp, other)
         return None, torch.ones_like(z), (1.0 - z) * g
 
@@ -254,14 +261,19 @@ class RevLSTMCell(ReversibleCell):
         f, i, o, p = torch.sigmoid(pre[:, : 4 * n]).split(n, 1)
         return f, i, o, p, torch.tanh(pre[:, 4 * n :])
 
-    def _update(self, w, xp, other):
+    def _update(
+        self, w: Tensor, xp: Tensor, other: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
         """(``f*``, ``p*`` or None, factors on old c and h, ``i∘g``, ``o``)."""
         f, i, o, p, g = self._gates(w, xp, other)
         fq, fs = self._forget(f)
         pq, ps = self._forget(p)
         return fq, pq, fs, ps, i * g, o
 
-    def _half_forward(self, w, xp, other, own, own_f, buf, guard):
+    def _half_forward(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
+        buf: InformationBuffer, guard: RangeGuard,
+    ) -> tuple[list[Tensor], list[Tensor]]:
         h, c = own
         fq, pq, fs, ps, add_c, o = self._update(w, xp, other)
         guard.observe(add_c + fs + ps)
@@ -272,7 +284,9 @@ class RevLSTMCell(ReversibleCell):
         h = (h if pq is None else buf.multiply(h, pq)) + to_fixed(add_h.detach())
         return [h, c], [straight_through(to_float(h), ps * own_f[0] + add_h), c_f]
 
-    def _half_reverse(self, w, xp, other, own, buf):
+    def _half_reverse(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         h, c = own
         fq, pq, fs, ps, add_c, o = self._update(w, xp, other)
         c_new = to_float(c)
@@ -290,7 +304,9 @@ class NFRevLSTMCell(RevLSTMCell):
 
     forgets = False
 
-    def _update(self, w, xp, other):
+    def _update(
+        self, w: Tensor, xp: Tensor, other: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
         f, i, o, p, g = self._gates(w, xp, other)
         one = torch.ones_like(f)
         return None, None, one, one, i * g, o

@@ -20,10 +20,10 @@ import torch
 
 from lightning_revrnn.callbacks import MemoryReport
 from lightning_revrnn.datamodules import SyntheticLMDataModule
-from lightning_revrnn.lm import LanguageModel
+from lightning_revrnn.lm import LanguageModel, RnnType
 
 
-def train(rnn: str, args: argparse.Namespace) -> dict[str, Any]:
+def train(rnn: RnnType, args: argparse.Namespace) -> dict[str, Any]:
     """Fit one model; return its validation perplexity and MemoryReport summary."""
     pl.seed_everything(args.seed, verbose=False)
     data = SyntheticLMDataModule(

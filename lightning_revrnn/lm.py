@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
@@ -33,7 +33,7 @@ RnnType = Literal["revgru", "revlstm", "nfrevgru", "nfrevlstm", "gru", "lstm"]
 REVERSIBLE: dict[str, type[ReversibleRNN]] = {
     "revgru": RevGRU, "revlstm": RevLSTM, "nfrevgru": NFRevGRU, "nfrevlstm": NFRevLSTM,
 }
-BASELINES: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM}
+BASELINES: dict[str, type[nn.GRU] | type[nn.LSTM]] = {"gru": nn.GRU, "lstm": nn.LSTM}
 Batch = dict[str, Any]
 
 
@@ -129,8 +129,8 @@ class BaselineRNN(nn.Module):
             x = x if mask is None else x * mask
             h = None if hx is None else hx[l]
             if self.training and self.dropconnect > 0:
-                w = layer.weight_hh_l0
-                dropped = w * locked_mask(tuple(w.shape), self.dropconnect, w)
+                w = cast(Tensor, layer.weight_hh_l0)
+                dropped = w * cast(Tensor, locked_mask(tuple(w.shape), self.dropconnect, w))  # p > 0: a mask
                 x, h_n = functional_call(layer, {**dict(layer.named_parameters()), "weight_hh_l0": dropped}, (x, h))
             else:
                 x, h_n = layer(x, h)
@@ -210,7 +210,7 @@ class LanguageModel(pl.LightningModule):
         return self._hidden.get(stage)
 
     def _step_seed(self) -> int:
-        return zlib.crc32(f"{self.hparams.seed}:{self.global_step}:{self.global_rank}".encode())
+        return zlib.crc32(f"{self.hparams['seed']}:{self.global_step}:{self.global_rank}".encode())
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
@@ -272,7 +272,7 @@ class LanguageModel(pl.LightningModule):
     def configure_optimizers(self) -> OptimizerLRScheduler:
         optimizer = self.optimizer_factory(self.parameters())
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.hparams.lr_factor, patience=0
+            optimizer, mode="min", factor=self.hparams["lr_factor"], patience=0
         )
         return {
             "optimizer": optimizer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -112,9 +112,14 @@ class ReversibleRNN(nn.Module):
         return {**super().__getstate__(), "_last_window": None}
 
     @property
+    def cell_list(self) -> list[ReversibleCell]:
+        """The layers' cells as a typed list (``self.cells`` is their ``nn.ModuleList``)."""
+        return cast(list[ReversibleCell], list(self.cells))
+
+    @property
     def state_count(self) -> int:
         """Tensors per layer in a state: 1 (h) or 2 (h, c)."""
-        return self.cells[0].halves_per_group
+        return self.cell_list[0].halves_per_group
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, batch_first={self.batch_first}"
@@ -134,14 +139,14 @@ class ReversibleRNN(nn.Module):
         like = torch.empty((), device=x.device)
         init = self._initial_state(hx, B, like)
         window = Window(
-            cells=list(self.cells),
+            cells=self.cell_list,
             input_masks=self._input_masks(B, like),
-            hidden_masks=[self._dropconnect_mask(c, like) for c in self.cells],
+            hidden_masks=[self._dropconnect_mask(c, like) for c in self.cell_list],
             head=head,
             stem=stem,
             retain=False,
         )
-        params = [p for c in self.cells for p in (c.weight_ih, c.bias, c.weight_hh)]
+        params = [p for c in self.cell_list for p in (c.weight_ih, c.bias, c.weight_hh)]
         extra = trainable(head) + trainable(stem)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *init, *params, *extra))
         window.retain = needs_grad
@@ -153,7 +158,7 @@ class ReversibleRNN(nn.Module):
         if needs_grad:
             self._stats = [
                 buf.stats(32 * T * B * c.hidden_size * c.halves_per_group)
-                for buf, c in zip(window.buffers, self.cells)
+                for buf, c in zip(window.buffers, self.cell_list)
             ]
         # A weak reference: the autograd graph owns the window (and its buffer) until backward frees it.
         self._last_window = weakref.ref(window) if needs_grad and self.mode == "reverse" else None
@@ -166,7 +171,7 @@ class ReversibleRNN(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         """Evaluation and ``mode="store"``: the same forward, autograd recording it if grad is on."""
         n = self.state_count
-        halves = [split_state(c, init[l * n : (l + 1) * n]) for l, c in enumerate(self.cells)]
+        halves = [split_state(c, init[l * n : (l + 1) * n]) for l, c in enumerate(self.cell_list)]
         state = [[to_fixed(h.detach()) for h in hs] for hs in halves]
         state_f = [
             [straight_through_init(i, h) for i, h in zip(ints, hs)] for ints, hs in zip(state, halves)
@@ -174,8 +179,9 @@ class ReversibleRNN(nn.Module):
         window.start(batch, x.device)
         with exact_float_context(x.device, torch.get_float32_matmul_precision()):
             state, state_f, res = forward_window(window, x, state, state_f)
+        res = cast(list[Tensor], res)  # no ``out`` given: the outputs (or head values) are a list
         primary = torch.stack(res).sum() if window.head is not None else torch.stack(res)
-        finals = [f for c, s, sf in zip(self.cells, state, state_f) for f in exact_final_state(c, s, sf)]
+        finals = [f for c, s, sf in zip(self.cell_list, state, state_f) for f in exact_final_state(c, s, sf)]
         return primary, finals
 
     # ------------------------------------------------------------------------------------ accounting
@@ -230,7 +236,7 @@ class ReversibleRNN(nn.Module):
         n = self.state_count
         if hx is None:
             return [x.new_zeros(batch, h) for h in self.hidden_sizes for _ in range(n)]
-        parts = list(hx) if n == 2 else [hx]
+        parts: list[State] = list(cast(tuple[State, State], hx)) if n == 2 else [cast(State, hx)]
         if n == 2 and len(parts) != 2:
             raise ValueError("RevLSTM expects hx = (h, c).")
         per_kind = [self._layers_of(p, batch) for p in parts]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -152,6 +152,7 @@ def forward_window(
     """
     weights = [list(window.hidden_weights(l).split(c.hidden_rows, 0)) for l, c in enumerate(window.cells)]
     results: list[Tensor] = []
+    inp: Tensor
     T = x.shape[0]
     for t in range(T):
         if t % CHUNK == 0:
@@ -218,7 +219,8 @@ class ReverseSweep(torch.autograd.Function):
             x, checksums, *[h for s in state for h in s], *masks,
             *[t for b in window.buffers for t in b.tensors()],
         )
-        primary = torch.stack(res).sum() if window.head is not None else out
+        # With a head the outputs are the per-step head values; without one they were written into ``out``.
+        primary = torch.stack(cast(list[Tensor], res)).sum() if window.head is not None else cast(Tensor, out)
         return (primary, *[f for fs in finals for f in fs])
 
     @staticmethod
@@ -290,7 +292,7 @@ def _reverse(
         if head is not None:
             # The gradient into the RNN now; the head's own parameters once per chunk, below.
             out_leaf = top.output([to_float(h) for h in state[-1][:2]]).requires_grad_()
-            value = functional_call(head, head_frozen, (out_leaf[None], t))
+            value = functional_call(head, cast(dict[str, Tensor], head_frozen), (out_leaf[None], t))
             d_out = torch.autograd.grad(value, out_leaf, grad_primary, allow_unused=True)[0]
             d_out = torch.zeros_like(out_leaf) if d_out is None else d_out
             head_inputs.append(out_leaf.detach())
@@ -323,7 +325,7 @@ def _reverse(
             _linear_param_grads(d_ih[0], d_bias[0], d_xp0, in0)
             d_x0 = _masked(d_xp0 @ cells[0].weight_ih, window.input_masks[0])
             if head_params:
-                value = head(torch.stack(head_inputs[::-1]), t0)
+                value = cast(StepHead, head)(torch.stack(head_inputs[::-1]), t0)  # head_params: a head
                 _accumulate(d_head, torch.autograd.grad(value, head_params, grad_primary, allow_unused=True))
             if dx is not None:
                 dx[t0:t1] = d_x0
