@@ -69,6 +69,7 @@ class ReversibleCell(nn.Module):
         self.weight_ih = nn.Parameter(torch.empty(2 * self.gate_rows * self.half, input_size))
         self.bias = nn.Parameter(torch.empty(2 * self.gate_rows * self.half))
         self.weight_hh = nn.Parameter(torch.empty(2 * self.hidden_rows, self.half))
+        self._products: list[HiddenProduct] | None = None
         self.reset_parameters()
 
     @property
@@ -112,12 +113,19 @@ class ReversibleCell(nn.Module):
         """Inverse of :meth:`output`: the two h halves."""
         return list(h.split(self.half, 1))
 
+    def _hidden(self, x: Tensor, w: Tensor, start: int, stop: int) -> Tensor:
+        """``x @ w[start:stop]ᵀ``, a hidden-to-hidden product. During :meth:`reverse_step` each product is
+        recorded, so the weight gradient is formed once per chunk of steps instead of once per step."""
+        out = F.linear(x, w[start:stop])
+        if self._products is not None:
+            self._products.append(HiddenProduct(start, stop, out, x.detach()))
+        return out
+
     def _forget(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """k-limited forget value: (int ``z*``, float with value ``z*/2^R_Z`` and the gradient of ``z``)."""
         z = limit_forget(z, self.max_forget_bits)
-        zq = quantize_forget(z.detach(), self.max_forget_bits)
-        # NaN stays NaN in the float value (the int is then meaningless) so a RangeGuard sees it.
-        return zq, straight_through(zq.to(z.dtype).div_(FORGET_ONE) + (z.detach() - z.detach()), z)
+        zq, value = quantize_forget(z.detach(), self.max_forget_bits)
+        return zq, straight_through(value, z)
 
     # ------------------------------------------------------------------------------------- equations
     @abstractmethod
@@ -152,35 +160,56 @@ class ReversibleCell(nn.Module):
 
     def reverse_step(
         self, w: list[Tensor], xp: Tensor, state: list[Tensor], grads: list[Tensor], buf: InformationBuffer
-    ) -> tuple[list[Tensor], list[Tensor], Tensor, list[Tensor]]:
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, list[list[HiddenProduct]]]:
         """Reconstruct the previous state exactly and backpropagate one step.
 
         Args:
-            w: per-group hidden weights as leaves requiring grad.
+            w: per-group hidden weights for the window (as in forward; no grad needed).
             xp: the step's input pre-activations (computed exactly as in forward).
             state: int halves after the step; ``grads``: the loss gradient for each of them.
 
-        Returns: (int halves before the step, their gradients, gradient of ``xp``, per-group weight grads).
+        Returns: (int halves before the step, their gradients, gradient of ``xp``, and per group the
+        hidden products with their output gradients, from which the caller forms the weight gradient).
         """
         old, dold = list(state), list(grads)
         xps = [p.detach().requires_grad_() for p in xp.split(self.hidden_rows, 1)]
-        dxps: list[Tensor] = [torch.empty(0)] * 2
-        dws: list[Tensor] = [torch.empty(0)] * 2
+        dxps: list[Tensor] = [xp, xp]
+        products: list[list[HiddenProduct]] = [[], []]
         # Group 2 read the new h1: make it a leaf, undo group 2, then group 1 reads the restored h2.
         other = to_float(state[0]).requires_grad_()
         for g in (1, 0):
             idx = self.own(g)
-            prev, leaves, sur = self._half_reverse(w[g], xps[g], other, [state[i] for i in idx], buf)
+            self._products = []
+            try:
+                prev, leaves, sur = self._half_reverse(w[g], xps[g], other, [state[i] for i in idx], buf)
+                products[g] = self._products
+            finally:
+                self._products = None
+            outs = [p.out for p in products[g]]
             d = torch.autograd.grad(
-                sur, [xps[g], other, *leaves, w[g]], [dold[i] for i in idx], allow_unused=True
+                sur, [xps[g], other, *leaves, *outs], [dold[i] for i in idx], allow_unused=True
             )
-            dxps[g], dws[g] = _or_zeros(d[0], xps[g]), _or_zeros(d[-1], w[g])
+            dxps[g] = _or_zeros(d[0], xps[g])
             dother = _or_zeros(d[1], other)
-            for i, v, dv, leaf in zip(idx, prev, d[2:-1], leaves):
+            for i, v, dv, leaf in zip(idx, prev, d[2 : 2 + len(leaves)], leaves):
                 old[i], dold[i] = v, _or_zeros(dv, leaf)
+            for p, dout in zip(products[g], d[2 + len(leaves) :]):
+                p.grad = _or_zeros(dout, p.out)
+                p.out = p.grad  # the graph is not needed any more; keep only what the caller uses
             dold[1 - g] = dold[1 - g] + dother
             other = leaves[0]
-        return old, dold, torch.cat(dxps, 1), dws
+        return old, dold, torch.cat(dxps, 1), products
+
+
+class HiddenProduct:
+    """One hidden-to-hidden product of a step: rows ``start:stop`` of a group's weights applied to
+    ``inputs``; after the step's backward, ``grad`` holds the gradient of its output."""
+
+    __slots__ = ("start", "stop", "out", "inputs", "grad")
+
+    def __init__(self, start: int, stop: int, out: Tensor, inputs: Tensor) -> None:
+        self.start, self.stop, self.out, self.inputs = start, stop, out, inputs
+        self.grad: Tensor | None = None
 
 
 def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
@@ -201,9 +230,9 @@ class RevGRUCell(ReversibleCell):
 
     def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n = self.half
-        zr = torch.sigmoid(xp[:, : 2 * n] + F.linear(other, w[: 2 * n]))
+        zr = torch.sigmoid(xp[:, : 2 * n] + self._hidden(other, w, 0, 2 * n))
         z, r = zr[:, :n], zr[:, n:]
-        g = torch.tanh(xp[:, 2 * n :] + F.linear(r * other, w[2 * n :]))
+        g = torch.tanh(xp[:, 2 * n :] + self._hidden(r * other, w, 2 * n, 3 * n))
         return z, r, g
 
     def _update(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -257,7 +286,7 @@ class RevLSTMCell(ReversibleCell):
 
     def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         n = self.half
-        pre = xp + F.linear(other, w)
+        pre = xp + self._hidden(other, w, 0, 5 * n)
         f, i, o, p = torch.sigmoid(pre[:, : 4 * n]).split(n, 1)
         return f, i, o, p, torch.tanh(pre[:, 4 * n :])
 

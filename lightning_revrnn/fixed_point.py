@@ -47,10 +47,14 @@ def limit_forget(z: Tensor, max_forget_bits: int | None) -> Tensor:
     return z * (1.0 - floor) + floor
 
 
-def quantize_forget(z: Tensor, max_forget_bits: int | None) -> Tensor:
-    """Round forget values in ``(0, 1]`` to int64 ``z* = round(z · 2^R_Z)``, clamped to the allowed range."""
+def quantize_forget(z: Tensor, max_forget_bits: int | None) -> tuple[Tensor, Tensor]:
+    """Round forget values in ``(0, 1]`` to ``z* = round(z · 2^R_Z)``, clamped to the allowed range.
+
+    Returns ``(z*, z*/2^R_Z)``: int64, and the exact float value (NaN where ``z`` was NaN, so a
+    :class:`RangeGuard` sees it; the int is then meaningless).
+    """
     zq = torch.round(z * FORGET_ONE).clamp_(forget_floor(max_forget_bits), FORGET_ONE)
-    return zq.to(torch.int64)
+    return zq.to(torch.int64), zq.div_(FORGET_ONE)
 
 
 def to_fixed(x: Tensor) -> Tensor:

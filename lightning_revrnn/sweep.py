@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_revrnn.buffer import InformationBuffer
-from lightning_revrnn.cells import ReversibleCell
+from lightning_revrnn.cells import HiddenProduct, ReversibleCell
 from lightning_revrnn.dropout import SeededMask
 from lightning_revrnn.errors import ReconstructionError
 from lightning_revrnn.fixed_point import RangeGuard, check_range, straight_through, to_fixed, to_float
@@ -114,18 +114,16 @@ def join_state(full_count: int, halves: list[Tensor]) -> list[Tensor]:
     return [torch.cat(halves[2 * j : 2 * j + 2], 1) for j in range(full_count)]
 
 
-_MIX: dict[tuple[int, torch.device], Tensor] = {}
+_MIX: dict[tuple[torch.Size, torch.device], Tensor] = {}
 
 
 def state_checksum(state: list[Tensor]) -> Tensor:
-    """An int64 fingerprint of a state: a position-weighted sum, exact in modular arithmetic."""
-    total = state[0].new_zeros(())
-    for k, s in enumerate(state):
-        key = (s.numel(), s.device)
-        if key not in _MIX:
-            _MIX[key] = torch.arange(1, 2 * s.numel() + 1, 2, device=s.device, dtype=torch.int64)
-        total = total + (s.reshape(-1) * _MIX[key]).sum() * (2 * k + 1)
-    return total
+    """An int64 fingerprint of a state: a position-weighted sum of all halves, exact modulo 2^64."""
+    flat = torch.stack(state)
+    key = (flat.shape, flat.device)
+    if key not in _MIX:
+        _MIX[key] = torch.arange(1, 2 * flat.numel() + 1, 2, device=flat.device, dtype=torch.int64).view(flat.shape)
+    return (flat * _MIX[key]).sum()
 
 
 @contextlib.contextmanager
@@ -260,8 +258,8 @@ def _reverse(
     state = [list(s) for s in state]
     # Hidden weights: the same (DropConnect-masked) tensors as in forward, as leaves.
     hidden_full = [window.hidden_weights(l) for l in range(L)]
-    w_leaves = [[w.detach().requires_grad_() for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden_full)]
-    d_w = [[torch.zeros_like(w) for w in ws] for ws in w_leaves]
+    w_groups = [[w.detach() for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden_full)]
+    d_w = [[torch.zeros_like(w) for w in ws] for ws in w_groups]
     d_ih = [torch.zeros_like(c.weight_ih) for c in cells]
     d_bias = [torch.zeros_like(c.bias) for c in cells]
     head_params, stem_params = trainable(head), trainable(window.stem)
@@ -284,6 +282,7 @@ def _reverse(
                 xp0 = cells[0].project_input(in0)
             d_xp0 = torch.zeros_like(xp0)
             deferred: list[list[tuple[Tensor, Tensor]]] = [[] for _ in cells]
+            products: list[list[list[HiddenProduct]]] = [[[], []] for _ in cells]
             head_inputs: list[Tensor] = []
         inputs: list[Tensor] = [in0]  # layer 0 uses its chunk
         for l in range(1, L):
@@ -307,10 +306,12 @@ def _reverse(
             else:
                 with torch.no_grad():
                     xp = cell.project_input(inputs[l])
-            state[l], grads[l], d_xp, dws = cell.reverse_step(w_leaves[l], xp, state[l], grads[l], window.buffers[l])
+            state[l], grads[l], d_xp, step_products = cell.reverse_step(
+                w_groups[l], xp, state[l], grads[l], window.buffers[l]
+            )
             diverged[t, l] = state_checksum(state[l]) != checksums[t, l]
-            for acc, g in zip(d_w[l], dws):
-                acc.add_(g)
+            for group, ps in zip(products[l], step_products):
+                group.extend(ps)
             if l == 0:
                 d_xp0[t - t0] = d_xp
                 continue
@@ -318,7 +319,10 @@ def _reverse(
             d_in = _masked(d_xp @ cell.weight_ih, window.input_masks[l])
             for i, g in enumerate(cells[l - 1].split_output(d_in)):
                 grads[l - 1][i] = grads[l - 1][i] + g
-        if t == t0:  # leaving the chunk: its input-weight gradients and the first layer's input gradient
+        if t == t0:  # leaving the chunk: its weight gradients and the first layer's input gradient
+            for l in range(L):
+                for acc, group in zip(d_w[l], products[l]):
+                    _hidden_weight_grads(acc, group)
             for l in range(1, L):
                 d_xps, ins = zip(*reversed(deferred[l]))
                 _linear_param_grads(d_ih[l], d_bias[l], torch.stack(d_xps), torch.stack(ins))
@@ -344,6 +348,16 @@ def _reverse(
 
 def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else x * mask
+
+
+def _hidden_weight_grads(d_weight: Tensor, products: list[HiddenProduct]) -> None:
+    """Accumulate a group's hidden-weight gradient over a chunk: one GEMM per weight slice."""
+    by_rows: dict[tuple[int, int], list[HiddenProduct]] = {}
+    for p in products:
+        by_rows.setdefault((p.start, p.stop), []).append(p)
+    for (start, stop), ps in by_rows.items():
+        grads = torch.cat([cast(Tensor, p.grad) for p in ps])
+        d_weight[start:stop].addmm_(grads.t(), torch.cat([p.inputs for p in ps]))
 
 
 def _linear_param_grads(d_weight: Tensor, d_bias: Tensor, d_out: Tensor, inputs: Tensor) -> None:

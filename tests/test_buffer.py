@@ -18,7 +18,7 @@ def test_many_multiplications_drain_and_reverse_to_empty(k: int | None) -> None:
     torch.manual_seed(0)
     buf = InformationBuffer((3, 5), torch.device("cpu"), k, retain=True)
     h0 = torch.randint(-(2**30), 2**30, (3, 5), dtype=torch.int64)
-    zs = [quantize_forget(limit_forget(torch.rand(3, 5) * 0.2, k), k) for _ in range(200)]
+    zs = [quantize_forget(limit_forget(torch.rand(3, 5) * 0.2, k), k)[0] for _ in range(200)]
     h = h0
     for z in zs:
         h = buf.multiply(h, z)

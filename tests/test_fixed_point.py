@@ -62,7 +62,8 @@ def test_to_fixed_round_trip_is_exact_on_the_grid() -> None:
 @pytest.mark.parametrize("k", [1, 2, 3, 5, None])
 def test_forget_limit_bounds_bits_per_step(k: int | None) -> None:
     z = limit_forget(torch.sigmoid(torch.linspace(-30, 30, 2001)), k)
-    zq = quantize_forget(z, k)
+    zq, value = quantize_forget(z, k)
+    assert torch.equal(value, zq.to(value.dtype) / FORGET_ONE)
     assert int(zq.min()) >= forget_floor(k) and int(zq.max()) <= FORGET_ONE
     if k is not None:
         assert float(z.min()) >= 2.0**-k - 1e-7
