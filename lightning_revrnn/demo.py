@@ -72,7 +72,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per model")
     parser.add_argument("--size", type=int, default=64, help="embedding = hidden size")
     parser.add_argument("--vocab", type=int, default=32)
     parser.add_argument("--train-tokens", type=int, default=200_000)
