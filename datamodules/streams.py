@@ -7,6 +7,7 @@ stream length and the same windows, and no token is seen twice per epoch.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import pytorch_lightning as pl
@@ -34,7 +35,7 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
-class TokenStreamDataModule(pl.LightningDataModule):
+class TokenStreamDataModule(pl.LightningDataModule, metaclass=ABCMeta):
     """Shared machinery: batching, BPTT windows, sharding and the three dataloaders.
 
     Subclasses implement :meth:`load_splits`, which sets :attr:`vocab` and returns the 1-D id tensors of the
@@ -63,10 +64,9 @@ class TokenStreamDataModule(pl.LightningDataModule):
         self.world_size = 1
 
     # ----------------------------------------------------------------------------------------------------
-    # to implement
+    @abstractmethod
     def load_splits(self, splits: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Set :attr:`vocab` and return ``{split: 1-D int64 ids}`` for ``splits`` (a subset of :data:`SPLITS`)."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@ naming the first layer and step that diverged.
 from __future__ import annotations
 
 import contextlib
+from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -28,7 +29,7 @@ from lightning_revrnn.errors import ReconstructionError
 from lightning_revrnn.fixed_point import RangeGuard, check_range, straight_through, to_fixed, to_float
 
 
-class StepHead(nn.Module):
+class StepHead(nn.Module, metaclass=ABCMeta):
     """An output head run inside the sweep, e.g. decoder + cross-entropy, a chunk of steps at a time.
 
     Subclasses implement :meth:`forward`: given the top layer's outputs ``(C, B, H)`` for steps
@@ -40,15 +41,16 @@ class StepHead(nn.Module):
     it needs per window (targets, a dropout mask) must be set before the call and stay until backward.
     """
 
-    def forward(self, output: Tensor, start: int) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError("StepHead subclasses return the scalar sum over a chunk of steps.")
+    @abstractmethod
+    def forward(self, output: Tensor, start: int) -> Tensor:
+        """The scalar sum of the head over steps ``start .. start + len(output) - 1``."""
 
 
 #: Steps per chunk of first-layer input projections (one GEMM per chunk instead of one per step).
 CHUNK = 16
 
 
-class StepStem(nn.Module):
+class StepStem(nn.Module, metaclass=ABCMeta):
     """A per-step input stem run inside the sweep, e.g. embedding lookup + locked dropout of step ``t``.
 
     With a stem the sequence module's input is whatever the stem reads (token ids ``(T, B)``, say) and
@@ -59,8 +61,9 @@ class StepStem(nn.Module):
     window (sample any dropout mask before the call).
     """
 
-    def forward(self, inputs: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError("StepStem subclasses map (T', B, ...) inputs to (T', B, input_size).")
+    @abstractmethod
+    def forward(self, inputs: Tensor) -> Tensor:
+        """The first layer's input ``(T', B, input_size)`` for ``inputs`` of leading dims ``(T', B)``."""
 
 
 @dataclass
