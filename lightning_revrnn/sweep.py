@@ -254,12 +254,16 @@ def trainable(module: nn.Module | None) -> list[Tensor]:
 
 
 def _reverse(
-    ctx: Any, window: Window, x: Tensor, checksums: Tensor, state: list[list[Tensor]], grad_primary: Tensor, grad_final: tuple[Tensor, ...], n_state: int,
+    ctx: Any, window: Window, x: Tensor, checksums: Tensor, state: list[list[Tensor]], grad_primary: Tensor,
+    grad_final: tuple[Tensor, ...], n_state: int,
 ) -> tuple[Tensor | None, ...]:
+    """The reverse sweep: walk the window backwards, step by step through all layers (top first),
+    reconstructing each state and accumulating gradients; weight gradients are formed once per chunk."""
     cells, head = window.cells, window.head
     T, L = x.shape[0], len(cells)
     state = [list(s) for s in state]
-    # Hidden weights: the same (DropConnect-masked) tensors as in forward, as leaves.
+    # Hidden weights: the same (DropConnect-masked) tensors as in forward; their gradient is formed from the
+    # recorded hidden products (d_w) and sent through the mask once at the end.
     hidden_full = [window.hidden_weights(l) for l in range(L)]
     w_groups = [[w.detach() for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden_full)]
     d_w = [[torch.zeros_like(w) for w in ws] for ws in w_groups]
