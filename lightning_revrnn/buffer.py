@@ -41,24 +41,26 @@ class BufferStats:
 
     ``normal_bits``: what storing the states would take (32 per hidden value per step, ×2 with a cell);
     ``used_bits``: what the buffer actually holds (planes, final words, one flag bit per multiplication);
-    ``optimal_bits``: the information-theoretic floor ``Σ -log2 z`` over all buffered multiplications.
+    ``optimal_bits``: the information-theoretic floor ``Σ -log2 z`` over all buffered multiplications,
+    kept on the device until :meth:`as_dict` reads it (so a forward never waits for it).
     """
 
     normal_bits: int
     used_bits: int
-    optimal_bits: float
+    optimal_bits: float | Tensor
     drains: int
     multiplications: int
 
     def as_dict(self) -> dict[str, float]:
         """Flat mapping with the accounting, the ratios and the buffer's efficiency."""
+        optimal = float(self.optimal_bits)
         return {
             "normal_bits": self.normal_bits,
             "used_bits": self.used_bits,
-            "optimal_bits": self.optimal_bits,
+            "optimal_bits": optimal,
             "actual_ratio": _ratio(self.normal_bits, self.used_bits),
-            "optimal_ratio": _ratio(self.normal_bits, self.optimal_bits),
-            "efficiency": _ratio(self.optimal_bits, self.used_bits),
+            "optimal_ratio": _ratio(self.normal_bits, optimal),
+            "efficiency": _ratio(optimal, self.used_bits),
             "drains": self.drains,
             "multiplications": self.multiplications,
         }
@@ -135,9 +137,9 @@ class InformationBuffer:
     def stats(self, normal_bits: int) -> BufferStats:
         """The window's accounting; call at the end of a retained forward."""
         units = self.word.numel()
-        optimal = 0.0
+        optimal: float | Tensor = 0.0
         if self._log2_z_sum is not None:
-            optimal = self.multiplications * units * R_Z - float(self._log2_z_sum)
+            optimal = self.multiplications * units * R_Z - self._log2_z_sum
         used = len(self.planes) * units * DRAIN_BITS + units * 64 + self.multiplications
         return BufferStats(
             normal_bits=normal_bits,

@@ -13,6 +13,14 @@ import torch
 from torch import Tensor
 
 
+def locked_mask(shape: tuple[int, ...] | torch.Size, p: float, like: Tensor) -> Tensor | None:
+    """One dropout mask for a whole window (kept with probability ``1 - p``, scaled by ``1/(1-p)``),
+    on ``like``'s device; None when ``p`` is 0."""
+    if p == 0.0:
+        return None
+    return like.new_empty(shape, dtype=torch.float32).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
 @dataclass(frozen=True)
 class SeededMask:
     """A dropout mask (kept with probability ``1 - p``, scaled by ``1/(1-p)``) drawn from its own seed."""

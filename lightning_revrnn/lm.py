@@ -26,6 +26,7 @@ from torch.func import functional_call
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
+from lightning_revrnn.dropout import locked_mask
 from lightning_revrnn.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.sweep import StepHead, StepStem
 
@@ -40,13 +41,6 @@ Batch = dict[str, Any]
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
     """The paper's optimiser: SGD, learning rate 20, weight decay 1.2e-6."""
     return torch.optim.SGD(params, lr=20.0, weight_decay=1.2e-6)
-
-
-def locked_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor | None:
-    """One dropout mask for the whole window (scaled by 1/(1-p)), or None when ``p`` is 0."""
-    if p == 0.0:
-        return None
-    return like.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 def detach_state(state: Any) -> Any:

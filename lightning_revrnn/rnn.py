@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_revrnn.buffer import BufferStats
 from lightning_revrnn.cells import NFRevGRUCell, NFRevLSTMCell, ReversibleCell, RevGRUCell, RevLSTMCell
-from lightning_revrnn.dropout import SeededMask
+from lightning_revrnn.dropout import SeededMask, locked_mask
 from lightning_revrnn.fixed_point import check_range, straight_through, to_fixed, to_float
 from lightning_revrnn.sweep import (
     ReverseSweep,
@@ -281,9 +281,7 @@ class ReversibleRNN(nn.Module):
 
     def _mask(self, shape: tuple[int, ...] | torch.Size, p: float, like: Tensor) -> Tensor | None:
         """A locked dropout mask, scaled by 1/(1-p); None in evaluation or when p = 0."""
-        if not self.training or p == 0.0:
-            return None
-        return like.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
+        return locked_mask(shape, p, like) if self.training else None
 
 
 def straight_through_init(ints: Tensor, given: Tensor) -> Tensor:
