@@ -1,0 +1,155 @@
+"""One-shot GPU check (``make gpu-check``): exactness on CUDA, host syncs, and the benchmarks against cuDNN.
+
+Runs, each as a subprocess with its own time limit so one failure does not hide the others:
+
+1. the exactness and gradient tests (``tests/test_reversal.py``, ``test_gradients.py``, ...) with every tensor
+   created on the GPU (``REVRNN_TEST_DEVICE=cuda``, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``);
+2. a count of host-device synchronisations of a reverse-mode forward and backward, at two window lengths, so
+   the per-step and per-window counts separate (``torch.cuda.set_sync_debug_mode``);
+3. ``benchmarks/rnn.py`` and ``benchmarks/lm_step.py`` on CUDA, side by side with nn.GRU / nn.LSTM (cuDNN).
+
+Prints a summary table and writes ``benchmarks/results/gpu-check-<card>.json`` (the benchmarks write their own
+JSON beside it). Without a GPU it says so and runs the CPU parts (the syncs are not counted: the CPU has none).
+The whole check is sized to finish in under 8 minutes on one H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+#: Test files whose every test compares reconstructed states or gradients (the ones that must hold on CUDA).
+EXACTNESS_TESTS = [
+    "tests/test_fixed_point.py", "tests/test_buffer.py", "tests/test_reversal.py", "tests/test_gradients.py",
+    "tests/test_stem.py", "tests/test_errors.py", "tests/test_reference.py", "tests/test_context.py",
+    "tests/test_api.py", "tests/test_autocast.py",
+]
+
+
+def card_slug() -> str:
+    """``nvidia-h100-80gb-hbm3`` for the current GPU, ``cpu`` without one."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def run_step(name: str, command: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one part as a subprocess, echoing its output; returns its exit code, time and output tail."""
+    print(f"\n=== {name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            command, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        rc, output = proc.returncode, proc.stdout
+    except subprocess.TimeoutExpired as exc:
+        rc, output = 124, (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+    print(output[-6000:], flush=True)
+    return {"name": name, "rc": rc, "seconds": round(time.perf_counter() - start, 1), "tail": output[-2000:]}
+
+
+def pytest_summary(tail: str) -> str:
+    """The closing ``N passed, M failed`` line of a pytest run."""
+    lines = [ln for ln in tail.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+    return lines[-1].strip("= ") if lines else "no summary line"
+
+
+def count_syncs(cell: str, seq_len: int, device: torch.device) -> dict[str, int]:
+    """Host syncs flagged by ``set_sync_debug_mode`` in one reverse-mode forward and one backward."""
+    from lightning_revrnn import RevGRU, RevLSTM
+
+    torch.manual_seed(0)
+    rnn = {"gru": RevGRU, "lstm": RevLSTM}[cell](650, 650, 1, max_forget_bits=3).to(device)
+    x = torch.randn(seq_len, 20, 650, device=device, requires_grad=True)
+    rnn(x)[0].sum().backward()  # warm-up: first-call allocations and library loading are not the loop's syncs
+    counts = {}
+    for phase in ("forward", "backward"):
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                if phase == "forward":
+                    out = rnn(x)[0].sum()
+                else:
+                    out.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[phase] = sum("synchroniz" in str(w.message) for w in caught)
+    return counts
+
+
+def sync_report(device: torch.device) -> dict[str, Any]:
+    """Syncs per window at T and 2T; their difference divided by T is the count per step."""
+    report: dict[str, Any] = {}
+    for cell in ("gru", "lstm"):
+        short, long = count_syncs(cell, 70, device), count_syncs(cell, 140, device)
+        report[cell] = {
+            "T70": short, "T140": long,
+            "per_step": {k: (long[k] - short[k]) / 70 for k in short},
+            "per_window": {k: short[k] - 70 * (long[k] - short[k]) / 70 for k in short},
+        }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--skip-tests", action="store_true", help="only the sync count and the benchmarks")
+    p.add_argument("--skip-bench", action="store_true", help="only the tests and the sync count")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per benchmark row (median reported)")
+    args = p.parse_args(argv)
+    has_gpu = torch.cuda.is_available()
+    slug = card_slug()
+    device = torch.device("cuda" if has_gpu else "cpu")
+    print(f"gpu-check on {torch.cuda.get_device_name() if has_gpu else 'no GPU: CPU parts only'}, torch {torch.__version__}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    steps: list[dict[str, Any]] = []
+    py = sys.executable
+    if not args.skip_tests:
+        tests = [t for t in EXACTNESS_TESTS if (ROOT / t).exists()]
+        env = {"REVRNN_TEST_DEVICE": device.type, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+        steps.append(run_step("exactness tests", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], 240, env))
+        steps[-1]["summary"] = pytest_summary(steps[-1]["tail"])
+    syncs = sync_report(device) if has_gpu else None
+    if syncs:
+        print("\n=== host syncs (set_sync_debug_mode), one layer 650, batch 20, 3 bits")
+        print(json.dumps(syncs, indent=1))
+    bench = ["--device", device.type, "--bits", "3", "--repeats", str(args.repeats)]
+    if args.skip_bench:
+        pass
+    elif has_gpu:
+        steps.append(run_step("rnn benchmark", [py, "benchmarks/rnn.py", *bench, "--layers", "1", "--seq-lens", "70", "1000",
+                                                "--out", str(RESULTS / f"rnn-{slug}.json")], 150))
+        steps.append(run_step("LM step benchmark", [py, "benchmarks/lm_step.py", *bench, "--layers", "2", "--ckpt-chunks",
+                                                    "--seq-lens", "70", "1000", "--out", str(RESULTS / f"lm_step-{slug}.json")], 240))
+    else:
+        steps.append(run_step("rnn benchmark (small, CPU)", [py, "benchmarks/rnn.py", "--small", "--device", "cpu"], 150))
+        steps.append(run_step("LM step benchmark (small, CPU)", [py, "benchmarks/lm_step.py", "--small", "--device", "cpu"], 240))
+    summary = {
+        "card": torch.cuda.get_device_name() if has_gpu else "cpu", "torch": torch.__version__,
+        "steps": [{k: v for k, v in s.items() if k != "tail"} for s in steps], "syncs": syncs,
+    }
+    out = RESULTS / f"gpu-check-{slug}.json"
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    print("\n| part | exit | seconds | result |\n|---|---|---|---|")
+    for s in steps:
+        print(f"| {s['name']} | {s['rc']} | {s['seconds']} | {s.get('summary', 'ok' if s['rc'] == 0 else 'FAILED')} |")
+    print(f"wrote {out}")
+    return 0 if all(s["rc"] == 0 for s in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
