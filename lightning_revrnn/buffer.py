@@ -3,20 +3,38 @@
 Each layer owns one int64 *word* per (batch, hidden/2) unit, shared by all of that layer's
 multiplications, as in the reference. A word must stay below ``2^(63 - R_Z)`` before a multiplication.
 Where the reference pushes a whole int64 snapshot whenever any unit nears that limit and restarts every
-unit from zero, this buffer *drains* only the low 32 bits of every word into an int32 plane and keeps the
-high bits in place: the plane is completely full for the fullest unit, and no 64-bit snapshot is ever
-stored half empty. When to drain is decided on the host from a bound on how fast words can grow
-(at most ``k`` bits per multiplication), so the device is consulted (one synchronisation) only when
-that bound says a word might be close to the limit, not at every multiplication.
+unit from zero, this buffer *drains* words example by example: the low 32 bits of an example's words
+move into an int32 plane row and the high bits stay in place.
 
-The reverse sweep replays the drains backwards (a drain is recorded by the index of the multiplication
-it preceded), so the buffer shrinks back to empty (every word zero, no plane left) after a full sweep.
+**Drains are decided per example.** The rule is a function of one example's own words only, so no
+example's trajectory (the drains change the low bits a multiplication injects into ``h``) depends on its
+batchmates: with the same float gates, an example computes bit for bit the same alone, in a batch, or on
+any DDP rank. The rule: at every *check point* (before multiplication ``m`` with ``m % period == 0``,
+``period = 1 + (WORD_LIMIT_BITS - DRAIN_BITS) // k``, :func:`check_period`), every example whose largest
+word has more than ``DRAIN_BITS`` bits drains. Why it never overflows: after a check point every word has
+at most 32 bits (more than 32: minus 32 leaves at most ``63 - 32``); a multiplication adds at most ``k``
+bits, so the ``period - 1`` multiplications until the next check point start from at most
+``32 + (period - 1)·k ≤ 53 = WORD_LIMIT_BITS`` bits. A drained plane row is always full (its word had more
+than 32 bits).
+
+**Synchronisations.** The host keeps a per-example upper bound on the bit length (``+k`` per
+multiplication). At a check point the device is read (one synchronisation, ``batch`` integers) only if
+some example's bound exceeds 32; that read refreshes every example's bound, which is allowed because the
+rule depends on the real words only (an example whose bound is at most 32 would not drain anyway). So a
+layer's forward synchronises at most ``ceil(M / period)`` times for ``M`` multiplications
+(``period`` = 22, 11, 8, 5, 3 for ``k`` = 1, 2, 3, 5, no limit), independent of the batch size; the
+reverse sweep never does.
+
+The reverse sweep replays each drain for exactly the examples that drained (a drain is recorded by the
+index of the multiplication it preceded and its rows), so the buffer shrinks back to empty (every word
+zero, no plane left) after a full sweep.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,10 +47,22 @@ from lightning_revrnn.fixed_point import (
 
 #: A word must be below ``2^WORD_LIMIT_BITS`` before a multiplication (so ``word·2^R_Z`` fits in int64).
 WORD_LIMIT_BITS = 63 - R_Z
-#: Bits moved from every word into a plane per drain.
+#: Bits moved from each of a drained example's words into its plane row per drain; an example drains at a
+#: check point when its largest word has more than this many bits.
 DRAIN_BITS = 32
+#: Bits held per stored row index (an int64 tensor on the device) in the accounting.
+ROW_INDEX_BITS = 64
 _DRAIN_MASK = (1 << DRAIN_BITS) - 1
 _DRAIN_OFFSET = 1 << (DRAIN_BITS - 1)  # stores [0, 2^32) in int32 as [-2^31, 2^31)
+
+
+def check_period(max_forget_bits: int | None) -> int:
+    """Multiplications from one drain check point to the next: ``1 + (WORD_LIMIT_BITS - DRAIN_BITS) // k``.
+
+    The largest period for which words of at most ``DRAIN_BITS`` bits after a check point stay below
+    ``2^WORD_LIMIT_BITS`` until the next one (see the module docstring).
+    """
+    return 1 + (WORD_LIMIT_BITS - DRAIN_BITS) // bits_per_multiply(max_forget_bits)
 
 
 @dataclass(frozen=True)
@@ -40,9 +70,12 @@ class BufferStats:
     """The paper's accounting of one layer for one window (bits).
 
     ``normal_bits``: what storing the states would take (32 per hidden value per step, ×2 with a cell);
-    ``used_bits``: what the buffer actually holds (planes, final words, one flag bit per multiplication);
+    ``used_bits``: what the buffer actually holds: the plane rows (32 bits per unit of a drained example),
+    the row indices of drains that took only part of the batch (64 bits each, an int64 tensor), the final
+    words (64 bits per unit) and one flag bit per multiplication (whether a drain preceded it);
     ``optimal_bits``: the information-theoretic floor ``Σ -log2 z`` over all buffered multiplications,
-    kept on the device until :meth:`as_dict` reads it (so a forward never waits for it).
+    kept on the device until :meth:`as_dict` reads it (so a forward never waits for it);
+    ``drains``: example drains (an example draining all its units counts one).
     """
 
     normal_bits: int
@@ -79,6 +112,12 @@ class InformationBuffer:
         max_forget_bits: the cell's ``k`` (``None``: up to ``R_Z`` bits per multiplication).
         retain: keep drained planes (training). Without it (evaluation) drained bits are dropped, so
             memory stays ``O(batch·H)``; the arithmetic, drains included, is identical.
+
+    Drain records (parallel lists, one entry per check point at which some example drained):
+    ``drained_before`` (the index of the multiplication the drain preceded), ``drained_rows`` (int64
+    row indices on the device, ``None`` when every example drained), ``drained_counts`` (how many
+    examples drained) and, when retained, ``planes`` (int32, ``(drained examples, hidden_size // 2)``).
+    ``syncs`` counts the host-device synchronisations of the forward.
     """
 
     def __init__(
@@ -88,15 +127,19 @@ class InformationBuffer:
         self.retain = retain
         self.planes: list[Tensor] = []
         self.drained_before: list[int] = []
+        self.drained_rows: list[Tensor | None] = []
+        self.drained_counts: list[int] = []
         self.multiplications = 0
+        self.syncs = 0
         self._step_bits = bits_per_multiply(max_forget_bits)
-        self._bound = 0  # every word < 2^_bound
+        self._period = check_period(max_forget_bits)
+        self._bound = np.zeros(shape[0], dtype=np.int64)  # example b's words are all < 2^_bound[b]
         self._log2_z_sum: Tensor | None = None
 
     def multiply(self, h: Tensor, z: Tensor) -> Tensor:
-        """Forward: ``h* ← h*·z*/2^R_Z``, pushing the lost bits."""
-        if self._bound > WORD_LIMIT_BITS:
-            self._make_room()
+        """Forward: ``h* ← h*·z*/2^R_Z``, pushing the lost bits (after draining full examples at a check point)."""
+        if self.multiplications % self._period == 0 and int(self._bound.max(initial=0)) > DRAIN_BITS:
+            self._drain_full_examples()
         h, self.word = reversible_multiply(h, z, self.word)
         self._bound += self._step_bits
         self.multiplications += 1
@@ -110,41 +153,65 @@ class InformationBuffer:
         self.multiplications -= 1
         h, self.word = reversible_divide(h, z, self.word)
         if self.drained_before and self.drained_before[-1] == self.multiplications:
-            self.drained_before.pop()
-            low = self.planes.pop().to(torch.int64) + _DRAIN_OFFSET
-            self.word = (self.word << DRAIN_BITS) | low
+            self._undo_drain()
         return h
 
-    def _make_room(self) -> None:
-        # The host bound says a word may be near the limit: look at the real maximum (one sync).
-        self._bound = int(self.word.max()).bit_length()
-        if self._bound <= DRAIN_BITS:
+    def _drain_full_examples(self) -> None:
+        # One synchronisation: every example's real bit length (the largest of its words).
+        bits = np.array([int(v).bit_length() for v in self.word.amax(1).tolist()], dtype=np.int64)
+        self.syncs += 1
+        full = np.flatnonzero(bits > DRAIN_BITS)
+        bits[full] -= DRAIN_BITS
+        self._bound = bits
+        if full.size == 0:
             return
+        rows = None if full.size == self.word.shape[0] else torch.as_tensor(full, device=self.word.device)
+        words = self.word if rows is None else self.word.index_select(0, rows)
         if self.retain:
-            self.planes.append(((self.word & _DRAIN_MASK) - _DRAIN_OFFSET).to(torch.int32))
-        self.word = self.word >> DRAIN_BITS
+            self.planes.append(((words & _DRAIN_MASK) - _DRAIN_OFFSET).to(torch.int32))
+        kept = words >> DRAIN_BITS
+        self.word = kept if rows is None else self.word.index_copy(0, rows, kept)
         self.drained_before.append(self.multiplications)
-        self._bound -= DRAIN_BITS
+        self.drained_rows.append(rows if self.retain else None)
+        self.drained_counts.append(int(full.size))
+
+    def _undo_drain(self) -> None:
+        if not self.retain:
+            raise RuntimeError(
+                "This information buffer was filled without retain=True (evaluation), so its drained bits were "
+                "dropped and it cannot be reversed. Fix: run the forward with gradients (training) to reverse it."
+            )
+        self.drained_before.pop()
+        self.drained_counts.pop()
+        rows = self.drained_rows.pop()
+        low = self.planes.pop().to(torch.int64) + _DRAIN_OFFSET
+        words = self.word if rows is None else self.word.index_select(0, rows)
+        restored = (words << DRAIN_BITS) | low
+        self.word = restored if rows is None else self.word.index_copy(0, rows, restored)
 
     def is_empty(self) -> bool:
         """True once a reverse sweep has undone every multiplication: no plane left, every word zero."""
-        return not self.planes and self.multiplications == 0 and not bool(self.word.any())
+        return (
+            not self.planes and not self.drained_before and self.multiplications == 0 and not bool(self.word.any())
+        )
 
     def tensors(self) -> list[Tensor]:
-        """What must live until the reverse sweep: the planes and the current words."""
-        return [*self.planes, self.word]
+        """What must live until the reverse sweep: the planes, the drains' row indices and the current words."""
+        return [*self.planes, *[r for r in self.drained_rows if r is not None], self.word]
 
     def stats(self, normal_bits: int) -> BufferStats:
-        """The window's accounting; call at the end of a retained forward."""
+        """The window's accounting; call at the end of a retained forward (see :class:`BufferStats`)."""
         units = self.word.numel()
         optimal: float | Tensor = 0.0
         if self._log2_z_sum is not None:
             optimal = self.multiplications * units * R_Z - self._log2_z_sum
-        used = len(self.planes) * units * DRAIN_BITS + units * 64 + self.multiplications
+        plane_bits = sum(p.numel() for p in self.planes) * DRAIN_BITS
+        index_bits = sum(r.numel() for r in self.drained_rows if r is not None) * ROW_INDEX_BITS
+        used = plane_bits + index_bits + units * 64 + self.multiplications
         return BufferStats(
             normal_bits=normal_bits,
             used_bits=used if self.multiplications else 0,
             optimal_bits=optimal,
-            drains=len(self.drained_before),
+            drains=sum(self.drained_counts),
             multiplications=self.multiplications,
         )
