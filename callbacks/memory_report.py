@@ -1,142 +1,228 @@
-"""MemoryReport: what each training step really keeps for backward, next to the paper's accounting."""
+"""MemoryReport: what a training step really allocates and keeps for backward, next to the paper's accounting."""
 
 from __future__ import annotations
 
 import json
 import os
 import statistics
-from contextlib import AbstractContextManager
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info
-from torch import Tensor
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_revrnn.memory import SavedBytes, saved_tensor_bytes
+from lightning_revrnn.memory import MemoryTrace, StepMemory, profiler_busy
+from lightning_revrnn.rnn import ReversibleRNN
 
-#: Accounting fields summed over ranks (bits and counts); ratios are recomputed from the sums.
-SUMMED = ("normal_bits", "used_bits", "optimal_bits", "drains")
 PREFIX = "memory/"
+#: Measured bytes, reduced over ranks by max (the largest rank is what must fit on a device).
+MEASURED = ("peak_bytes", "grad_bytes", "peak_excl_grad_bytes", "saved_bytes")
+#: Accounting fields summed over windows and ranks; ratios are recomputed from the sums.
+SUMMED = ("normal_bits", "used_bits", "optimal_bits", "drains", "windows")
+DEFAULT_EVERY_N_STEPS = 50
 
 
 class MemoryReport(Callback):
-    r"""Measure the activation memory of every training step and log it with the paper's accounting.
+    r"""Measure the memory of training steps and log it, with the paper's accounting of every reversible module.
 
-    Measured memory (``memory/activation_bytes``), per rank and averaged over ranks:
+    Works with any LightningModule, on CPU and CUDA, single process or DDP. Every ``every_n_steps``
+    optimizer steps, one optimizer step (all its micro-batches under ``accumulate_grad_batches``: forward
+    and backward, up to the optimizer's update) is traced with ``torch.profiler`` (allocations and frees,
+    see :mod:`lightning_revrnn.memory`), and one point is logged per measured optimizer step.
 
-    - CUDA: peak allocated during the step minus allocated at its start (the callback resets the peak
-      at each step start, so it owns the peak statistics);
-    - CPU: bytes autograd saves for backward during the forward (``saved_tensors_hooks``), counted once per
-      storage, parameters excluded. For reversible models this includes the information buffer, which
-      the reverse sweep saves for backward.
+    Logged keys (``trainer.global_step`` after the step; measured bytes reduced over ranks by **max**,
+    accounting reduced over ranks by **sum**):
 
-    Paper accounting (spec section 4), from ``pl_module.memory_stats()`` when the module has one (the
-    reversible models; absent for the baselines), summed over ranks: ``memory/normal_bits``,
-    ``memory/used_bits``, ``memory/optimal_bits``, ``memory/drains``, and the ratios
-    ``memory/actual_ratio`` (normal/used) and ``memory/optimal_ratio`` (normal/optimal); per layer the same
-    under ``memory/layer{l}/``.
+    ==========================================  ==========  ===============================================
+    key                                         unit        meaning
+    ==========================================  ==========  ===============================================
+    ``memory/peak_bytes``                       bytes       peak allocation of the step above its start,
+                                                            forward and backward together (CPU: from the
+                                                            allocation trace; CUDA: the allocator's
+                                                            ``max_memory_allocated``), gradients included
+    ``memory/grad_bytes``                       bytes       parameter gradients allocated during the step
+    ``memory/peak_excl_grad_bytes``             bytes       the same peak without those gradients: what the
+                                                            step's activations and temporaries need
+    ``memory/saved_bytes``                      bytes       storages allocated in the forward and saved by
+                                                            autograd for backward (largest micro-batch);
+                                                            views of pre-existing tensors (a batch sliced
+                                                            from a corpus, parameters) count 0
+    ``memory/normal_bits``                      bits        paper: what storing the hidden states would take
+    ``memory/used_bits``                        bits        paper: what the information buffers hold
+    ``memory/optimal_bits``                     bits        paper: the information-theoretic floor
+    ``memory/drains``                           count       buffer drains (32-bit planes pushed)
+    ``memory/windows``                          count       training windows (forwards) accounted
+    ``memory/actual_ratio``                     ratio       ``normal_bits / used_bits``
+    ``memory/optimal_ratio``                    ratio       ``normal_bits / optimal_bits``
+    ``memory/<module>/<field>``                 as above    the accounting fields of one reversible module,
+                                                            by its qualified name (e.g. ``memory/rnn/...``)
+    ``memory/<module>/layer<l>/<field>``        as above    the same for layer ``l`` of that module
+    ==========================================  ==========  ===============================================
 
-    At the end of fit, rank zero prints a summary table and writes ``memory_report.json`` (summary plus
-    every step) and ``memory_report.png`` (memory and ratio over training) into the trainer's log
-    directory (``trainer.log_dir``, else ``default_root_dir``).
+    The accounting keys appear only when the LightningModule contains reversible modules
+    (:class:`~lightning_revrnn.rnn.ReversibleRNN` instances anywhere in ``pl_module.modules()``). Each
+    training forward of such a module in a measured step is one window; the step's figures are the sums
+    over its windows (micro-batches included) and over ranks.
+
+    At the end of fit, rank zero prints a summary (medians over the measured steps) and writes
+    ``memory_report.json`` (summary plus every measured step) and ``memory_report.png`` into the
+    trainer's log directory (``trainer.log_dir``, else ``default_root_dir``).
 
     Args:
-        plot: write the PNG plot (needs matplotlib).
+        every_n_steps: measure the optimizer steps whose number (``trainer.global_step`` after the step) is a
+            multiple of this. Default ``None``: the trainer's ``log_every_n_steps`` (50 unless set), so
+            each measurement reaches the logger. Tracing costs time (the profiler records every op of the
+            step), so measuring every step slows training; unmeasured steps cost nothing.
+        plot: write the PNG (needs matplotlib).
     """
 
-    def __init__(self, plot: bool = True) -> None:
+    def __init__(self, every_n_steps: int | None = None, plot: bool = True) -> None:
         super().__init__()
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1 (or None for log_every_n_steps), got {every_n_steps}.")
+        self.every_n_steps = every_n_steps
         self.plot = plot
         self.history: list[dict[str, float]] = []
-        self._context: AbstractContextManager[SavedBytes] | None = None
-        self._saved: SavedBytes | None = None
-        self._cpu_bytes: int | None = None
-        self._cuda_start = 0
+        self._trace: MemoryTrace | None = None
+        self._measured: StepMemory | None = None
+        self._modules: list[tuple[str, ReversibleRNN]] = []
+        self._handles: list[RemovableHandle] = []
+        self._windows: dict[str, list[dict[str, Any]]] = {}
+        self._micro_batches = 0
+        self._warned_busy = False
+
+    # --------------------------------------------------------------------------------- set-up / tear-down
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        self._modules = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, ReversibleRNN)]
+        for name, module in self._modules:
+            self._handles.append(module.register_forward_hook(self._accounting_hook(name)))
+
+    def _accounting_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._trace is not None and module.training and torch.is_grad_enabled() and _requires_grad(output):
+                assert isinstance(module, ReversibleRNN)
+                self._windows.setdefault(name, []).append(module.memory_stats())
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _period(self, trainer: pl.Trainer) -> int:
+        if self.every_n_steps is not None:
+            return self.every_n_steps
+        return trainer.log_every_n_steps or DEFAULT_EVERY_N_STEPS
 
     # ------------------------------------------------------------------------------ measurement hooks
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        device = pl_module.device
-        self._cpu_bytes = None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self._cuda_start = torch.cuda.memory_allocated(device)
-        else:
-            self._context = saved_tensor_bytes(pl_module.parameters())
-            self._saved = self._context.__enter__()
+        if self._trace is None and self._measured is None and (trainer.global_step + 1) % self._period(trainer) == 0:
+            self._start(pl_module)
+        if self._trace is not None:
+            self._micro_batches += 1
+            self._trace.begin_forward()
+
+    def _start(self, pl_module: pl.LightningModule) -> None:
+        if profiler_busy():  # the Trainer's own profiler (or the user's) is running: profilers cannot nest
+            if not self._warned_busy:
+                rank_zero_warn("MemoryReport skips steps traced by another torch profiler (profilers cannot nest).")
+                self._warned_busy = True
+            return  # every rank runs the same profiler configuration, so every rank skips alike
+        self._windows, self._micro_batches = {}, 0
+        self._trace = MemoryTrace(pl_module.device)
+        self._trace.start()
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self._close()
+        if self._trace is not None:
+            self._trace.end_forward()
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._trace is not None:
+            self._measured = self._trace.stop(pl_module.parameters())
+            self._trace = None
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._close()
-        device = pl_module.device
-        if device.type == "cuda":
-            measured = float(torch.cuda.max_memory_allocated(device) - self._cuda_start)
-        else:
-            measured = float(self._cpu_bytes or 0)
-        metrics = {f"{PREFIX}activation_bytes": self._mean_over_ranks(trainer, measured, device)}
-        memory_stats = getattr(pl_module, "memory_stats", None)
-        stats = memory_stats() if callable(memory_stats) else None
-        if stats is not None:
-            metrics.update(self._accounting(trainer, stats, device))
+        if self._trace is not None:
+            self._trace.end_forward()  # a forward without backward; the step goes on
+        if self._measured is None:
+            return
+        measured, self._measured = self._measured, None
+        metrics = self._reduce_measured(trainer, measured, pl_module.device)
+        metrics.update(self._reduce_accounting(trainer, pl_module.device))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         if trainer.is_global_zero:
-            self.history.append({"step": float(trainer.global_step), **metrics})
+            self.history.append({"step": float(trainer.global_step), **metrics,
+                                 "world_size": float(trainer.world_size), "micro_batches": float(self._micro_batches)})
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._context is not None:
-            self._context.__exit__(None, None, None)
-            assert self._saved is not None
-            self._cpu_bytes = self._saved.total
-            self._context = self._saved = None
+        if self._trace is not None:
+            self._trace.abort()
+            self._trace = None
+        self._remove_hooks()
 
     # ------------------------------------------------------------------------------------- reduction
     @staticmethod
-    def _mean_over_ranks(trainer: pl.Trainer, value: float, device: torch.device) -> float:
-        t = torch.tensor(value, dtype=torch.float64, device=device)
-        return float(trainer.strategy.reduce(t, reduce_op="mean"))
+    def _reduce_measured(trainer: pl.Trainer, measured: StepMemory, device: torch.device) -> dict[str, float]:
+        values = torch.tensor([float(getattr(measured, k)) for k in MEASURED], dtype=torch.float64, device=device)
+        values = trainer.strategy.reduce(values, reduce_op="max").cpu()
+        return {f"{PREFIX}{k}": v for k, v in zip(MEASURED, values.tolist())}
 
-    @staticmethod
-    def _accounting(trainer: pl.Trainer, stats: dict[str, Any], device: torch.device) -> dict[str, float]:
-        layers = stats.get("layers", [])
-        rows = [("", stats)] + [(f"layer{l}/", s) for l, s in enumerate(layers)]
-        values = torch.tensor([[float(s[k]) for k in SUMMED] for _, s in rows], dtype=torch.float64, device=device)
-        values = trainer.strategy.reduce(values, reduce_op="sum").cpu()
-        out: dict[str, float] = {}
-        for (prefix, _), row in zip(rows, values.tolist()):
-            fields = dict(zip(SUMMED, row))
-            fields["actual_ratio"] = _ratio(fields["normal_bits"], fields["used_bits"])
-            fields["optimal_ratio"] = _ratio(fields["normal_bits"], fields["optimal_bits"])
-            out.update({f"{PREFIX}{prefix}{k}": v for k, v in fields.items()})
+    def _reduce_accounting(self, trainer: pl.Trainer, device: torch.device) -> dict[str, float]:
+        """Per module and layer, the step's windows summed; then summed over ranks (same shape on every rank:
+        every rank has the same modules, a module without a window contributes zeros)."""
+        if not self._modules:
+            return {}
+        rows: list[tuple[str, list[float]]] = []
+        for name, module in self._modules:
+            windows = self._windows.get(name, [])
+            rows.append((f"{name}/", _summed(windows)))
+            for l in range(module.num_layers):
+                rows.append((f"{name}/layer{l}/", _summed([w["layers"][l] for w in windows])))
+        values = torch.tensor([r for _, r in rows], dtype=torch.float64, device=device)
+        values = trainer.strategy.reduce(values, reduce_op="sum").cpu().tolist()
+        totals = [sum(values[i][j] for i, (prefix, _) in enumerate(rows) if "/layer" not in prefix)
+                  for j in range(len(SUMMED))]
+        out = _with_ratios("", totals) if totals[SUMMED.index("windows")] else {}
+        for (prefix, _), row in zip(rows, values):
+            if row[SUMMED.index("windows")]:
+                out.update(_with_ratios(prefix, row))
         return out
 
     # ---------------------------------------------------------------------------------------- summary
     def summary(self) -> dict[str, float]:
-        """Medians over the recorded steps of every logged quantity (``step`` excluded)."""
-        keys = sorted({k for row in self.history for k in row if k != "step"})
+        """Medians over the measured steps of every logged quantity."""
+        skip = {"step", "world_size", "micro_batches"}
+        keys = sorted({k for row in self.history for k in row if k not in skip})
         return {k: statistics.median(row[k] for row in self.history if k in row) for k in keys}
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.history:
+        self._remove_hooks()
+        folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank must ask
+        if not trainer.is_global_zero:
+            return
+        if not self.history:
+            rank_zero_warn(f"MemoryReport measured no step: training ran {trainer.global_step} optimizer steps, "
+                           f"measuring every {self._period(trainer)}. Lower every_n_steps to get a report.")
             return
         summary = self.summary()
-        lines = ["MemoryReport (median over training steps)"]
-        lines += [f"  {k[len(PREFIX):]:<28} {v:>16,.2f}" for k, v in summary.items() if "/layer" not in k]
+        lines = ["MemoryReport (median over measured steps)"]
+        lines += [f"  {k[len(PREFIX):]:<28} {v:>18,.2f}" for k, v in summary.items() if k.count("/") == 1]
         rank_zero_info("\n".join(lines))
-        folder = trainer.log_dir or trainer.default_root_dir
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "memory_report.json"), "w") as f:
             json.dump({"summary": summary, "steps": self.history}, f, indent=1)
@@ -144,25 +230,66 @@ class MemoryReport(Callback):
             self._plot(os.path.join(folder, "memory_report.png"))
 
     def _plot(self, path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    def figure(self) -> Any:
+        """The report's matplotlib figure: measured MiB per rank with the non-reversible reference line,
+        and the paper's ratios (reversible modules only); one point per measured optimizer step."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [row["step"] for row in self.history]
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot(steps, [row[f"{PREFIX}activation_bytes"] / 2**20 for row in self.history], label="activation MiB")
-        ax.set_xlabel("global step")
-        ax.set_ylabel("measured activation memory (MiB)")
-        if any(f"{PREFIX}actual_ratio" in row for row in self.history):
-            ax2 = ax.twinx()
-            ax2.plot(steps, [row.get(f"{PREFIX}actual_ratio", float("nan")) for row in self.history], "C1",
-                     label="actual ratio")
-            ax2.set_ylabel("paper ratio normal/used")
-        ax.set_title("MemoryReport")
+        rows = self.history
+        steps = [row["step"] for row in rows]
+        reversible = any(f"{PREFIX}normal_bits" in row for row in rows)
+        fig, axes = plt.subplots(2 if reversible else 1, 1, figsize=(7, 6 if reversible else 3.5), squeeze=False)
+        ax = axes[0][0]
+        for key, label in (("peak_bytes", "peak above step start"), ("peak_excl_grad_bytes", "peak without gradients"),
+                           ("grad_bytes", "parameter gradients"), ("saved_bytes", "saved for backward")):
+            ax.plot(steps, [row[PREFIX + key] / 2**20 for row in rows], marker="o", label=label)
+        if reversible:
+            # the paper's bits are summed over ranks and windows: per rank and micro-batch, like the peaks
+            per = [max(row["world_size"] * row["micro_batches"], 1.0) for row in rows]
+            normal = [row.get(f"{PREFIX}normal_bits", 0.0) / 8 / 2**20 / p for row, p in zip(rows, per)]
+            used = [row.get(f"{PREFIX}used_bits", 0.0) / 8 / 2**20 / p for row, p in zip(rows, per)]
+            ax.plot(steps, normal, "k--", label="non-reversible hidden states (normal bits)")
+            ax.plot(steps, used, marker="x", label="reversible buffers (used bits)")
+        ax.set_ylabel("MiB per rank")
+        ax.set_title("MemoryReport: one point per measured optimizer step")
+        if reversible:
+            ax2 = axes[1][0]
+            for key, label in (("actual_ratio", "normal / used bits"), ("optimal_ratio", "normal / optimal bits")):
+                ax2.plot(steps, [row.get(PREFIX + key, float("nan")) for row in rows], marker="o", label=label)
+            ax2.set_ylabel("memory ratio (paper)")
+        for (a,) in axes:
+            a.set_xlabel("optimizer step")
+            a.set_xlim(left=0, right=max(steps) * 1.05 + 1)
+            a.set_ylim(bottom=0)
+            a.legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        return fig
+
+
+def _requires_grad(output: Any) -> bool:
+    first = output[0] if isinstance(output, (tuple, list)) else output
+    return isinstance(first, Tensor) and first.requires_grad
+
+
+def _summed(windows: list[dict[str, Any]]) -> list[float]:
+    """SUMMED fields over the windows (``windows``: their count)."""
+    return [float(len(windows)) if k == "windows" else float(sum(w[k] for w in windows)) for k in SUMMED]
+
+
+def _with_ratios(prefix: str, row: list[float]) -> dict[str, float]:
+    fields = dict(zip(SUMMED, row))
+    fields["actual_ratio"] = _ratio(fields["normal_bits"], fields["used_bits"])
+    fields["optimal_ratio"] = _ratio(fields["normal_bits"], fields["optimal_bits"])
+    return {f"{PREFIX}{prefix}{k}": v for k, v in fields.items()}
 
 
 def _ratio(a: float, b: float) -> float:
