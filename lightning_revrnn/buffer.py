@@ -158,14 +158,19 @@ class InformationBuffer:
 
     def _drain_full_examples(self) -> None:
         # One synchronisation: every example's real bit length (the largest of its words).
-        bits = np.array([int(v).bit_length() for v in self.word.amax(1).tolist()], dtype=np.int64)
+        maxima = self.word.amax(1)
+        bits = np.array([int(v).bit_length() for v in maxima.tolist()], dtype=np.int64)
         self.syncs += 1
         full = np.flatnonzero(bits > DRAIN_BITS)
         bits[full] -= DRAIN_BITS
         self._bound = bits
         if full.size == 0:
             return
-        rows = None if full.size == self.word.shape[0] else torch.as_tensor(full, device=self.word.device)
+        rows = None
+        if full.size < self.word.shape[0]:
+            # The drained rows in ascending order, built on the device (a host-to-device copy would wait).
+            fits = (maxima <= _DRAIN_MASK).to(torch.int8)
+            rows = torch.argsort(fits, stable=True)[: full.size]
         words = self.word if rows is None else self.word.index_select(0, rows)
         if self.retain:
             self.planes.append(((words & _DRAIN_MASK) - _DRAIN_OFFSET).to(torch.int32))

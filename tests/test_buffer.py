@@ -1,4 +1,4 @@
-"""The information buffer: growth, drains, emptiness after reversal, and the paper's accounting."""
+"""The information buffer: growth, per-example drains, emptiness after reversal, and the paper's accounting."""
 
 from __future__ import annotations
 
@@ -9,26 +9,91 @@ import torch
 from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
-from lightning_revrnn.buffer import DRAIN_BITS, InformationBuffer
-from lightning_revrnn.fixed_point import FORGET_ONE, limit_forget, quantize_forget
+from lightning_revrnn.buffer import InformationBuffer, check_period
+from lightning_revrnn.fixed_point import FORGET_ONE, forget_floor, limit_forget, quantize_forget
+
+CPU = torch.device("cpu")
+
+
+def _run(buf: InformationBuffer, h: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Multiply through ``zs``; return ``h`` after each multiplication."""
+    hs = []
+    for z in zs:
+        h = buf.multiply(h, z)
+        hs.append(h)
+    return hs
+
+
+def _reverse(buf: InformationBuffer, h: torch.Tensor, zs: list[torch.Tensor]) -> torch.Tensor:
+    for z in reversed(zs):
+        h = buf.divide(h, z)
+    return h
 
 
 @pytest.mark.parametrize("k", [1, 3, None])
 def test_many_multiplications_drain_and_reverse_to_empty(k: int | None) -> None:
     torch.manual_seed(0)
-    buf = InformationBuffer((3, 5), torch.device("cpu"), k, retain=True)
+    buf = InformationBuffer((3, 5), CPU, k, retain=True)
     h0 = torch.randint(-(2**30), 2**30, (3, 5), dtype=torch.int64)
     zs = [quantize_forget(limit_forget(torch.rand(3, 5) * 0.2, k), k)[0] for _ in range(200)]
+    h = _run(buf, h0, zs)[-1]
+    assert buf.planes, "200 multiplications forgetting >2 bits each must drain"
+    assert all(p.dtype == torch.int32 and p.shape[1] == 5 for p in buf.planes)
+    assert 0 <= int(buf.word.min()) and int(buf.word.max()) < 2**63
+    assert buf.syncs <= math.ceil(200 / check_period(k))
+    assert torch.equal(_reverse(buf, h, zs), h0)
+    assert buf.is_empty()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, None])
+def test_worst_case_forgetting_never_overflows_a_word(k: int | None) -> None:
+    """Every multiplication at the smallest allowed z* (k bits each, the most a word can grow): the words
+    never wrap (each stays non-negative; a wrapped word would break the exact reversal) and every example
+    drains repeatedly."""
+    torch.manual_seed(1)
+    B, n, M = 3, 4, 300
+    buf = InformationBuffer((B, n), CPU, k, retain=True)
+    h0 = torch.randint(-(2**40), 2**40, (B, n), dtype=torch.int64)
+    zs = [torch.full((B, n), forget_floor(k), dtype=torch.int64) for _ in range(M)]
     h = h0
     for z in zs:
         h = buf.multiply(h, z)
-    assert buf.planes, "200 multiplications forgetting >2 bits each must drain"
-    assert all(p.dtype == torch.int32 for p in buf.planes)
-    assert int(buf.word.max()) < 2**63
-    for z in reversed(zs):
-        h = buf.divide(h, z)
-    assert torch.equal(h, h0)
+        assert int(buf.word.min()) >= 0
+    assert sum(buf.drained_counts) >= B * (M * (10 if k is None else k) // 32 - 2)
+    assert buf.syncs <= math.ceil(M / check_period(k))
+    assert torch.equal(_reverse(buf, h, zs), h0)
     assert buf.is_empty()
+
+
+def test_drain_decisions_of_an_example_do_not_depend_on_its_batchmates() -> None:
+    """Four examples forgetting at very different rates, run as one batch and each alone. Pure integer
+    ops, so bit-exactness is guaranteed: every example's h, words, drain schedule and drained plane rows
+    must be identical in both runs (a drain decided over the whole batch would fail this)."""
+    torch.manual_seed(2)
+    B, n, M, k = 4, 3, 120, None
+    h0 = torch.randint(-(2**30), 2**30, (B, n), dtype=torch.int64)
+    lowest = torch.tensor([1, 64, 512, 1024]).view(B, 1)  # example b's z* ≥ lowest[b]: ~10, ~4, ~1, 0 bits
+    zs = [torch.maximum(torch.randint(1, FORGET_ONE + 1, (B, n)), lowest) for _ in range(M)]
+
+    batch = InformationBuffer((B, n), CPU, k, retain=True)
+    hs_batch = _run(batch, h0, zs)
+    for b in range(B):
+        alone = InformationBuffer((1, n), CPU, k, retain=True)
+        hs_alone = _run(alone, h0[b : b + 1], [z[b : b + 1] for z in zs])
+        for t, (hb, ha) in enumerate(zip(hs_batch, hs_alone)):
+            assert torch.equal(hb[b : b + 1], ha), (b, t)
+        assert torch.equal(batch.word[b : b + 1], alone.word), b
+        schedule, rows = [], []
+        for before, idx, plane in zip(batch.drained_before, batch.drained_rows, batch.planes):
+            members = list(range(B)) if idx is None else idx.tolist()
+            if b in members:
+                schedule.append(before)
+                rows.append(plane[members.index(b)])
+        assert schedule == alone.drained_before, b
+        assert all(torch.equal(r, p[0]) for r, p in zip(rows, alone.planes)), b
+        assert torch.equal(_reverse(alone, hs_alone[-1], [z[b : b + 1] for z in zs]), h0[b : b + 1])
+    assert sum(1 for idx in batch.drained_rows if idx is not None) > 0, "some drains must take part of the batch"
+    assert torch.equal(_reverse(batch, hs_batch[-1], zs), h0) and batch.is_empty()
 
 
 def test_evaluation_buffer_keeps_no_planes_but_computes_the_same() -> None:
@@ -37,15 +102,48 @@ def test_evaluation_buffer_keeps_no_planes_but_computes_the_same() -> None:
     h0 = torch.randint(-(2**30), 2**30, (2, 4), dtype=torch.int64)
     results = []
     for retain in (True, False):
-        buf = InformationBuffer((2, 4), torch.device("cpu"), None, retain=retain)
-        h = h0
-        for z in zs:
-            h = buf.multiply(h, z)
-        results.append((h, buf))
+        buf = InformationBuffer((2, 4), CPU, None, retain=retain)
+        results.append((_run(buf, h0, zs)[-1], buf))
     (h_train, b_train), (h_eval, b_eval) = results
     assert torch.equal(h_train, h_eval) and torch.equal(b_train.word, b_eval.word)
     assert b_train.planes and not b_eval.planes
-    assert len(b_train.drained_before) == len(b_eval.drained_before)
+    assert b_train.drained_before == b_eval.drained_before and b_train.drained_counts == b_eval.drained_counts
+    with pytest.raises(RuntimeError, match="retain=True"):
+        _reverse(b_eval, h_eval, zs)
+
+
+# ----------------------------------------------------------------------------------- accounting
+@pytest.mark.parametrize("second_forgets", [False, True], ids=["one-example-drains", "both-drain"])
+def test_accounting_by_hand_with_drains(second_forgets: bool) -> None:
+    """B=2, H/2=3, no limit (period 3), h* = -1 everywhere, M=10 multiplications.
+
+    Example 0 has z* = 1 (10 bits forgotten per unit and multiplication): each multiplication appends
+    ``-1 mod 2^10 = 1023`` to its words and leaves h* = -1, so its words are ``2^(10m) - 1`` (10m bits).
+    Example 1 has z* = 1024 (nothing forgotten: its words stay 0) or, with ``second_forgets``, z* = 1 too.
+    Host bounds grow 10 bits per multiplication: at check point m=3 they are 30 ≤ 32 (no look); at m=6,
+    60 > 32: look (sync 1), example 0 has 60 bits and drains (word 2^28 - 1); at m=9 its bound is 58:
+    look (sync 2), 58 bits, drains again. Each drained plane row is the low 32 bits, all ones."""
+    B, n, M = 2, 3, 10
+    buf = InformationBuffer((B, n), CPU, None, retain=True)
+    z = torch.tensor([[1] * n, [1 if second_forgets else FORGET_ONE] * n])
+    h = torch.full((B, n), -1, dtype=torch.int64)
+    for _ in range(M):
+        h = buf.multiply(h, z)
+    assert torch.equal(h, torch.full((B, n), -1, dtype=torch.int64))
+    assert buf.syncs == 2 and buf.drained_before == [6, 9]
+    drained = B if second_forgets else 1
+    assert buf.drained_counts == [drained, drained]
+    assert all(p.shape == (drained, n) and bool((p == 2**31 - 1).all()) for p in buf.planes)  # 2^32-1 - 2^31
+    assert torch.equal(buf.word[0], torch.full((n,), 2**36 - 1))  # 2^58-1 drained to 2^26-1, then ×2^10 + 1023
+    stats = buf.stats(normal_bits=1000).as_dict()
+    planes = 2 * drained * n * 32  # two drains, 32 bits per unit of each drained example
+    indices = 0 if second_forgets else 2 * 64  # one int64 row index per partial drain
+    words = B * n * 64
+    assert stats["used_bits"] == planes + indices + words + M  # + one flag bit per multiplication
+    assert stats["used_bits"] == (778 if second_forgets else 714)
+    assert stats["optimal_bits"] == 10 * n * M * (2 if second_forgets else 1)  # Σ -log2(z*/1024)
+    assert stats["drains"] == 2 * drained and stats["multiplications"] == M
+    assert torch.equal(_reverse(buf, h, [z] * M), torch.full((B, n), -1, dtype=torch.int64)) and buf.is_empty()
 
 
 def test_accounting_by_hand_single_unit() -> None:
@@ -66,23 +164,76 @@ def test_accounting_by_hand_single_unit() -> None:
     assert stats["layers"][0]["used_bits"] == stats["used_bits"]
 
 
-def test_accounting_counts_planes_and_lstm_cell_states() -> None:
+def _bias_for(z_star: int, k: int | None) -> float:
+    """A gate bias whose (limited, rounded) forget value is exactly ``z_star`` with zero weights."""
+    if z_star == FORGET_ONE:
+        return 20.0  # σ(20) is 1.0 in float32
+    floor = 0.0 if k is None else 2.0**-k
+    s = (z_star / FORGET_ONE - floor) / (1.0 - floor)
+    return -20.0 if s == 0 else math.log(s / (1.0 - s))
+
+
+def test_accounting_by_hand_gru_chosen_forget_values() -> None:
+    """RevGRU, B=1, H=4 (two units per half), no limit, zero weights, T=3; z* chosen per unit:
+    group 1 (512, 128), group 2 (256, 1024). Σ -log2(z*/1024) = 1 + 3 + 2 + 0 = 6 bits per step, 18 in all.
+    Six multiplications stay below the first look (bound 30 at check point 3), so: no drain, used =
+    2 words × 64 + 6 flags = 134."""
+    k, n = None, 2
+    rnn = RevGRU(1, 2 * n, max_forget_bits=k)
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.zero_()
+        rows = rnn.cells[0].hidden_rows
+        for g, zs in enumerate([(512, 128), (256, 1024)]):
+            rnn.cells[0].bias[g * rows : g * rows + n] = torch.tensor([_bias_for(z, k) for z in zs])
+    rnn(torch.zeros(3, 1, 1, requires_grad=True))
+    stats = rnn.memory_stats()
+    assert stats["optimal_bits"] == 18.0
+    assert stats["used_bits"] == 134 and stats["drains"] == 0 and stats["multiplications"] == 6
+    assert stats["normal_bits"] == 32 * 3 * 1 * 4
+    assert stats["efficiency"] == 18 / 134 and stats["actual_ratio"] == 384 / 134
+
+
+def test_accounting_by_hand_lstm_chosen_forget_values() -> None:
+    """RevLSTM, B=1, H=4, k=3, zero weights, T=2; forget values chosen per unit: group 1 f* (1024, 512),
+    p* (256, 128); group 2 f* (128, 1024), p* (512, 512). Bits per step: (0+1) + (2+3) + (3+0) + (1+1) = 11,
+    22 in all. Eight multiplications (c1, h1, c2, h2 per step) before the second check point (period 8):
+    no drain, used = 2 words × 64 + 8 flags = 136; normal counts h and c: 32·T·B·H·2 = 512."""
+    k, n = 3, 2
+    rnn = RevLSTM(1, 2 * n, max_forget_bits=k)
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.zero_()
+        rows = rnn.cells[0].hidden_rows  # per group: f, i, o, p, g (n rows each)
+        for g, (fs, ps) in enumerate([((1024, 512), (256, 128)), ((128, 1024), (512, 512))]):
+            base = g * rows
+            rnn.cells[0].bias[base : base + n] = torch.tensor([_bias_for(z, k) for z in fs])
+            rnn.cells[0].bias[base + 3 * n : base + 4 * n] = torch.tensor([_bias_for(z, k) for z in ps])
+    rnn(torch.zeros(2, 1, 1, requires_grad=True))
+    stats = rnn.memory_stats()
+    assert stats["optimal_bits"] == 22.0
+    assert stats["used_bits"] == 136 and stats["drains"] == 0 and stats["multiplications"] == 8
+    assert stats["normal_bits"] == 512
+    assert stats["efficiency"] == 22 / 136
+
+
+def test_accounting_totals_are_the_sum_of_the_layers() -> None:
     torch.manual_seed(0)
     rnn = RevLSTM(4, [6, 4], num_layers=2, max_forget_bits=None)
     with torch.no_grad():
         for c in rnn.cells:
             c.bias.fill_(-6.0)  # forget gates near 0: ~10 bits per multiplication, forcing drains
     T, B = 30, 3
-    out, _ = rnn(torch.randn(T, B, 4, requires_grad=True))  # the graph keeps last_window alive
+    rnn(torch.randn(T, B, 4, requires_grad=True))
     stats = rnn.memory_stats()
     assert stats["drains"] > 0
-    total = 0
-    for layer, (cell, buf, s) in enumerate(zip(rnn.cells, rnn.last_window.buffers, stats["layers"])):
-        units = B * cell.half
+    for layer, (cell, s) in enumerate(zip(rnn.cells, stats["layers"])):
         assert s["normal_bits"] == 32 * T * B * cell.hidden_size * 2, layer  # h and c
         assert s["multiplications"] == 4 * T
-        assert s["used_bits"] == len(buf.planes) * units * DRAIN_BITS + units * 64 + 4 * T
-        assert 0 < s["optimal_bits"] <= 4 * T * units * 10
-        total += s["used_bits"]
-    assert stats["used_bits"] == total
+        assert 0 < s["optimal_bits"] <= 4 * T * B * cell.half_size * 10  # at most 10 bits per multiplication
+        # Every unit forgets ~8.4 bits per multiplication (z* ≈ 3), so the buffer is nearly optimal: every
+        # plane row is full (an example drains only past 32 bits); the extra is mostly the final words.
+        assert 0.85 < s["efficiency"] <= 1.0
+    for key in ("normal_bits", "used_bits", "drains", "multiplications"):
+        assert stats[key] == sum(s[key] for s in stats["layers"]), key
     assert stats["efficiency"] == pytest.approx(stats["optimal_bits"] / stats["used_bits"])
