@@ -48,8 +48,8 @@ class ReversibleCell(nn.Module):
     forgets: bool = True
     #: Half tensors owned by one group: 1 (h) or 2 (h, c).
     halves_per_group: int = 1
-    #: Units per half (``hidden_size // 2``). An instance attribute that shadows ``nn.Module.half()``.
-    half: int  # type: ignore[assignment]
+    #: Units per half (``hidden_size // 2``).
+    half_size: int
 
     def __init__(self, input_size: int, hidden_size: int, max_forget_bits: int | None = 3) -> None:
         super().__init__()
@@ -64,18 +64,18 @@ class ReversibleCell(nn.Module):
             raise ValueError(f"input_size must be positive, got {input_size}.")
         self.input_size = input_size
         self.hidden_size = hidden_size
-        self.half = hidden_size // 2
+        self.half_size = hidden_size // 2
         self.max_forget_bits = max_forget_bits
-        self.weight_ih = nn.Parameter(torch.empty(2 * self.gate_rows * self.half, input_size))
-        self.bias = nn.Parameter(torch.empty(2 * self.gate_rows * self.half))
-        self.weight_hh = nn.Parameter(torch.empty(2 * self.hidden_rows, self.half))
+        self.weight_ih = nn.Parameter(torch.empty(2 * self.gate_rows * self.half_size, input_size))
+        self.bias = nn.Parameter(torch.empty(2 * self.gate_rows * self.half_size))
+        self.weight_hh = nn.Parameter(torch.empty(2 * self.hidden_rows, self.half_size))
         self._products: list[HiddenProduct] | None = None
         self.reset_parameters()
 
     @property
     def hidden_rows(self) -> int:
         """Rows of one group's hidden-to-hidden map."""
-        return self.gate_rows * self.half
+        return self.gate_rows * self.half_size
 
     @property
     def state_halves(self) -> int:
@@ -111,7 +111,7 @@ class ReversibleCell(nn.Module):
 
     def split_output(self, h: Tensor) -> list[Tensor]:
         """Inverse of :meth:`output`: the two h halves."""
-        return list(h.split(self.half, 1))
+        return list(h.split(self.half_size, 1))
 
     def _hidden(self, x: Tensor, w: Tensor, start: int, stop: int) -> Tensor:
         """``x @ w[start:stop]ᵀ``, a hidden-to-hidden product. During :meth:`reverse_step` each product is
@@ -229,7 +229,7 @@ class RevGRUCell(ReversibleCell):
     gate_rows = 3
 
     def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        n = self.half
+        n = self.half_size
         zr = torch.sigmoid(xp[:, : 2 * n] + self._hidden(other, w, 0, 2 * n))
         z, r = zr[:, :n], zr[:, n:]
         g = torch.tanh(xp[:, 2 * n :] + self._hidden(r * other, w, 2 * n, 3 * n))
@@ -285,7 +285,7 @@ class RevLSTMCell(ReversibleCell):
     halves_per_group = 2
 
     def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        n = self.half
+        n = self.half_size
         pre = xp + self._hidden(other, w, 0, 5 * n)
         f, i, o, p = torch.sigmoid(pre[:, : 4 * n]).split(n, 1)
         return f, i, o, p, torch.tanh(pre[:, 4 * n :])

@@ -13,7 +13,7 @@ Batches follow the DataModules' contract: ``{"inputs": (T, B) ids, "targets": (T
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
@@ -71,6 +71,23 @@ class EmbeddingStem(StepStem):
     def forward(self, inputs: Tensor) -> Tensor:
         x = self.embedding(inputs)
         return x if self.word_mask is None else x * self.word_mask[inputs]
+
+    @override
+    def accumulate_grads(
+        self, inputs: Tensor, output: Tensor, d_output: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
+    ) -> None:
+        """The embedding weight's gradient by ``index_add_`` of the chunk's rows into its accumulator (no
+        dense ``V × E`` gradient per chunk); any other target by autograd."""
+        weight, emb = self.embedding.weight, self.embedding
+        plain = emb.padding_idx is None and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse
+        rest = []
+        for tensor, acc in targets:
+            if tensor is weight and plain:
+                rows = d_output if self.word_mask is None else d_output * self.word_mask[inputs]
+                acc.index_add_(0, inputs.reshape(-1), rows.reshape(-1, rows.shape[-1]).to(acc.dtype))
+            else:
+                rest.append((tensor, acc))
+        super().accumulate_grads(inputs, output, d_output, rest)
 
 
 class DecoderHead(StepHead):
@@ -218,10 +235,28 @@ class LanguageModel(pl.LightningModule):
             total, h_n = self.window_loss(tokens, hx)
         count = (targets != -100).sum().clamp_min(1)
         loss = total / count
-        self._hidden["train"] = detach_state(h_n)
+        self._hidden["train"] = self._carried(h_n)
         self.log("train_loss", loss, prog_bar=True, batch_size=int(count))
         self.log("train_ppl", loss.detach().exp(), batch_size=int(count))
         return loss
+
+    def _carried(self, h_n: Any) -> Any:
+        """The state to carry into the next window, detached: for reversible models the exact (float64)
+        state, so the carry (and a checkpoint holding it) continues bit for bit."""
+        if isinstance(self.rnn, ReversibleRNN):
+            return self.rnn.exact_state(h_n)
+        return detach_state(h_n)
+
+    @override
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        if self.reversible and precision.endswith("-true") and precision != "32-true":
+            raise ValueError(
+                f"LanguageModel(rnn={self.hparams['rnn']!r}) cannot run with Trainer(precision={precision!r}): "
+                "a reversible RNN computes in exact float32 fixed point, so its parameters must stay float32. "
+                "Fix: use Trainer(precision='32-true') (the default), or 'bf16-mixed' / '16-mixed' to run the "
+                "embedding and decoder under autocast while the recurrence stays exact."
+            )
 
     def window_loss(self, tokens: Tensor, hx: Any) -> tuple[Tensor, Any]:
         """Summed cross-entropy of one training window and its final state (masks and targets already set
@@ -237,7 +272,7 @@ class LanguageModel(pl.LightningModule):
         self.stem.sample(False)
         self.head.prepare(targets, False)
         out, h_n = self.rnn(self.stem(tokens), hx)
-        self._hidden[stage] = detach_state(h_n)
+        self._hidden[stage] = self._carried(h_n)
         metric.update(self.head.logits(out).transpose(0, 1), targets.t())
         self.log(f"{stage}_ppl", metric, prog_bar=True)
 

@@ -14,21 +14,23 @@ from lightning_revrnn.cells import NFRevGRUCell, NFRevLSTMCell, ReversibleCell, 
 from lightning_revrnn.dropout import SeededMask, locked_mask
 from lightning_revrnn.fixed_point import check_range, straight_through, to_fixed, to_float
 from lightning_revrnn.sweep import (
+    AutocastState,
     ReverseSweep,
     StepHead,
     StepStem,
     Window,
+    check_declared_inputs,
     exact_final_state,
-    exact_float_context,
     forward_window,
     split_state,
-    trainable,
 )
 
 Mode = Literal["reverse", "store"]
 MODES = ("reverse", "store")
 #: A state: one tensor ``(L, B, H)`` when all layers have the same size, else a list of ``(B, H_l)``.
 State = Union[Tensor, list[Tensor]]
+#: Exact final states kept for carrying (the last few forwards; see :meth:`ReversibleRNN.exact_state`).
+EXACT_CACHE_SIZE = 4
 
 
 class ReversibleRNN(nn.Module):
@@ -46,13 +48,25 @@ class ReversibleRNN(nn.Module):
         mode: ``"reverse"`` (reconstruct states in backward) or ``"store"`` (ordinary autograd through the
             same fixed-point forward). Settable later as ``rnn.mode``.
 
-    ``out, h_n = rnn(x, hx=None)``. ``h_n`` is float64 so that it carries the fixed-point state exactly:
-    passing it back as ``hx`` continues bit for bit. With ``head`` (a :class:`StepHead`), the first
-    return value is the head's sum over steps instead of the outputs. With ``stem`` (a :class:`StepStem`),
-    ``x`` is what the stem reads per step (e.g. token ids ``(T, B)``) instead of features.
+    ``out, h_n = rnn(x, hx=None)``, with the dtypes ``nn.GRU``/``nn.LSTM`` would return: ``x``'s floating
+    dtype, or the autocast dtype for a float32 ``x`` where those modules autocast (CUDA; the CPU for the
+    LSTM types). Inside, the cells always compute in exact float32 fixed point, autocast off.
+
+    Exact carry: the fixed-point state does not fit in float32, so the module keeps the exact final state
+    (float64) of its last few forwards. When ``hx`` is passed, each element that equals the rounding of a
+    kept exact element (the same tensor passed back, ``h_n.detach()``, a clone) continues from the exact
+    value, elementwise and without a host sync; elements the caller reset or changed use ``hx`` as given.
+    So ``out2, h2 = rnn(x2, h_n.detach())`` continues bit for bit. :meth:`exact_state` returns the exact
+    (float64) state, e.g. to save in a checkpoint; a float64 ``hx`` is always used as is.
+
+    With ``head`` (a :class:`StepHead`), the first return value is the head's sum over steps instead of
+    the outputs. With ``stem`` (a :class:`StepStem`), ``x`` is what the stem reads per step (e.g. token
+    ids ``(T, B)``) instead of features. Stem and head run under the caller's autocast.
     """
 
     cell_class: type[ReversibleCell]
+    #: Device types where the matching ``nn`` module returns the autocast dtype for a float32 input.
+    autocast_device_types: tuple[str, ...] = ("cuda",)
 
     def __init__(
         self,
@@ -90,6 +104,7 @@ class ReversibleRNN(nn.Module):
         self.cells = nn.ModuleList(self.cell_class(i, h, max_forget_bits) for i, h in zip(ins, sizes))
         self._stats: list[BufferStats] | None = None
         self._last_window: weakref.ref[Window] | None = None
+        self._exact: list[tuple[tuple[int, ...], list[Tensor]]] = []
 
     @property
     def mode(self) -> Mode:
@@ -109,7 +124,7 @@ class ReversibleRNN(nn.Module):
 
     def __getstate__(self) -> dict[str, object]:
         # The weak reference to the last window cannot be pickled (ddp_spawn, torch.save of the module).
-        return {**super().__getstate__(), "_last_window": None}
+        return {**super().__getstate__(), "_last_window": None, "_exact": []}
 
     @property
     def cell_list(self) -> list[ReversibleCell]:
@@ -133,6 +148,9 @@ class ReversibleRNN(nn.Module):
         stem: StepStem | None = None,
     ) -> tuple[Tensor, State | tuple[State, State]]:
         x = self._check_input(x, stem)
+        dtype = self._result_dtype(x, stem)
+        if stem is None:
+            x = x.float()  # differentiable: a bf16 input gets a bf16 gradient
         if self.batch_first:
             x = x.transpose(0, 1)
         T, B = x.shape[0], x.shape[1]
@@ -145,13 +163,14 @@ class ReversibleRNN(nn.Module):
             head=head,
             stem=stem,
             retain=False,
+            autocast=AutocastState.capture(x.device),
         )
         params = [p for c in self.cell_list for p in (c.weight_ih, c.bias, c.weight_hh)]
-        extra = trainable(head) + trainable(stem)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *init, *params, *extra))
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *init, *params, *window.extras))
         window.retain = needs_grad
         if needs_grad and self.mode == "reverse":
-            res = ReverseSweep.apply(window, self.state_count, x, *init, *params, *extra)
+            check_declared_inputs(window, x, B)
+            res = ReverseSweep.apply(window, self.state_count, x, *init, *params, *window.extras)
             primary, finals = res[0], list(res[1:])
         else:
             primary, finals = self._forward_autograd(window, x, init, B)
@@ -162,9 +181,22 @@ class ReversibleRNN(nn.Module):
             ]
         # A weak reference: the autograd graph owns the window (and its buffer) until backward frees it.
         self._last_window = weakref.ref(window) if needs_grad and self.mode == "reverse" else None
-        if head is None and self.batch_first:
-            primary = primary.transpose(0, 1)
-        return primary, self._pack_state(finals)
+        if head is None:
+            primary = primary.to(dtype)
+            primary = primary.transpose(0, 1) if self.batch_first else primary
+        h_n = self._pack_state([f.to(dtype) for f in finals])
+        self._keep_exact(h_n, window.final_exact)
+        return primary, h_n
+
+    def _result_dtype(self, x: Tensor, stem: StepStem | None) -> torch.dtype:
+        """The dtype ``nn.GRU``/``nn.LSTM`` would return: a non-float32 input's own, the autocast dtype
+        where those modules autocast, else float32."""
+        if stem is None and x.dtype != torch.float32:
+            return x.dtype
+        kind = x.device.type
+        if kind in self.autocast_device_types and torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+        return torch.float32
 
     def _forward_autograd(
         self, window: Window, x: Tensor, init: list[Tensor], batch: int
@@ -177,12 +209,55 @@ class ReversibleRNN(nn.Module):
             [straight_through_init(i, h) for i, h in zip(ints, hs)] for ints, hs in zip(state, halves)
         ]
         window.start(batch, x.device)
-        with exact_float_context(x.device, torch.get_float32_matmul_precision()):
-            state, state_f, res = forward_window(window, x, state, state_f)
+        state, state_f, res = forward_window(window, x, state, state_f)
         res = cast(list[Tensor], res)  # no ``out`` given: the outputs (or head values) are a list
         primary = torch.stack(res).sum() if window.head is not None else torch.stack(res)
-        finals = [f for c, s, sf in zip(self.cell_list, state, state_f) for f in exact_final_state(c, s, sf)]
-        return primary, finals
+        finals = [exact_final_state(c, s, sf) for c, s, sf in zip(self.cell_list, state, state_f)]
+        window.final_exact = [e for _, exact in finals for e in exact]
+        return primary, [f for rounded, _ in finals for f in rounded]
+
+    # ---------------------------------------------------------------------------------- exact carry
+    def exact_state(self, state: State | tuple[State, State]) -> State | tuple[State, State]:
+        """The exact (float64, detached) value of a state this module returned, in the same layout.
+
+        Elements that match a kept exact final state (see the class docstring) take its value; others are
+        ``state``'s own. Passing the result as ``hx`` continues bit for bit, also after a restart (save it
+        in a checkpoint instead of ``h_n``)."""
+        flat = self._flat_state(state)
+        return self._pack_state([t.detach() for t in self._resolve_exact(flat)])
+
+    def _flat_state(self, state: State | tuple[State, State]) -> list[Tensor]:
+        """Per-layer ``(B, H_l)`` tensors in the sweep's order (h, or h and c per layer), unchecked."""
+        n = self.state_count
+        kinds = list(cast(tuple[State, State], state)) if n == 2 else [cast(State, state)]
+        per_kind = [list(k.unbind(0)) if isinstance(k, Tensor) else list(k) for k in kinds]
+        return [per_kind[k][l] for l in range(len(per_kind[0])) for k in range(n)]
+
+    def _keep_exact(self, h_n: State | tuple[State, State], exact: list[Tensor]) -> None:
+        """Remember the exact final state, keyed by the storage of the returned tensors."""
+        key = tuple(t.data_ptr() for t in self._flat_state(h_n))
+        self._exact = [e for e in self._exact if e[0] != key][-(EXACT_CACHE_SIZE - 1) :] + [(key, exact)]
+
+    def _resolve_exact(self, flat: list[Tensor]) -> list[Tensor]:
+        """Float64 initial states: exact where ``flat`` holds the rounding of a kept exact state (with
+        ``flat``'s gradient, straight through), ``flat``'s value elsewhere."""
+        if all(t.dtype == torch.float64 for t in flat):
+            return flat
+        key = tuple(t.data_ptr() for t in flat)
+        shapes = [(t.shape, t.device) for t in flat]
+        candidates = [e for e in reversed(self._exact) if [(x.shape, x.device) for x in e[1]] == shapes]
+        chosen = next((e for e in candidates if e[0] == key), candidates[0] if candidates else None)
+        if chosen is None:
+            return [t if t.dtype == torch.float64 else t.float() for t in flat]
+        resolved = []
+        for t, exact in zip(flat, chosen[1]):
+            if t.dtype == torch.float64:
+                resolved.append(t)
+                continue
+            given = t.double()
+            value = torch.where(exact.float().to(t.dtype) == t.detach(), exact, given.detach())
+            resolved.append(straight_through(value, given))
+        return resolved
 
     # ------------------------------------------------------------------------------------ accounting
     def memory_stats(self) -> dict[str, object]:
@@ -211,6 +286,7 @@ class ReversibleRNN(nn.Module):
         if stem is not None:
             if x.dim() < 2 or x.shape[0] == 0 or x.shape[1] == 0:
                 raise ValueError(f"With a stem, x must be (time, batch, ...) and non-empty, got {tuple(x.shape)}.")
+            self._check_parameters()
             return x
         layout = "(batch, time, features)" if self.batch_first else "(time, batch, features)"
         if x.dim() != 3:
@@ -221,15 +297,20 @@ class ReversibleRNN(nn.Module):
             )
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"Input {layout} has an empty dimension: shape {tuple(x.shape)}.")
-        if x.dtype != torch.float32:
-            raise TypeError(
-                f"{type(self).__name__} computes in float32 (exact fixed-point reversal), got {x.dtype}. "
-                "Fix: pass x.float(); autocast is disabled inside the module."
-            )
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}.")
+        self._check_parameters()
+        return x
+
+    def _check_parameters(self) -> None:
         dtypes = {p.dtype for p in self.parameters()}
         if dtypes != {torch.float32}:
-            raise TypeError(f"{type(self).__name__} parameters must be float32, got {sorted(map(str, dtypes))}.")
-        return x
+            raise TypeError(
+                f"{type(self).__name__} parameters must be float32 (the cells compute in exact float32 fixed "
+                f"point), got {sorted(map(str, dtypes))}. Fix: keep the module in float32 (no .double(), "
+                ".half() or .to(dtype)); with a Lightning Trainer use precision='32-true', 'bf16-mixed' or "
+                "'16-mixed' (autocast runs the layers around it in low precision), not '64-true' or '*-true'."
+            )
 
     def _initial_state(self, hx: State | tuple[State, State] | None, batch: int, x: Tensor) -> list[Tensor]:
         """Flat list of per-layer ``(B, H_l)`` tensors (h, or h and c per layer), range-checked."""
@@ -240,7 +321,7 @@ class ReversibleRNN(nn.Module):
         if n == 2 and len(parts) != 2:
             raise ValueError("RevLSTM expects hx = (h, c).")
         per_kind = [self._layers_of(p, batch) for p in parts]
-        flat = [per_kind[k][l] for l in range(self.num_layers) for k in range(n)]
+        flat = self._resolve_exact([per_kind[k][l] for l in range(self.num_layers) for k in range(n)])
         for i, t in enumerate(flat):
             check_range(t, f"initial state tensor {i}")
         return flat
@@ -258,7 +339,7 @@ class ReversibleRNN(nn.Module):
                 raise ValueError(f"hx for layer {l} must have shape {(batch, h)}, got {got}.")
             if not t.is_floating_point():
                 raise TypeError(f"hx for layer {l} must be a float tensor, got {t.dtype}.")
-        return [t.float() if t.dtype != torch.float64 else t for t in layers]
+        return list(layers)
 
     def _pack_state(self, finals: list[Tensor]) -> State | tuple[State, State]:
         n = self.state_count
@@ -299,6 +380,7 @@ class RevLSTM(ReversibleRNN):
     """Reversible LSTM (:class:`~lightning_revrnn.cells.RevLSTMCell` layers). ``hx``/``h_n``: (h, c)."""
 
     cell_class = RevLSTMCell
+    autocast_device_types = ("cuda", "cpu")
 
 
 class NFRevGRU(ReversibleRNN):
@@ -311,3 +393,4 @@ class NFRevLSTM(ReversibleRNN):
     """No-forgetting RevLSTM: exactly invertible by additive coupling alone (no buffer)."""
 
     cell_class = NFRevLSTMCell
+    autocast_device_types = ("cuda", "cpu")

@@ -13,8 +13,9 @@ naming the first layer and step that diverged.
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABCMeta, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -39,11 +40,25 @@ class StepHead(nn.Module, metaclass=ABCMeta):
     forward (for the value), then during the reverse sweep once per step with its parameters detached
     (for the gradient flowing into the RNN) and once per chunk for its own parameters' gradients. Anything
     it needs per window (targets, a dropout mask) must be set before the call and stay until backward.
+
+    It runs under the caller's autocast (its values do not feed the reconstruction), so a decoder GEMM
+    follows ``precision="bf16-mixed"``. A tensor it reads that is neither its parameter nor listed by
+    :meth:`context` gets no gradient in ``mode="reverse"``: forward raises instead of training silently
+    wrong (see :func:`check_declared_inputs`).
     """
 
     @abstractmethod
     def forward(self, output: Tensor, start: int) -> Tensor:
         """The scalar sum of the head over steps ``start .. start + len(output) - 1``."""
+
+    def context(self) -> Sequence[Tensor]:
+        """Tensors the head reads that are not its parameters (an attention memory, an encoder output).
+
+        ``mode="reverse"`` passes those that require grad through the sweep as inputs, so they receive the
+        same gradient as in ``mode="store"`` (summed over the window). Return the very tensors the head
+        reads (not copies), set before the call and unchanged until backward. Default: none.
+        """
+        return ()
 
 
 #: Steps per chunk of first-layer input projections (one GEMM per chunk instead of one per step).
@@ -59,16 +74,78 @@ class StepStem(nn.Module, metaclass=ABCMeta):
     ``mode="reverse"`` the stem runs again for each step of the reverse sweep, so the ``T × B × input``
     tensor it produces is never held between forward and backward. It must be deterministic within a
     window (sample any dropout mask before the call).
+
+    It runs under the caller's autocast; its output is cast to float32 before the first layer's
+    projection, and the reverse sweep re-enters the autocast state recorded in forward, so the projection
+    is recomputed bit for bit. Tensors it reads that are not its parameters go in :meth:`context`.
     """
 
     @abstractmethod
     def forward(self, inputs: Tensor) -> Tensor:
         """The first layer's input ``(T', B, input_size)`` for ``inputs`` of leading dims ``(T', B)``."""
 
+    def context(self) -> Sequence[Tensor]:
+        """Tensors the stem reads that are not its parameters; as :meth:`StepHead.context`. Default: none."""
+        return ()
+
+    def accumulate_grads(
+        self, inputs: Tensor, output: Tensor, d_output: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
+    ) -> None:
+        """Reverse sweep: add the gradient of ``(output · d_output).sum()`` with respect to each target
+        tensor into its accumulator. ``output`` is this module's (float32) output for ``inputs``, one chunk
+        of steps, with its graph. Override for a cheaper form (:class:`~lightning_revrnn.lm.EmbeddingStem`
+        adds its rows by ``index_add_`` instead of a dense ``V × E`` gradient per chunk)."""
+        if targets:
+            grads = torch.autograd.grad(output, [t for t, _ in targets], d_output, allow_unused=True)
+            for (_, acc), g in zip(targets, grads):
+                if g is not None:
+                    acc.add_(g)
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """The caller's autocast for one device type, recorded in forward and re-entered by the reverse sweep
+    around the stem and the head (the cells always compute with autocast off)."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def capture(cls, device: torch.device) -> AutocastState:
+        """The autocast state in effect now for ``device``'s type."""
+        kind = device.type
+        return cls(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+
+    def enter(self) -> contextlib.AbstractContextManager[None]:
+        """A context that re-enters this state (nothing to do when autocast was off)."""
+        if not self.enabled:
+            return torch.autocast(self.device_type, enabled=False)
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=True)
+
+
+def matmul_precision_state() -> tuple[str, ...]:
+    """The float32 matmul precision settings, read with the per-backend API where it exists (reading the
+    legacy global after the new API was used raises "mix of the legacy and new APIs")."""
+    backends = torch.backends
+    try:
+        return (
+            str(backends.fp32_precision),  # type: ignore[attr-defined]
+            str(backends.cuda.matmul.fp32_precision),  # type: ignore[attr-defined]
+            str(backends.mkldnn.matmul.fp32_precision),  # type: ignore[attr-defined]
+        )
+    except AttributeError:  # a torch without the per-backend API
+        return (torch.get_float32_matmul_precision(),)
+
 
 @dataclass
 class Window:
-    """Everything one window's forward and reverse share (host objects, not differentiated)."""
+    """Everything one window's forward and reverse share (host objects, not differentiated).
+
+    ``extras`` are the tensors besides the cells' parameters that the sweep returns gradients for: the
+    head's and stem's trainable parameters and declared context, each once (a tied embedding/decoder
+    weight is one entry, so one accumulator); ``head_slots``/``stem_slots`` index into it.
+    """
 
     cells: list[ReversibleCell]
     input_masks: list[Tensor | None]
@@ -76,19 +153,40 @@ class Window:
     retain: bool
     head: StepHead | None = None
     stem: StepStem | None = None
+    autocast: AutocastState = AutocastState("cpu", False, torch.bfloat16)
     buffers: list[InformationBuffer] = field(default_factory=list)
     guards: list[RangeGuard] = field(default_factory=list)
+    extras: list[Tensor] = field(default_factory=list)
+    head_slots: list[int] = field(default_factory=list)
+    stem_slots: list[int] = field(default_factory=list)
+    #: The exact final state (float64, one tensor per ``h``/``c`` per layer) after a forward.
+    final_exact: list[Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.extras, self.head_slots = [], []
+        for t in [*trainable(self.head), *_context(self.head)]:
+            self.head_slots.append(_slot(self.extras, t))
+        self.stem_slots = [_slot(self.extras, t) for t in [*trainable(self.stem), *_context(self.stem)]]
 
     def start(self, batch: int, device: torch.device) -> None:
         """Fresh (empty) buffers and guards for a new window."""
         self.buffers = [
-            InformationBuffer((batch, c.half), device, c.max_forget_bits, self.retain) for c in self.cells
+            InformationBuffer((batch, c.half_size), device, c.max_forget_bits, self.retain) for c in self.cells
         ]
         self.guards = [RangeGuard() for _ in self.cells]
 
     def chunk_input(self, inputs: Tensor, t0: int, t1: int) -> Tensor:
-        """The first layer's input for steps ``t0..t1-1`` (through the stem, if any), before input dropout."""
-        return inputs[t0:t1] if self.stem is None else self.stem(inputs[t0:t1])
+        """The first layer's float32 input for steps ``t0..t1-1`` (through the stem, if any, under the
+        caller's autocast), before input dropout."""
+        if self.stem is None:
+            return inputs[t0:t1]
+        with self.autocast.enter():
+            return self.stem(inputs[t0:t1]).float()
+
+    def head_value(self, head: Callable[[Tensor, int], Tensor], output: Tensor, start: int) -> Tensor:
+        """The head (or a functional call of it) on ``output``, under the caller's autocast."""
+        with self.autocast.enter():
+            return cast(Tensor, head(output, start))
 
     def first_projection(self, inputs: Tensor, t0: int, t1: int) -> Tensor:
         """The first layer's input pre-activations for one chunk ``(t1-t0, B, rows)``: one GEMM over the
@@ -106,6 +204,78 @@ class Window:
         return x if mask is None else x * mask
 
 
+def _context(module: StepHead | StepStem | None) -> list[Tensor]:
+    """The module's declared context tensors that need a gradient."""
+    return [] if module is None else [t for t in module.context() if t.requires_grad]
+
+
+def _slot(extras: list[Tensor], t: Tensor) -> int:
+    """Index of ``t`` in ``extras`` (by identity), appending it the first time."""
+    for i, e in enumerate(extras):
+        if e is t:
+            return i
+    extras.append(t)
+    return len(extras) - 1
+
+
+def check_declared_inputs(window: Window, x: Tensor, batch: int) -> None:
+    """Raise if the head or stem reads a tensor that requires grad but is neither its parameter nor in its
+    ``context()``: the reverse sweep would return no gradient for it (``mode="store"`` would).
+
+    Costs one step of each: the module runs on a detached one-step input with its parameters detached
+    (``functional_call``); whatever still requires grad in the value comes from elsewhere, and the graph
+    is walked until it meets a leaf that is not declared.
+    """
+    with torch.enable_grad():
+        if window.stem is not None:
+            stem = window.stem
+            frozen = {n: p.detach() for n, p in stem.named_parameters()}
+            with window.autocast.enter():
+                value = functional_call(stem, frozen, (x[:1].detach(),))
+            _raise_if_undeclared(stem, "StepStem", value, list(stem.context()))
+        if window.head is not None:
+            head, top = window.head, window.cells[-1]
+            frozen = {n: p.detach() for n, p in head.named_parameters()}
+            zeros = torch.zeros(1, batch, top.hidden_size, device=x.device)
+            value = window.head_value(lambda o, s: functional_call(head, frozen, (o, s)), zeros, 0)
+            _raise_if_undeclared(head, "StepHead", value, list(head.context()))
+
+
+def _raise_if_undeclared(module: nn.Module, kind: str, value: Tensor, declared: list[Tensor]) -> None:
+    if not isinstance(value, Tensor) or not value.requires_grad:
+        return
+    undeclared = _undeclared_leaf(value, declared)
+    if undeclared is None:
+        return
+    name = type(module).__name__
+    raise RuntimeError(
+        f"{kind} {name} reads a tensor of shape {tuple(undeclared.shape)} that requires grad but is neither its "
+        f"parameter nor listed by its context(): mode='reverse' would give it no gradient (mode='store' would). "
+        f"Fix: return that tensor (the one the {kind.lower()[4:]} reads, e.g. an attention memory or encoder "
+        f"output) from {name}.context(), register it as a parameter of {name}, or detach it if it needs no "
+        "gradient."
+    )
+
+
+def _undeclared_leaf(value: Tensor, declared: list[Tensor]) -> Tensor | None:
+    """The first leaf tensor the graph of ``value`` reaches without passing through a declared tensor."""
+    stops = {id(t.grad_fn) for t in declared if t.grad_fn is not None}
+    leaves = {id(t) for t in declared if t.grad_fn is None}
+    stack, seen = [value.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or id(node) in stops:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):  # AccumulateGrad: a leaf
+            if id(variable) not in leaves:
+                return variable
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    return None
+
+
 def split_state(cell: ReversibleCell, full: list[Tensor]) -> list[Tensor]:
     """``[h]`` or ``[h, c]`` of shape (B, H) to the cell's list of halves."""
     halves = [cell.split_output(s) for s in full]
@@ -117,40 +287,46 @@ def join_state(full_count: int, halves: list[Tensor]) -> list[Tensor]:
     return [torch.cat(halves[2 * j : 2 * j + 2], 1) for j in range(full_count)]
 
 
-_MIX: dict[tuple[torch.Size, torch.device], Tensor] = {}
+@functools.lru_cache(maxsize=16)
+def _mix(shape: torch.Size, device: torch.device) -> Tensor:
+    """Odd position weights for :func:`state_checksum` (a bounded cache: a few shapes per model)."""
+    numel = shape.numel()
+    return torch.arange(1, 2 * numel + 1, 2, device=device, dtype=torch.int64).view(shape)
 
 
 def state_checksum(state: list[Tensor]) -> Tensor:
     """An int64 fingerprint of a state: a position-weighted sum of all halves, exact modulo 2^64."""
     flat = torch.stack(state)
-    key = (flat.shape, flat.device)
-    if key not in _MIX:
-        _MIX[key] = torch.arange(1, 2 * flat.numel() + 1, 2, device=flat.device, dtype=torch.int64).view(flat.shape)
-    return (flat * _MIX[key]).sum()
+    return (flat * _mix(flat.shape, flat.device)).sum()
 
 
 @contextlib.contextmanager
-def exact_float_context(device: torch.device, precision: str) -> Iterator[None]:
-    """Autocast off and one fixed float32 matmul precision, so forward and reverse round alike."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        with torch.autocast(device_type=device.type, enabled=False):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+def cells_context(device: torch.device) -> Iterator[None]:
+    """Autocast off: the cells compute in float32, so forward and reverse round alike. (The float32 matmul
+    precision is not touched: forward records it and backward checks it, see :class:`ReverseSweep`.)"""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
 
 
 def forward_window(
     window: Window, x: Tensor, state: list[list[Tensor]], state_f: list[list[Tensor]],
     out: Tensor | None = None, checksums: Tensor | None = None,
 ) -> tuple[list[list[Tensor]], list[list[Tensor]], Tensor | list[Tensor]]:
-    """Run the window forward. Returns the final (int, float) states and the outputs.
+    """Run the window forward (the cells with autocast off, the stem and head under the caller's).
+    Returns the final (int, float) states and the outputs.
 
     The outputs are the top layer's float outputs per step (written into ``out`` when given, else a list
     of tensors that keep their graph), or the per-step head values when the window has a head.
     ``checksums[t + 1, l]`` receives the fingerprint of layer ``l``'s state after step ``t``.
     """
+    with cells_context(x.device):
+        return _forward_window(window, x, state, state_f, out, checksums)
+
+
+def _forward_window(
+    window: Window, x: Tensor, state: list[list[Tensor]], state_f: list[list[Tensor]],
+    out: Tensor | None, checksums: Tensor | None,
+) -> tuple[list[list[Tensor]], list[list[Tensor]], Tensor | list[Tensor]]:
     weights = [list(window.hidden_weights(l).split(c.hidden_rows, 0)) for l, c in enumerate(window.cells)]
     results: list[Tensor] = []
     inp: Tensor
@@ -171,7 +347,7 @@ def forward_window(
         if window.head is not None:
             chunk_out.append(inp)
             if t == t1 - 1:
-                results.append(window.head(torch.stack(chunk_out), t0))
+                results.append(window.head_value(window.head, torch.stack(chunk_out), t0))
         elif out is not None:
             out[t] = inp
         else:
@@ -181,20 +357,33 @@ def forward_window(
     return state, state_f, (out if out is not None and window.head is None else results)
 
 
-def exact_final_state(cell: ReversibleCell, ints: list[Tensor], floats: list[Tensor]) -> list[Tensor]:
-    """Final state as float64 (exact), carrying the float surrogate's gradient where it has one."""
-    halves = [straight_through(to_float(i, torch.float64), f.double()) for i, f in zip(ints, floats)]
-    for k, h in enumerate(ints):
-        check_range(to_float(h, torch.float64), f"final state half {k}")
-    return join_state(cell.halves_per_group, halves)
+def exact_final_state(cell: ReversibleCell, ints: list[Tensor], floats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The final state per ``h``/``c``: float32 (the correctly rounded value, carrying the float
+    surrogate's gradient) and float64 (exact, detached, for an exact carry into the next window)."""
+    exact = [to_float(i, torch.float64) for i in ints]
+    for k, h in enumerate(exact):
+        check_range(h, f"final state half {k}")
+    rounded = [straight_through(to_float(i), f) for i, f in zip(ints, floats)]
+    return join_state(cell.halves_per_group, rounded), join_state(cell.halves_per_group, exact)
+
+
+SECOND_BACKWARD = (
+    "A reversible RNN in mode='reverse' supports one backward per forward: the reverse sweep consumes the "
+    "information buffer (and frees what it saved). The usual cause is a final state carried into the next "
+    "window without detaching it, so the next backward runs through this window again. Fix: carry "
+    "hx = h_n.detach() (truncated BPTT), or use mode='store' for a second backward through the same graph "
+    "(retain_graph=True, double backward)."
+)
 
 
 class ReverseSweep(torch.autograd.Function):
-    """Training by reversal. ``apply(window, n_state, x, *states, *cell_params, *head_params, *stem_params)``.
+    """Training by reversal. ``apply(window, n_state, x, *states, *cell_params, *window.extras)``.
 
     ``state_tensors`` are the initial states (float, ``(B, H)`` each; per layer ``h`` or ``h, c``),
-    ``cell_params`` the cells' parameters in :meth:`_layer_params` order. Returns the outputs
-    (``(T, B, H_top)``) or, with a head, the summed head value, followed by the exact final states.
+    ``cell_params`` the cells' parameters in :meth:`_layer_params` order, ``extras`` the head's and stem's
+    parameters and context (see :class:`Window`). Returns the outputs (``(T, B, H_top)``) or, with a head,
+    the summed head value, followed by the final states (float32; the exact ones go to
+    ``window.final_exact``).
     """
 
     @staticmethod
@@ -204,16 +393,16 @@ class ReverseSweep(torch.autograd.Function):
         state = [[to_fixed(h) for h in hs] for hs in h0]
         state_f = [[to_float(s) for s in st] for st in state]
         T, B = x.shape[0], x.shape[1]
-        precision = torch.get_float32_matmul_precision()
         checksums = torch.zeros(T + 1, len(cells), dtype=torch.int64, device=x.device)
         for l, st in enumerate(state):
             checksums[0, l] = state_checksum(st)
         out = None if window.head is not None else torch.empty(T, B, cells[-1].hidden_size, dtype=torch.float32, device=x.device)
         window.start(B, x.device)
-        with exact_float_context(x.device, precision):
-            state, state_f, res = forward_window(window, x, state, state_f, out, checksums)
+        ctx.precision = matmul_precision_state()
+        state, state_f, res = forward_window(window, x, state, state_f, out, checksums)
         finals = [exact_final_state(c, s, f) for c, s, f in zip(cells, state, state_f)]
-        ctx.window, ctx.n_state, ctx.precision = window, n_state, precision
+        window.final_exact = [e for _, exact in finals for e in exact]
+        ctx.window, ctx.n_state = window, n_state
         ctx.n_final = [len(s) for s in state]
         masks = [m for m in window.input_masks if m is not None]
         ctx.save_for_backward(
@@ -222,29 +411,36 @@ class ReverseSweep(torch.autograd.Function):
         )
         # With a head the outputs are the per-step head values; without one they were written into ``out``.
         primary = torch.stack(cast(list[Tensor], res)).sum() if window.head is not None else cast(Tensor, out)
-        return (primary, *[f for fs in finals for f in fs])
+        return (primary, *[f for rounded, _ in finals for f in rounded])
 
     @staticmethod
     def backward(ctx: Any, grad_primary: Tensor, *grad_final: Tensor) -> tuple[Tensor | None, ...]:
         window: Window = ctx.window
         cells, n_state = window.cells, ctx.n_state
         if getattr(ctx, "swept", False) and any(c.forgets for c in cells):
-            raise RuntimeError(
-                "A reversible RNN in mode='reverse' supports one backward per forward: the reverse sweep "
-                "consumes the information buffer. For a second backward through the same graph "
-                "(retain_graph=True, double backward), use mode='store'."
-            )
+            raise RuntimeError(SECOND_BACKWARD)
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as freed:  # a second backward without retain_graph
+            raise RuntimeError(SECOND_BACKWARD) from freed
         ctx.swept = True
+        precision = matmul_precision_state()
+        if precision != ctx.precision:
+            raise ReconstructionError(
+                f"The float32 matmul precision changed between forward and backward ({ctx.precision} -> "
+                f"{precision}), so the reverse sweep cannot redo forward's arithmetic. Fix: set "
+                "torch.backends.cuda.matmul.fp32_precision (or torch.set_float32_matmul_precision) once, before "
+                "training, not between a forward and its backward."
+            )
         # Saved: x, the checksums (initial state and every step), the final int halves; masks and buffer
         # tensors follow only so that saved-tensor hooks see everything the sweep keeps alive (the window
         # holds the same objects).
-        saved = ctx.saved_tensors
         x, checksums = saved[0], saved[1]
         pos, state = 2, []
         for n in ctx.n_final:
             state.append(list(saved[pos : pos + n]))
             pos += n
-        with torch.enable_grad(), exact_float_context(x.device, ctx.precision):
+        with torch.enable_grad(), cells_context(x.device):
             return _reverse(ctx, window, x, checksums, state, grad_primary, grad_final, n_state)
 
 
@@ -269,21 +465,25 @@ def _reverse(
     d_w = [[torch.zeros_like(w) for w in ws] for ws in w_groups]
     d_ih = [torch.zeros_like(c.weight_ih) for c in cells]
     d_bias = [torch.zeros_like(c.bias) for c in cells]
-    head_params, stem_params = trainable(head), trainable(window.stem)
     head_frozen = None if head is None else {n: p.detach() for n, p in head.named_parameters()}
-    d_head = [torch.zeros_like(p) for p in head_params]
-    d_stem = [torch.zeros_like(p) for p in stem_params]
+    # One accumulator per extra tensor (a tied weight read by both head and stem is one entry).
+    d_extra = [torch.zeros_like(e) for e in window.extras]
+    head_targets = [window.extras[i] for i in window.head_slots]
+    stem_targets = [(window.extras[i], d_extra[i]) for i in window.stem_slots]
     grads: list[list[Tensor]] = []
     for l, c in enumerate(cells):
         gs = [torch.zeros(x.shape[1], c.hidden_size, device=x.device) if g is None else g.float() for g in
-              grad_final[l * n_state : (l + 1) * n_state]]  # float64 (h_n's dtype) to the sweep's float32
+              grad_final[l * n_state : (l + 1) * n_state]]
         grads.append(split_state(c, gs))
-    dx = torch.zeros_like(x) if ctx.needs_input_grad[2] and window.stem is None else None
+    dx = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
     diverged = torch.zeros(T, L, dtype=torch.bool, device=x.device)
     for t in range(T - 1, -1, -1):
         if t == T - 1 or t % CHUNK == CHUNK - 1:  # entering a chunk from its end
             t0, t1 = t - t % CHUNK, t + 1
-            x0 = window.chunk_input(x, t0, t1)
+            x_chunk = x[t0:t1]
+            if dx is not None and window.stem is not None:  # a leaf of the chunk's recomputed stem graph
+                x_chunk = x_chunk.detach().requires_grad_()
+            x0 = window.chunk_input(x_chunk, 0, t1 - t0)
             in0 = window.layer_input(0, x0.detach())
             with torch.no_grad():
                 xp0 = cells[0].project_input(in0)
@@ -298,7 +498,8 @@ def _reverse(
         if head is not None:
             # The gradient into the RNN now; the head's own parameters once per chunk, below.
             out_leaf = top.output([to_float(h) for h in state[-1][:2]]).requires_grad_()
-            value = functional_call(head, cast(dict[str, Tensor], head_frozen), (out_leaf[None], t))
+            frozen = cast(dict[str, Tensor], head_frozen)
+            value = window.head_value(lambda o, s: functional_call(head, frozen, (o, s)), out_leaf[None], t)
             d_out = torch.autograd.grad(value, out_leaf, grad_primary, allow_unused=True)[0]
             d_out = torch.zeros_like(out_leaf) if d_out is None else d_out
             head_inputs.append(out_leaf.detach())
@@ -335,13 +536,16 @@ def _reverse(
                 _linear_param_grads(d_ih[l], d_bias[l], torch.stack(d_xps), torch.stack(ins))
             _linear_param_grads(d_ih[0], d_bias[0], d_xp0, in0)
             d_x0 = _masked(d_xp0 @ cells[0].weight_ih, window.input_masks[0])
-            if head_params:
-                value = cast(StepHead, head)(torch.stack(head_inputs[::-1]), t0)  # head_params: a head
-                _accumulate(d_head, torch.autograd.grad(value, head_params, grad_primary, allow_unused=True))
-            if dx is not None:
-                dx[t0:t1] = d_x0
-            elif stem_params:
-                _accumulate(d_stem, torch.autograd.grad(x0, stem_params, d_x0, allow_unused=True))
+            if head_targets:  # the head's parameters and context: one call per chunk
+                value = window.head_value(cast(StepHead, head), torch.stack(head_inputs[::-1]), t0)
+                d_head = torch.autograd.grad(value, head_targets, grad_primary, allow_unused=True)
+                _accumulate([d_extra[i] for i in window.head_slots], d_head)
+            if window.stem is None:
+                if dx is not None:
+                    dx[t0:t1] = d_x0
+            else:
+                targets = stem_targets + ([(x_chunk, dx[t0:t1])] if dx is not None else [])
+                window.stem.accumulate_grads(x_chunk, x0, d_x0, targets)
     _check_reconstruction(window, diverged)
     params_grads: list[Tensor | None] = []
     for l, c in enumerate(cells):
@@ -350,7 +554,7 @@ def _reverse(
     d_state: list[Tensor | None] = []
     for l, c in enumerate(cells):
         d_state += join_state(c.halves_per_group, grads[l])
-    return (None, None, dx, *d_state, *params_grads, *d_head, *d_stem)
+    return (None, None, dx, *d_state, *params_grads, *d_extra)
 
 
 def _masked(x: Tensor, mask: Tensor | None) -> Tensor:

@@ -146,7 +146,7 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
                 else:
                     inp = cells[l - 1].output([to_float(h) for h in state[l - 1][:2]])
                     xp = cell.project_input(window.layer_input(l, inp))
-            grads = [torch.randn(B, cell.half) for _ in state[l]]
+            grads = [torch.randn(B, cell.half_size) for _ in state[l]]
             state[l], _, _, _ = cell.reverse_step(w_leaves[l], xp, state[l], grads, window.buffers[l])
             for k, (got, want) in enumerate(zip(state[l], recorded[t][l])):
                 assert got.dtype == torch.int64
@@ -173,13 +173,16 @@ def test_stepwise_reconstruction_is_bit_exact(cfg):
     with torch.no_grad():
         out, h_n = rnn(x, module_hx(rnn, hx))
     assert torch.equal(out, outputs)
-    flat = flatten_state(h_n, rnn)
+    # h_n is float32 (as nn.GRU's), the correctly rounded exact state; exact_state() gives the exact one.
+    flat, exact = flatten_state(h_n, rnn), flatten_state(rnn.exact_state(h_n), rnn)
     n = rnn.state_count
     for l, cell in enumerate(rnn.cells):
         want = [to_float(h, torch.float64) for h in finals[l]]
-        got = split_state(cell, [flat[l * n + k] for k in range(n)])
-        for a, b in zip(got, want):
+        got = split_state(cell, [exact[l * n + k] for k in range(n)])
+        rounded = split_state(cell, [flat[l * n + k] for k in range(n)])
+        for a, r, b in zip(got, rounded, want):
             assert a.dtype == torch.float64 and torch.equal(a, b)
+            assert r.dtype == torch.float32 and torch.equal(r, b.float())
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
@@ -203,7 +206,7 @@ def test_stepwise_with_drains(cls):
     rnn, x, hx = build(cfg)
     with torch.no_grad():
         for c in rnn.cells:  # z = σ(very negative) → z* = 1, i.e. forget everything (10 bits per multiply)
-            n, rows = c.half, c.gate_rows * c.half
+            n, rows = c.half_size, c.gate_rows * c.half_size
             # GRU gate rows per group: z, r, g; LSTM: f, i, o, p, g. Forget rows: z, or f and p.
             forget_rows = [0] if cls is RevGRU else [0, 3]
             for g in (0, 1):
@@ -234,7 +237,7 @@ def test_reverse_mode_matches_store_end_to_end(cfg):
     assert torch.equal(out_r, out_s)
     assert len(fin_r) == len(fin_s)
     for a, b in zip(fin_r, fin_s):
-        assert a.dtype == torch.float64 and torch.equal(a, b)
+        assert a.dtype == torch.float32 and torch.equal(a, b)
     assert stats_r["drains"] == stats_s["drains"]
     if not rnn.cells[0].forgets:
         assert stats_r["drains"] == 0 and stats_r["used_bits"] == 0
