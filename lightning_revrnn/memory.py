@@ -5,7 +5,11 @@ of the CUDA caching allocator with its address, size and time. From that one tra
 
 - **peak**: the highest level of (bytes allocated since the start − bytes freed since the start), forward
   and backward together; temporaries that live inside one op count too. Parameter gradients allocated
-  during the trace are also reported on their own, and the peak is recomputed without them.
+  during the trace are also reported on their own, and the peak is recomputed without them. On CPU the
+  profiler sees only the frees of blocks allocated while it runs (PyTorch warns once: "Memory block of
+  unknown size was allocated before the profiling started"), so memory from before the step that the step
+  releases does not offset its own allocations: the peak is that of the step's own allocations alive at
+  once, never below the truth. On CUDA the allocator's peak is used.
 - **saved**: the storages autograd saves for backward (``saved_tensors_hooks``) *that were allocated during
   the forward*, each counted once, whole. Only those cost the step memory: a saved view of something that
   existed before (a ``(20, 8)`` batch sliced from a corpus tensor, a parameter, a carried hidden state)

@@ -1,4 +1,4 @@
-"""What reverse mode keeps alive between forward and backward (measured with saved-tensor hooks)."""
+"""What a step allocates and keeps alive for backward (allocation trace + saved-tensor hooks)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
-from lightning_revrnn.memory import saved_tensor_bytes
+from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
 
 
 def _saved(rnn: nn.Module, T: int, B: int = 4) -> tuple[int, int, int]:
-    """(saved bytes excluding parameters, input bytes, buffer bytes) for one reverse-mode window."""
+    """(saved bytes allocated in the forward, input bytes, buffer bytes) for one reverse-mode window; the
+    input exists before the forward, so it is not counted (its bytes are returned for comparison)."""
     torch.manual_seed(0)
     x = torch.randn(T, B, rnn.input_size, requires_grad=True)
     with saved_tensor_bytes(rnn.parameters()) as saved:
@@ -25,10 +26,10 @@ def _saved(rnn: nn.Module, T: int, B: int = 4) -> tuple[int, int, int]:
 def test_reverse_mode_memory_does_not_grow_with_T_except_for_buffer_and_input(cls: type) -> None:
     rnn = cls(8, 16, num_layers=2, max_forget_bits=3, dropout=0.2, dropconnect=0.3)
     rest = []
-    for T in (20, 80, 320):
+    for T in (20, 80, 160):
         total, x_bytes, buf_bytes = _saved(rnn, T)
         checksum_bytes = 8 * T * rnn.num_layers  # one int64 fingerprint per layer and step
-        rest.append(total - x_bytes - buf_bytes - checksum_bytes)
+        rest.append(total - buf_bytes - checksum_bytes)
     assert rest[0] == rest[1] == rest[2], rest
 
 
@@ -52,8 +53,54 @@ def test_saved_tensor_bytes_deduplicates_views_and_skips_parameters() -> None:
     w = nn.Parameter(torch.randn(5, 5))
     x = torch.randn(10, 5, requires_grad=True)
     with saved_tensor_bytes([w]) as saved:
-        y = x @ w  # saves x and w
-        z = x[:3] * x[:3]  # saves views of x again
-    assert saved.total == x.untyped_storage().nbytes()
+        x2 = x * 2  # allocated in the block
+        y = x2 @ w  # saves x2 and w
+        z = x2[:3] * x2[:3]  # saves views of x2 again
+    assert saved.total == x2.untyped_storage().nbytes() == 200
     assert saved.storages == 1
     (y.sum() + z.sum()).backward()
+
+
+def test_saved_view_of_a_pre_existing_tensor_costs_nothing_but_a_new_storage_counts_whole() -> None:
+    corpus = torch.randn(10_000, 8)  # 320 KB, alive before the step (a corpus the batches are sliced from)
+    w = nn.Parameter(torch.randn(8, 8))
+    with saved_tensor_bytes() as saved:
+        batch = corpus[:20]  # a (20, 8) view: no new memory
+        hidden = batch @ w  # saves batch (a view of the corpus) and w (a parameter)
+    assert saved.total == 0 and saved.storages == 0
+    with saved_tensor_bytes() as saved:
+        big = corpus * 1.0  # 320 KB allocated in the block
+        kept = big[:20] @ w  # saves a (20, 8) view of it: the whole 320 KB stays alive for backward
+    assert saved.total == big.untyped_storage().nbytes() == 10_000 * 8 * 4
+    del hidden, kept
+
+
+def test_trace_peak_is_the_highest_level_of_the_steps_allocations() -> None:
+    trace = MemoryTrace(torch.device("cpu"))
+    trace.start()
+    a = torch.empty(1000)  # level 4000
+    b = torch.empty(2000)  # 12000: the peak
+    del a  # 8000
+    c = torch.empty(500)  # 10000
+    measured = trace.stop()
+    assert measured.peak_bytes == measured.peak_excl_grad_bytes == 12_000
+    assert measured.grad_bytes == measured.saved_bytes == 0
+    del b, c
+
+
+def test_trace_reports_parameter_gradients_apart_and_the_peak_without_them() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(100, 200)
+    x = torch.randn(64, 100)
+    trace = MemoryTrace(torch.device("cpu"))
+    trace.start()
+    trace.begin_forward()
+    out = torch.tanh(lin(x))  # saves x (pre-existing: 0) and tanh's 64·200 float32 output
+    trace.end_forward()
+    out.sum().backward()
+    measured = trace.stop(lin.parameters())
+    assert measured.saved_bytes == 64 * 200 * 4 and measured.saved_storages == 1
+    assert measured.grad_bytes == (100 * 200 + 200) * 4  # both gradients were allocated by this backward
+    # at least the linear output, the tanh output (saved) and one backward temporary of the same size
+    assert measured.peak_excl_grad_bytes >= 2 * 64 * 200 * 4
+    assert measured.peak_excl_grad_bytes < measured.peak_bytes <= measured.peak_excl_grad_bytes + measured.grad_bytes

@@ -1,0 +1,93 @@
+"""MemoryReport under DistributedDataParallel on CPU (gloo, 2 processes): fit and test end on every rank,
+the report is written once, by rank 0, with peaks reduced by max and bits by sum.
+
+``ddp_spawn`` runs inside pytest; ``ddp`` relaunches its script per rank, so it runs as a subprocess
+(``ddp_report_script.py``) in its own session, killed as a group on timeout. Deselect with ``-m "not ddp"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+if str(Path(__file__).parent) not in sys.path:  # the script is a sibling module (also run as a script)
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from ddp_report_script import BPTT, EMB, GLOBAL_BATCH, MARKER, STEPS, WORLD, run  # noqa: E402
+
+pytestmark = [
+    pytest.mark.ddp,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+SCRIPT = Path(__file__).with_name("ddp_report_script.py")
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK",
+            "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture
+def clean_env() -> Iterator[None]:
+    """Lightning's launchers write MASTER_PORT & co. into os.environ: start without them, restore afterwards."""
+    saved = dict(os.environ)
+    for key in DIST_ENV:
+        os.environ.pop(key, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _check_report(root: Path) -> None:
+    """One report, in the logger's folder, with WORLD ranks' accounting summed and every step present."""
+    reports = sorted(root.rglob("memory_report.json"))
+    assert len(reports) == 1, reports
+    assert (reports[0].parent / "memory_report.png").is_file()
+    steps = json.loads(reports[0].read_text())["steps"]
+    assert [row["step"] for row in steps] == [float(s) for s in range(1, STEPS + 1)]
+    for row in steps:
+        assert row["world_size"] == WORLD and row["memory/windows"] == WORLD
+        # bits summed over ranks: each rank holds GLOBAL_BATCH / WORLD columns, together the global batch
+        assert row["memory/normal_bits"] == 32 * BPTT * GLOBAL_BATCH * EMB
+        assert row["memory/peak_bytes"] >= row["memory/peak_excl_grad_bytes"] > 0
+    assert "memory/peak_bytes" in (reports[0].parent / "metrics.csv").read_text()
+    # trainer.test ran to the end after fit (ddp_spawn's test may open a new logger version)
+    assert any("test_ppl" in p.read_text() for p in root.rglob("metrics.csv"))
+
+
+def test_ddp_spawn_fit_and_test_with_memory_report(tmp_path: Path, clean_env: None) -> None:
+    trainer, _ = run(str(tmp_path), "ddp_spawn")
+    assert trainer.state.finished
+    _check_report(tmp_path)
+
+
+def test_ddp_fit_and_test_with_memory_report_in_a_subprocess(tmp_path: Path, clean_env: None) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(tmp_path), "ddp"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"ddp script timed out (a rank hung); output:\n{out[-4000:]}")
+    finally:
+        try:  # rank 1 is rank 0's child in the same session: nothing of it may outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, out[-4000:]
+    markers = sorted(line.split()[1] for line in out.splitlines() if line.startswith(MARKER))
+    assert markers == [f"rank={r}" for r in range(WORLD)], out[-4000:]  # fit and test returned on every rank
+    _check_report(tmp_path)
