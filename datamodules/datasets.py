@@ -5,15 +5,21 @@ Every item is a dict ``{"inputs": LongTensor (T, B), "targets": LongTensor (T, B
 :class:`~torch.utils.data.IterableDataset` so that Lightning never injects a ``DistributedSampler``: each
 rank's dataset already holds only that rank's columns. Use them with ``DataLoader(ds, batch_size=None)``
 and ``num_workers=0`` (the data is a small in-memory tensor; several workers would each yield everything).
+
+Mid-epoch resume: a pass over a dataset is a pure function of its epoch (variable BPTT lengths and generated
+batches are drawn from generators seeded with the epoch), so the position ``(epoch, windows consumed)`` is the
+whole iteration state. :class:`ResumableLoader` hands it to Lightning, which stores it in checkpoints and gives
+it back on resume; the next pass of that epoch then starts at the first window not yet trained on.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
-from typing import TypedDict
+from typing import Any, TypedDict, cast
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 IGNORE_INDEX = -100
 """Target value meaning "no prediction here" (the default ``ignore_index`` of ``cross_entropy``)."""
@@ -69,11 +75,17 @@ def _check_single_process_loading() -> None:
 
 
 class _EpochAware:
-    """Tracks the epoch: from ``epoch_fn`` (e.g. the trainer's ``current_epoch``) or a per-``__iter__`` counter."""
+    """Tracks the epoch (from ``epoch_fn``, e.g. the trainer's ``current_epoch``, or a per-``__iter__``
+    counter) and the position within the current pass, which :meth:`state_dict` / :meth:`load_state_dict`
+    save and restore so that a pass can resume mid-epoch. Subclasses define :meth:`_num_windows` and
+    :meth:`_fingerprint` and start every ``__iter__`` with :meth:`_begin_pass`."""
 
     def __init__(self, epoch_fn: EpochFn | None) -> None:
         self._epoch_fn = epoch_fn
         self._next_epoch = 0
+        self._pass_epoch: int | None = None
+        self._yielded = 0
+        self._resume_at: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch used by the next ``__iter__`` (when no ``epoch_fn`` supplies one)."""
@@ -92,6 +104,56 @@ class _EpochAware:
         epoch = self.epoch
         self._next_epoch = epoch + 1
         return epoch
+
+    def _begin_pass(self) -> tuple[int, int]:
+        """Start a pass: its epoch, and how many leading windows to skip (a restored mid-epoch position)."""
+        epoch = self._start_epoch()
+        skip = 0
+        if self._resume_at is not None and self._resume_at[0] == epoch:
+            skip = self._resume_at[1]
+        self._resume_at = None
+        self._pass_epoch, self._yielded = epoch, skip
+        return epoch, skip
+
+    def _num_windows(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def _fingerprint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """The position in the current pass: its epoch and how many windows the consumer has taken.
+
+        ``consumed``: windows the consumer has actually used, when it reads ahead (Lightning prefetches one);
+        default: every window yielded so far. Also records the settings that define the windows, so that
+        :meth:`load_state_dict` refuses a position that would mean different windows.
+        """
+        epoch = self._pass_epoch if self._pass_epoch is not None else self.epoch
+        windows = self._yielded if consumed is None else min(int(consumed), self._yielded)
+        finished = windows >= self._num_windows(epoch)
+        return {"epoch": epoch, "windows": windows, "finished": finished, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next pass of ``state["epoch"]`` start after the ``state["windows"]`` windows already used.
+
+        Raises:
+            ValueError: the position is mid-epoch but was saved with other data or window settings.
+        """
+        if state.get("finished", False):
+            self._resume_at = None
+            return
+        saved = {key: state.get(key) for key in self._fingerprint()}
+        if saved != self._fingerprint():
+            differ = {key: (value, self._fingerprint()[key]) for key, value in saved.items()
+                      if value != self._fingerprint()[key]}
+            raise ValueError(
+                f"Cannot resume {type(self).__name__} mid-epoch (epoch {state.get('epoch')}, window "
+                f"{state.get('windows')}): the checkpoint's data differs from this one in "
+                + ", ".join(f"{key} (checkpoint {old!r}, now {new!r})" for key, (old, new) in differ.items())
+                + ". Resume with the same data, batch size, bptt, variable_bptt and seed as the interrupted run, "
+                "or from an end-of-epoch checkpoint."
+            )
+        self._resume_at = (int(state["epoch"]), int(state["windows"]))
 
 
 class StreamWindowDataset(_EpochAware, IterableDataset):  # type: ignore[type-arg]
@@ -122,10 +184,11 @@ class StreamWindowDataset(_EpochAware, IterableDataset):  # type: ignore[type-ar
             )
         if bptt < 1:
             raise ValueError(f"bptt must be >= 1, got {bptt}")
-        self.streams = streams.long()
+        self.streams = streams.long().contiguous()
         self.bptt = int(bptt)
         self.variable_bptt = bool(variable_bptt)
         self.seed = int(seed)
+        self._tokens_crc: int | None = None
 
     @property
     def steps(self) -> int:
@@ -146,12 +209,24 @@ class StreamWindowDataset(_EpochAware, IterableDataset):  # type: ignore[type-ar
             raise TypeError("the number of windows varies by epoch with variable_bptt=True")
         return -(-self.steps // self.bptt)
 
+    def _num_windows(self, epoch: int) -> int:
+        return len(self.lengths(epoch)) if self.variable_bptt else len(self)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        if self._tokens_crc is None:
+            self._tokens_crc = zlib.crc32(self.streams.numpy().tobytes())
+        return {"streams": list(self.streams.shape), "tokens_crc32": self._tokens_crc, "bptt": self.bptt,
+                "variable_bptt": self.variable_bptt, "seed": self.seed}
+
     def __iter__(self) -> Iterator[Batch]:
-        """Yield the windows of one pass (one epoch)."""
+        """Yield the windows of one pass (one epoch), from a restored position if one was loaded."""
         _check_single_process_loading()
-        lengths = self.lengths(self._start_epoch())
-        pos = 0
-        for k, length in enumerate(lengths):
+        epoch, skip = self._begin_pass()
+        lengths = self.lengths(epoch)
+        pos = sum(lengths[:skip])
+        for k in range(skip, len(lengths)):
+            length = lengths[k]
+            self._yielded = k + 1
             yield {
                 "inputs": self.streams[pos : pos + length].clone(),
                 "targets": self.streams[pos + 1 : pos + 1 + length].clone(),
@@ -184,14 +259,60 @@ class IndependentBatchDataset(_EpochAware, IterableDataset):  # type: ignore[typ
         """Number of batches per epoch."""
         return self.num_batches
 
+    def _num_windows(self, epoch: int) -> int:
+        return self.num_batches
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"num_batches": self.num_batches, "columns": list(self.columns)}
+
     def __iter__(self) -> Iterator[Batch]:
-        """Yield this rank's slice of each batch of one epoch."""
+        """Yield this rank's slice of each batch of one epoch, from a restored position if one was loaded."""
         _check_single_process_loading()
-        inputs, targets = self.make_epoch(self._start_epoch())
+        epoch, skip = self._begin_pass()
+        inputs, targets = self.make_epoch(epoch)
         lo, hi = self.columns
-        for k in range(inputs.size(0)):
+        for k in range(skip, inputs.size(0)):
+            self._yielded = k + 1
             yield {
                 "inputs": inputs[k, :, lo:hi].contiguous(),
                 "targets": targets[k, :, lo:hi].contiguous(),
                 "reset": True,
             }
+
+
+ResumableDataset = StreamWindowDataset | IndependentBatchDataset
+
+
+class ResumableLoader(DataLoader):  # type: ignore[type-arg]
+    """``DataLoader(dataset, batch_size=None)`` whose position Lightning saves in checkpoints and restores.
+
+    Lightning's fit loop calls :meth:`state_dict` of every training loader that has one when it saves a
+    checkpoint, and :meth:`load_state_dict` before the first ``iter()`` on resume (and then no longer warns
+    that the loader cannot resume mid-epoch). The loader reads one window ahead of training (Lightning
+    prefetches), so the position saved is ``consumed_fn()`` (windows training has taken) when given.
+    """
+
+    def __init__(self, dataset: ResumableDataset, consumed_fn: Callable[[], int | None] | None = None) -> None:
+        """``consumed_fn``: windows of the current pass the consumer has used (``None``: unknown)."""
+        super().__init__(dataset, batch_size=None)
+        self.consumed_fn = consumed_fn
+
+    def state_dict(self) -> dict[str, Any]:
+        """The dataset's position (see :meth:`StreamWindowDataset.state_dict`)."""
+        consumed = self.consumed_fn() if self.consumed_fn is not None else None
+        return cast(ResumableDataset, self.dataset).state_dict(consumed)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the dataset's next pass at the saved position."""
+        cast(ResumableDataset, self.dataset).load_state_dict(state_dict)
+
+
+def training_batches_taken(trainer: Any | None) -> int | None:
+    """Batches the fit loop of ``trainer`` has taken from its training loader in the current epoch.
+
+    Lightning counts a batch as *ready* once the training loop has fetched it for a step; its prefetcher has
+    by then read one more from the loader, which is why the loader's own count cannot serve as the position.
+    ``None`` without a trainer (or one without a fit loop).
+    """
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
+    return None if progress is None else int(progress.current.ready)

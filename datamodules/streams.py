@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .corpus import Vocabulary, batchify
-from .datasets import StreamWindowDataset
+from .datasets import ResumableLoader, StreamWindowDataset, training_batches_taken
 from .distributed import check_divisible, rank_and_world_size, shard_range
 
 SPLITS = ("train", "valid", "test")
@@ -130,9 +130,16 @@ class TokenStreamDataModule(pl.LightningDataModule, metaclass=ABCMeta):
     def _loader(self, split: str) -> DataLoader[Any]:
         return DataLoader(self.dataset(split), batch_size=None)
 
+    def _training_windows_taken(self) -> int | None:
+        return training_batches_taken(self.trainer)
+
     def train_dataloader(self) -> DataLoader[Any]:
-        """Training windows (``batch_size/W`` streams, fixed or variable BPTT)."""
-        return self._loader("train")
+        """Training windows (``batch_size/W`` streams, fixed or variable BPTT).
+
+        Resumable: the position in the epoch goes into checkpoints, so a fit resumed from a mid-epoch checkpoint
+        continues with the window the interrupted run would have trained on next (same variable-BPTT lengths).
+        """
+        return ResumableLoader(self.dataset("train"), self._training_windows_taken)
 
     def val_dataloader(self) -> DataLoader[Any]:
         """Validation windows (``eval_batch_size/W`` streams, fixed BPTT)."""

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .corpus import Vocabulary
-from .datasets import IGNORE_INDEX, IndependentBatchDataset
+from .datasets import IGNORE_INDEX, IndependentBatchDataset, ResumableLoader, training_batches_taken
 from .distributed import rank_and_world_size, shard_range
 from .seeding import generator
 
@@ -116,8 +116,11 @@ class CopyTasksDataModule(pl.LightningDataModule):
         raise ValueError(f"unknown split {split!r}; expected 'train', 'valid' or 'test'")
 
     def train_dataloader(self) -> DataLoader[Any]:
-        """Training batches (regenerated each epoch)."""
-        return DataLoader(self.dataset("train"), batch_size=None)
+        """Training batches (regenerated each epoch); resumable mid-epoch from a checkpoint."""
+        return ResumableLoader(self.dataset("train"), self._training_batches_taken)
+
+    def _training_batches_taken(self) -> int | None:
+        return training_batches_taken(self.trainer)
 
     def val_dataloader(self) -> DataLoader[Any]:
         """Fixed validation batches."""

@@ -19,7 +19,9 @@ from typing import Any, Literal, cast
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -311,12 +313,44 @@ class LanguageModel(pl.LightningModule):
     # ------------------------------------------------------------------------------------ checkpointing
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["revrnn_hidden"] = self._hidden.get("train")
+        """Save the training state carried into the next window, every rank's (each carries its own streams).
+
+        With the DataModules' resumable training loaders, a mid-epoch checkpoint also holds the stream position,
+        so a resumed fit feeds each carried state the window that follows it, as the uninterrupted run would.
+        Under DDP this gathers from all ranks: like ``trainer.save_checkpoint`` itself, call it on every rank.
+        """
+        hidden = self._hidden.get("train")
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if hidden is None or world_size == 1:
+            per_rank = [hidden]
+        else:
+            gathered = self.all_gather(hidden)
+            per_rank = [apply_to_collection(gathered, Tensor, lambda t, r=r: t[r].cpu()) for r in range(world_size)]
+        checkpoint["revrnn_hidden"] = {"world_size": world_size, "per_rank": per_rank}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        hidden = checkpoint.get("revrnn_hidden")
-        self._hidden = {} if hidden is None else {"train": hidden}
+        """Restore this rank's carried training state (dropped, with a warning, if the world size changed)."""
+        saved = checkpoint.get("revrnn_hidden")
+        if isinstance(saved, dict) and "per_rank" in saved:
+            world_size = self.trainer.world_size if self._trainer is not None else 1
+            rank = self.global_rank if self._trainer is not None else 0
+            if saved["world_size"] != world_size:
+                rank_zero_warn(
+                    f"The checkpoint carries the hidden state of {saved['world_size']} process(es), this run has "
+                    f"{world_size}: the training streams restart from a zero state. Resume on "
+                    f"{saved['world_size']} process(es) to continue them exactly."
+                )
+                saved = None
+            else:
+                saved = saved["per_rank"][rank]
+        self._hidden = {} if saved is None else {"train": saved}
+
+    @override
+    def on_train_start(self) -> None:
+        # a restored carry was loaded before the model moved to its device
+        if "train" in self._hidden:
+            self._hidden["train"] = apply_to_collection(self._hidden["train"], Tensor, lambda t: t.to(self.device))
 
     # -------------------------------------------------------------------------------------- accounting
     def memory_stats(self) -> dict[str, Any] | None:
