@@ -245,17 +245,18 @@ class ReversibleRNN(nn.Module):
             return flat
         key = tuple(t.data_ptr() for t in flat)
         shapes = [(t.shape, t.device) for t in flat]
-        candidates = [e for e in reversed(self._exact) if [(x.shape, x.device) for x in e[1]] == shapes]
-        chosen = next((e for e in candidates if e[0] == key), candidates[0] if candidates else None)
-        if chosen is None:
-            return [t if t.dtype == torch.float64 else t.float() for t in flat]
+        kept = [e for e in self._exact if [(x.shape, x.device) for x in e[1]] == shapes]
+        # Oldest first, so the newest match wins; the entry these very tensors came from wins over all.
+        kept = [e for e in kept if e[0] != key] + [e for e in kept if e[0] == key]
         resolved = []
-        for t, exact in zip(flat, chosen[1]):
+        for i, t in enumerate(flat):
             if t.dtype == torch.float64:
                 resolved.append(t)
                 continue
             given = t.double()
-            value = torch.where(exact.float().to(t.dtype) == t.detach(), exact, given.detach())
+            value, seen = given.detach(), t.detach()
+            for _, exact in kept:
+                value = torch.where(exact[i].float().to(t.dtype) == seen, exact[i], value)
             resolved.append(straight_through(value, given))
         return resolved
 

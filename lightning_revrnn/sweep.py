@@ -249,8 +249,9 @@ def _raise_if_undeclared(module: nn.Module, kind: str, value: Tensor, declared: 
         return
     name = type(module).__name__
     raise RuntimeError(
-        f"{kind} {name} reads a tensor of shape {tuple(undeclared.shape)} that requires grad but is neither its "
-        f"parameter nor listed by its context(): mode='reverse' would give it no gradient (mode='store' would). "
+        f"{kind} {name} reads a tensor that requires grad but is neither its parameter nor listed by its "
+        f"context() (its graph reaches a leaf of shape {tuple(undeclared.shape)}): mode='reverse' would give it "
+        "no gradient (mode='store' would). "
         f"Fix: return that tensor (the one the {kind.lower()[4:]} reads, e.g. an attention memory or encoder "
         f"output) from {name}.context(), register it as a parameter of {name}, or detach it if it needs no "
         "gradient."
