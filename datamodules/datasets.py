@@ -14,7 +14,6 @@ it back on resume; the next pass of that epoch then starts at the first window n
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypedDict, cast
 
@@ -125,8 +124,9 @@ class _EpochAware:
         """The position in the current pass: its epoch and how many windows the consumer has taken.
 
         ``consumed``: windows the consumer has actually used, when it reads ahead (Lightning prefetches one);
-        default: every window yielded so far. Also records the settings that define the windows, so that
-        :meth:`load_state_dict` refuses a position that would mean different windows.
+        default: every window yielded so far. Also records the settings that define the window boundaries
+        (identical on every DDP rank), so that :meth:`load_state_dict` refuses a position that would mean
+        different windows.
         """
         epoch = self._pass_epoch if self._pass_epoch is not None else self.epoch
         windows = self._yielded if consumed is None else min(int(consumed), self._yielded)
@@ -188,7 +188,6 @@ class StreamWindowDataset(_EpochAware, IterableDataset):  # type: ignore[type-ar
         self.bptt = int(bptt)
         self.variable_bptt = bool(variable_bptt)
         self.seed = int(seed)
-        self._tokens_crc: int | None = None
 
     @property
     def steps(self) -> int:
@@ -213,10 +212,8 @@ class StreamWindowDataset(_EpochAware, IterableDataset):  # type: ignore[type-ar
         return len(self.lengths(epoch)) if self.variable_bptt else len(self)
 
     def _fingerprint(self) -> dict[str, Any]:
-        if self._tokens_crc is None:
-            self._tokens_crc = zlib.crc32(self.streams.numpy().tobytes())
-        return {"streams": list(self.streams.shape), "tokens_crc32": self._tokens_crc, "bptt": self.bptt,
-                "variable_bptt": self.variable_bptt, "seed": self.seed}
+        # what the window boundaries depend on; the same on every DDP rank (only rank 0's state is saved)
+        return {"steps": self.steps, "bptt": self.bptt, "variable_bptt": self.variable_bptt, "seed": self.seed}
 
     def __iter__(self) -> Iterator[Batch]:
         """Yield the windows of one pass (one epoch), from a restored position if one was loaded."""
@@ -263,7 +260,7 @@ class IndependentBatchDataset(_EpochAware, IterableDataset):  # type: ignore[typ
         return self.num_batches
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"num_batches": self.num_batches, "columns": list(self.columns)}
+        return {"num_batches": self.num_batches}
 
     def __iter__(self) -> Iterator[Batch]:
         """Yield this rank's slice of each batch of one epoch, from a restored position if one was loaded."""

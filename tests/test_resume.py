@@ -148,3 +148,60 @@ def test_carried_state_is_the_one_before_the_next_window(tmp_path: Path) -> None
     with pytest.warns(UserWarning, match="carries the hidden state of 2 process"):
         model.on_load_checkpoint(checkpoint)
     assert "train" not in model._hidden
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK",
+            "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+class SaveAt(Callback):
+    """Every rank saves a checkpoint after step ``at`` (the LM gathers all ranks' carries); training goes on."""
+
+    def __init__(self, at: int, path: str) -> None:
+        self.at, self.path = at, path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.at:
+            trainer.save_checkpoint(self.path)
+
+
+class SaveParams(Callback):
+    """Each rank writes its final parameters to ``folder/<tag>-rank<r>.pt``."""
+
+    def __init__(self, folder: str, tag: str) -> None:
+        self.folder, self.tag = folder, tag
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        torch.save(params, Path(self.folder) / f"{self.tag}-rank{trainer.global_rank}.pt")
+
+
+def _ddp_fit(callbacks: list[Callback], ckpt_path: Path | None = None, model_seed: int = 0) -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, enable_checkpointing=False, callbacks=callbacks)
+    trainer.fit(_model("revgru", model_seed), _data(variable_bptt=True), ckpt_path=ckpt_path)
+
+
+@pytest.mark.ddp
+@pytest.mark.filterwarnings("ignore:.*ReduceLROnPlateau conditioned on metric val_ppl which is not available.*")
+def test_ddp_mid_epoch_resume_continues_every_ranks_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks each carry their own two streams; the resumed fit must give each rank its own carry back
+    (rank 0's on rank 1 would change rank 1's gradients, hence the all-reduced parameters)."""
+    for key in DIST_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks' torch threads (see _one_thread)
+    path = tmp_path / "mid.ckpt"
+    _ddp_fit([SaveAt(6, str(path)), SaveParams(str(tmp_path), "whole")])  # a checkpoint changes no number
+    carried = torch.load(path, weights_only=False)["revrnn_hidden"]
+    assert carried["world_size"] == 2
+    rank0, rank1 = (torch.utils._pytree.tree_leaves(carried["per_rank"][r]) for r in range(2))
+    assert rank0 and not all(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))  # different streams
+    _ddp_fit([SaveParams(str(tmp_path), "resumed")], ckpt_path=path, model_seed=123)
+    for rank in range(2):
+        whole = torch.load(tmp_path / f"whole-rank{rank}.pt")
+        resumed = torch.load(tmp_path / f"resumed-rank{rank}.pt")
+        for name, value in whole.items():
+            assert torch.equal(resumed[name], value), f"rank {rank} {name}"
