@@ -75,8 +75,9 @@ class MemoryReport(Callback):
     Args:
         every_n_steps: measure the optimizer steps whose number (``trainer.global_step`` after the step) is a
             multiple of this. Default ``None``: the trainer's ``log_every_n_steps`` (50 unless set), so
-            each measurement reaches the logger. Tracing costs time (the profiler records every op of the
-            step), so measuring every step slows training; unmeasured steps cost nothing.
+            each measurement reaches the logger. A traced step takes about 2-4x as long as an untraced one
+            (the profiler records every op; measured for the LM at T 70 on CPU and an H200), so the default
+            costs a few percent; unmeasured steps cost nothing.
         plot: write the PNG (needs matplotlib).
     """
 
@@ -211,6 +212,9 @@ class MemoryReport(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._trace is not None:  # fit ended inside a measured step (no optimizer step came)
+            self._trace.abort()
+            self._trace = None
         self._remove_hooks()
         folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank must ask
         if not trainer.is_global_zero:

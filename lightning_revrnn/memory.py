@@ -24,6 +24,7 @@ other allocation can take its address in between.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -150,8 +151,10 @@ class MemoryTrace:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._cuda_start = torch.cuda.memory_allocated(self.device)
-        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profile.__enter__()
+        with warnings.catch_warnings():  # "Profiler clears events at the end of each cycle": one cycle here
+            warnings.simplefilter("ignore")
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
 
     def begin_forward(self) -> None:
         """A forward starts: record the storages autograd saves until :meth:`end_forward`."""
@@ -199,7 +202,9 @@ class MemoryTrace:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prof, self._profile = self._profile, None
-        prof.__exit__(None, None, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prof.__exit__(None, None, None)
         allocations, markers = _allocations(prof)
         grads = _live_allocations(allocations, {k for k in grad_keys if k[0] == self.device})
         peak = _peak(allocations, self.device, set())

@@ -274,3 +274,40 @@ def test_peaks_reduced_by_max_and_bits_by_sum() -> None:
     assert accounting["memory/enc/layer1/used_bits"] == 4 * stats["layers"][1]["used_bits"]
     assert accounting["memory/windows"] == 4
     assert accounting["memory/actual_ratio"] == pytest.approx(stats["actual_ratio"])
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_trace_peak_is_the_allocators_and_gradients_split() -> None:
+    from lightning_revrnn.memory import MemoryTrace
+
+    device = torch.device("cuda")
+    lin = nn.Linear(256, 512).to(device)
+    x = torch.randn(128, 256, device=device)
+    trace = MemoryTrace(device)
+    trace.start()
+    trace.begin_forward()
+    out = torch.tanh(lin(x))
+    trace.end_forward()
+    out.sum().backward()
+    measured = trace.stop(lin.parameters())
+    # the caching allocator rounds blocks to 512 bytes; these sizes are multiples of 512
+    assert measured.saved_bytes == 128 * 512 * 4
+    assert measured.grad_bytes == (256 * 512 + 512) * 4
+    assert measured.peak_excl_grad_bytes >= 2 * 128 * 512 * 4
+    assert measured.peak_excl_grad_bytes < measured.peak_bytes
+
+
+@cuda
+def test_cuda_trainer_run(tmp_path: Path) -> None:
+    report = MemoryReport(every_n_steps=1)
+    trainer = _trainer(tmp_path, report, accelerator="gpu", limit_val_batches=0)
+    trainer.fit(_lm("revgru"), _data())
+    assert len(report.history) == STEPS
+    for row in report.history:
+        assert row["memory/peak_bytes"] >= row["memory/peak_excl_grad_bytes"] > 0
+        assert 0 < row["memory/saved_bytes"] < row["memory/peak_bytes"]
+        assert row["memory/normal_bits"] == 32 * 30 * 8 * (24 + 16)
