@@ -105,11 +105,17 @@ class _EpochAware:
         return epoch
 
     def _begin_pass(self) -> tuple[int, int]:
-        """Start a pass: its epoch, and how many leading windows to skip (a restored mid-epoch position)."""
+        """Start a pass: its epoch, and how many leading windows to skip (a restored position).
+
+        A restored position applies to a pass of its epoch or of an earlier one: Lightning may still report
+        the epoch in which a checkpoint was saved after the last window (then the position is the start of
+        the next epoch); a later epoch means the position is stale and is ignored.
+        """
         epoch = self._start_epoch()
         skip = 0
-        if self._resume_at is not None and self._resume_at[0] == epoch:
-            skip = self._resume_at[1]
+        if self._resume_at is not None and epoch <= self._resume_at[0]:
+            epoch, skip = self._resume_at
+            self._next_epoch = epoch + 1
         self._resume_at = None
         self._pass_epoch, self._yielded = epoch, skip
         return epoch, skip
@@ -134,13 +140,14 @@ class _EpochAware:
         return {"epoch": epoch, "windows": windows, "finished": finished, **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Make the next pass of ``state["epoch"]`` start after the ``state["windows"]`` windows already used.
+        """Make the next pass continue from ``state``: in ``state["epoch"]`` after the ``state["windows"]``
+        windows already used, or at the start of the next epoch if that pass was finished.
 
         Raises:
             ValueError: the position is mid-epoch but was saved with other data or window settings.
         """
         if state.get("finished", False):
-            self._resume_at = None
+            self._resume_at = (int(state["epoch"]) + 1, 0)
             return
         saved = {key: state.get(key) for key in self._fingerprint()}
         if saved != self._fingerprint():

@@ -98,6 +98,7 @@ def _fit(rnn: str, variable_bptt: bool, callbacks: list[Callback], ckpt_path: Pa
     ("rnn", "variable_bptt", "at"),
     [
         ("revgru", True, 7),  # mid-epoch 0, AWD variable BPTT lengths
+        ("revgru", True, 18),  # the last of epoch 0's 18 variable windows (the loader has no length)
         ("lstm", False, 21),  # mid-epoch 1 (15 windows per epoch), after a validation and a scheduler step
         ("revlstm", False, 15),  # the last window of epoch 0, before its validation
     ],
@@ -117,11 +118,12 @@ def test_mid_epoch_resume_is_bit_exact(tmp_path: Path, rnn: str, variable_bptt: 
     resumed_windows = Windows()
     resumed, caught = _fit(rnn, variable_bptt, [resumed_windows], ckpt_path=path, model_seed=123)
     assert not [w for w in caught if "not resumable" in str(w.message) or "carries the hidden" in str(w.message)]
-    # the resumed run sees exactly the windows the uninterrupted one saw after step `at`
+    # the resumed run sees exactly the windows the uninterrupted one saw after step `at` (batch_idx aside: after
+    # a checkpoint on the last window of an unsized epoch, Lightning numbers the next epoch's batches on from it)
     tail = whole_windows.seen[at:]
     assert len(resumed_windows.seen) == len(tail)
-    for (e, i, x, r), (e2, i2, x2, r2) in zip(resumed_windows.seen, tail, strict=True):
-        assert (e, i, r) == (e2, i2, r2) and torch.equal(x, x2)
+    for (e, _, x, r), (e2, _, x2, r2) in zip(resumed_windows.seen, tail, strict=True):
+        assert (e, r) == (e2, r2) and torch.equal(x, x2)
     for (name, a), (_, b) in zip(resumed.named_parameters(), whole.named_parameters(), strict=True):
         assert torch.equal(a, b), f"{name}: max |diff| {float((a - b).abs().max())}"
 
