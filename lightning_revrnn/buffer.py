@@ -50,10 +50,15 @@ WORD_LIMIT_BITS = 63 - R_Z
 #: Bits moved from each of a drained example's words into its plane row per drain; an example drains at a
 #: check point when its largest word has more than this many bits.
 DRAIN_BITS = 32
-#: Bits held per stored row index (an int64 tensor on the device) in the accounting.
-ROW_INDEX_BITS = 64
 _DRAIN_MASK = (1 << DRAIN_BITS) - 1
 _DRAIN_OFFSET = 1 << (DRAIN_BITS - 1)  # stores [0, 2^32) in int32 as [-2^31, 2^31)
+
+
+def row_index_dtype(batch: int) -> torch.dtype:
+    """The smallest integer dtype that holds every row index of a batch: the stored indices of partial drains."""
+    if batch <= 256:
+        return torch.uint8
+    return torch.int16 if batch <= 2**15 else torch.int32
 
 
 def check_period(max_forget_bits: int | None) -> int:
@@ -71,8 +76,9 @@ class BufferStats:
 
     ``normal_bits``: what storing the states would take (32 per hidden value per step, ×2 with a cell);
     ``used_bits``: what the buffer actually holds: the plane rows (32 bits per unit of a drained example),
-    the row indices of drains that took only part of the batch (64 bits each, an int64 tensor), the final
-    words (64 bits per unit) and one flag bit per multiplication (whether a drain preceded it);
+    the row indices of drains that took only part of the batch (8 bits each up to batch 256, see
+    :func:`row_index_dtype`), the final words (64 bits per unit) and one flag bit per multiplication
+    (whether a drain preceded it);
     ``optimal_bits``: the information-theoretic floor ``Σ -log2 z`` over all buffered multiplications,
     kept on the device until :meth:`as_dict` reads it (so a forward never waits for it);
     ``drains``: example drains (an example draining all its units counts one).
@@ -115,7 +121,7 @@ class InformationBuffer:
 
     Drain records (parallel lists, one entry per check point at which some example drained):
     ``drained_before`` (the index of the multiplication the drain preceded), ``drained_rows`` (int64
-    row indices on the device, ``None`` when every example drained), ``drained_counts`` (how many
+    row indices on the device in :func:`row_index_dtype`, ``None`` when every example drained), ``drained_counts`` (how many
     examples drained) and, when retained, ``planes`` (int32, ``(drained examples, hidden_size // 2)``).
     ``syncs`` counts the host-device synchronisations of the forward.
     """
@@ -177,7 +183,8 @@ class InformationBuffer:
         kept = words >> DRAIN_BITS
         self.word = kept if rows is None else self.word.index_copy(0, rows, kept)
         self.drained_before.append(self.multiplications)
-        self.drained_rows.append(rows if self.retain else None)
+        kept_rows = rows.to(row_index_dtype(self.word.shape[0])) if self.retain and rows is not None else None
+        self.drained_rows.append(kept_rows)
         self.drained_counts.append(int(full.size))
 
     def _undo_drain(self) -> None:
@@ -188,7 +195,8 @@ class InformationBuffer:
             )
         self.drained_before.pop()
         self.drained_counts.pop()
-        rows = self.drained_rows.pop()
+        stored = self.drained_rows.pop()
+        rows = None if stored is None else stored.long()
         low = self.planes.pop().to(torch.int64) + _DRAIN_OFFSET
         words = self.word if rows is None else self.word.index_select(0, rows)
         restored = (words << DRAIN_BITS) | low
@@ -211,7 +219,7 @@ class InformationBuffer:
         if self._log2_z_sum is not None:
             optimal = self.multiplications * units * R_Z - self._log2_z_sum
         plane_bits = sum(p.numel() for p in self.planes) * DRAIN_BITS
-        index_bits = sum(r.numel() for r in self.drained_rows if r is not None) * ROW_INDEX_BITS
+        index_bits = sum(r.numel() * r.element_size() * 8 for r in self.drained_rows if r is not None)
         used = plane_bits + index_bits + units * 64 + self.multiplications
         return BufferStats(
             normal_bits=normal_bits,

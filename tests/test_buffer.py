@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
-from lightning_revrnn.buffer import InformationBuffer, check_period
+from lightning_revrnn.buffer import InformationBuffer, check_period, row_index_dtype
 from lightning_revrnn.fixed_point import FORGET_ONE, forget_floor, limit_forget, quantize_forget
 
 CPU = torch.device("cpu")
@@ -93,6 +93,8 @@ def test_drain_decisions_of_an_example_do_not_depend_on_its_batchmates() -> None
         assert all(torch.equal(r, p[0]) for r, p in zip(rows, alone.planes)), b
         assert torch.equal(_reverse(alone, hs_alone[-1], [z[b : b + 1] for z in zs]), h0[b : b + 1])
     assert sum(1 for idx in batch.drained_rows if idx is not None) > 0, "some drains must take part of the batch"
+    assert all(idx.dtype == torch.uint8 for idx in batch.drained_rows if idx is not None)  # batch ≤ 256
+    assert (row_index_dtype(256), row_index_dtype(257), row_index_dtype(2**16)) == (torch.uint8, torch.int16, torch.int32)
     assert torch.equal(_reverse(batch, hs_batch[-1], zs), h0) and batch.is_empty()
 
 
@@ -137,10 +139,10 @@ def test_accounting_by_hand_with_drains(second_forgets: bool) -> None:
     assert torch.equal(buf.word[0], torch.full((n,), 2**36 - 1))  # 2^58-1 drained to 2^26-1, then ×2^10 + 1023
     stats = buf.stats(normal_bits=1000).as_dict()
     planes = 2 * drained * n * 32  # two drains, 32 bits per unit of each drained example
-    indices = 0 if second_forgets else 2 * 64  # one int64 row index per partial drain
+    indices = 0 if second_forgets else 2 * 8  # one uint8 row index per partial drain (batch ≤ 256)
     words = B * n * 64
     assert stats["used_bits"] == planes + indices + words + M  # + one flag bit per multiplication
-    assert stats["used_bits"] == (778 if second_forgets else 714)
+    assert stats["used_bits"] == (778 if second_forgets else 602)
     assert stats["optimal_bits"] == 10 * n * M * (2 if second_forgets else 1)  # Σ -log2(z*/1024)
     assert stats["drains"] == 2 * drained and stats["multiplications"] == M
     assert torch.equal(_reverse(buf, h, [z] * M), torch.full((B, n), -1, dtype=torch.int64)) and buf.is_empty()
