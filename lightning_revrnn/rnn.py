@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import Literal, Union, cast
+from typing import ClassVar, Literal, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -48,9 +48,10 @@ class ReversibleRNN(nn.Module):
         mode: ``"reverse"`` (reconstruct states in backward) or ``"store"`` (ordinary autograd through the
             same fixed-point forward). Settable later as ``rnn.mode``.
 
-    ``out, h_n = rnn(x, hx=None)``, with the dtypes ``nn.GRU``/``nn.LSTM`` would return: ``x``'s floating
-    dtype, or the autocast dtype for a float32 ``x`` where those modules autocast (CUDA; the CPU for the
-    LSTM types). Inside, the cells always compute in exact float32 fixed point, autocast off.
+    ``out, h_n = rnn(x, hx=None)``, with the dtypes ``nn.GRU``/``nn.LSTM`` would return: under autocast
+    where those modules autocast, their dtype (CUDA: float16 whatever the autocast dtype, as cuDNN's RNN;
+    CPU, LSTM types only: the autocast dtype), else ``x``'s floating dtype (float32 with a stem). Inside,
+    the cells always compute in exact float32 fixed point, autocast off.
 
     Exact carry: the fixed-point state does not fit in float32, so the module keeps the exact final state
     (float64) of its last few forwards. When ``hx`` is passed, each element that equals the rounding of a
@@ -65,8 +66,10 @@ class ReversibleRNN(nn.Module):
     """
 
     cell_class: type[ReversibleCell]
-    #: Device types where the matching ``nn`` module returns the autocast dtype for a float32 input.
-    autocast_device_types: tuple[str, ...] = ("cuda",)
+    #: Where the matching ``nn`` module autocasts: device type -> its result dtype (None: the autocast dtype).
+    #: Measured with torch 2.11 (CUDA, H200) and 2.13 (CPU): cuDNN's RNN returns float16 under any autocast,
+    #: nn.GRU on the CPU does not autocast, nn.LSTM on the CPU (oneDNN) returns the autocast dtype.
+    autocast_results: ClassVar[dict[str, torch.dtype | None]] = {"cuda": torch.float16}
 
     def __init__(
         self,
@@ -189,14 +192,11 @@ class ReversibleRNN(nn.Module):
         return primary, h_n
 
     def _result_dtype(self, x: Tensor, stem: StepStem | None) -> torch.dtype:
-        """The dtype ``nn.GRU``/``nn.LSTM`` would return: a non-float32 input's own, the autocast dtype
-        where those modules autocast, else float32."""
-        if stem is None and x.dtype != torch.float32:
-            return x.dtype
+        """The dtype ``nn.GRU``/``nn.LSTM`` would return (see :attr:`autocast_results`)."""
         kind = x.device.type
-        if kind in self.autocast_device_types and torch.is_autocast_enabled(kind):
-            return torch.get_autocast_dtype(kind)
-        return torch.float32
+        if kind in self.autocast_results and torch.is_autocast_enabled(kind):
+            return self.autocast_results[kind] or torch.get_autocast_dtype(kind)
+        return torch.float32 if stem is not None else x.dtype
 
     def _forward_autograd(
         self, window: Window, x: Tensor, init: list[Tensor], batch: int
@@ -381,7 +381,7 @@ class RevLSTM(ReversibleRNN):
     """Reversible LSTM (:class:`~lightning_revrnn.cells.RevLSTMCell` layers). ``hx``/``h_n``: (h, c)."""
 
     cell_class = RevLSTMCell
-    autocast_device_types = ("cuda", "cpu")
+    autocast_results = {"cuda": torch.float16, "cpu": None}
 
 
 class NFRevGRU(ReversibleRNN):
@@ -394,4 +394,4 @@ class NFRevLSTM(ReversibleRNN):
     """No-forgetting RevLSTM: exactly invertible by additive coupling alone (no buffer)."""
 
     cell_class = NFRevLSTMCell
-    autocast_device_types = ("cuda", "cpu")
+    autocast_results = {"cuda": torch.float16, "cpu": None}

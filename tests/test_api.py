@@ -102,7 +102,7 @@ def test_dtypes_under_autocast_match_nn(cls: type, input_dtype: torch.dtype) -> 
     torch.manual_seed(3)
     rnn, base = cls(4, 8), BASELINE[cls](4, 8)
     x = torch.randn(6, 2, 4).to(input_dtype).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):  # CUDA under REVRNN_TEST_DEVICE=cuda
         out, h_n = rnn(x)
         ref_out, ref_h = base(x)
     assert out.dtype == ref_out.dtype

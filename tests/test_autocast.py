@@ -4,6 +4,8 @@ and head run in the caller's precision in forward and in the reverse sweep alike
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -14,6 +16,8 @@ from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
 
 BF16 = torch.bfloat16
+#: The device type the tests' tensors land on (``REVRNN_TEST_DEVICE``, see conftest.py): autocast there.
+KIND = torch.device(os.environ.get("REVRNN_TEST_DEVICE", "cpu")).type
 
 
 class LinearStem(StepStem):
@@ -49,7 +53,7 @@ def run(rnn: nn.Module, mode: str, x: Tensor, stem: LinearStem, head: Decoder) -
     rnn.mode = mode
     params = [*rnn.parameters(), *stem.parameters(), *head.parameters()]
     torch.manual_seed(1)
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(KIND, dtype=BF16):
         loss, _ = rnn(x, stem=stem, head=head)
     return loss.detach(), list(torch.autograd.grad(loss, params))  # backward outside autocast, as Lightning
 
@@ -91,9 +95,10 @@ def test_cells_are_exact_float32_under_autocast() -> None:
     torch.manual_seed(3)
     ref, _ = rnn(x)
     torch.manual_seed(3)
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(KIND, dtype=BF16):
         out, h_n = rnn(x)
-    assert out.dtype == torch.float32 and torch.equal(out, ref)  # nn.GRU on CPU keeps float32 too
+        expected = nn.GRU(4, 8)(x)[0].dtype  # float32 on the CPU, float16 on CUDA (cuDNN)
+    assert out.dtype == expected and torch.equal(out, ref.to(expected))
     (out ** 2).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
@@ -109,15 +114,16 @@ def test_stem_autocast_mismatch_is_caught() -> None:
     rnn = RevGRU(6, 8)
     stem = LinearStem(5, 6)
     x = torch.randn(20, 2, 5)
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(KIND, dtype=BF16):
         out, _ = rnn(x, stem=stem)
     window = rnn.last_window
     assert window is not None and window.autocast.enabled
-    window.autocast = AutocastState("cpu", False, BF16)
+    window.autocast = AutocastState(KIND, False, BF16)
     with pytest.raises(ReconstructionError):
         (out.float() ** 2).sum().backward()
 
 
+@pytest.mark.skipif(KIND != "cpu", reason="a CPU Trainer")
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_language_model_bf16_mixed_runs_the_decoder_in_bf16() -> None:
     torch.manual_seed(5)

@@ -122,14 +122,17 @@ def test_autocast_does_not_change_the_arithmetic(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     rnn = RevLSTM(4, 8)
     x = torch.randn(12, 3, 4)
+    kind = x.device.type
     with torch.no_grad():
         ref, h_ref = rnn(x)
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(kind, dtype=dtype):
             out, h = rnn(x)
-    # The cells compute in float32 either way; only the results take the autocast dtype, as nn.LSTM's do.
+    # The cells compute in float32 either way; the results take the dtype nn.LSTM's would (the autocast
+    # dtype on the CPU, float16 on CUDA).
+    dtype = torch.float16 if kind == "cuda" else dtype
     assert out.dtype == h[0].dtype == dtype
     assert torch.equal(out, ref.to(dtype)) and torch.equal(h[0], h_ref[0].to(dtype)) and torch.equal(h[1], h_ref[1].to(dtype))
     rnn.mode = "store"
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(kind, dtype=dtype):
         out_store, _ = rnn(x.requires_grad_())
     assert torch.equal(out_store, ref.to(dtype))
