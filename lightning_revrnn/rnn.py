@@ -53,12 +53,13 @@ class ReversibleRNN(nn.Module):
     CPU, LSTM types only: the autocast dtype), else ``x``'s floating dtype (float32 with a stem). Inside,
     the cells always compute in exact float32 fixed point, autocast off.
 
-    Exact carry: the fixed-point state does not fit in float32, so the module keeps the exact final state
-    (float64) of its last few forwards. When ``hx`` is passed, each element that equals the rounding of a
-    kept exact element (the same tensor passed back, ``h_n.detach()``, a clone) continues from the exact
-    value, elementwise and without a host sync; elements the caller reset or changed use ``hx`` as given.
-    So ``out2, h2 = rnn(x2, h_n.detach())`` continues bit for bit. :meth:`exact_state` returns the exact
-    (float64) state, e.g. to save in a checkpoint; a float64 ``hx`` is always used as is.
+    Exact carry: the fixed-point state does not always fit in float32 (beyond ±1 it has more bits), so the
+    module keeps the exact final state (float64) of its last few forwards. When ``hx`` is a returned
+    ``h_n`` (or ``h_n.detach()``, or a view of it), each element that still holds the rounding of the exact
+    value continues from the exact value (elementwise, no host sync); elements the caller reset or changed
+    in place use ``hx`` as given. So ``out2, h2 = rnn(x2, h_n.detach())`` continues bit for bit. A copy
+    (``clone()``, ``.to(...)``) carries its float32 value: for a state that must outlive the module's
+    memory (a checkpoint, another device) use :meth:`exact_state`, whose float64 result is used as is.
 
     With ``head`` (a :class:`StepHead`), the first return value is the head's sum over steps instead of
     the outputs. With ``stem`` (a :class:`StepStem`), ``x`` is what the stem reads per step (e.g. token
@@ -107,7 +108,7 @@ class ReversibleRNN(nn.Module):
         self.cells = nn.ModuleList(self.cell_class(i, h, max_forget_bits) for i, h in zip(ins, sizes))
         self._stats: list[BufferStats] | None = None
         self._last_window: weakref.ref[Window] | None = None
-        self._exact: list[tuple[tuple[int, ...], list[Tensor]]] = []
+        self._exact: list[tuple[list[Tensor], list[Tensor]]] = []
 
     @property
     def mode(self) -> Mode:
@@ -220,9 +221,9 @@ class ReversibleRNN(nn.Module):
     def exact_state(self, state: State | tuple[State, State]) -> State | tuple[State, State]:
         """The exact (float64, detached) value of a state this module returned, in the same layout.
 
-        Elements that match a kept exact final state (see the class docstring) take its value; others are
-        ``state``'s own. Passing the result as ``hx`` continues bit for bit, also after a restart (save it
-        in a checkpoint instead of ``h_n``)."""
+        ``state`` must be a returned ``h_n`` (or a view of it, see the class docstring) of one of the last
+        few forwards; elsewhere its own value is returned. Passing the result as ``hx`` continues bit for
+        bit, also after a restart (save it in a checkpoint instead of ``h_n``)."""
         flat = self._flat_state(state)
         return self._pack_state([t.detach() for t in self._resolve_exact(flat)])
 
@@ -234,29 +235,28 @@ class ReversibleRNN(nn.Module):
         return [per_kind[k][l] for l in range(len(per_kind[0])) for k in range(n)]
 
     def _keep_exact(self, h_n: State | tuple[State, State], exact: list[Tensor]) -> None:
-        """Remember the exact final state, keyed by the storage of the returned tensors."""
-        key = tuple(t.data_ptr() for t in self._flat_state(h_n))
-        self._exact = [e for e in self._exact if e[0] != key][-(EXACT_CACHE_SIZE - 1) :] + [(key, exact)]
+        """Remember the exact final state with the returned tensors themselves (detached views): holding
+        them keeps their storage alive, so no other tensor can appear at their address while kept."""
+        held = [t.detach() for t in self._flat_state(h_n)]
+        self._exact = [*self._exact[-(EXACT_CACHE_SIZE - 1) :], (held, exact)]
 
     def _resolve_exact(self, flat: list[Tensor]) -> list[Tensor]:
-        """Float64 initial states: exact where ``flat`` holds the rounding of a kept exact state (with
-        ``flat``'s gradient, straight through), ``flat``'s value elsewhere."""
-        if all(t.dtype == torch.float64 for t in flat):
-            return flat
-        key = tuple(t.data_ptr() for t in flat)
-        shapes = [(t.shape, t.device) for t in flat]
-        kept = [e for e in self._exact if [(x.shape, x.device) for x in e[1]] == shapes]
-        # Oldest first, so the newest match wins; the entry these very tensors came from wins over all.
-        kept = [e for e in kept if e[0] != key] + [e for e in kept if e[0] == key]
+        """Float64 initial states: exact where ``flat`` is (a view of) a kept final state and an element
+        still holds the rounding of the exact value (with ``flat``'s gradient, straight through), the given
+        value elsewhere. A copy is not matched: equal rounding alone does not prove it is the same state."""
         resolved = []
         for i, t in enumerate(flat):
-            if t.dtype == torch.float64:
-                resolved.append(t)
+            given = t if t.dtype == torch.float64 else t.double()
+            match = None
+            for held, exact in reversed(self._exact):
+                h = held[i] if i < len(held) else None
+                if h is not None and h.data_ptr() == t.data_ptr() and h.shape == t.shape and h.dtype == t.dtype:
+                    match = exact[i]
+                    break
+            if match is None or t.dtype == torch.float64:
+                resolved.append(given)
                 continue
-            given = t.double()
-            value, seen = given.detach(), t.detach()
-            for _, exact in kept:
-                value = torch.where(exact[i].float().to(t.dtype) == seen, exact[i], value)
+            value = torch.where(match.float().to(t.dtype) == t.detach(), match, given.detach())
             resolved.append(straight_through(value, given))
         return resolved
 
