@@ -12,7 +12,6 @@ from lightning_revrnn import RevGRU, RevLSTM
 from lightning_revrnn.buffer import InformationBuffer, check_period, row_index_dtype
 from lightning_revrnn.fixed_point import FORGET_ONE, forget_floor, limit_forget, quantize_forget
 
-CPU = torch.device("cpu")
 
 
 def _run(buf: InformationBuffer, h: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -33,7 +32,7 @@ def _reverse(buf: InformationBuffer, h: torch.Tensor, zs: list[torch.Tensor]) ->
 @pytest.mark.parametrize("k", [1, 3, None])
 def test_many_multiplications_drain_and_reverse_to_empty(k: int | None) -> None:
     torch.manual_seed(0)
-    buf = InformationBuffer((3, 5), CPU, k, retain=True)
+    buf = InformationBuffer((3, 5), torch.get_default_device(), k, retain=True)
     h0 = torch.randint(-(2**30), 2**30, (3, 5), dtype=torch.int64)
     zs = [quantize_forget(limit_forget(torch.rand(3, 5) * 0.2, k), k)[0] for _ in range(200)]
     h = _run(buf, h0, zs)[-1]
@@ -52,7 +51,7 @@ def test_worst_case_forgetting_never_overflows_a_word(k: int | None) -> None:
     drains repeatedly."""
     torch.manual_seed(1)
     B, n, M = 3, 4, 300
-    buf = InformationBuffer((B, n), CPU, k, retain=True)
+    buf = InformationBuffer((B, n), torch.get_default_device(), k, retain=True)
     h0 = torch.randint(-(2**40), 2**40, (B, n), dtype=torch.int64)
     zs = [torch.full((B, n), forget_floor(k), dtype=torch.int64) for _ in range(M)]
     h = h0
@@ -75,10 +74,10 @@ def test_drain_decisions_of_an_example_do_not_depend_on_its_batchmates() -> None
     lowest = torch.tensor([1, 64, 512, 1024]).view(B, 1)  # example b's z* ≥ lowest[b]: ~10, ~4, ~1, 0 bits
     zs = [torch.maximum(torch.randint(1, FORGET_ONE + 1, (B, n)), lowest) for _ in range(M)]
 
-    batch = InformationBuffer((B, n), CPU, k, retain=True)
+    batch = InformationBuffer((B, n), torch.get_default_device(), k, retain=True)
     hs_batch = _run(batch, h0, zs)
     for b in range(B):
-        alone = InformationBuffer((1, n), CPU, k, retain=True)
+        alone = InformationBuffer((1, n), torch.get_default_device(), k, retain=True)
         hs_alone = _run(alone, h0[b : b + 1], [z[b : b + 1] for z in zs])
         for t, (hb, ha) in enumerate(zip(hs_batch, hs_alone)):
             assert torch.equal(hb[b : b + 1], ha), (b, t)
@@ -104,7 +103,7 @@ def test_evaluation_buffer_keeps_no_planes_but_computes_the_same() -> None:
     h0 = torch.randint(-(2**30), 2**30, (2, 4), dtype=torch.int64)
     results = []
     for retain in (True, False):
-        buf = InformationBuffer((2, 4), CPU, None, retain=retain)
+        buf = InformationBuffer((2, 4), torch.get_default_device(), None, retain=retain)
         results.append((_run(buf, h0, zs)[-1], buf))
     (h_train, b_train), (h_eval, b_eval) = results
     assert torch.equal(h_train, h_eval) and torch.equal(b_train.word, b_eval.word)
@@ -126,7 +125,7 @@ def test_accounting_by_hand_with_drains(second_forgets: bool) -> None:
     60 > 32: look (sync 1), example 0 has 60 bits and drains (word 2^28 - 1); at m=9 its bound is 58:
     look (sync 2), 58 bits, drains again. Each drained plane row is the low 32 bits, all ones."""
     B, n, M = 2, 3, 10
-    buf = InformationBuffer((B, n), CPU, None, retain=True)
+    buf = InformationBuffer((B, n), torch.get_default_device(), None, retain=True)
     z = torch.tensor([[1] * n, [1 if second_forgets else FORGET_ONE] * n])
     h = torch.full((B, n), -1, dtype=torch.int64)
     for _ in range(M):
