@@ -63,7 +63,7 @@ def run_step(name: str, command: list[str], timeout: float, env: dict[str, str] 
 
 def pytest_summary(tail: str) -> str:
     """The closing ``N passed, M failed`` line of a pytest run."""
-    lines = [ln for ln in tail.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+    lines = [ln for ln in tail.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", ln)]
     return lines[-1].strip("= ") if lines else "no summary line"
 
 
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-tests", action="store_true", help="only the sync count and the benchmarks")
     p.add_argument("--skip-bench", action="store_true", help="only the tests and the sync count")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per benchmark row (median reported)")
+    p.add_argument("--bench-reserve", type=float, default=200, help="seconds of the budget kept for the benchmarks")
     p.add_argument("--budget", type=float, default=480, help="seconds for the whole check; parts past it are cut short")
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.budget
@@ -126,10 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[dict[str, Any]] = []
     py = sys.executable
     if not args.skip_tests:
-        tests = [t for t in EXACTNESS_TESTS if (ROOT / t).exists()]
+        # One pytest run per file, each with its share of the time, so a slow file cannot hide the others'
+        # results and every failure is named (one line each).
         env = {"REVRNN_TEST_DEVICE": device.type, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-        steps.append(run_step("exactness tests", [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests], left(200), env))
-        steps[-1]["summary"] = pytest_summary(steps[-1]["tail"])
+        tests = [t for t in EXACTNESS_TESTS if (ROOT / t).exists()]
+        for i, test in enumerate(tests):
+            # A file may use all the test time that is left, less 15 s for each file still to come.
+            limit = deadline - time.monotonic() - args.bench_reserve - 15 * (len(tests) - 1 - i)
+            step = run_step(test, [py, "-m", "pytest", "-q", "--tb=line", "-rfE", "-p", "no:cacheprovider", test],
+                            max(10.0, limit), env)
+            step["summary"] = pytest_summary(step["tail"])
+            steps.append(step)
     syncs = sync_report(device) if has_gpu else None
     if syncs:
         print("\n=== host syncs (set_sync_debug_mode), one layer 650, batch 20, 3 bits")

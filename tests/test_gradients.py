@@ -29,7 +29,7 @@ IDS = lambda v: getattr(v, "__name__", str(v))  # noqa: E731
 # ----------------------------------------------------------------------------------------- helpers
 def make_hx(rnn, batch, scale=0.5, seed=0):
     """Initial state as the module takes it (tensor (L, B, H) or per-layer list), one per state kind."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     kinds = []
     for _ in range(rnn.state_count):
         layers = [torch.randn(batch, h, generator=g) * scale for h in rnn.hidden_sizes]
@@ -93,7 +93,7 @@ def run(rnn, mode, x, hx, seed, out_w, state_w, head=None):
 
 def compare_modes(rnn, x, hx, seed=123, head=None, rtol=1e-5, atol_frac=1e-6):
     T, B = x.shape[0], x.shape[1]
-    g = torch.Generator().manual_seed(99)
+    g = torch.Generator(torch.get_default_device()).manual_seed(99)
     out_w = torch.randn(T, B, rnn.hidden_sizes[-1], generator=g)
     state_w = [torch.randn(B, h, generator=g, dtype=torch.float64)
                for h in rnn.hidden_sizes for _ in range(rnn.state_count)]
@@ -336,7 +336,7 @@ def test_batch_first_equals_transposed(cls, mode):
         if batch_first:
             assert out.shape == (B, T, 6)
             out = out.transpose(0, 1)
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(torch.get_default_device()).manual_seed(0)
         loss = (out * torch.randn(out.shape, generator=g)).sum() + sum(s.sum() for s in state_list(h_n, rnn)).float()
         loss.backward()
         xg = xin.grad.transpose(0, 1) if batch_first else xin.grad
@@ -407,7 +407,7 @@ def test_reverse_gradients_follow_the_spec_equations(cls, kind, bits):
     rnn = cls(I, H, 1, max_forget_bits=bits, input_dropout=0.3, dropconnect=0.4, mode="reverse")
     x = torch.randn(T, B, I)
     hx = make_hx(rnn, B, scale=0.5)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     out_w = torch.randn(T, B, H, generator=g)
     state_w = torch.randn(B, H, generator=g)
 

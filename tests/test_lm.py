@@ -123,7 +123,7 @@ def _saved_bytes_per_step(rnn: str, B: int, V: int) -> float:
     sizes = []
     for T in (20, 80):
         model = make_model(rnn, num_layers=2, vocab=V)
-        gen = torch.Generator().manual_seed(T)
+        gen = torch.Generator(torch.get_default_device()).manual_seed(T)
         batch = {"inputs": torch.randint(V, (T, B), generator=gen),
                  "targets": torch.randint(V, (T, B), generator=gen), "reset": True}
         with saved_tensor_bytes(exclude=model.parameters()) as saved:
