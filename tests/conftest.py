@@ -8,7 +8,12 @@ exactness and gradient tests run unchanged on a GPU. The default is the CPU.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,3 +38,73 @@ def _test_device() -> Iterator[None]:
         return
     with torch.device(TEST_DEVICE):
         yield
+
+
+#: What Lightning's DDP launchers write into ``os.environ``; a test starts without them and restores them after.
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK",
+            "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture
+def clean_env() -> Iterator[None]:
+    """Lightning's launchers write MASTER_PORT & co. into os.environ: start without them, restore afterwards."""
+    saved = dict(os.environ)
+    for key in DIST_ENV:
+        os.environ.pop(key, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid`` (Linux /proc)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry.name))
+    return alive
+
+
+def run_ddp_script(script: Path, *args: str, cwd: Path, timeout: float = 300) -> str:
+    """Run a ``strategy="ddp"`` script as a subprocess in its own session (Lightning relaunches it per rank,
+    which inside pytest would relaunch pytest). Fails the test on a timeout (a rank hung), a non-zero exit,
+    or a process of the session that outlives the script; returns the combined output."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    leftovers: list[int] = []
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{script.name} timed out (a rank hung); output:\n{out[-4000:]}")
+    finally:
+        if Path("/proc").is_dir():  # rank 1 is rank 0's child in the same session: wait until it is gone
+            deadline = time.monotonic() + 20
+            while (leftovers := _group_alive(proc.pid)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if leftovers or proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not leftovers, f"processes outlived {script.name}: {leftovers}"
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture
+def ddp_subprocess(clean_env: None) -> Callable[..., str]:
+    """:func:`run_ddp_script`, with the launchers' variables cleared for the test."""
+    return run_ddp_script

@@ -6,12 +6,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +31,6 @@ pytestmark = [
 ]
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK",
-            "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
-@pytest.fixture
-def clean_env() -> Iterator[None]:
-    """Lightning's launchers write MASTER_PORT & co. into os.environ: start without them, restore afterwards."""
-    saved = dict(os.environ)
-    for key in DIST_ENV:
-        os.environ.pop(key, None)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def _one_step(folder: Path, rnn: str, devices: int, **kwargs: Any) -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, max_steps=1, limit_train_batches=1, limit_val_batches=0,
@@ -131,50 +114,10 @@ def test_ddp_spawn_gradients_equal_single_process(tmp_path: Path, clean_env: Non
     _assert_ddp_grads_equal_single(tmp_path, single, rnn)
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid`` (Linux /proc)."""
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry.name))
-    return alive
-
-
-def test_ddp_strategy_in_a_subprocess(tmp_path: Path, clean_env: None) -> None:
+def test_ddp_strategy_in_a_subprocess(tmp_path: Path, ddp_subprocess: Callable[..., str]) -> None:
     """A few ``strategy="ddp"`` steps of a reversible LM (the script itself checks sharding, parameter sync
     and finite metrics); its first-step gradients equal a single process's on the global batch."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    leftovers: list[int] = []
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"ddp script timed out; output:\n{out[-4000:]}")
-    finally:
-        if Path("/proc").is_dir():  # rank 1 is rank 0's child in the same session: wait until it is gone
-            deadline = time.monotonic() + 20
-            while (leftovers := _group_alive(proc.pid)) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        if leftovers or proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert not leftovers, f"processes outlived the ddp script: {leftovers}"
-    assert proc.returncode == 0, out[-4000:]
+    out = ddp_subprocess(SCRIPT, str(tmp_path), cwd=tmp_path)
     marker = [line for line in out.splitlines() if line.startswith(MARKER)]
     assert len(marker) == 1, out[-4000:]
     assert "world_size=2" in marker[0] and "global_step=3" in marker[0]

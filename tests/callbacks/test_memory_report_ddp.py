@@ -8,11 +8,8 @@ the report is written once, by rank 0, with peaks reduced by max and bits by sum
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,21 +28,6 @@ pytestmark = [
 ]
 
 SCRIPT = Path(__file__).with_name("ddp_report_script.py")
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK",
-            "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
-
-
-@pytest.fixture
-def clean_env() -> Iterator[None]:
-    """Lightning's launchers write MASTER_PORT & co. into os.environ: start without them, restore afterwards."""
-    saved = dict(os.environ)
-    for key in DIST_ENV:
-        os.environ.pop(key, None)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def _check_report(root: Path) -> None:
     """One report, in the logger's folder, with WORLD ranks' accounting summed and every step present."""
     reports = sorted(root.rglob("memory_report.json"))
@@ -69,25 +51,10 @@ def test_ddp_spawn_fit_and_test_with_memory_report(tmp_path: Path, clean_env: No
     _check_report(tmp_path)
 
 
-def test_ddp_fit_and_test_with_memory_report_in_a_subprocess(tmp_path: Path, clean_env: None) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path), "ddp"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"ddp script timed out (a rank hung); output:\n{out[-4000:]}")
-    finally:
-        try:  # rank 1 is rank 0's child in the same session: nothing of it may outlive the test
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, out[-4000:]
+def test_ddp_fit_and_test_with_memory_report_in_a_subprocess(
+    tmp_path: Path, ddp_subprocess: Callable[..., str]
+) -> None:
+    out = ddp_subprocess(SCRIPT, str(tmp_path), "ddp", cwd=tmp_path)
     markers = sorted(line.split()[1] for line in out.splitlines() if line.startswith(MARKER))
     assert markers == [f"rank={r}" for r in range(WORLD)], out[-4000:]  # fit and test returned on every rank
     _check_report(tmp_path)
