@@ -41,6 +41,9 @@ class StepHead(nn.Module, metaclass=ABCMeta):
     (for the gradient flowing into the RNN) and once per chunk for its own parameters' gradients. Anything
     it needs per window (targets, a dropout mask) must be set before the call and stay until backward.
 
+    With a keep mask (padding) the head still receives every step; at a masked step the output is the
+    example's unchanged state, so a head must mask its own loss there (the sequence module cannot).
+
     It runs under the caller's autocast (its values do not feed the reconstruction), so a decoder GEMM
     follows ``precision="bf16-mixed"``. A tensor it reads that is neither its parameter nor listed by
     :meth:`context` gets no gradient in ``mode="reverse"``: forward raises instead of training silently
