@@ -9,6 +9,14 @@ Every gate is computed by :meth:`ReversibleCell._gates`, in forward and reverse 
 tensors with the same ops, so the reverse sweep recomputes them bit for bit. Rounding is straight-through:
 the differentiable *surrogate* of an update is ``z·h_old + add`` with the rounded ``z``, and its value is
 replaced by the exact fixed-point result.
+
+**Padding (keep masks).** A step may carry a keep mask ``(B, 1)`` (bool). Where it is False the update
+is made the identity in the one place the equations form it (``_update``, via :func:`hold`): rounded
+forget values ``z* = FORGET_ONE`` (``reversible_multiply``/``divide`` by ``2^R_Z`` leave both ``h*`` and
+the buffer word unchanged, bit for bit, and add ``-log2(z*/2^R_Z) = 0`` optimal bits), their float
+surrogate exactly 1 and every additive term exactly 0. The reverse step forms the same values, so it
+undoes the step identically; masked rows pass ``dh_old = dh_new`` and give no gradient to gates or
+parameters (``torch.where`` routes none to the unselected branch).
 """
 
 from __future__ import annotations
@@ -32,6 +40,20 @@ from lightning_revrnn.fixed_point import (
 )
 
 MAX_FORGET_BITS_CHOICES = (1, 2, 3, 5, None)
+
+
+def hold(keep: Tensor | None, forget_ints: list[Tensor | None], factors: list[Tensor], adds: list[Tensor]) -> tuple[
+    list[Tensor | None], list[Tensor], list[Tensor]
+]:
+    """Make one half-update the identity where ``keep`` (``(B, 1)`` bool) is False.
+
+    Rounded forget values become ``FORGET_ONE`` (an exact identity multiplication: the buffer word and
+    ``h*`` are unchanged), float factors exactly 1, additive terms exactly 0. ``keep=None``: unchanged.
+    """
+    if keep is None:
+        return forget_ints, factors, adds
+    ints = [None if q is None else torch.where(keep, q, FORGET_ONE) for q in forget_ints]
+    return ints, [torch.where(keep, f, 1.0) for f in factors], [torch.where(keep, a, 0.0) for a in adds]
 
 
 class ReversibleCell(nn.Module):
@@ -131,35 +153,38 @@ class ReversibleCell(nn.Module):
     @abstractmethod
     def _half_forward(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, guard: RangeGuard,
+        buf: InformationBuffer, guard: RangeGuard, keep: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """One group's update: new (int halves, float halves carrying the surrogate gradient)."""
 
     @abstractmethod
     def _half_reverse(
-        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
+        keep: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Undo one group's update: (old int halves, their float leaves, surrogates of the new halves)."""
 
     # ------------------------------------------------------------------------------------------ steps
     def forward_step(
         self, w: list[Tensor], xp: Tensor, state: list[Tensor], state_f: list[Tensor],
-        buf: InformationBuffer, guard: RangeGuard,
+        buf: InformationBuffer, guard: RangeGuard, keep: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """One exact step: group 1 from ``h2``, then group 2 from the new ``h1``."""
+        """One exact step: group 1 from ``h2``, then group 2 from the new ``h1``. Rows where ``keep``
+        (``(B, 1)`` bool, None: all) is False keep their state and buffer words bit for bit."""
         state, state_f = list(state), list(state_f)
         xps = xp.split(self.hidden_rows, 1)
         for g in (0, 1):
             idx = self.own(g)
             new, new_f = self._half_forward(
-                w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, guard
+                w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, guard, keep
             )
             for i, v, f in zip(idx, new, new_f):
                 state[i], state_f[i] = v, f
         return state, state_f
 
     def reverse_step(
-        self, w: list[Tensor], xp: Tensor, state: list[Tensor], grads: list[Tensor], buf: InformationBuffer
+        self, w: list[Tensor], xp: Tensor, state: list[Tensor], grads: list[Tensor], buf: InformationBuffer,
+        keep: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor], Tensor, list[list[HiddenProduct]]]:
         """Reconstruct the previous state exactly and backpropagate one step.
 
@@ -167,6 +192,7 @@ class ReversibleCell(nn.Module):
             w: per-group hidden weights for the window (as in forward; no grad needed).
             xp: the step's input pre-activations (computed exactly as in forward).
             state: int halves after the step; ``grads``: the loss gradient for each of them.
+            keep: the step's keep mask as given to :meth:`forward_step` (None: every row stepped).
 
         Returns: (int halves before the step, their gradients, gradient of ``xp``, and per group the
         hidden products with their output gradients, from which the caller forms the weight gradient).
@@ -181,7 +207,7 @@ class ReversibleCell(nn.Module):
             idx = self.own(g)
             self._products = []
             try:
-                prev, leaves, sur = self._half_reverse(w[g], xps[g], other, [state[i] for i in idx], buf)
+                prev, leaves, sur = self._half_reverse(w[g], xps[g], other, [state[i] for i in idx], buf, keep)
                 products[g] = self._products
             finally:
                 self._products = None
@@ -235,26 +261,31 @@ class RevGRUCell(ReversibleCell):
         g = torch.tanh(xp[:, 2 * n :] + self._hidden(r * other, w, 2 * n, 3 * n))
         return z, r, g
 
-    def _update(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
-        """(int ``z*`` or None without forgetting, the factor on the old h, the additive term)."""
+    def _update(
+        self, w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(int ``z*`` or None without forgetting, the factor on the old h, the additive term); the
+        identity update where ``keep`` is False (see :func:`hold`)."""
         z, _, g = self._gates(w, xp, other)
         zq, zs = self._forget(z)
-        return zq, zs, (1.0 - zs) * g
+        (zq,), (zs,), (add,) = hold(keep, [zq], [zs], [(1.0 - zs) * g])
+        return zq, zs, add
 
     def _half_forward(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, guard: RangeGuard,
+        buf: InformationBuffer, guard: RangeGuard, keep: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        zq, zs, add = self._update(w, xp, other)
+        zq, zs, add = self._update(w, xp, other, keep)
         guard.observe(add)
         h = own[0] if zq is None else buf.multiply(own[0], zq)
         h = h + to_fixed(add.detach())
         return [h], [straight_through(to_float(h), zs * own_f[0] + add)]
 
     def _half_reverse(
-        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
+        keep: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        zq, zs, add = self._update(w, xp, other)
+        zq, zs, add = self._update(w, xp, other, keep)
         h = own[0] - to_fixed(add.detach())
         h = h if zq is None else buf.divide(h, zq)
         leaf = to_float(h).requires_grad_()
@@ -266,9 +297,12 @@ class NFRevGRUCell(RevGRUCell):
 
     forgets = False
 
-    def _update(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+    def _update(
+        self, w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
         z, _, g = self._gates(w, xp, other)
-        return None, torch.ones_like(z), (1.0 - z) * g
+        add = (1.0 - z) * g
+        return None, torch.ones_like(z), add if keep is None else torch.where(keep, add, 0.0)
 
 
 class RevLSTMCell(ReversibleCell):
@@ -291,20 +325,22 @@ class RevLSTMCell(ReversibleCell):
         return f, i, o, p, torch.tanh(pre[:, 4 * n :])
 
     def _update(
-        self, w: Tensor, xp: Tensor, other: Tensor
+        self, w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None = None
     ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
-        """(``f*``, ``p*`` or None, factors on old c and h, ``i∘g``, ``o``)."""
+        """(``f*``, ``p*`` or None, factors on old c and h, ``i∘g``, ``o``). Where ``keep`` is False the
+        identity update (:func:`hold`): ``o = 0`` makes the additive term of h, ``o∘tanh(c)``, exactly 0."""
         f, i, o, p, g = self._gates(w, xp, other)
         fq, fs = self._forget(f)
         pq, ps = self._forget(p)
-        return fq, pq, fs, ps, i * g, o
+        (fq, pq), (fs, ps), (add_c, o) = hold(keep, [fq, pq], [fs, ps], [i * g, o])
+        return fq, pq, fs, ps, add_c, o
 
     def _half_forward(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, guard: RangeGuard,
+        buf: InformationBuffer, guard: RangeGuard, keep: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         h, c = own
-        fq, pq, fs, ps, add_c, o = self._update(w, xp, other)
+        fq, pq, fs, ps, add_c, o = self._update(w, xp, other, keep)
         guard.observe(add_c + fs + ps)
         c = (c if fq is None else buf.multiply(c, fq)) + to_fixed(add_c.detach())
         c_f = straight_through(to_float(c), fs * own_f[1] + add_c)
@@ -314,10 +350,11 @@ class RevLSTMCell(ReversibleCell):
         return [h, c], [straight_through(to_float(h), ps * own_f[0] + add_h), c_f]
 
     def _half_reverse(
-        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
+        keep: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         h, c = own
-        fq, pq, fs, ps, add_c, o = self._update(w, xp, other)
+        fq, pq, fs, ps, add_c, o = self._update(w, xp, other, keep)
         c_new = to_float(c)
         h = h - to_fixed((o * torch.tanh(c_new)).detach())
         h = h if pq is None else buf.divide(h, pq)
@@ -334,8 +371,9 @@ class NFRevLSTMCell(RevLSTMCell):
     forgets = False
 
     def _update(
-        self, w: Tensor, xp: Tensor, other: Tensor
+        self, w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None = None
     ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
         f, i, o, p, g = self._gates(w, xp, other)
         one = torch.ones_like(f)
-        return None, None, one, one, i * g, o
+        _, _, (add_c, o) = hold(keep, [], [], [i * g, o])
+        return None, None, one, one, add_c, o

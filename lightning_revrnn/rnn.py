@@ -64,6 +64,16 @@ class ReversibleRNN(nn.Module):
     With ``head`` (a :class:`StepHead`), the first return value is the head's sum over steps instead of
     the outputs. With ``stem`` (a :class:`StepStem`), ``x`` is what the stem reads per step (e.g. token
     ids ``(T, B)``) instead of features. Stem and head run under the caller's autocast.
+
+    Padding: ``keep`` (bool, ``(T, B)``, or ``(B, T)`` with ``batch_first``) marks the steps each example
+    really takes; where it is False that example's state and information buffer stay bit for bit as they
+    were (in every mode, with or without head/stem), and that step sends no gradient into parameters or
+    the input. With right padding the final state ``h_n`` of an example is its state after its last real
+    step, as a seq2seq encoder needs. A masked step's output (and what a head receives) is that unchanged
+    state, the output of the example's previous real step (the initial ``h`` before any); a head must mask
+    its own loss at padded steps. ``memory_stats()`` counts a masked step as a step: ``normal_bits`` and
+    ``multiplications`` include it (the padded batch as ``nn.GRU`` would store it), ``optimal_bits`` adds
+    0 for it (``z* = 1``), and ``used_bits`` reflects what the buffer really holds.
     """
 
     cell_class: type[ReversibleCell]
@@ -150,8 +160,10 @@ class ReversibleRNN(nn.Module):
         hx: State | tuple[State, State] | None = None,
         head: StepHead | None = None,
         stem: StepStem | None = None,
+        keep: Tensor | None = None,
     ) -> tuple[Tensor, State | tuple[State, State]]:
         x = self._check_input(x, stem)
+        keep = self._check_keep(keep, x)
         dtype = self._result_dtype(x, stem)
         if stem is None:
             x = x.float()  # differentiable: a bf16 input gets a bf16 gradient
@@ -168,6 +180,7 @@ class ReversibleRNN(nn.Module):
             stem=stem,
             retain=False,
             autocast=AutocastState.capture(x.device),
+            keep=keep,
         )
         params = [p for c in self.cell_list for p in (c.weight_ih, c.bias, c.weight_hh)]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *init, *params, *window.extras))
@@ -302,6 +315,29 @@ class ReversibleRNN(nn.Module):
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}.")
         self._check_parameters()
         return x
+
+    def _check_keep(self, keep: Tensor | None, x: Tensor) -> Tensor | None:
+        """The keep mask as the sweep reads it, ``(T, B, 1)`` bool on ``x``'s device; None stays None."""
+        if keep is None:
+            return None
+        layout = "(batch, time)" if self.batch_first else "(time, batch)"
+        expected = tuple(x.shape[:2])
+        if not isinstance(keep, Tensor):
+            raise TypeError(f"keep must be a bool tensor {layout} or None, got {type(keep).__name__}.")
+        if keep.dtype != torch.bool:
+            raise ValueError(
+                f"keep must be a bool tensor {layout} (True where an example takes the step), got dtype "
+                f"{keep.dtype}. Fix: pass keep=lengths_mask.bool(), e.g. keep = steps[:, None] < lengths[None, :]."
+            )
+        if tuple(keep.shape) != expected:
+            raise ValueError(
+                f"keep must have the input's leading shape {layout} = {expected}, got {tuple(keep.shape)}. "
+                f"Fix: one bool per step and example{', batch first' if self.batch_first else ', time first'}."
+            )
+        if keep.device != x.device:
+            raise ValueError(f"keep is on {keep.device} but the input is on {x.device}. Fix: keep.to(x.device).")
+        keep = keep.transpose(0, 1) if self.batch_first else keep
+        return keep.detach().unsqueeze(-1)
 
     def _check_parameters(self) -> None:
         dtypes = {p.dtype for p in self.parameters()}

@@ -41,6 +41,9 @@ class StepHead(nn.Module, metaclass=ABCMeta):
     (for the gradient flowing into the RNN) and once per chunk for its own parameters' gradients. Anything
     it needs per window (targets, a dropout mask) must be set before the call and stay until backward.
 
+    With a keep mask (padding) the head still receives every step; at a masked step the output is the
+    example's unchanged state, so a head must mask its own loss there (the sequence module cannot).
+
     It runs under the caller's autocast (its values do not feed the reconstruction), so a decoder GEMM
     follows ``precision="bf16-mixed"``. A tensor it reads that is neither its parameter nor listed by
     :meth:`context` gets no gradient in ``mode="reverse"``: forward raises instead of training silently
@@ -161,6 +164,9 @@ class Window:
     stem_slots: list[int] = field(default_factory=list)
     #: The exact final state (float64, one tensor per ``h``/``c`` per layer) after a forward.
     final_exact: list[Tensor] = field(default_factory=list)
+    #: Padding: ``(T, B, 1)`` bool, False where example ``b`` skips step ``t`` (state and buffer untouched);
+    #: None: every step of every example runs. Forward and the reverse sweep read the same tensor.
+    keep: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.extras, self.head_slots = [], []
@@ -192,6 +198,10 @@ class Window:
         """The first layer's input pre-activations for one chunk ``(t1-t0, B, rows)``: one GEMM over the
         chunk, computed identically in forward and reverse (chunks always start at multiples of CHUNK)."""
         return self.cells[0].project_input(self.layer_input(0, self.chunk_input(inputs, t0, t1)))
+
+    def step_keep(self, t: int) -> Tensor | None:
+        """Step ``t``'s keep mask ``(B, 1)`` for every layer's cell, or None without padding."""
+        return None if self.keep is None else self.keep[t]
 
     def hidden_weights(self, layer: int) -> Tensor:
         """The layer's hidden-to-hidden weights for this window (DropConnect mask redrawn from its seed)."""
@@ -337,10 +347,11 @@ def _forward_window(
             t0, t1 = t, min(t + CHUNK, T)
             xp0 = window.first_projection(x, t0, t1)
             chunk_out: list[Tensor] = []
+        keep = window.step_keep(t)
         for l, cell in enumerate(window.cells):
             xp = xp0[t % CHUNK] if l == 0 else cell.project_input(window.layer_input(l, inp))
             state[l], state_f[l] = cell.forward_step(
-                weights[l], xp, state[l], state_f[l], window.buffers[l], window.guards[l]
+                weights[l], xp, state[l], state_f[l], window.buffers[l], window.guards[l], keep
             )
             if checksums is not None:
                 checksums[t + 1, l] = state_checksum(state[l])
@@ -405,7 +416,7 @@ class ReverseSweep(torch.autograd.Function):
         window.final_exact = [e for _, exact in finals for e in exact]
         ctx.window, ctx.n_state = window, n_state
         ctx.n_final = [len(s) for s in state]
-        masks = [m for m in window.input_masks if m is not None]
+        masks = [m for m in [*window.input_masks, window.keep] if m is not None]
         ctx.save_for_backward(
             x, checksums, *[h for s in state for h in s], *masks,
             *[t for b in window.buffers for t in b.tensors()],
@@ -508,6 +519,7 @@ def _reverse(
             d_out = grad_primary[t]
         for i, g in enumerate(top.split_output(d_out)):
             grads[-1][i] = grads[-1][i] + g
+        keep = window.step_keep(t)
         for l in range(L - 1, -1, -1):
             cell = cells[l]
             if l == 0:
@@ -516,7 +528,7 @@ def _reverse(
                 with torch.no_grad():
                     xp = cell.project_input(inputs[l])
             state[l], grads[l], d_xp, step_products = cell.reverse_step(
-                w_groups[l], xp, state[l], grads[l], window.buffers[l]
+                w_groups[l], xp, state[l], grads[l], window.buffers[l], keep
             )
             diverged[t, l] = state_checksum(state[l]) != checksums[t, l]
             for group, ps in zip(products[l], step_products):
