@@ -119,12 +119,18 @@ def test_dtypes_under_autocast_match_nn(cls: type, input_dtype: torch.dtype) -> 
     x = torch.randn(6, 2, 4).to(input_dtype).requires_grad_()
     with torch.autocast(x.device.type, dtype=torch.bfloat16):  # CUDA under REVRNN_TEST_DEVICE=cuda
         out, h_n = rnn(x)
-        ref_out, ref_h = base(x)
+    out.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == input_dtype
+    try:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            ref_out, ref_h = base(x)
+    except RuntimeError as err:  # oneDNN has no bf16 LSTM on CPUs without AVX-512 (or DNNL_MAX_CPU_ISA=AVX2)
+        if "primitive descriptor" not in str(err):
+            raise
+        pytest.skip(f"{type(base).__name__} cannot run under bf16 autocast on this CPU, nothing to match: {err}")
     assert out.dtype == ref_out.dtype
     for ours, theirs in zip(states(h_n), states(ref_h), strict=True):
         assert ours.dtype == theirs.dtype
-    out.float().sum().backward()
-    assert x.grad is not None and x.grad.dtype == input_dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
