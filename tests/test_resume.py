@@ -7,6 +7,8 @@ scheduler state), so every float op sees the same operands.
 
 from __future__ import annotations
 
+import os
+
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -181,6 +183,9 @@ class SaveParams(Callback):
 
 
 def _ddp_fit(callbacks: list[Callback], ckpt_path: Path | None = None, model_seed: int = 0) -> None:
+    # A second ddp_spawn launch on the first one's port can abort a rank (gloo; see fresh_port in
+    # tests/callbacks/ddp_report_script.py): every launch here picks a new port.
+    os.environ.pop("MASTER_PORT", None)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, enable_checkpointing=False, callbacks=callbacks)
