@@ -117,6 +117,24 @@ def main(folder: str | None = None) -> None:
     if trainer.is_global_zero:
         print(f"{MARKER} world_size={trainer.world_size} global_step={trainer.global_step} "
               f"train_loss={loss:.4f} val_ppl={val_ppl:.3f}", flush=True)
+    end_process_group()
+
+
+class EndProcessGroup(Callback):
+    """For ``ddp_spawn``: end the process group in each spawned rank's teardown, before the worker exits
+    (see :func:`end_process_group`); Lightning's spawn workers leave it alive."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the process group before the interpreter exits. Lightning leaves it alive; gloo's threads torn
+    down at exit then aborted both ranks ("terminate called without an active exception", exit -6) in one
+    of several runs here, after everything had succeeded."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ scheduler state), so every float op sees the same operands.
 from __future__ import annotations
 
 import os
+import sys
 
 import warnings
 from collections.abc import Iterator
@@ -22,6 +23,11 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
+
+if str(Path(__file__).parent) not in sys.path:  # ddp_script is a sibling module
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from ddp_script import EndProcessGroup  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -183,12 +189,12 @@ class SaveParams(Callback):
 
 
 def _ddp_fit(callbacks: list[Callback], ckpt_path: Path | None = None, model_seed: int = 0) -> None:
-    # A second ddp_spawn launch on the first one's port can abort a rank (gloo; see fresh_port in
-    # tests/callbacks/ddp_report_script.py): every launch here picks a new port.
+    # Every launch picks a new port and ends its process group (EndProcessGroup, tests/ddp_script.py).
     os.environ.pop("MASTER_PORT", None)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, enable_checkpointing=False, callbacks=callbacks)
+                         limit_val_batches=0, enable_checkpointing=False,
+                         callbacks=[*callbacks, EndProcessGroup()])
     trainer.fit(_model("revgru", model_seed), _data(variable_bptt=True), ckpt_path=ckpt_path)
 
 

@@ -22,6 +22,9 @@ from lightning_revrnn.callbacks import MemoryReport
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ddp_script
+from ddp_script import EndProcessGroup, end_process_group  # noqa: E402
+
 MARKER = "DDP_REPORT_OK"
 WORLD = 2
 STEPS = 2
@@ -43,10 +46,11 @@ def build_data() -> SyntheticLMDataModule:
 def run(folder: str, strategy: str) -> tuple[pl.Trainer, MemoryReport]:
     """Fit then test on 2 CPU processes; returns the trainer and the report."""
     report = MemoryReport(every_n_steps=1)
+    callbacks: list[pl.Callback] = [report, EndProcessGroup()] if strategy == "ddp_spawn" else [report]
     trainer = pl.Trainer(
         accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=STEPS, limit_val_batches=1,
         limit_test_batches=1, num_sanity_val_steps=0, logger=CSVLogger(folder, name="ddp"), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[report],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
         default_root_dir=folder,
     )
     model, data = build_model(), build_data()
@@ -58,13 +62,10 @@ def run(folder: str, strategy: str) -> tuple[pl.Trainer, MemoryReport]:
 
 
 def fresh_port(trainer: pl.Trainer | None = None) -> None:
-    """Let the next ``ddp_spawn`` launch pick a new free port instead of reusing the last launch's.
-
-    Measured here (torch 2.13, Lightning 2.6.6, gloo on CPU): a second ``ddp_spawn`` launch in the same
-    process on the port of the first (``fit`` then ``test``, or two trainers) aborted a rank with
-    "terminate called without an active exception" in 3 of 13 runs, with or without MemoryReport; with a
-    fresh port, 0 of 10. Lightning caches the port in the environment variable and in the trainer's cluster
-    environment, so both are cleared.
+    """Let the next ``ddp_spawn`` launch pick a new free port instead of reusing the last launch's, so a
+    second launch (``fit`` then ``test``) never meets the first one's sockets. The rank aborts seen here at
+    exit came from gloo's teardown (see ``EndProcessGroup``); this removes the other shared resource.
+    Lightning caches the port in the environment variable and in the trainer's cluster environment.
     """
     os.environ.pop("MASTER_PORT", None)
     if trainer is not None:
@@ -78,6 +79,7 @@ def main(folder: str, strategy: str = "ddp") -> None:
     trainer, report = run(folder, strategy)
     assert trainer.world_size == WORLD and trainer.global_step == STEPS
     print(f"{MARKER} rank={trainer.global_rank} history={len(report.history)} log_dir={trainer.log_dir}", flush=True)
+    end_process_group()
 
 
 if __name__ == "__main__":
