@@ -14,6 +14,8 @@ it back on resume; the next pass of that epoch then starts at the first window n
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from collections.abc import Callable, Iterator
 from typing import Any, TypedDict, cast
 
@@ -73,7 +75,7 @@ def _check_single_process_loading() -> None:
         )
 
 
-class _EpochAware:
+class _EpochAware(ABC):
     """Tracks the epoch (from ``epoch_fn``, e.g. the trainer's ``current_epoch``, or a per-``__iter__``
     counter) and the position within the current pass, which :meth:`state_dict` / :meth:`load_state_dict`
     save and restore so that a pass can resume mid-epoch. Subclasses define :meth:`_num_windows` and
@@ -120,11 +122,13 @@ class _EpochAware:
         self._pass_epoch, self._yielded = epoch, skip
         return epoch, skip
 
+    @abstractmethod
     def _num_windows(self, epoch: int) -> int:
-        raise NotImplementedError
+        """Windows of one pass of ``epoch`` on this rank."""
 
+    @abstractmethod
     def _fingerprint(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The settings that place the windows (identical on every rank), checked when a position is restored."""
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """The position in the current pass: its epoch and how many windows the consumer has taken.
