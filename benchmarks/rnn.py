@@ -6,13 +6,12 @@ and the reversible module in both training modes (``"reverse"``: reconstruct sta
 
 One *step* is: forward, ``out.sum().backward()``, gradients set to None. Per configuration:
 
-1. a warm-up step, its forward wrapped in :func:`saved_tensor_bytes` excluding the parameters (bytes
-   held for backward, the input's storage included); the reversible module's ``memory_stats()`` is read
-   right after this forward;
-2. a second step whose forward excludes the parameters *and* the input ``x`` (the "excl. input" figure);
-3. on CUDA, one step measured with the allocator: ``max_memory_allocated() - memory_allocated()`` at its
+1. a warm-up step, its forward wrapped in :func:`saved_tensor_bytes` (bytes the step allocated and autograd
+   holds for backward: the "excl. input" figure; "incl." adds the bytes of the input ``x``, which every
+   model here saves); the reversible module's ``memory_stats()`` is read right after this forward;
+2. on CUDA, one step measured with the allocator: ``max_memory_allocated() - memory_allocated()`` at its
    start (``x`` is allocated before, so this is an "excl. input" figure; "incl." adds ``x``'s bytes);
-4. ``--repeats`` timed steps, no hooks; the reported time is their median.
+3. ``--repeats`` timed steps, no hooks; the reported time is their median.
 
 On CPU the memory columns are the saved-tensor bytes; on CUDA they are the allocator peak (the
 saved-tensor bytes are still recorded in the JSON). The memory ratio is baseline bytes / reversible
@@ -200,15 +199,13 @@ def step(model: nn.Module, x: Tensor) -> None:
     backward_and_clear(model, x, out)
 
 
-def measure_saved(
-    model: nn.Module, x: Tensor, include_input: bool, on_forward: Callable[[Tensor], None] | None = None
-) -> int:
-    """One step whose forward counts the bytes autograd saves (parameters, and ``x`` unless included, excluded).
+def measure_saved(model: nn.Module, x: Tensor, on_forward: Callable[[Tensor], None] | None = None) -> int:
+    """One step whose forward counts the bytes autograd saves that the step allocated (not the parameters,
+    not ``x``: :func:`saved_tensor_bytes` counts only storages allocated inside it).
 
     ``on_forward(out)`` runs right after the forward, before backward (used to read ``memory_stats()``).
     """
-    exclude = [*model.parameters(), *([] if include_input else [x])]
-    with saved_tensor_bytes(exclude=exclude) as saved:
+    with saved_tensor_bytes(exclude=model.parameters()) as saved:
         out, _ = model(x)
     if on_forward is not None:
         on_forward(out)
@@ -256,8 +253,9 @@ def measure(config: Config, device: torch.device, repeats: int) -> Row:
             if not config.is_baseline:
                 row.stats = reversible_stats(model)
 
-        row.saved_bytes_incl_input = measure_saved(model, x, include_input=True, on_forward=read_stats)
-        row.saved_bytes_excl_input = measure_saved(model, x, include_input=False)
+        # x exists before the step, so saved_tensor_bytes never counts it; "incl. input" adds its bytes, as on CUDA.
+        row.saved_bytes_excl_input = measure_saved(model, x, on_forward=read_stats)
+        row.saved_bytes_incl_input = row.saved_bytes_excl_input + row.input_bytes
         if device.type == "cuda":
             row.cuda_peak_bytes_excl_input = measure_cuda_peak(model, x, device)
         row.times_ms = time_steps(model, x, device, repeats)
@@ -348,8 +346,8 @@ def legend(device: torch.device) -> str:
     """What the columns mean."""
     what = "CUDA allocator peak over forward+backward" if device.type == "cuda" else "bytes saved for backward"
     return (
-        f"ms: median step (forward + backward); t/base: time / baseline time. MB: {what}, incl. the input x; "
-        "MB-x: excluding x. mem×, mem×-x: baseline MB / this MB. actual, optimal: the paper's memory ratios "
+        f"ms: median step (forward + backward); t/base: time / baseline time. MB: {what}, plus the input x; "
+        "MB-x: without x. mem×, mem×-x: baseline MB / this MB. actual, optimal: the paper's memory ratios "
         "(normal/used, normal/optimal bits); eff: optimal/used bits."
     )
 
