@@ -123,11 +123,21 @@ class RangeGuard:
         prev = self.peaks.get(what)
         self.peaks[what] = m if prev is None else torch.maximum(prev, m)
 
-    def check(self) -> None:
+    def in_range(self) -> Tensor | None:
+        """On the device: whether every observed peak is finite and within ±2^30 (None: nothing observed)."""
+        if not self.peaks:
+            return None
+        return (torch.stack(list(self.peaks.values())) < MAX_ABS_VALUE).all()
+
+    def check(self, in_range: bool | None = None) -> None:
         """Raise :class:`FixedPointOverflowError` naming the first group whose peak was non-finite or beyond
-        ±2^30; one host read when everything is in range. The peaks are cleared either way."""
+        ±2^30. One host read, unless the caller read :meth:`in_range` itself and passes it. The peaks are
+        cleared either way."""
+        if in_range is None:
+            flag = self.in_range()
+            in_range = flag is None or bool(flag)
         peaks, self.peaks = self.peaks, {}
-        if not peaks or bool((torch.stack(list(peaks.values())) < MAX_ABS_VALUE).all()):
+        if in_range:
             return
         for what, peak in peaks.items():
             if not bool(peak < MAX_ABS_VALUE):

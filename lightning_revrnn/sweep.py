@@ -387,8 +387,23 @@ def finish_forward(window: Window, state: list[list[Tensor]], state_f: list[list
             window.guard.observe(f"layer {l}: final state half {k}", h)
         rounded += join_state(cell.halves_per_group, [straight_through(to_float(i), f) for i, f in zip(ints, floats)])
         window.final_exact += join_state(cell.halves_per_group, exact)
-    window.guard.check()
+    _end_of_window_read(window)
     return rounded
+
+
+def _end_of_window_read(window: Window) -> None:
+    """The forward's one host read: whether every range the guard observed is fine, and how many examples
+    drained at each of every buffer's check points (the buffers then compact their drain records)."""
+    flag = window.guard.in_range()
+    counts = [b.drain_counts() for b in window.buffers]
+    parts = ([] if flag is None else [flag.reshape(1).long()]) + counts
+    host = torch.cat(parts).tolist() if parts else []
+    if flag is not None:
+        window.guard.check(bool(host.pop(0)))
+    for buf, c in zip(window.buffers, counts):
+        n = c.numel()
+        buf.finish(host[:n])
+        host = host[n:]
 
 
 SECOND_BACKWARD = (
