@@ -35,8 +35,10 @@ class SyntheticTranslationDataModule(TranslationDataModule):
     """The reversed word-substitution task (module docstring): ``train_size`` / ``val_size`` / ``test_size``
     pairs, ``vocab`` words per language, sentences of ``min_len..max_len`` words, from ``seed``."""
 
-    src_lang = "src"
-    tgt_lang = "tgt"
+    src_lang = "en"
+    tgt_lang = "de"
+    # The made-up languages stand in for English->German, so code that picks a tokeniser or detokeniser by
+    # language (e.g. Moses detokenisation for sacreBLEU) treats this task like the real corpora.
 
     def __init__(
         self,
