@@ -11,7 +11,15 @@ One *step* is: forward, ``out.sum().backward()``, gradients set to None. Per con
    model here saves); the reversible module's ``memory_stats()`` is read right after this forward;
 2. on CUDA, one step measured with the allocator: ``max_memory_allocated() - memory_allocated()`` at its
    start (``x`` is allocated before, so this is an "excl. input" figure; "incl." adds ``x``'s bytes);
-3. ``--repeats`` timed steps, no hooks; the reported time is their median.
+3. ``--repeats`` timed steps, no hooks; the reported time is their median;
+4. the step's op and host-sync counts (:mod:`opcount`, after the timing, so its overhead is not timed):
+   one step at T and one at ``--count-short-t`` (16: one chunk) on the first steps of the same input.
+   Per step per layer: non-view ATen ops in the forward (inside the module call) and in the reverse sweep
+   (inside ``backward()``), each divided by T × layers (per-window constants spread over the window), and
+   their slope between the two lengths (``Δ``: what one more step of one layer adds, free of per-window
+   constants); syncs per window in forward and backward at both lengths (equal: none per step). The
+   issue's targets are printed beside them: ≤ 20 forward and ≤ 40 reverse ops per step per layer, ≤ 2
+   syncs per window, none per step; a footer checks them for every ``mode="reverse"`` row.
 
 On CPU the memory columns are the saved-tensor bytes; on CUDA they are the allocator peak (the
 saved-tensor bytes are still recorded in the JSON). The memory ratio is baseline bytes / reversible
@@ -22,6 +30,7 @@ Usage::
     python benchmarks/rnn.py                 # the paper's sizes (long on CPU)
     python benchmarks/rnn.py --small         # smoke run, well under a minute on 2 cores
     python benchmarks/rnn.py --seq-lens 70 --layers 1 --bits 3 --repeats 1
+    python benchmarks/rnn.py --no-count      # timing and memory only
 """
 
 from __future__ import annotations
@@ -43,6 +52,11 @@ from torch import Tensor, nn
 from lightning_revrnn import RevGRU, RevLSTM
 from lightning_revrnn.memory import saved_tensor_bytes
 
+try:  # run as a script (benchmarks/ on sys.path) or imported as ``benchmarks.rnn``
+    from opcount import StepCounts, count_step, marginal_per_step_layer
+except ImportError:  # pragma: no cover - depends on how the file is run
+    from benchmarks.opcount import StepCounts, count_step, marginal_per_step_layer
+
 #: Sizes of the paper's experiments, used unless ``--small`` or an explicit flag overrides them.
 PAPER_PRESET: dict[str, Any] = {
     "seq_lens": [70, 1000], "layers": [1, 2], "batch": 20, "input_size": 650, "hidden": 650, "repeats": 3,
@@ -61,6 +75,10 @@ STAT_KEYS = (
     "drains", "multiplications",
 )
 MB = 1e6
+#: The issue's targets for the default path, per step per layer: non-view ATen ops in forward and reverse.
+OP_TARGETS: dict[str, float] = {"forward": 20.0, "reverse": 40.0}
+#: The issue's target: host syncs per window, in forward and in backward each (and none per step).
+SYNC_TARGET = 2
 
 
 # ---------------------------------------------------------------------------------------- configuration
@@ -112,6 +130,21 @@ class Row:
     time_ratio: float | None = None
     mem_ratio_incl_input: float | None = None
     mem_ratio_excl_input: float | None = None
+    #: Op and sync counts of one step at T and at the short length (:meth:`opcount.StepCounts.to_json`).
+    counts: dict[str, Any] | None = None
+    counts_short: dict[str, Any] | None = None
+    #: (forward, reverse) ops one more step of one layer adds: the slope between the short length and T.
+    marginal_ops: tuple[float, float] | None = None
+
+    def ops_per_step_layer(self, phase: str, short: bool = False) -> float | None:
+        """Ops per step per layer of ``phase`` (``forward``/``reverse``) at T, or at the short length."""
+        counts = self.counts_short if short else self.counts
+        return None if counts is None else counts[f"{phase}_ops_per_step_layer"]
+
+    def syncs_per_window(self, short: bool = False) -> tuple[int, int] | None:
+        """(forward, backward) host syncs per window at T, or at the short length."""
+        counts = self.counts_short if short else self.counts
+        return None if counts is None else (counts["forward_syncs_per_window"], counts["reverse_syncs_per_window"])
 
     def memory_bytes(self, include_input: bool) -> int | None:
         """The device's memory figure: allocator peak on CUDA, saved-tensor bytes on CPU."""
@@ -235,14 +268,34 @@ def time_steps(model: nn.Module, x: Tensor, device: torch.device, repeats: int) 
     return times
 
 
+def count_ops(model: nn.Module, x: Tensor) -> StepCounts:
+    """Op and sync counts of one step (forward, ``out.sum()`` uncounted, backward) on ``x``, gradients
+    cleared afterwards."""
+    counts = count_step(lambda: model(x)[0], x.shape[0], model.num_layers, to_loss=lambda out: out.sum())
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    return counts
+
+
+def measure_counts(model: nn.Module, x: Tensor, short_len: int, row: Row) -> None:
+    """Counts at T and at ``short_len`` (the first steps of ``x``, when T is longer), and their slope."""
+    full = count_ops(model, x)
+    row.counts = full.to_json()
+    if x.shape[0] > short_len:
+        short = count_ops(model, x[:short_len].detach().requires_grad_())
+        row.counts_short = short.to_json()
+        row.marginal_ops = marginal_per_step_layer(short, full)
+
+
 def reversible_stats(model: nn.Module) -> dict[str, Any]:
     """The paper's accounting of the last forward (totals and per layer)."""
     stats = model.memory_stats()
     return {**{k: stats[k] for k in STAT_KEYS}, "layers": stats["layers"]}
 
 
-def measure(config: Config, device: torch.device, repeats: int) -> Row:
-    """All measurements of one configuration; an exception is recorded in the row, not raised."""
+def measure(config: Config, device: torch.device, repeats: int, short_len: int | None = None) -> Row:
+    """All measurements of one configuration; an exception is recorded in the row, not raised. Op counts
+    (at T and at ``short_len``) after the timing, unless ``short_len`` is None."""
     model = build_model(config, device)
     row = Row(config=config, model=type(model).__name__)
     x = make_input(config, device)
@@ -260,6 +313,8 @@ def measure(config: Config, device: torch.device, repeats: int) -> Row:
             row.cuda_peak_bytes_excl_input = measure_cuda_peak(model, x, device)
         row.times_ms = time_steps(model, x, device, repeats)
         row.median_ms = statistics.median(row.times_ms)
+        if short_len is not None:
+            measure_counts(model, x, short_len, row)
     except Exception as exc:  # noqa: BLE001 - a failing config is reported, the others still run
         row.error = f"{type(exc).__name__}: {exc}"
     return row
@@ -283,11 +338,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return float(a) / float(b) if b else float("inf")
 
 
-def run_all(configs: Sequence[Config], device: torch.device, repeats: int) -> Iterator[Row]:
+def run_all(
+    configs: Sequence[Config], device: torch.device, repeats: int, short_len: int | None = None
+) -> Iterator[Row]:
     """Measure every configuration in order, reporting progress on stderr."""
     for i, config in enumerate(configs, 1):
         start = time.perf_counter()
-        row = measure(config, device, repeats)
+        row = measure(config, device, repeats, short_len)
         took = time.perf_counter() - start
         status = f"ERROR {row.error}" if row.error else f"{row.median_ms:.1f} ms/step"
         print(f"[{i}/{len(configs)}] {config.label()}: {status} ({took:.1f} s)", file=sys.stderr, flush=True)
@@ -297,12 +354,35 @@ def run_all(configs: Sequence[Config], device: torch.device, repeats: int) -> It
 # --------------------------------------------------------------------------------------------- output
 COLUMNS = (
     "cell", "L", "T", "mode", "k", "ms", "t/base", "MB", "MB-x", "mem×", "mem×-x",
-    "actual", "optimal", "eff",
+    "actual", "optimal", "eff", "fwd", "rev", "fwd@s", "rev@s", "Δfwd", "Δrev", "sync", "sync@s",
 )
+KEY_COLUMNS = 5
+#: The issue's targets, printed under the header in the count columns.
+TARGET_CELLS = ["target", "", "", "", ""] + [""] * 9 + [
+    f"≤{OP_TARGETS['forward']:g}", f"≤{OP_TARGETS['reverse']:g}",
+    f"≤{OP_TARGETS['forward']:g}", f"≤{OP_TARGETS['reverse']:g}",
+    f"≤{OP_TARGETS['forward']:g}", f"≤{OP_TARGETS['reverse']:g}",
+    f"≤{SYNC_TARGET}/{SYNC_TARGET}", "=sync",
+]
 
 
 def _num(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def _syncs(pair: tuple[int, int] | None) -> str:
+    return "" if pair is None else f"{pair[0]}/{pair[1]}"
+
+
+def count_cells(row: Row) -> list[str]:
+    """The op/sync columns of one row (empty where not counted)."""
+    marginal = row.marginal_ops or (None, None)
+    return [
+        _num(row.ops_per_step_layer("forward"), 1), _num(row.ops_per_step_layer("reverse"), 1),
+        _num(row.ops_per_step_layer("forward", short=True), 1), _num(row.ops_per_step_layer("reverse", short=True), 1),
+        _num(marginal[0], 1), _num(marginal[1], 1),
+        _syncs(row.syncs_per_window()), _syncs(row.syncs_per_window(short=True)),
+    ]
 
 
 def table_cells(row: Row) -> list[str]:
@@ -320,21 +400,25 @@ def table_cells(row: Row) -> list[str]:
         _num(None if incl is None else incl / MB, 2), _num(None if excl is None else excl / MB, 2),
         _num(row.mem_ratio_incl_input, 2), _num(row.mem_ratio_excl_input, 2),
         _num(s.get("actual_ratio"), 2), _num(s.get("optimal_ratio"), 2), _num(s.get("efficiency"), 3),
+        *count_cells(row),
     ]
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """Fixed-width table, one line per row, a blank line before each baseline group."""
+    """Fixed-width table, one line per row, a blank line before each baseline group; the issue's targets
+    in a line under the header."""
     body = [table_cells(r) for r in rows]
-    widths = [max([len(h)] + [len(b[i]) for b in body if i < len(b) and (i < 5 or len(b) == len(COLUMNS))])
+    full = [b for b in body if len(b) == len(COLUMNS)] + [TARGET_CELLS]
+    widths = [max([len(h)] + [len(b[i]) for b in body if i < KEY_COLUMNS and i < len(b)] + [len(b[i]) for b in full])
               for i, h in enumerate(COLUMNS)]
 
     def line(cells: Sequence[str]) -> str:
         if len(cells) != len(COLUMNS):  # an error row: key columns, then the message
-            return "  ".join([c.ljust(w) for c, w in zip(cells[:5], widths)] + list(cells[5:]))
-        return "  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+            return "  ".join([c.ljust(w) for c, w in zip(cells[:KEY_COLUMNS], widths)] + list(cells[KEY_COLUMNS:]))
+        return "  ".join(c.ljust(w) if i < KEY_COLUMNS else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    lines = [line(COLUMNS), line(["-" * w for w in widths])]
+    lines = [line(COLUMNS), line(["-" * w for w in widths]), line(TARGET_CELLS)]
     for i, (row, cells) in enumerate(zip(rows, body)):
         if i and row.config.is_baseline:
             lines.append("")
@@ -342,14 +426,87 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def legend(device: torch.device) -> str:
+def legend(device: torch.device, short_len: int | None) -> str:
     """What the columns mean."""
     what = "CUDA allocator peak over forward+backward" if device.type == "cuda" else "bytes saved for backward"
-    return (
+    text = (
         f"ms: median step (forward + backward); t/base: time / baseline time. MB: {what}, plus the input x; "
         "MB-x: without x. mem×, mem×-x: baseline MB / this MB. actual, optimal: the paper's memory ratios "
         "(normal/used, normal/optimal bits); eff: optimal/used bits."
     )
+    if short_len is None:
+        return text
+    return text + (
+        " fwd, rev: non-view ATen ops (benchmarks/opcount.py) per step per layer in the forward (module call) "
+        f"and the reverse sweep (backward) at T; fwd@s, rev@s: the same at s = T {short_len} (one step on the "
+        "first steps of x); Δfwd, Δrev: ops one more step of one layer adds (slope between s and T, no "
+        "per-window constants). sync, sync@s: host syncs per window, forward/backward, at T and at s (equal: "
+        "none per step). target: the issue's, for the default path (mode=reverse)."
+    )
+
+
+def check_op_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The issue's op and sync targets for every counted ``mode="reverse"`` row: ops per step per layer at T
+    within :data:`OP_TARGETS`, at most :data:`SYNC_TARGET` syncs per window in forward and backward, and
+    as many at T as at the short length (none per step; None when T is the short length)."""
+    results = []
+    for row in rows:
+        if row.config.mode != "reverse" or row.counts is None or row.error is not None:
+            continue
+        fwd, rev = row.ops_per_step_layer("forward"), row.ops_per_step_layer("reverse")
+        syncs, short = row.syncs_per_window(), row.syncs_per_window(short=True)
+        assert fwd is not None and rev is not None and syncs is not None
+        results.append({
+            "cell": row.config.cell, "layers": row.config.layers, "seq_len": row.config.seq_len,
+            "bits": row.config.bits, "forward_ops": fwd, "reverse_ops": rev, "syncs": list(syncs),
+            "forward_ops_ok": fwd <= OP_TARGETS["forward"], "reverse_ops_ok": rev <= OP_TARGETS["reverse"],
+            "syncs_ok": max(syncs) <= SYNC_TARGET,
+            "none_per_step": None if short is None else syncs == short,
+        })
+    return results
+
+
+def format_op_targets(targets: Sequence[dict[str, Any]]) -> str:
+    """PASS/FAIL lines for the op and sync targets."""
+    head = (f"Op/sync targets (issue 7, mode=reverse): <= {OP_TARGETS['forward']:g} forward and "
+            f"<= {OP_TARGETS['reverse']:g} reverse ops per step per layer, <= {SYNC_TARGET} syncs per window "
+            "each way, none per step:")
+    if not targets:
+        return head + "\n  SKIP  no counted mode=reverse row"
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+    lines = [head]
+    for t in targets:
+        lines.append(
+            f"  {t['cell']} L={t['layers']} T={t['seq_len']} k={fmt_bits(t['bits'])}: "
+            f"fwd {t['forward_ops']:.1f} {verdict(t['forward_ops_ok'])}, rev {t['reverse_ops']:.1f} "
+            f"{verdict(t['reverse_ops_ok'])}, syncs {t['syncs'][0]}/{t['syncs'][1]} {verdict(t['syncs_ok'])}, "
+            f"none per step {verdict(t['none_per_step'])}"
+        )
+    return "\n".join(lines)
+
+
+def top_ops(rows: Sequence[Row], n: int = 12) -> str:
+    """Per counted ``mode="reverse"`` row, the ``n`` most frequent ops of each phase per step per layer:
+    where the counts come from."""
+    lines = []
+    for row in rows:
+        if row.config.mode != "reverse" or row.counts is None or row.error is not None:
+            continue
+        scale = row.config.seq_len * row.config.layers
+        lines.append(f"{row.config.label()}, ops per step per layer:")
+        for phase in ("forward", "reverse"):
+            ops = sorted(row.counts[phase]["ops"].items(), key=lambda kv: -kv[1])[:n]
+            lines.append(f"  {phase}: " + ", ".join(f"{_short_op(k)} {v / scale:.2f}" for k, v in ops))
+    return "\n".join(lines)
+
+
+def _short_op(name: str) -> str:
+    """``aten.mul.Tensor`` -> ``mul.Tensor``; ``.default`` dropped."""
+    name = name.removeprefix("aten.")
+    return name.removesuffix(".default")
 
 
 def device_slug(device: torch.device) -> str:
@@ -359,7 +516,9 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def write_json(path: Path, device: torch.device, args: argparse.Namespace, rows: Sequence[Row]) -> None:
+def write_json(
+    path: Path, device: torch.device, args: argparse.Namespace, rows: Sequence[Row], op_targets: Sequence[dict[str, Any]]
+) -> None:
     """Write the results file (creating its directory)."""
     payload = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -371,6 +530,7 @@ def write_json(path: Path, device: torch.device, args: argparse.Namespace, rows:
         "memory_metric": "cuda_peak" if device.type == "cuda" else "saved_tensor_bytes",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": [r.to_json() for r in rows],
+        "op_targets": list(op_targets),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -396,6 +556,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path,
                    help="JSON path (default benchmarks/results/rnn-<device>.json, rnn-<device>-small.json with --small)")
     p.add_argument("--small", action="store_true", help="quick preset: T 20 100, hidden/input 64, batch 4, L 1, 1 repeat")
+    p.add_argument("--count-short-t", type=int, default=16,
+                   help="second window length for the op/sync counts, beside each row's T (default 16: one chunk)")
+    p.add_argument("--no-count", action="store_true", help="skip the op/sync counts (timing and memory only)")
     args = p.parse_args(argv)
     preset = SMALL_PRESET if args.small else PAPER_PRESET
     for key, value in preset.items():
@@ -416,11 +579,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if min(args.seq_lens) < 1 or min(args.layers) < 1:
         p.error("--seq-lens and --layers must be positive")
+    if args.count_short_t < 1:
+        p.error("--count-short-t must be positive")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
-    """Run the benchmark, print the table, write the JSON; returns the rows."""
+    """Run the benchmark, print the table (and the op/sync targets, and the most frequent ops), write the
+    JSON; returns the rows."""
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads is not None:
@@ -432,12 +598,19 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{len(configs)} configurations, {args.repeats} timed repeat(s) each", file=sys.stderr, flush=True)
-    rows = list(run_all(configs, device, args.repeats))
+    short_len = None if args.no_count else args.count_short_t
+    rows = list(run_all(configs, device, args.repeats, short_len))
     add_ratios(rows)
+    op_targets = check_op_targets(rows)
     print(format_table(rows))
     print()
-    print(legend(device))
-    write_json(args.out, device, args, rows)
+    print(legend(device, short_len))
+    if short_len is not None:
+        print()
+        print(format_op_targets(op_targets))
+        print()
+        print(top_ops(rows))
+    write_json(args.out, device, args, rows, op_targets)
     print(f"wrote {args.out}")
     return rows
 
