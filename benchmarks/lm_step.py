@@ -30,13 +30,24 @@ Per configuration:
    start (peak over forward *and* backward, so it includes the parameter gradients, the reverse sweep's
    gradient accumulators and the checkpoint recomputation); the allocation still alive right after the
    forward is recorded as CUDA "held";
-3. ``--repeats`` timed steps, no hooks; the reported time is their median.
+3. on CPU, one step traced with :class:`~lightning_revrnn.memory.MemoryTrace` (the profiler's allocation
+   trace): the step's peak above what was allocated before it (parameters, batch), with the parameter
+   gradients the step allocates ("peak+grad") and without them ("peak": activations and workspace of
+   forward *and* backward, the reverse sweep's and the checkpoint recomputation's included);
+4. ``--repeats`` timed steps, no hooks; the reported time is their median;
+5. the op and host-sync counts of one step (:mod:`opcount`; not for checkpointed rows, ``--no-count``
+   skips them): non-view ATen ops per step per layer in the forward (``training_step``: stem, RNN, head
+   and loss) and in ``backward()``, host syncs per window each way.
 
 The memory figure "MB" is, on CPU, held + recompute (recompute is 0 for non-checkpointed rows), on CUDA the
 allocator peak. Memory ratio = plain baseline MB / this MB (higher is better); time ratio = this time /
 plain baseline time. The footer checks the issue's targets from the rows: a reversible LM (k=3) with
 ≥ 20x less activation memory than the baseline of the same size at T 70, ≥ 100x at T 1000 (the issue
-states them against ``nn.LSTM``; the GRU family gets the same thresholds against ``nn.GRU``).
+states them against ``nn.LSTM``; the GRU family gets the same thresholds against ``nn.GRU``); and issue 7's
+CPU targets: step time ≤ 1.5x the baseline (T 70 and 1000), saved bytes and peak ≥ 200x lower at T 70.
+
+Sizes: the top (here the only) layer has ``--emb`` units, the tied decoder's width; ``--hidden`` (1150) is
+the width of the layers below it, so with one layer it is unused and the RNN is 650 wide.
 
 Usage::
 
@@ -66,11 +77,13 @@ from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
 from lightning_revrnn.lm import Batch, LanguageModel
-from lightning_revrnn.memory import saved_tensor_bytes
+from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
 
 try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.lm_step``
+    from opcount import count_step
     from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fmt_bits, parse_bits, sync
 except ImportError:  # pragma: no cover - depends on how the file is run
+    from benchmarks.opcount import count_step
     from benchmarks.rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fmt_bits, parse_bits, sync
 
 #: The paper's PTB sizes (2 layers: lower 1150 units, top = emb 650), used unless ``--small`` or a flag overrides.
@@ -85,6 +98,10 @@ SMALL_PRESET: dict[str, Any] = {
 #: The issue's targets: T → minimum (baseline memory / reversible memory) at ``TARGET_BITS``.
 TARGETS: dict[int, float] = {70: 20.0, 1000: 100.0}
 TARGET_BITS = 3
+#: Issue 7's CPU targets: reversible step time at most this multiple of the baseline's (T 70 and 1000) ...
+CPU_TIME_TARGET = 1.5
+#: ... and saved bytes and step peak at least this many times lower than the baseline's at T 70.
+CPU_MEMORY_TARGET = 200.0
 CELL_NAMES = {"gru": ("GRU", "RevGRU"), "lstm": ("LSTM", "RevLSTM")}
 
 
@@ -232,11 +249,19 @@ class Row:
     recompute_bytes: int | None = None
     cuda_held_bytes: int | None = None
     cuda_peak_bytes: int | None = None
+    #: CPU (profiler trace): the step's peak above its start, without / with the parameter gradients it allocates.
+    cpu_peak_bytes: int | None = None
+    cpu_peak_incl_grad_bytes: int | None = None
+    grad_bytes: int | None = None
     stats: dict[str, Any] | None = None
+    #: Op and sync counts of one step (:meth:`opcount.StepCounts.to_json`).
+    counts: dict[str, Any] | None = None
     error: str | None = None
     time_ratio: float | None = None
     mem_ratio: float | None = None
     held_ratio: float | None = None
+    #: Plain baseline's CPU peak / this CPU peak (both without gradients).
+    peak_ratio: float | None = None
 
     def memory_bytes(self) -> int | None:
         """The device's memory figure: CUDA allocator peak; on CPU saved-tensor bytes + checkpoint recompute."""
@@ -336,6 +361,31 @@ def measure_saved(model: LanguageModel, batch: Batch, row: Row) -> None:
     backward_and_clear(model, loss)
 
 
+def measure_cpu_peak(model: LanguageModel, batch: Batch, row: Row) -> None:
+    """One step traced by the profiler: its peak above the start, with and without the gradients."""
+    trace = MemoryTrace(torch.device("cpu"))
+    trace.start()
+    try:
+        loss = model.training_step(batch, 0)
+        loss.backward()
+    except BaseException:
+        trace.abort()
+        raise
+    del loss
+    memory = trace.stop(model.parameters())
+    model.zero_grad(set_to_none=True)
+    row.cpu_peak_bytes = memory.peak_excl_grad_bytes
+    row.cpu_peak_incl_grad_bytes = memory.peak_bytes
+    row.grad_bytes = memory.grad_bytes
+
+
+def measure_counts(model: LanguageModel, batch: Batch, row: Row) -> None:
+    """Op and sync counts of one step: forward = ``training_step``, reverse = ``backward()``."""
+    counts = count_step(lambda: model.training_step(batch, 0), row.config.seq_len, row.config.layers)
+    model.zero_grad(set_to_none=True)
+    row.counts = counts.to_json()
+
+
 def measure_cuda(model: LanguageModel, batch: Batch, device: torch.device, row: Row) -> None:
     """Allocator figures of one step above what was allocated at its start (batch, weights)."""
     sync(device)
@@ -362,8 +412,9 @@ def time_steps(model: LanguageModel, batch: Batch, device: torch.device, repeats
     return times
 
 
-def measure(config: Config, device: torch.device, repeats: int) -> Row:
-    """All measurements of one configuration; an exception is recorded in the row, not raised."""
+def measure(config: Config, device: torch.device, repeats: int, count: bool = True) -> Row:
+    """All measurements of one configuration; an exception is recorded in the row, not raised. ``count``:
+    also the op/sync counts (never for checkpointed rows), after the timing."""
     row = Row(config=config)
     try:
         model = build_model(config, device)
@@ -372,8 +423,12 @@ def measure(config: Config, device: torch.device, repeats: int) -> Row:
         measure_saved(model, batch, row)
         if device.type == "cuda":
             measure_cuda(model, batch, device, row)
+        else:
+            measure_cpu_peak(model, batch, row)
         row.times_ms = time_steps(model, batch, device, repeats)
         row.median_ms = statistics.median(row.times_ms)
+        if count and config.variant != "ckpt":
+            measure_counts(model, batch, row)
     except Exception as exc:  # noqa: BLE001 - a failing config is reported, the others still run
         row.error = f"{type(exc).__name__}: {exc}"
     return row
@@ -397,6 +452,7 @@ def add_ratios(rows: list[Row]) -> None:
         row.time_ratio = ratio(row.median_ms, base.median_ms)
         row.mem_ratio = ratio(base.memory_bytes(), row.memory_bytes())
         row.held_ratio = ratio(base.held_bytes(), row.held_bytes())
+        row.peak_ratio = ratio(base.cpu_peak_bytes, row.cpu_peak_bytes)
 
 
 def check_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
@@ -421,11 +477,11 @@ def check_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
     return results
 
 
-def run_all(configs: Sequence[Config], device: torch.device, repeats: int) -> Iterator[Row]:
+def run_all(configs: Sequence[Config], device: torch.device, repeats: int, count: bool = True) -> Iterator[Row]:
     """Measure every configuration in order, reporting progress on stderr."""
     for i, config in enumerate(configs, 1):
         start = time.perf_counter()
-        row = measure(config, device, repeats)
+        row = measure(config, device, repeats, count)
         took = time.perf_counter() - start
         status = f"ERROR {row.error}" if row.error else f"{row.median_ms:.1f} ms/step"
         print(f"[{i}/{len(configs)}] {config.label()}: {status} ({took:.1f} s)", file=sys.stderr, flush=True)
@@ -434,8 +490,8 @@ def run_all(configs: Sequence[Config], device: torch.device, repeats: int) -> It
 
 # --------------------------------------------------------------------------------------------- output
 COLUMNS = (
-    "model", "L", "T", "variant", "ms", "t/base", "held MB", "held×", "MB", "mem×", "loss",
-    "actual", "optimal", "eff",
+    "model", "L", "T", "variant", "ms", "t/base", "held MB", "held×", "MB", "mem×", "peak MB", "peak×", "loss",
+    "actual", "optimal", "eff", "fwd", "rev", "sync",
 )
 KEY_COLUMNS = 4
 
@@ -454,10 +510,15 @@ def table_cells(row: Row) -> list[str]:
     cells = [c.model_name, str(c.layers), str(c.seq_len), c.variant_text()]
     if row.error is not None:
         return cells + [f"ERROR: {row.error}"]
+    n = row.counts
     return cells + [
         _num(row.median_ms, 1), _num(row.time_ratio, 2), _mb(row.held_bytes()), _num(row.held_ratio, 1),
-        _mb(row.memory_bytes()), _num(row.mem_ratio, 1), _num(row.loss, 4),
+        _mb(row.memory_bytes()), _num(row.mem_ratio, 1), _mb(row.cpu_peak_bytes), _num(row.peak_ratio, 1),
+        _num(row.loss, 4),
         _num(s.get("actual_ratio"), 2), _num(s.get("optimal_ratio"), 2), _num(s.get("efficiency"), 3),
+        _num(None if n is None else n["forward_ops_per_step_layer"], 1),
+        _num(None if n is None else n["reverse_ops_per_step_layer"], 1),
+        "" if n is None else f"{n['forward_syncs_per_window']}/{n['reverse_syncs_per_window']}",
     ]
 
 
@@ -501,6 +562,48 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_cpu_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Issue 7's CPU targets for every reversible k=3 row with a baseline: time ratio at most
+    :data:`CPU_TIME_TARGET`; at T 70 saved bytes (held) and peak at least :data:`CPU_MEMORY_TARGET` times
+    lower (None where not measured or not applicable)."""
+    results = []
+    for row in rows:
+        c = row.config
+        if c.variant != "rev" or c.bits != TARGET_BITS or row.error is not None or row.time_ratio is None:
+            continue
+        at_70 = c.seq_len == 70
+        results.append({
+            "cell": c.cell, "layers": c.layers, "seq_len": c.seq_len, "bits": c.bits,
+            "time_ratio": row.time_ratio, "time_ok": row.time_ratio <= CPU_TIME_TARGET,
+            "held_ratio": row.held_ratio, "peak_ratio": row.peak_ratio,
+            "held_ok": row.held_ratio >= CPU_MEMORY_TARGET if at_70 and row.held_ratio is not None else None,
+            "peak_ok": row.peak_ratio >= CPU_MEMORY_TARGET if at_70 and row.peak_ratio is not None else None,
+        })
+    return results
+
+
+def format_cpu_targets(targets: Sequence[dict[str, Any]]) -> str:
+    """PASS/FAIL lines for issue 7's CPU targets."""
+    head = (f"Issue 7 CPU targets (k={TARGET_BITS}): step time <= {CPU_TIME_TARGET:g}x the baseline at T 70 and "
+            f"1000; at T 70 saved bytes and peak (without gradients) >= {CPU_MEMORY_TARGET:g}x lower:")
+    if not targets:
+        return head + "\n  SKIP  no CPU-measured reversible k=3 row with a baseline"
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+    lines = [head]
+    for t in targets:
+        base, rev = CELL_NAMES[t["cell"]]
+        held = "" if t["held_ratio"] is None else f"{t['held_ratio']:.1f}x"
+        peak = "" if t["peak_ratio"] is None else f"{t['peak_ratio']:.1f}x"
+        lines.append(
+            f"  {rev} vs {base} L={t['layers']} T={t['seq_len']}: time {t['time_ratio']:.2f}x {verdict(t['time_ok'])}, "
+            f"saved {held} lower {verdict(t['held_ok'])}, peak {peak} lower {verdict(t['peak_ok'])}"
+        )
+    return "\n".join(lines)
+
+
 def legend(device: torch.device) -> str:
     """What the columns mean."""
     if device.type == "cuda":
@@ -512,14 +615,17 @@ def legend(device: torch.device) -> str:
     return (
         f"ms: median step (training_step + backward); t/base: time / plain baseline time. held MB: {held}. "
         f"MB: {mem}. held×, mem×: baseline held MB / this held MB, baseline MB / this MB. "
-        "loss: of the first step (checkpointed = plain). "
+        "peak MB: CPU step peak above its start without the parameter gradients (profiler trace; peak×: "
+        "baseline / this). loss: of the first step (checkpointed = plain). fwd, rev: non-view ATen ops "
+        "(benchmarks/opcount.py) per step per layer in training_step and in backward; sync: host syncs per "
+        "window, forward/backward. "
         "variant: C = steps per checkpointed chunk, k = max_forget_bits. actual, optimal: the paper's memory "
         "ratios of the reversible RNN (normal/used, normal/optimal bits); eff: optimal/used bits."
     )
 
 
 def write_json(path: Path, device: torch.device, args: argparse.Namespace, rows: Sequence[Row],
-               targets: Sequence[dict[str, Any]]) -> None:
+               targets: Sequence[dict[str, Any]], cpu_targets: Sequence[dict[str, Any]] = ()) -> None:
     """Write the results file (creating its directory)."""
     payload = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -532,6 +638,7 @@ def write_json(path: Path, device: torch.device, args: argparse.Namespace, rows:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": [r.to_json() for r in rows],
         "targets": list(targets),
+        "cpu_targets": list(cpu_targets),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -559,6 +666,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="torch.set_num_threads (default: torch's choice); 1 is steadier on a shared, busy CPU")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/lm_step-<device>.json, "
                                             "lm_step-<device>-small.json with --small)")
+    p.add_argument("--no-count", action="store_true", help="skip the op/sync counts")
     p.add_argument("--small", action="store_true",
                    help="quick preset: vocab 200, emb 32, hidden 48, T 20 100, batch 4, L 1, 1 repeat")
     args = p.parse_args(argv)
@@ -599,15 +707,19 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{len(configs)} configurations, {args.repeats} timed repeat(s) each", file=sys.stderr, flush=True)
-    rows = list(run_all(configs, device, args.repeats))
+    rows = list(run_all(configs, device, args.repeats, count=not args.no_count))
     add_ratios(rows)
     targets = check_targets(rows)
+    cpu_targets = check_cpu_targets(rows) if device.type == "cpu" else []
     print(format_table(rows))
     print()
     print(legend(device))
     print()
     print(format_targets(targets))
-    write_json(args.out, device, args, rows, targets)
+    if device.type == "cpu":
+        print()
+        print(format_cpu_targets(cpu_targets))
+    write_json(args.out, device, args, rows, targets, cpu_targets)
     print(f"wrote {args.out}")
     return rows
 
