@@ -91,7 +91,9 @@ class BufferStats:
     (whether a drain preceded it);
     ``optimal_bits``: the information-theoretic floor ``Σ -log2 z`` over all buffered multiplications,
     kept on the device until :meth:`as_dict` reads it (so a forward never waits for it);
-    ``drains``: example drains (an example draining all its units counts one).
+    ``drains``: example drains (an example draining all its units counts one);
+    ``stored_bits``: stored units (attention slices, 32 bits per unit and step), which the paper counts in
+    both ``used_bits`` and ``optimal_bits`` (already included there).
     """
 
     normal_bits: int
@@ -99,6 +101,7 @@ class BufferStats:
     optimal_bits: float | Tensor
     drains: int
     multiplications: int
+    stored_bits: int = 0
 
     def as_dict(self) -> dict[str, float]:
         """Flat mapping with the accounting, the ratios and the buffer's efficiency."""
@@ -112,6 +115,7 @@ class BufferStats:
             "efficiency": _ratio(optimal, self.used_bits),
             "drains": self.drains,
             "multiplications": self.multiplications,
+            "stored_bits": self.stored_bits,
         }
 
 
@@ -306,8 +310,9 @@ class InformationBuffer:
         self.finish()
         return [*self._planes, *[r for r in self._drained_rows if r is not None], self.word]
 
-    def stats(self, normal_bits: int) -> BufferStats:
-        """The window's accounting (after :meth:`finish`, which this calls); see :class:`BufferStats`."""
+    def stats(self, normal_bits: int, stored_bits: int = 0) -> BufferStats:
+        """The window's accounting (after :meth:`finish`, which this calls); see :class:`BufferStats`.
+        ``stored_bits``: the layer's stored units, added to ``used_bits`` and ``optimal_bits``."""
         self.finish()
         units = self.word.numel()
         optimal: float | Tensor = 0.0
@@ -318,8 +323,9 @@ class InformationBuffer:
         used = plane_bits + index_bits + units * 64 + self.multiplications
         return BufferStats(
             normal_bits=normal_bits,
-            used_bits=used if self.multiplications else 0,
-            optimal_bits=optimal,
+            used_bits=(used if self.multiplications else 0) + stored_bits,
+            optimal_bits=optimal + stored_bits,
             drains=sum(self._drained_counts),
             multiplications=self.multiplications,
+            stored_bits=stored_bits,
         )
