@@ -313,7 +313,7 @@ class RevGRUCell(ReversibleCell):
         """(int ``z*`` or None without forgetting, the factor on the old h, the additive term); the
         identity update where ``keep`` is False (see :func:`hold`)."""
         zq, zs = self._forget(z)
-        (zq,), (zs,), (add,) = hold(keep, [zq], [zs], [(1.0 - zs) * g])
+        (zq,), (zs,), (add,) = hold(keep, [zq], [zs], [torch.addcmul(g, zs, g, value=-1.0)])  # (1 − z)·g
         return zq, zs, add
 
     def _half_forward(
