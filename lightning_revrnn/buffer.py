@@ -43,12 +43,14 @@ zero, no plane left) after a full sweep.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_revrnn.fixed_point import (
+    FORGET_ONE,
     R_Z,
     bits_per_multiply,
     reversible_divide,
@@ -62,6 +64,12 @@ WORD_LIMIT_BITS = 63 - R_Z
 DRAIN_BITS = 32
 _DRAIN_MASK = (1 << DRAIN_BITS) - 1
 _DRAIN_OFFSET = 1 << (DRAIN_BITS - 1)  # stores [0, 2^32) in int32 as [-2^31, 2^31)
+
+
+@functools.lru_cache(maxsize=8)
+def _log2_table(device: torch.device) -> Tensor:
+    """``log2(z*)`` for every ``z*`` in ``0..2^R_Z`` (float64; index 0 unused): one gather per multiplication."""
+    return torch.log2(torch.arange(FORGET_ONE + 1, dtype=torch.float64, device=device))
 
 
 def row_index_dtype(batch: int) -> torch.dtype:
@@ -91,7 +99,9 @@ class BufferStats:
     (whether a drain preceded it);
     ``optimal_bits``: the information-theoretic floor ``Σ -log2 z`` over all buffered multiplications,
     kept on the device until :meth:`as_dict` reads it (so a forward never waits for it);
-    ``drains``: example drains (an example draining all its units counts one).
+    ``drains``: example drains (an example draining all its units counts one);
+    ``stored_bits``: stored units (attention slices, 32 bits per unit and step), which the paper counts in
+    both ``used_bits`` and ``optimal_bits`` (already included there).
     """
 
     normal_bits: int
@@ -99,6 +109,7 @@ class BufferStats:
     optimal_bits: float | Tensor
     drains: int
     multiplications: int
+    stored_bits: int = 0
 
     def as_dict(self) -> dict[str, float]:
         """Flat mapping with the accounting, the ratios and the buffer's efficiency."""
@@ -112,6 +123,7 @@ class BufferStats:
             "efficiency": _ratio(optimal, self.used_bits),
             "drains": self.drains,
             "multiplications": self.multiplications,
+            "stored_bits": self.stored_bits,
         }
 
 
@@ -181,8 +193,8 @@ class InformationBuffer:
         h, self.word = reversible_multiply(h, z, self.word)
         self._bound += self._step_bits
         self.multiplications += 1
-        if self.retain:
-            log2_z = torch.log2(z.to(torch.float64)).sum()
+        if self.retain:  # the optimal bits: log2 z* per unit (float64), summed over units by stats()
+            log2_z = _log2_table(z.device).take(z)
             self._log2_z_sum = log2_z if self._log2_z_sum is None else self._log2_z_sum + log2_z
         return h
 
@@ -306,20 +318,23 @@ class InformationBuffer:
         self.finish()
         return [*self._planes, *[r for r in self._drained_rows if r is not None], self.word]
 
-    def stats(self, normal_bits: int) -> BufferStats:
-        """The window's accounting (after :meth:`finish`, which this calls); see :class:`BufferStats`."""
+    def stats(self, normal_bits: int, stored_bits: int = 0) -> BufferStats:
+        """The window's accounting (after :meth:`finish`, which this calls); see :class:`BufferStats`.
+        ``stored_bits``: the layer's stored units, added to ``used_bits`` and ``optimal_bits``."""
         self.finish()
         units = self.word.numel()
         optimal: float | Tensor = 0.0
         if self._log2_z_sum is not None:
+            self._log2_z_sum = self._log2_z_sum.sum()  # one number from here on, not one per unit
             optimal = self.multiplications * units * R_Z - self._log2_z_sum
         plane_bits = sum(p.numel() for p in self._planes) * DRAIN_BITS
         index_bits = sum(r.numel() * r.element_size() * 8 for r in self._drained_rows if r is not None)
         used = plane_bits + index_bits + units * 64 + self.multiplications
         return BufferStats(
             normal_bits=normal_bits,
-            used_bits=used if self.multiplications else 0,
-            optimal_bits=optimal,
+            used_bits=(used if self.multiplications else 0) + stored_bits,
+            optimal_bits=optimal + stored_bits,
             drains=sum(self._drained_counts),
             multiplications=self.multiplications,
+            stored_bits=stored_bits,
         )
