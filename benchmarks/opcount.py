@@ -337,3 +337,42 @@ def marginal_per_step_layer(short: StepCounts, long: StepCounts) -> tuple[float,
     layers = long.layers
     return ((long.forward.total_ops - short.forward.total_ops) / (dt * layers),
             (long.reverse.total_ops - short.reverse.total_ops) / (dt * layers))
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bits: int | None, top: int) -> str:
+    """One counted ``mode="reverse"`` step of a small model, every op by the line that ran it."""
+    from lightning_revrnn import RevGRU, RevLSTM
+
+    torch.manual_seed(0)
+    rnn = {"gru": RevGRU, "lstm": RevLSTM}[cell](hidden, hidden, layers, max_forget_bits=bits)
+    x = torch.randn(steps, batch, hidden, requires_grad=True)
+    counts = count_step(lambda: rnn(x)[0], steps, layers, to_loss=lambda out: out.sum(), record_sites=True)
+    scale = steps * layers
+    lines = [f"Rev{cell.upper()} T={steps} L={layers} H={hidden} B={batch} k={bits}: ops per step per layer "
+             f"(views, no-ops and allocations left out; benchmarks/opcount.py)"]
+    for name, phase in (("forward", counts.forward), ("reverse", counts.reverse)):
+        lines.append(f"{name}: {phase.total_ops / scale:.2f} ops, {phase.allocations / scale:.2f} allocations, "
+                     f"{phase.total_syncs} syncs per window {dict(phase.sync_sites)}")
+        lines += [f"  {n / scale:6.2f}  {site}" for site, n in phase.op_sites.most_common(top)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print where a reversible step's ops come from (``python benchmarks/opcount.py --cell lstm``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--cell", choices=["gru", "lstm"], default="gru")
+    p.add_argument("--steps", type=int, default=64, help="T (default 64: 4 chunks, per-window ops spread thin)")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=32, help="even; op counts do not depend on it")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--bits", type=lambda s: None if s == "none" else int(s), default=3)
+    p.add_argument("--top", type=int, default=40, help="op sites printed per phase")
+    a = p.parse_args(argv)
+    print(_site_report(a.cell, a.steps, a.layers, a.hidden, a.batch, a.bits, a.top))
+
+
+if __name__ == "__main__":
+    main()
