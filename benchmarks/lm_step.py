@@ -34,7 +34,8 @@ Per configuration:
    trace): the step's peak above what was allocated before it (parameters, batch), with the parameter
    gradients the step allocates ("peak+grad") and without them ("peak": activations and workspace of
    forward *and* backward, the reverse sweep's and the checkpoint recomputation's included);
-4. ``--repeats`` timed steps, no hooks; the reported time is their median;
+4. ``--repeats`` timed steps, no hooks; the reported time is their median (``--interleave``: one step of
+   each configuration of a group in turn, ``--repeats`` rounds);
 5. the op and host-sync counts of one step (:mod:`opcount`; not for checkpointed rows, ``--no-count``
    skips them): non-view ATen ops per step per layer in the forward (``training_step``: stem, RNN, head
    and loss) and in ``backward()``, host syncs per window each way.
@@ -412,26 +413,69 @@ def time_steps(model: LanguageModel, batch: Batch, device: torch.device, repeats
     return times
 
 
+@dataclass
+class Subject:
+    """One configuration's row, model and batch, alive while its steps are timed (in turns with its group's
+    other configurations under ``--interleave``). ``model`` is None once the configuration failed."""
+
+    row: Row
+    model: LanguageModel | None = None
+    batch: Batch | None = None
+
+    def fail(self, exc: Exception) -> None:
+        """Record the error in the row and drop the model (the other configurations still run)."""
+        self.row.error = f"{type(exc).__name__}: {exc}"
+        self.model = self.batch = None
+
+
+def prepare(config: Config, device: torch.device) -> Subject:
+    """Build the model and batch and take the memory measurements (warm-up step, peak)."""
+    subject = Subject(Row(config=config))
+    try:
+        model = build_model(config, device)
+        subject.row.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        batch = make_batch(config, device)
+        measure_saved(model, batch, subject.row)
+        if device.type == "cuda":
+            measure_cuda(model, batch, device, subject.row)
+        else:
+            measure_cpu_peak(model, batch, subject.row)
+        subject.model, subject.batch = model, batch
+    except Exception as exc:  # noqa: BLE001 - a failing config is reported, the others still run
+        subject.fail(exc)
+    return subject
+
+
+def time_more(subject: Subject, device: torch.device, repeats: int) -> None:
+    """Time ``repeats`` more steps of a prepared configuration."""
+    if subject.model is None or subject.batch is None:
+        return
+    try:
+        subject.row.times_ms += time_steps(subject.model, subject.batch, device, repeats)
+    except Exception as exc:  # noqa: BLE001
+        subject.fail(exc)
+
+
+def finish(subject: Subject, count: bool) -> Row:
+    """The median time, then (``count``, not for checkpointed rows) the op/sync counts; frees the model."""
+    row = subject.row
+    if subject.model is not None and subject.batch is not None:
+        try:
+            row.median_ms = statistics.median(row.times_ms)
+            if count and row.config.variant != "ckpt":
+                measure_counts(subject.model, subject.batch, row)
+        except Exception as exc:  # noqa: BLE001
+            subject.fail(exc)
+    subject.model = subject.batch = None
+    return row
+
+
 def measure(config: Config, device: torch.device, repeats: int, count: bool = True) -> Row:
     """All measurements of one configuration; an exception is recorded in the row, not raised. ``count``:
     also the op/sync counts (never for checkpointed rows), after the timing."""
-    row = Row(config=config)
-    try:
-        model = build_model(config, device)
-        row.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        batch = make_batch(config, device)
-        measure_saved(model, batch, row)
-        if device.type == "cuda":
-            measure_cuda(model, batch, device, row)
-        else:
-            measure_cpu_peak(model, batch, row)
-        row.times_ms = time_steps(model, batch, device, repeats)
-        row.median_ms = statistics.median(row.times_ms)
-        if count and config.variant != "ckpt":
-            measure_counts(model, batch, row)
-    except Exception as exc:  # noqa: BLE001 - a failing config is reported, the others still run
-        row.error = f"{type(exc).__name__}: {exc}"
-    return row
+    subject = prepare(config, device)
+    time_more(subject, device, repeats)
+    return finish(subject, count)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -477,15 +521,27 @@ def check_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
     return results
 
 
-def run_all(configs: Sequence[Config], device: torch.device, repeats: int, count: bool = True) -> Iterator[Row]:
-    """Measure every configuration in order, reporting progress on stderr."""
-    for i, config in enumerate(configs, 1):
+def run_all(
+    configs: Sequence[Config], device: torch.device, repeats: int, count: bool = True, interleave: bool = False
+) -> Iterator[Row]:
+    """Measure every configuration in order, reporting progress on stderr. ``interleave``: per (cell,
+    layers, T) group, prepare every configuration, then time one step of each in turn, ``repeats`` rounds,
+    so a load that changes over minutes (a shared machine) weighs on all of them alike."""
+    groups = [[c for c in configs if c.group == g] for g in dict.fromkeys(c.group for c in configs)]
+    done = 0
+    for group in groups if interleave else [[c] for c in configs]:
         start = time.perf_counter()
-        row = measure(config, device, repeats, count)
-        took = time.perf_counter() - start
-        status = f"ERROR {row.error}" if row.error else f"{row.median_ms:.1f} ms/step"
-        print(f"[{i}/{len(configs)}] {config.label()}: {status} ({took:.1f} s)", file=sys.stderr, flush=True)
-        yield row
+        subjects = [prepare(c, device) for c in group]
+        for _ in range(repeats if interleave else 1):
+            for subject in subjects:
+                time_more(subject, device, 1 if interleave else repeats)
+        for subject in subjects:
+            row = finish(subject, count)
+            done += 1
+            took = time.perf_counter() - start
+            status = f"ERROR {row.error}" if row.error else f"{row.median_ms:.1f} ms/step"
+            print(f"[{done}/{len(configs)}] {row.config.label()}: {status} ({took:.1f} s)", file=sys.stderr, flush=True)
+            yield row
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -667,6 +723,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/lm_step-<device>.json, "
                                             "lm_step-<device>-small.json with --small)")
     p.add_argument("--no-count", action="store_true", help="skip the op/sync counts")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the configurations of one (cell, layers, T) group in turns, one step each per round "
+                        "(steadier ratios on a shared machine; all of a group's models are alive at once)")
     p.add_argument("--small", action="store_true",
                    help="quick preset: vocab 200, emb 32, hidden 48, T 20 100, batch 4, L 1, 1 repeat")
     args = p.parse_args(argv)
@@ -707,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{len(configs)} configurations, {args.repeats} timed repeat(s) each", file=sys.stderr, flush=True)
-    rows = list(run_all(configs, device, args.repeats, count=not args.no_count))
+    rows = list(run_all(configs, device, args.repeats, count=not args.no_count, interleave=args.interleave))
     add_ratios(rows)
     targets = check_targets(rows)
     cpu_targets = check_cpu_targets(rows) if device.type == "cpu" else []

@@ -11,7 +11,8 @@ One *step* is: forward, ``out.sum().backward()``, gradients set to None. Per con
    model here saves); the reversible module's ``memory_stats()`` is read right after this forward;
 2. on CUDA, one step measured with the allocator: ``max_memory_allocated() - memory_allocated()`` at its
    start (``x`` is allocated before, so this is an "excl. input" figure; "incl." adds ``x``'s bytes);
-3. ``--repeats`` timed steps, no hooks; the reported time is their median;
+3. ``--repeats`` timed steps, no hooks; the reported time is their median (``--interleave``: one step of
+   each configuration of a group in turn, ``--repeats`` rounds);
 4. the step's op and host-sync counts (:mod:`opcount`, after the timing, so its overhead is not timed):
    one step at T and one at ``--count-short-t`` (16: one chunk) on the first steps of the same input.
    Per step per layer: non-view ATen ops in the forward (inside the module call) and in the reverse sweep
@@ -293,13 +294,28 @@ def reversible_stats(model: nn.Module) -> dict[str, Any]:
     return {**{k: stats[k] for k in STAT_KEYS}, "layers": stats["layers"]}
 
 
-def measure(config: Config, device: torch.device, repeats: int, short_len: int | None = None) -> Row:
-    """All measurements of one configuration; an exception is recorded in the row, not raised. Op counts
-    (at T and at ``short_len``) after the timing, unless ``short_len`` is None."""
+@dataclass
+class Subject:
+    """One configuration's row, model and input, alive while its steps are timed (in turns with its group's
+    other configurations under ``--interleave``). ``model`` is None once the configuration failed."""
+
+    row: Row
+    model: nn.Module | None = None
+    x: Tensor | None = None
+
+    def fail(self, exc: Exception) -> None:
+        """Record the error in the row and drop the model (the other configurations still run)."""
+        self.row.error = f"{type(exc).__name__}: {exc}"
+        self.model = self.x = None
+
+
+def prepare(config: Config, device: torch.device) -> Subject:
+    """Build the model and input and take the memory measurements (warm-up step; CUDA peak)."""
     model = build_model(config, device)
     row = Row(config=config, model=type(model).__name__)
     x = make_input(config, device)
     row.input_bytes = x.untyped_storage().nbytes()
+    subject = Subject(row, model, x)
     try:
         def read_stats(out: Tensor) -> None:
             row.grad_fn = type(out.grad_fn).__name__
@@ -311,13 +327,41 @@ def measure(config: Config, device: torch.device, repeats: int, short_len: int |
         row.saved_bytes_incl_input = row.saved_bytes_excl_input + row.input_bytes
         if device.type == "cuda":
             row.cuda_peak_bytes_excl_input = measure_cuda_peak(model, x, device)
-        row.times_ms = time_steps(model, x, device, repeats)
-        row.median_ms = statistics.median(row.times_ms)
-        if short_len is not None:
-            measure_counts(model, x, short_len, row)
     except Exception as exc:  # noqa: BLE001 - a failing config is reported, the others still run
-        row.error = f"{type(exc).__name__}: {exc}"
+        subject.fail(exc)
+    return subject
+
+
+def time_more(subject: Subject, device: torch.device, repeats: int) -> None:
+    """Time ``repeats`` more steps of a prepared configuration."""
+    if subject.model is None or subject.x is None:
+        return
+    try:
+        subject.row.times_ms += time_steps(subject.model, subject.x, device, repeats)
+    except Exception as exc:  # noqa: BLE001
+        subject.fail(exc)
+
+
+def finish(subject: Subject, short_len: int | None) -> Row:
+    """The median time, then the op counts (at T and ``short_len``; none when it is None); frees the model."""
+    row = subject.row
+    if subject.model is not None and subject.x is not None:
+        try:
+            row.median_ms = statistics.median(row.times_ms)
+            if short_len is not None:
+                measure_counts(subject.model, subject.x, short_len, row)
+        except Exception as exc:  # noqa: BLE001
+            subject.fail(exc)
+    subject.model = subject.x = None
     return row
+
+
+def measure(config: Config, device: torch.device, repeats: int, short_len: int | None = None) -> Row:
+    """All measurements of one configuration; an exception is recorded in the row, not raised. Op counts
+    (at T and at ``short_len``) after the timing, unless ``short_len`` is None."""
+    subject = prepare(config, device)
+    time_more(subject, device, repeats)
+    return finish(subject, short_len)
 
 
 def add_ratios(rows: list[Row]) -> None:
@@ -339,16 +383,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def run_all(
-    configs: Sequence[Config], device: torch.device, repeats: int, short_len: int | None = None
+    configs: Sequence[Config], device: torch.device, repeats: int, short_len: int | None = None,
+    interleave: bool = False,
 ) -> Iterator[Row]:
-    """Measure every configuration in order, reporting progress on stderr."""
-    for i, config in enumerate(configs, 1):
+    """Measure every configuration in order, reporting progress on stderr. ``interleave``: per (cell,
+    layers, T) group, prepare every configuration, then time one step of each in turn, ``repeats`` rounds,
+    so a load that changes over minutes (a shared machine) weighs on all of them alike."""
+    groups = [[c for c in configs if c.group == g] for g in dict.fromkeys(c.group for c in configs)]
+    done = 0
+    for group in groups if interleave else [[c] for c in configs]:
         start = time.perf_counter()
-        row = measure(config, device, repeats, short_len)
-        took = time.perf_counter() - start
-        status = f"ERROR {row.error}" if row.error else f"{row.median_ms:.1f} ms/step"
-        print(f"[{i}/{len(configs)}] {config.label()}: {status} ({took:.1f} s)", file=sys.stderr, flush=True)
-        yield row
+        subjects = [prepare(c, device) for c in group]
+        for _ in range(repeats if interleave else 1):
+            for subject in subjects:
+                time_more(subject, device, 1 if interleave else repeats)
+        for subject in subjects:
+            row = finish(subject, short_len)
+            done += 1
+            took = time.perf_counter() - start
+            status = f"ERROR {row.error}" if row.error else f"{row.median_ms:.1f} ms/step"
+            print(f"[{done}/{len(configs)}] {row.config.label()}: {status} ({took:.1f} s)", file=sys.stderr, flush=True)
+            yield row
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -559,6 +614,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--count-short-t", type=int, default=16,
                    help="second window length for the op/sync counts, beside each row's T (default 16: one chunk)")
     p.add_argument("--no-count", action="store_true", help="skip the op/sync counts (timing and memory only)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the configurations of one (cell, layers, T) group in turns, one step each per round "
+                        "(steadier ratios on a shared machine; all of a group's models are alive at once)")
     args = p.parse_args(argv)
     preset = SMALL_PRESET if args.small else PAPER_PRESET
     for key, value in preset.items():
@@ -599,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{len(configs)} configurations, {args.repeats} timed repeat(s) each", file=sys.stderr, flush=True)
     short_len = None if args.no_count else args.count_short_t
-    rows = list(run_all(configs, device, args.repeats, short_len))
+    rows = list(run_all(configs, device, args.repeats, short_len, args.interleave))
     add_ratios(rows)
     op_targets = check_op_targets(rows)
     print(format_table(rows))
