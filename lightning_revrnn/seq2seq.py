@@ -9,7 +9,7 @@ the stored encoder units (the head's declared context), which autograd hands to 
 sweep; the source embeddings in the memory are recomputed from the tokens, so they cost nothing between
 forward and backward.
 
-Batches are :class:`~lightning_revrnn.datamodules.translation.TranslationBatch` (time first, right-padded,
+Batches are :class:`~lightning_revrnn.datamodules.parallel.TranslationBatch` (time first, right-padded,
 ``src_keep`` / ``tgt_keep`` masks). Decoding (greedy, beam) steps the decoder one token at a time in
 evaluation arithmetic, carrying the exact (float64) reversible state through the beams' reordering.
 """
@@ -32,7 +32,8 @@ from typing_extensions import override
 
 from lightning_revrnn.attention import AttentionHead, LuongAttention
 from lightning_revrnn.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
-from lightning_revrnn.datamodules.translation import BOS, EOS, TranslationBatch, TranslationVocabulary
+from lightning_revrnn.datamodules.parallel import TranslationBatch
+from lightning_revrnn.datamodules.vocabulary import BOS, EOS, TranslationVocabulary
 from lightning_revrnn.decoding import beam_search, greedy_search
 from lightning_revrnn.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
 from lightning_revrnn.lm import BaselineRNN, EmbeddingStem
@@ -296,9 +297,13 @@ class TranslationModel(pl.LightningModule):
 
     @override
     def predict_step(self, batch: TranslationBatch, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
-        """Detokenised beam-search translations of the batch's sources (also written to ``prediction_file``)."""
+        """Detokenised beam-search translations of the batch's sources, in the split's order (``batch.indices``;
+        the DataModule's predict batches follow the file, so one process writes the file's order), also
+        written to ``prediction_file``."""
         ids = self.translate(batch.src, batch.src_keep, beam=self.hparams["beam"])
         lines = [detokenize(h, self.tgt_lang) for h in self.hypotheses(ids)]
+        if batch.indices:  # rows come sorted by source length: back to the split's order
+            lines = [line for _, line in sorted(zip(batch.indices, lines), key=lambda pair: pair[0])]
         if self._predictions is not None:
             self._predictions.writelines(line + "\n" for line in lines)
         return lines
@@ -349,6 +354,7 @@ class TranslationModel(pl.LightningModule):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
     def initial_decoder_state(self, src: Tensor, src_keep: Tensor) -> DecoderState:
         """Encode ``src`` and return the decoding state: the decoder starts from the encoder's final state
         (reversible: its exact float64 value, as training's chaining does)."""
@@ -356,6 +362,7 @@ class TranslationModel(pl.LightningModule):
         hidden = self.encoder.exact_state(h_n) if isinstance(self.encoder, StoredUnitsAccounting) else h_n
         return DecoderState(hidden, self.head.build_memory(src, stored), src_keep)
 
+    @torch.no_grad()
     def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         """One decoder step for every row: log-probabilities ``(N, V)`` of the next token after ``tokens``
         ``(N,)``, and the new state (reversible: the exact final state, so beams continue bit for bit)."""
