@@ -70,7 +70,7 @@ def test_fit_then_validate_and_test_from_checkpoint(tmp_path: Path) -> None:
     ckpt = checkpoints[0]
     saved = yaml.safe_load((fit_dir / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 3
-    assert saved["model"]["rnn"] == "revgru" and saved["data"]["init_args"]["train_tokens"] == 3000
+    assert saved["model"]["init_args"]["rnn"] == "revgru" and saved["data"]["init_args"]["train_tokens"] == 3000
     losses = [float(r["train_loss"]) for r in _metrics(fit_dir) if r.get("train_loss")]
     assert len(losses) == 3 and all(0 < l < 100 for l in losses)
     assert (fit_dir / "memory_report.json").is_file()  # the config's MemoryReport callback ran
@@ -116,7 +116,8 @@ def test_every_config_parses(config: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     source = yaml.safe_load(config.read_text())
-    assert printed["model"]["rnn"] == source["model"]["rnn"]
+    assert printed["model"]["class_path"] == source["model"]["class_path"]
+    assert printed["model"]["init_args"]["rnn"] == source["model"]["init_args"]["rnn"]
     assert printed["data"]["class_path"] == source["data"]["class_path"]
     assert printed["trainer"]["max_epochs"] == source["trainer"]["max_epochs"]
     assert printed["trainer"]["gradient_clip_val"] == source["trainer"]["gradient_clip_val"]
