@@ -16,17 +16,18 @@ memory, ``repeat_interleave(beam, dim=batch)``) may stay outside the state.
 Length conventions (both searches): at most ``max_len`` decoding steps, one token per step. A hypothesis
 ends when it emits EOS (its score includes EOS's log-probability and its length counts EOS) or when it
 reaches ``max_len`` tokens without EOS (cut there, scored as it stands, length ``max_len``). Returned
-token ids never include BOS or EOS, so they hold at most ``max_len`` ids.
+token ids leave out the BOS fed first and the EOS that ended the hypothesis, so they hold at most ``max_len``
+ids; a model that must never emit BOS or PAD gives them log-probability ``-inf`` in ``step``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 S = TypeVar("S")
@@ -36,12 +37,27 @@ StepFn = Callable[[Tensor, S], tuple[Tensor, S]]
 ReorderFn = Callable[[S, Tensor], S]
 
 
+def first_tensor(state: Any) -> Tensor | None:
+    """The first tensor inside ``state`` (a tensor, or tuples, lists, dicts and dataclasses of them, nested),
+    read without rebuilding the state; ``None`` if it holds none."""
+    if isinstance(state, Tensor):
+        return state
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        state = [getattr(state, field.name) for field in dataclasses.fields(state)]
+    elif isinstance(state, Mapping):
+        state = list(state.values())
+    if isinstance(state, (tuple, list)):
+        for item in state:
+            if (found := first_tensor(item)) is not None:
+                return found
+    return None
+
+
 def state_device(state: Any) -> torch.device:
-    """The device of the first tensor inside ``state`` (any nesting of tuples, lists, dicts, dataclasses),
-    where the searches create their BOS tokens; the CPU if the state holds no tensor."""
-    devices: list[torch.device] = []
-    apply_to_collection(state, Tensor, lambda t: devices.append(t.device))
-    return devices[0] if devices else torch.device("cpu")
+    """The device the searches create their BOS tokens on: that of the first tensor in ``state`` (the CPU
+    if it holds none)."""
+    tensor = first_tensor(state)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def score_dtype(device: torch.device) -> torch.dtype:

@@ -4,6 +4,7 @@ hypothesis, the length penalty, the state reordering, max_len and argument error
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -227,3 +228,30 @@ def test_bad_arguments_name_the_fix() -> None:
     with pytest.raises(ValueError, match=r"expected \(2, V\)"):
         greedy_search(lambda tokens, s: (torch.zeros(3, 5), s), starts(2), reorder, 2, 2, EOS)
     assert beam_search(model.step, starts(0), reorder, 0, 2, EOS) == []
+
+
+@dataclasses.dataclass(frozen=True)
+class PairState:
+    """A frozen dataclass state (an LSTM's (h, c) might be one): the searches may reach it only through
+    step and reorder (rebuilding it, e.g. with apply_to_collection, fails on a frozen dataclass)."""
+
+    code: Tensor
+    exact: Tensor
+
+
+def test_structured_states_go_through_reorder_only() -> None:
+    bos, batch, max_len = 2, 5, 8
+    model = TableModel(random_table(503, 6, seed=3))
+
+    def step(tokens: Tensor, state: PairState) -> tuple[Tensor, PairState]:
+        log_probs, code = model.step(tokens, state.code)
+        return log_probs, PairState(code, state.exact + 1)
+
+    def reorder_pair(state: PairState, index: Tensor) -> PairState:
+        return PairState(state.code.index_select(0, index), state.exact.index_select(0, index))
+
+    state = PairState(starts(batch), torch.zeros(batch, 2, dtype=torch.float64))
+    plain = beam_search(model.step, starts(batch), reorder, batch, bos, EOS, beam=3, max_len=max_len)
+    assert beam_search(step, state, reorder_pair, batch, bos, EOS, beam=3, max_len=max_len) == plain
+    plain = greedy_search(model.step, starts(batch), reorder, batch, bos, EOS, max_len=max_len)
+    assert greedy_search(step, state, reorder_pair, batch, bos, EOS, max_len=max_len) == plain
