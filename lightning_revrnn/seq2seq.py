@@ -33,7 +33,7 @@ from typing_extensions import override
 from lightning_revrnn.attention import AttentionHead, LuongAttention
 from lightning_revrnn.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
 from lightning_revrnn.datamodules.parallel import TranslationBatch
-from lightning_revrnn.datamodules.vocabulary import BOS, EOS, TranslationVocabulary
+from lightning_revrnn.datamodules.vocabulary import BOS, EOS, PAD, TranslationVocabulary
 from lightning_revrnn.decoding import beam_search, greedy_search
 from lightning_revrnn.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
 from lightning_revrnn.lm import BaselineRNN, EmbeddingStem
@@ -217,6 +217,7 @@ class TranslationModel(pl.LightningModule):
                     "build the DataModule with the vocabulary settings the model was trained with."
                 )
         self.src_vocab, self.tgt_vocab, self.tgt_lang = src, tgt, tgt_lang
+        self.test_bleu_detok.lang = tgt_lang
 
     # ------------------------------------------------------------------------------------- forward pass
     def encode(self, src: Tensor, src_keep: Tensor) -> tuple[Tensor | None, Any]:
@@ -365,7 +366,8 @@ class TranslationModel(pl.LightningModule):
     @torch.no_grad()
     def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         """One decoder step for every row: log-probabilities ``(N, V)`` of the next token after ``tokens``
-        ``(N,)``, and the new state (reversible: the exact final state, so beams continue bit for bit)."""
+        ``(N,)``, and the new state (reversible: the exact final state, so beams continue bit for bit).
+        PAD and BOS get log-probability ``-inf``: a translation never contains them."""
         x = tokens[None]
         if self.reversible:
             decoder = cast(ReversibleRNN, self.decoder)
@@ -374,6 +376,7 @@ class TranslationModel(pl.LightningModule):
         else:
             out, hidden = self.decoder(self.tgt_stem(x), state.hidden)
         log_probs = self.head.log_probs(out, state.memory, state.memory_keep)[0]
+        log_probs[:, [PAD, BOS]] = float("-inf")  # never generated (the searches leave this to the model)
         return log_probs, DecoderState(hidden, state.memory, state.memory_keep)
 
     # ------------------------------------------------------------------------------------ optimisation
