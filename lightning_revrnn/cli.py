@@ -2,10 +2,10 @@
 
 Model and DataModule are both chosen by class path in the config (``model.class_path``:
 :class:`~lightning_revrnn.lm.LanguageModel` or :class:`~lightning_revrnn.seq2seq.TranslationModel`), so one
-command trains either; options are set with ``--model.<name>`` / ``--data.<name>`` as before. A language
-model's ``vocab_size`` is linked to the DataModule's vocabulary, so configs never repeat it; a translation
-model reads its vocabularies from the DataModule in ``setup()``. ``revrnn predict`` with a translation
-model writes its translations to ``--model.prediction_file``.
+command trains either; options are set with ``--model.<name>`` / ``--data.<name>`` as before. Both models
+read their vocabulary sizes from the DataModule in ``setup()`` (and save them in their hyperparameters),
+so configs never repeat them. ``revrnn predict`` with a translation model writes its translations to
+``--model.prediction_file``.
 """
 
 from __future__ import annotations
@@ -14,26 +14,15 @@ import warnings
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from typing_extensions import override
-
-
-def vocab_size_of(data: pl.LightningDataModule) -> int | None:
-    """A language-model DataModule's vocabulary size (PTB/WikiText-2 build it from the training split in
-    ``setup``); None for DataModules without one (translation: two vocabularies, read by the model)."""
-    if "vocab_size" not in dir(data):
-        return None
-    data.prepare_data()
-    data.setup("fit")
-    return int(data.vocab_size)  # type: ignore[attr-defined]
+from pytorch_lightning.cli import LightningCLI
 
 
 class RevRNNCLI(LightningCLI):
-    """LightningCLI with ``data`` → ``model.init_args.vocab_size`` linked (applied to models that take it)."""
+    """LightningCLI over any LightningModule and DataModule subclass (by class path).
 
-    @override
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=vocab_size_of, apply_on="instantiate")
+    No argument links: a link to ``model.init_args.vocab_size`` would reach every model class, and for one
+    without that argument (TranslationModel) LightningCLI records it in the checkpoint's hyperparameters, which
+    ``--ckpt_path`` then fails to parse back. The models read their sizes from the DataModule instead."""
 
 
 def main(args: Sequence[str] | None = None) -> None:

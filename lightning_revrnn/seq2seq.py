@@ -47,6 +47,9 @@ BASELINES = ("gru", "lstm")
 CONTEXTS = ("slice", "emb", "emb+slice", "hidden")
 #: The paper's SGD learning rates (Multi30K and IWSLT).
 PAPER_LR: dict[str, float] = {"lstm": 1.0, "revlstm": 0.5, "gru": 0.2, "revgru": 0.2}
+#: Arguments that only steer decoding and output: kept out of the saved hyperparameters (pass them again, or to
+#: ``load_from_checkpoint``, when evaluating a checkpoint).
+DECODING_SETTINGS = ("beam", "length_penalty", "max_decode_len", "prediction_file")
 #: Uniform initialisation range of embeddings, attention and generator (OpenNMT-py's ``param_init``).
 INIT_RANGE = 0.1
 
@@ -100,6 +103,9 @@ class TranslationModel(pl.LightningModule):
             so checkpoints reload without the DataModule).
         prediction_file: ``predict`` writes one detokenised translation per line here (with several
             processes, one file per rank: ``name.rank<r>.ext``); None: nothing is written.
+            ``beam``, ``length_penalty``, ``max_decode_len`` and ``prediction_file`` only steer decoding: they
+            are plain attributes, not saved hyperparameters, so a checkpoint evaluated later (also with
+            ``revrnn test/predict --ckpt_path``) decodes with the values given then.
         seed: dropout masks come from ``(seed, global step, rank)``.
 
     Logged: ``train_loss``, ``train_ppl`` (per step); ``val_loss``, ``val_ppl``, ``val_bleu`` (greedy),
@@ -132,7 +138,11 @@ class TranslationModel(pl.LightningModule):
         self.reversible = rnn in DECODERS
         self.context_type = context if context is not None else ("emb+slice" if self.reversible else "hidden")
         check_arguments(rnn, hidden_size, self.context_type, slice_dim, beam, max_decode_len)
-        self.save_hyperparameters(ignore=["optimizer"])
+        # Decoding settings are not hyperparameters: LightningCLI's --ckpt_path puts a checkpoint's hyperparameters
+        # over the command line, so `revrnn test --ckpt_path ... --model.beam 1` would silently keep the old beam.
+        self.save_hyperparameters(ignore=["optimizer", *DECODING_SETTINGS])
+        self.beam, self.length_penalty, self.max_decode_len = beam, length_penalty, max_decode_len
+        self.prediction_file = prediction_file
         self.optimizer_factory = optimizer
         self.src_vocab: TranslationVocabulary | None = None
         self.tgt_vocab: TranslationVocabulary | None = None
@@ -278,7 +288,7 @@ class TranslationModel(pl.LightningModule):
             metric = getattr(self, f"{stage}_{name}")
             metric.update(total, count)
             self.log(f"{stage}_{name}", metric, prog_bar=name == "ppl", batch_size=size)
-        beam = 1 if stage == "val" else self.hparams["beam"]
+        beam = 1 if stage == "val" else self.beam
         return self.hypotheses(self.translate(batch.src, batch.src_keep, beam=beam))
 
     @override
@@ -301,7 +311,7 @@ class TranslationModel(pl.LightningModule):
         """Detokenised beam-search translations of the batch's sources, in the split's order (``batch.indices``;
         the DataModule's predict batches follow the file, so one process writes the file's order), also
         written to ``prediction_file``."""
-        ids = self.translate(batch.src, batch.src_keep, beam=self.hparams["beam"])
+        ids = self.translate(batch.src, batch.src_keep, beam=self.beam)
         lines = [detokenize(h, self.tgt_lang) for h in self.hypotheses(ids)]
         if batch.indices:  # rows come sorted by source length: back to the split's order
             lines = [line for _, line in sorted(zip(batch.indices, lines), key=lambda pair: pair[0])]
@@ -311,7 +321,7 @@ class TranslationModel(pl.LightningModule):
 
     @override
     def on_predict_epoch_start(self) -> None:
-        path = self.hparams["prediction_file"]
+        path = self.prediction_file
         if path is not None:
             world = self.trainer.world_size if self._trainer is not None else 1
             if world > 1:
@@ -342,16 +352,16 @@ class TranslationModel(pl.LightningModule):
         without BOS/EOS: greedy for ``beam=1``, else beam search (default: the model's ``beam``). Runs in
         evaluation mode (no dropout) and restores the previous mode."""
         self._require_built()
-        beam = self.hparams["beam"] if beam is None else beam
+        beam = self.beam if beam is None else beam
         was_training = self.training
         self.eval()
         try:
             state = self.initial_decoder_state(src, src_keep)
-            common = dict(batch=src.shape[1], bos=BOS, eos=EOS, max_len=self.hparams["max_decode_len"])
+            common = dict(batch=src.shape[1], bos=BOS, eos=EOS, max_len=self.max_decode_len)
             if beam == 1:
                 return greedy_search(self.decode_step, state, reorder_state, **common)
             return beam_search(self.decode_step, state, reorder_state, beam=beam,
-                               length_penalty=self.hparams["length_penalty"], **common)
+                               length_penalty=self.length_penalty, **common)
         finally:
             self.train(was_training)
 

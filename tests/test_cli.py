@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SYNTHETIC = ROOT / "configs" / "synthetic-revgru.yaml"
 DATA_DIR = Path(os.environ.get("REVRNN_DATA_DIR", "/work/shared/data"))
-CORPUS_DIRS = {"ptb": "ptb", "wikitext2": "wikitext-2"}
+CORPUS_DIRS = {"ptb": "ptb", "wikitext2": "wikitext-2", "multi30k": "multi30k", "iwslt16": "iwslt2016-de-en"}
 SMALL_DATA = ["--data.train_tokens", "3000", "--data.val_tokens", "700", "--data.test_tokens", "700"]
 
 
@@ -76,7 +76,7 @@ def test_fit_then_validate_and_test_from_checkpoint(tmp_path: Path) -> None:
     assert (fit_dir / "memory_report.json").is_file()  # the config's MemoryReport callback ran
 
     model = LanguageModel.load_from_checkpoint(ckpt)
-    assert model.hparams.vocab_size == 32  # linked from the DataModule
+    assert model.hparams.vocab_size == 32  # read from the DataModule in setup()
     assert model.hparams.emb_size == 64
 
     main(["validate", *_common(tmp_path, "validate"), "--ckpt_path", str(ckpt)])
