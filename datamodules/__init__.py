@@ -1,8 +1,12 @@
-"""DataModules for language modelling and synthetic memory tasks.
+"""DataModules for language modelling, synthetic memory tasks and translation.
 
-Every DataModule's dataloaders yield dicts ``{"inputs": LongTensor (T, B), "targets": LongTensor (T, B),
-"reset": bool}`` (time-major; ``targets`` ignore positions hold -100; ``reset`` marks where a carried hidden
-state must be reset). ``batch_size`` arguments are global over all DDP ranks.
+The language-modelling and memory-task DataModules' dataloaders yield dicts ``{"inputs": LongTensor (T, B),
+"targets": LongTensor (T, B), "reset": bool}`` (time-major; ``targets`` ignore positions hold -100; ``reset``
+marks where a carried hidden state must be reset). ``batch_size`` arguments are global over all DDP ranks.
+
+The translation DataModules (:mod:`.translation`) yield :class:`TranslationBatch` es instead. Note that
+``EOS`` here is the language models' ``"<eos>"`` string; the translation special ids are
+``translation.PAD/UNK/BOS/EOS`` (exported here as ``PAD``, ``UNK``, ``BOS``, ``TRANSLATION_EOS``).
 """
 
 from .corpus import EOS, Vocabulary, batchify, read_tokens, tokenize
@@ -12,13 +16,36 @@ from .errors import ChecksumMismatchError, CorpusFormatError, DataError, Missing
 from .streams import TokenStreamDataModule
 from .synthetic import MarkovSource, SyntheticLMDataModule, markov_entropy_rate
 from .tasks import CopyTasksDataModule
+from .translation import (
+    BOS,
+    IWSLT2016_SPEC,
+    MULTI30K_SPEC,
+    PAD,
+    SPECIALS,
+    UNK,
+    IWSLT2016DataModule,
+    Multi30KDataModule,
+    ParallelText,
+    SyntheticTranslationDataModule,
+    TranslationBatch,
+    TranslationDataModule,
+    TranslationVocabulary,
+)
+from .translation import EOS as TRANSLATION_EOS
 from .text import PTB_SPEC, WIKITEXT2_SPEC, PTBDataModule, TextCorpusDataModule, WikiText2DataModule
 
 __all__ = [
+    "BOS",
     "DATA_DIR_ENV",
     "EOS",
     "IGNORE_INDEX",
+    "IWSLT2016_SPEC",
+    "MULTI30K_SPEC",
+    "PAD",
     "PTB_SPEC",
+    "SPECIALS",
+    "TRANSLATION_EOS",
+    "UNK",
     "WIKITEXT2_SPEC",
     "ArchiveMirror",
     "Batch",
@@ -28,14 +55,21 @@ __all__ = [
     "CorpusSpec",
     "DataError",
     "FileMirror",
+    "IWSLT2016DataModule",
     "IndependentBatchDataset",
     "MarkovSource",
     "MissingDataError",
+    "Multi30KDataModule",
     "PTBDataModule",
+    "ParallelText",
     "StreamWindowDataset",
     "SyntheticLMDataModule",
+    "SyntheticTranslationDataModule",
     "TextCorpusDataModule",
     "TokenStreamDataModule",
+    "TranslationBatch",
+    "TranslationDataModule",
+    "TranslationVocabulary",
     "UnknownTokenError",
     "Vocabulary",
     "WikiText2DataModule",

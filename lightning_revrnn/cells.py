@@ -31,9 +31,7 @@ from torch import Tensor, nn
 from lightning_revrnn.buffer import InformationBuffer
 from lightning_revrnn.fixed_point import (
     FORGET_ONE,
-    RangeGuard,
-    limit_forget,
-    quantize_forget,
+    forget_floor,
     straight_through,
     to_fixed,
     to_float,
@@ -57,14 +55,25 @@ def hold(keep: Tensor | None, forget_ints: list[Tensor | None], factors: list[Te
 
 
 class ReversibleCell(nn.Module):
-    """Base of the four cells. Subclasses define the gate layout and the two half-steps.
+    """Base of the four cells: parameters, gate layout, and one group's exact half-step forward, in reverse,
+    and its backward.
 
     Parameters: ``weight_ih`` (``2·rows × input_size``) and ``bias`` (``2·rows``) map the input to both
-    groups' gate pre-activations (group 1 first); ``weight_hh`` (``2·rows_hh × H/2``) holds each group's
-    map from the other half.
+    groups' gate pre-activations (group 1 first); ``weight_hh`` (``2·rows × H/2``) holds each group's map
+    from the other half.
+
+    Three functions per group (subclasses define them, one screen each):
+
+    * :meth:`_half_forward`: gates → rounded forget values → fixed-point multiply with the buffer → add.
+      ``forward_step`` runs it in evaluation, ``mode="store"`` (autograd records it) and the forward of
+      ``mode="reverse"`` alike.
+    * :meth:`_half_reverse`: the same gates and rounded forget values from the same tensors, then subtract
+      and divide: the exact previous half, plus a *record* of the step's gate values for its backward.
+    * :meth:`_half_backward`: the step's gradient from its record, written out (no autograd), checked
+      against autograd through :meth:`_half_forward` by the tests (``mode="store"``).
     """
 
-    #: Gate pre-activation rows per group from the input.
+    #: Gate pre-activation rows per group.
     gate_rows: int
     #: Whether the cell forgets (multiplies by a forget value through the buffer).
     forgets: bool = True
@@ -91,12 +100,11 @@ class ReversibleCell(nn.Module):
         self.weight_ih = nn.Parameter(torch.empty(2 * self.gate_rows * self.half_size, input_size))
         self.bias = nn.Parameter(torch.empty(2 * self.gate_rows * self.half_size))
         self.weight_hh = nn.Parameter(torch.empty(2 * self.hidden_rows, self.half_size))
-        self._products: list[HiddenProduct] | None = None
         self.reset_parameters()
 
     @property
     def hidden_rows(self) -> int:
-        """Rows of one group's hidden-to-hidden map."""
+        """Rows of one group's hidden-to-hidden map (and of its input pre-activations)."""
         return self.gate_rows * self.half_size
 
     @property
@@ -120,7 +128,7 @@ class ReversibleCell(nn.Module):
 
     # ----------------------------------------------------------------------------------------- helpers
     def project_input(self, x: Tensor) -> Tensor:
-        """Both groups' input pre-activations for one step: ``(B, 2·rows)``."""
+        """Both groups' input pre-activations: ``(..., 2·rows)``; one GEMM for a whole chunk of steps."""
         return F.linear(x, self.weight_ih, self.bias)
 
     def own(self, group: int) -> list[int]:
@@ -129,117 +137,118 @@ class ReversibleCell(nn.Module):
 
     def output(self, state_f: list[Tensor]) -> Tensor:
         """The layer's output ``h = [h1; h2]`` from float halves."""
-        return torch.cat(state_f[:2], 1)
+        return torch.cat(state_f[:2], -1)
 
     def split_output(self, h: Tensor) -> list[Tensor]:
         """Inverse of :meth:`output`: the two h halves."""
-        return list(h.split(self.half_size, 1))
-
-    def _hidden(self, x: Tensor, w: Tensor, start: int, stop: int) -> Tensor:
-        """``x @ w[start:stop]ᵀ``, a hidden-to-hidden product. During :meth:`reverse_step` each product is
-        recorded, so the weight gradient is formed once per chunk of steps instead of once per step."""
-        out = F.linear(x, w[start:stop])
-        if self._products is not None:
-            self._products.append(HiddenProduct(start, stop, out, x.detach()))
-        return out
+        return list(h.split(self.half_size, -1))
 
     def _forget(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """k-limited forget value: (int ``z*``, float with value ``z*/2^R_Z`` and the gradient of ``z``)."""
-        z = limit_forget(z, self.max_forget_bits)
-        zq, value = quantize_forget(z.detach(), self.max_forget_bits)
-        return zq, straight_through(value, z)
+        """k-limited forget value rounded to ``R_Z`` bits: (int ``z*``, float ``z*/2^R_Z`` carrying the
+        gradient of the limited ``z``, straight through the rounding). ``z·(1-2^-k)·2^R_Z + 2^(R_Z-k)``
+        rounds exactly like ``limit_forget(z)·2^R_Z`` (scaling by a power of two is exact)."""
+        scale, offset = forget_scale(self.max_forget_bits)
+        scaled = z * scale + offset
+        zq = torch.round(scaled.detach()).clamp_(forget_floor(self.max_forget_bits), FORGET_ONE)
+        value = zq / FORGET_ONE
+        if scaled.requires_grad:
+            value = straight_through(value, scaled / FORGET_ONE)
+        return zq.to(torch.int64), value
+
+    @property
+    def forget_slope(self) -> float:
+        """d(limited z)/dz: ``1 - 2^-k`` (1 without a limit, and for no-forgetting cells, whose gates are
+        not limited)."""
+        return 1.0 if self.max_forget_bits is None or not self.forgets else 1.0 - 2.0**-self.max_forget_bits
 
     # ------------------------------------------------------------------------------------- equations
     @abstractmethod
     def _half_forward(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, guard: RangeGuard, keep: Tensor | None = None,
+        buf: InformationBuffer, keep: Tensor | None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """One group's update: new (int halves, float halves carrying the surrogate gradient)."""
 
     @abstractmethod
     def _half_reverse(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None = None,
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Undo one group's update: (old int halves, their float leaves, surrogates of the new halves)."""
+        keep: Tensor | None,
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        """Undo one group's update: (old int halves, the step's record for :meth:`_half_backward`)."""
+
+    @abstractmethod
+    def _half_backward(
+        self, w: Tensor, record: tuple[Tensor, ...], d_new: list[Tensor], keep: Tensor | None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Gradients of one group's update: (of the old own halves, of the gate pre-activations
+        ``(B, rows)``, of the other half)."""
+
+    @abstractmethod
+    def hidden_inputs(self, record: tuple[Tensor, ...]) -> list[tuple[int, int, Tensor]]:
+        """The inputs of the group's hidden GEMMs, ``(first row, stop row, input)``: what a chunk's
+        hidden-weight gradient is formed from."""
 
     # ------------------------------------------------------------------------------------------ steps
     def forward_step(
         self, w: list[Tensor], xp: Tensor, state: list[Tensor], state_f: list[Tensor],
-        buf: InformationBuffer, guard: RangeGuard, keep: Tensor | None = None,
+        buf: InformationBuffer, keep: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """One exact step: group 1 from ``h2``, then group 2 from the new ``h1``. Rows where ``keep``
         (``(B, 1)`` bool, None: all) is False keep their state and buffer words bit for bit."""
         state, state_f = list(state), list(state_f)
-        xps = xp.split(self.hidden_rows, 1)
+        xps = xp.split(self.hidden_rows, -1)
         for g in (0, 1):
             idx = self.own(g)
             new, new_f = self._half_forward(
-                w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, guard, keep
+                w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, keep
             )
             for i, v, f in zip(idx, new, new_f):
                 state[i], state_f[i] = v, f
         return state, state_f
 
     def reverse_step(
-        self, w: list[Tensor], xp: Tensor, state: list[Tensor], grads: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None = None,
-    ) -> tuple[list[Tensor], list[Tensor], Tensor, list[list[HiddenProduct]]]:
-        """Reconstruct the previous state exactly and backpropagate one step.
-
-        Args:
-            w: per-group hidden weights for the window (as in forward; no grad needed).
-            xp: the step's input pre-activations (computed exactly as in forward).
-            state: int halves after the step; ``grads``: the loss gradient for each of them.
-            keep: the step's keep mask as given to :meth:`forward_step` (None: every row stepped).
-
-        Returns: (int halves before the step, their gradients, gradient of ``xp``, and per group the
-        hidden products with their output gradients, from which the caller forms the weight gradient).
-        """
-        old, dold = list(state), list(grads)
-        xps = [p.detach().requires_grad_() for p in xp.split(self.hidden_rows, 1)]
-        dxps: list[Tensor] = [xp, xp]
-        products: list[list[HiddenProduct]] = [[], []]
-        # Group 2 read the new h1: make it a leaf, undo group 2, then group 1 reads the restored h2.
-        other = to_float(state[0]).requires_grad_()
+        self, w: list[Tensor], xp: Tensor, state: list[Tensor], buf: InformationBuffer, keep: Tensor | None = None
+    ) -> tuple[list[Tensor], list[tuple[Tensor, ...]]]:
+        """Reconstruct the state before a step exactly: group 2 (which read the new ``h1``), then group 1
+        (which read the restored ``h2``). Returns the int halves before the step and the two groups'
+        records (group 1 first) for :meth:`backward_step`. ``xp`` and ``keep`` as given to forward."""
+        old = list(state)
+        xps = xp.split(self.hidden_rows, -1)
+        records: list[tuple[Tensor, ...]] = [(), ()]
         for g in (1, 0):
             idx = self.own(g)
-            self._products = []
-            try:
-                prev, leaves, sur = self._half_reverse(w[g], xps[g], other, [state[i] for i in idx], buf, keep)
-                products[g] = self._products
-            finally:
-                self._products = None
-            outs = [p.out for p in products[g]]
-            d = torch.autograd.grad(
-                sur, [xps[g], other, *leaves, *outs], [dold[i] for i in idx], allow_unused=True
-            )
-            dxps[g] = _or_zeros(d[0], xps[g])
-            dother = _or_zeros(d[1], other)
-            for i, v, dv, leaf in zip(idx, prev, d[2 : 2 + len(leaves)], leaves):
-                old[i], dold[i] = v, _or_zeros(dv, leaf)
-            for p, dout in zip(products[g], d[2 + len(leaves) :]):
-                p.grad = _or_zeros(dout, p.out)
-                p.out = p.grad  # the graph is not needed any more; keep only what the caller uses
-            dold[1 - g] = dold[1 - g] + dother
-            other = leaves[0]
-        return old, dold, torch.cat(dxps, 1), products
+            prev, records[g] = self._half_reverse(w[g], xps[g], to_float(old[1 - g]), [old[i] for i in idx], buf, keep)
+            for i, v in zip(idx, prev):
+                old[i] = v
+        return old, records
+
+    def backward_step(
+        self, w: list[Tensor], records: list[tuple[Tensor, ...]], grads: list[Tensor], keep: Tensor | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """Backpropagate one step from its records: gradients of the state before the step (from those of
+        the state after it, ``grads``) and of the step's input pre-activations ``(B, 2·rows)``."""
+        grads = list(grads)
+        d_pre: list[Tensor] = [grads[0], grads[0]]
+        for g in (1, 0):
+            idx = self.own(g)
+            d_old, d_pre[g], d_other = self._half_backward(w[g], records[g], [grads[i] for i in idx], keep)
+            for i, d in zip(idx, d_old):
+                grads[i] = d
+            grads[1 - g] = grads[1 - g] + d_other
+        return grads, torch.cat(d_pre, -1)
 
 
-class HiddenProduct:
-    """One hidden-to-hidden product of a step: rows ``start:stop`` of a group's weights applied to
-    ``inputs``; after the step's backward, ``grad`` holds the gradient of its output."""
-
-    __slots__ = ("start", "stop", "out", "inputs", "grad")
-
-    def __init__(self, start: int, stop: int, out: Tensor, inputs: Tensor) -> None:
-        self.start, self.stop, self.out, self.inputs = start, stop, out, inputs
-        self.grad: Tensor | None = None
+def forget_scale(max_forget_bits: int | None) -> tuple[float, float]:
+    """``(scale, offset)`` with ``z·scale + offset = limit_forget(z)·2^R_Z`` (exact constants)."""
+    if max_forget_bits is None:
+        return float(FORGET_ONE), 0.0
+    floor = 2.0**-max_forget_bits
+    return (1.0 - floor) * FORGET_ONE, floor * FORGET_ONE
 
 
-def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g
+def _masked(d: Tensor, keep: Tensor | None) -> Tensor:
+    """``d`` with the rows of masked steps zeroed (their gates took no part in the update)."""
+    return d if keep is None else d * keep
 
 
 class RevGRUCell(ReversibleCell):
@@ -249,47 +258,67 @@ class RevGRUCell(ReversibleCell):
         [z2; r2] = σ(W2 [x; h1])    g2 = tanh(U2 [x; r2 ∘ h1])    h2 ← z2 ∘ h2 + (1 − z2) ∘ g2
 
     with ``z`` limited to forget at most ``max_forget_bits`` per step and rounded to ``R_Z`` bits.
-    Gate rows per group: ``z``, ``r`` (from ``W``) then ``g`` (from ``U``).
+    Gate rows per group: ``z``, ``r`` (from ``W``) then ``g`` (from ``U``). A step's record:
+    ``(other, r∘other, z, r, g, z*/2^R_Z, h_old)`` (floats; the forget factor 1 at masked rows).
     """
 
     gate_rows = 3
 
-    def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(z, r, g, r∘other)`` from the input pre-activations and the other half."""
         n = self.half_size
-        zr = torch.sigmoid(xp[:, : 2 * n] + self._hidden(other, w, 0, 2 * n))
+        zr = torch.sigmoid(torch.addmm(xp[:, : 2 * n], other, w[: 2 * n].t()))
         z, r = zr[:, :n], zr[:, n:]
-        g = torch.tanh(xp[:, 2 * n :] + self._hidden(r * other, w, 2 * n, 3 * n))
-        return z, r, g
+        r_other = r * other
+        g = torch.tanh(torch.addmm(xp[:, 2 * n :], r_other, w[2 * n :].t()))
+        return z, r, g, r_other
 
-    def _update(
-        self, w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None = None
-    ) -> tuple[Tensor | None, Tensor, Tensor]:
+    def _update(self, z: Tensor, g: Tensor, keep: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor]:
         """(int ``z*`` or None without forgetting, the factor on the old h, the additive term); the
         identity update where ``keep`` is False (see :func:`hold`)."""
-        z, _, g = self._gates(w, xp, other)
         zq, zs = self._forget(z)
         (zq,), (zs,), (add,) = hold(keep, [zq], [zs], [(1.0 - zs) * g])
         return zq, zs, add
 
     def _half_forward(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, guard: RangeGuard, keep: Tensor | None = None,
+        buf: InformationBuffer, keep: Tensor | None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        zq, zs, add = self._update(w, xp, other, keep)
-        guard.observe(add)
+        z, _, g, _ = self._gates(w, xp, other)
+        zq, zs, add = self._update(z, g, keep)
         h = own[0] if zq is None else buf.multiply(own[0], zq)
         h = h + to_fixed(add.detach())
         return [h], [straight_through(to_float(h), zs * own_f[0] + add)]
 
     def _half_reverse(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None = None,
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        zq, zs, add = self._update(w, xp, other, keep)
-        h = own[0] - to_fixed(add.detach())
+        keep: Tensor | None,
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        z, r, g, r_other = self._gates(w, xp, other)
+        zq, zs, add = self._update(z, g, keep)
+        h = own[0] - to_fixed(add)
         h = h if zq is None else buf.divide(h, zq)
-        leaf = to_float(h).requires_grad_()
-        return [h], [leaf], [zs * leaf + add]
+        return [h], (other, r_other, z, r, g, zs, to_float(h))
+
+    def _half_backward(
+        self, w: Tensor, record: tuple[Tensor, ...], d_new: list[Tensor], keep: Tensor | None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        other, r_other, z, r, g, zs, h_old = record
+        d_h = d_new[0]
+        # h_new = zs·h_old + (1 − zs)·g, zs = round(limit(z)) straight through (no forgetting: zs = 1,
+        # h_new = h_old + (1 − z)·g).
+        d_z = _masked(d_h * (h_old - g) if self.forgets else -d_h * g, keep) * self.forget_slope
+        d_g = d_h * (1.0 - zs) if self.forgets else _masked(d_h * (1.0 - z), keep)
+        n = self.half_size
+        d_pre_g = d_g * (1.0 - g * g)
+        d_r_other = d_pre_g @ w[2 * n :]
+        d_pre_zr = torch.cat([d_z * z * (1.0 - z), d_r_other * other * r * (1.0 - r)], 1)
+        d_other = torch.addmm(d_r_other * r, d_pre_zr, w[: 2 * n])
+        return [d_h * zs], torch.cat([d_pre_zr, d_pre_g], 1), d_other
+
+    def hidden_inputs(self, record: tuple[Tensor, ...]) -> list[tuple[int, int, Tensor]]:
+        n = self.half_size
+        return [(0, 2 * n, record[0]), (2 * n, 3 * n, record[1])]
 
 
 class NFRevGRUCell(RevGRUCell):
@@ -297,10 +326,7 @@ class NFRevGRUCell(RevGRUCell):
 
     forgets = False
 
-    def _update(
-        self, w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None = None
-    ) -> tuple[Tensor | None, Tensor, Tensor]:
-        z, _, g = self._gates(w, xp, other)
+    def _update(self, z: Tensor, g: Tensor, keep: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor]:
         add = (1.0 - z) * g
         return None, torch.ones_like(z), add if keep is None else torch.where(keep, add, 0.0)
 
@@ -312,7 +338,8 @@ class RevLSTMCell(ReversibleCell):
         c1 ← f1 ∘ c1 + i1 ∘ g1              h1 ← p1 ∘ h1 + o1 ∘ tanh(c1)
 
     then group 2 from the new ``h1``. ``f`` and ``p`` are limited and rounded forget values; order in a
-    step ``c1, h1, c2, h2``, in reverse ``h2, c2, h1, c1``. Gate rows per group: ``f, i, o, p, g``.
+    step ``c1, h1, c2, h2``, in reverse ``h2, c2, h1, c1``. Gate rows per group: ``f, i, o, p, g``. A
+    step's record: ``(other, f, i, o, p, g, f*, p*, o held, h_old, c_old, c_new)`` (floats).
     """
 
     gate_rows = 5
@@ -320,16 +347,15 @@ class RevLSTMCell(ReversibleCell):
 
     def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         n = self.half_size
-        pre = xp + self._hidden(other, w, 0, 5 * n)
+        pre = torch.addmm(xp, other, w.t())
         f, i, o, p = torch.sigmoid(pre[:, : 4 * n]).split(n, 1)
         return f, i, o, p, torch.tanh(pre[:, 4 * n :])
 
     def _update(
-        self, w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None = None
+        self, f: Tensor, i: Tensor, o: Tensor, p: Tensor, g: Tensor, keep: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
         """(``f*``, ``p*`` or None, factors on old c and h, ``i∘g``, ``o``). Where ``keep`` is False the
         identity update (:func:`hold`): ``o = 0`` makes the additive term of h, ``o∘tanh(c)``, exactly 0."""
-        f, i, o, p, g = self._gates(w, xp, other)
         fq, fs = self._forget(f)
         pq, ps = self._forget(p)
         (fq, pq), (fs, ps), (add_c, o) = hold(keep, [fq, pq], [fs, ps], [i * g, o])
@@ -337,32 +363,49 @@ class RevLSTMCell(ReversibleCell):
 
     def _half_forward(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, guard: RangeGuard, keep: Tensor | None = None,
+        buf: InformationBuffer, keep: Tensor | None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         h, c = own
-        fq, pq, fs, ps, add_c, o = self._update(w, xp, other, keep)
-        guard.observe(add_c + fs + ps)
+        fq, pq, fs, ps, add_c, o = self._update(*self._gates(w, xp, other), keep)
         c = (c if fq is None else buf.multiply(c, fq)) + to_fixed(add_c.detach())
         c_f = straight_through(to_float(c), fs * own_f[1] + add_c)
         add_h = o * torch.tanh(c_f)
-        guard.observe(add_h)
         h = (h if pq is None else buf.multiply(h, pq)) + to_fixed(add_h.detach())
         return [h, c], [straight_through(to_float(h), ps * own_f[0] + add_h), c_f]
 
     def _half_reverse(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None = None,
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        keep: Tensor | None,
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
         h, c = own
-        fq, pq, fs, ps, add_c, o = self._update(w, xp, other, keep)
+        f, i, o, p, g = self._gates(w, xp, other)
+        fq, pq, fs, ps, add_c, o_held = self._update(f, i, o, p, g, keep)
         c_new = to_float(c)
-        h = h - to_fixed((o * torch.tanh(c_new)).detach())
+        h = h - to_fixed(o_held * torch.tanh(c_new))
         h = h if pq is None else buf.divide(h, pq)
-        c = c - to_fixed(add_c.detach())
+        c = c - to_fixed(add_c)
         c = c if fq is None else buf.divide(c, fq)
-        h_leaf, c_leaf = to_float(h).requires_grad_(), to_float(c).requires_grad_()
-        c_sur = straight_through(c_new, fs * c_leaf + add_c)
-        return [h, c], [h_leaf, c_leaf], [ps * h_leaf + o * torch.tanh(c_sur), c_sur]
+        return [h, c], (other, f, i, o, p, g, fs, ps, o_held, to_float(h), to_float(c), c_new)
+
+    def _half_backward(
+        self, w: Tensor, record: tuple[Tensor, ...], d_new: list[Tensor], keep: Tensor | None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        _, f, i, o, p, g, fs, ps, o_held, h_old, c_old, c_new = record
+        d_h, d_c = d_new
+        tanh_c = torch.tanh(c_new)
+        # h_new = ps·h_old + o·tanh(c_new), c_new = fs·c_old + i·g (fs = ps = 1 without forgetting).
+        d_c = d_c + d_h * o_held * (1.0 - tanh_c * tanh_c)
+        slope = self.forget_slope
+        d_f = _masked(d_c * c_old, keep) * (slope * f * (1.0 - f)) if self.forgets else torch.zeros_like(f)
+        d_p = _masked(d_h * h_old, keep) * (slope * p * (1.0 - p)) if self.forgets else torch.zeros_like(p)
+        d_add = _masked(d_c, keep)
+        d_i, d_g = d_add * g * i * (1.0 - i), d_add * i * (1.0 - g * g)
+        d_o = _masked(d_h * tanh_c, keep) * o * (1.0 - o)
+        d_pre = torch.cat([d_f, d_i, d_o, d_p, d_g], 1)
+        return [d_h * ps, d_c * fs], d_pre, d_pre @ w
+
+    def hidden_inputs(self, record: tuple[Tensor, ...]) -> list[tuple[int, int, Tensor]]:
+        return [(0, 5 * self.half_size, record[0])]
 
 
 class NFRevLSTMCell(RevLSTMCell):
@@ -371,9 +414,8 @@ class NFRevLSTMCell(RevLSTMCell):
     forgets = False
 
     def _update(
-        self, w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None = None
+        self, f: Tensor, i: Tensor, o: Tensor, p: Tensor, g: Tensor, keep: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
-        f, i, o, p, g = self._gates(w, xp, other)
         one = torch.ones_like(f)
         _, _, (add_c, o) = hold(keep, [], [], [i * g, o])
         return None, None, one, one, add_c, o

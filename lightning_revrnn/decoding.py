@@ -61,9 +61,8 @@ def state_device(state: Any) -> torch.device:
 
 
 def score_dtype(device: torch.device) -> torch.dtype:
-    """Beam scores are summed in float64 (float32 log-probabilities are exact in it, so adding a row's
-    score never merges two different log-probabilities into a tie and beam 1 picks greedy's token);
-    float32 on MPS, which has no float64."""
+    """Beam scores are summed in float64 (float32 and bfloat16 log-probabilities are exact in it, and long
+    sums lose less); float32 on MPS, which has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -217,13 +216,17 @@ class BeamState:
         sentence's ``beam`` best continuations, record those that are EOS as finished and update which
         sentences have stopped. Returns the state rows each new slot continues (``(batch * beam,)``, for
         ``reorder``) and the tokens to feed next (``(batch * beam,)``, EOS in dead slots)."""
-        slots, vocab = self.scores.shape[1], log_probs.shape[1]
+        slots = self.scores.shape[1]
+        # A sentence's best `beam` continuations are among each slot's best `beam` tokens (a slot adds the
+        # same score to all of its tokens), so only batch * slots * k candidates are summed and ranked.
+        k = min(self.beam, log_probs.shape[1])
+        slot_log_probs, slot_tokens = best_k(log_probs, k)  # (batch * slots, k)
         live = self.scores.unsqueeze(-1) > -math.inf
-        extended = self.scores.unsqueeze(-1) + log_probs.reshape(self.batch, slots, vocab).to(self.scores.dtype)
-        candidates = extended.masked_fill(~live, -math.inf).view(self.batch, slots * vocab)
-        top_scores, top_index = best_k(candidates, min(self.beam, slots * vocab))
+        extended = self.scores.unsqueeze(-1) + slot_log_probs.view(self.batch, slots, k).to(self.scores.dtype)
+        candidates = extended.masked_fill(~live, -math.inf).view(self.batch, slots * k)
+        top_scores, top_index = best_k(candidates, min(self.beam, slots * k))
         top_scores, top_index = pad_slots(top_scores, top_index, self.beam)
-        origin, tokens = top_index // vocab, top_index % vocab
+        origin, tokens = top_index // k, slot_tokens.view(self.batch, slots * k).gather(1, top_index)
         self.history = torch.cat([self.history[self.sentence[:, None], origin], tokens.unsqueeze(-1)], dim=-1)
         is_eos = (tokens == self.eos) & (top_scores > -math.inf) & ~self.stopped[:, None]
         self.record_finished(top_scores, is_eos, t)
@@ -276,7 +279,7 @@ class BeamState:
 
 def best_k(candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` best entries of each row, best first. ``k == 1`` uses ``max`` (the first index on ties, as
-    greedy's ``argmax``), so beam 1 equals greedy search even on exactly tied log-probabilities."""
+    greedy's ``argmax``), so beam 1 picks greedy's token even among exactly tied log-probabilities."""
     if k == 1:
         values, index = candidates.max(dim=-1, keepdim=True)
         return values, index

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_revrnn.buffer import BufferStats
 from lightning_revrnn.cells import NFRevGRUCell, NFRevLSTMCell, ReversibleCell, RevGRUCell, RevLSTMCell
 from lightning_revrnn.dropout import SeededMask, locked_mask
-from lightning_revrnn.fixed_point import check_range, straight_through, to_fixed, to_float
+from lightning_revrnn.fixed_point import straight_through, to_fixed, to_float
 from lightning_revrnn.sweep import (
     AutocastState,
     ReverseSweep,
@@ -20,7 +20,7 @@ from lightning_revrnn.sweep import (
     StepStem,
     Window,
     check_declared_inputs,
-    exact_final_state,
+    finish_forward,
     forward_window,
     split_state,
 )
@@ -182,6 +182,8 @@ class ReversibleRNN(nn.Module):
             autocast=AutocastState.capture(x.device),
             keep=keep,
         )
+        for i, t in enumerate(init):  # checked with the window's other ranges, in one host read
+            window.guard.observe(f"initial state tensor {i}", t)
         params = [p for c in self.cell_list for p in (c.weight_ih, c.bias, c.weight_hh)]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *init, *params, *window.extras))
         window.retain = needs_grad
@@ -224,11 +226,9 @@ class ReversibleRNN(nn.Module):
         ]
         window.start(batch, x.device)
         state, state_f, res = forward_window(window, x, state, state_f)
-        res = cast(list[Tensor], res)  # no ``out`` given: the outputs (or head values) are a list
-        primary = torch.stack(res).sum() if window.head is not None else torch.stack(res)
-        finals = [exact_final_state(c, s, sf) for c, s, sf in zip(self.cell_list, state, state_f)]
-        window.final_exact = [e for _, exact in finals for e in exact]
-        return primary, [f for rounded, _ in finals for f in rounded]
+        # No ``out`` given: the outputs as one tensor, or the per-chunk head values.
+        primary = torch.stack(cast(list[Tensor], res)).sum() if window.head is not None else cast(Tensor, res)
+        return primary, finish_forward(window, state, state_f)
 
     # ---------------------------------------------------------------------------------- exact carry
     def exact_state(self, state: State | tuple[State, State]) -> State | tuple[State, State]:
@@ -350,7 +350,8 @@ class ReversibleRNN(nn.Module):
             )
 
     def _initial_state(self, hx: State | tuple[State, State] | None, batch: int, x: Tensor) -> list[Tensor]:
-        """Flat list of per-layer ``(B, H_l)`` tensors (h, or h and c per layer), range-checked."""
+        """Flat list of per-layer ``(B, H_l)`` tensors (h, or h and c per layer); their range is checked
+        with the window's (:class:`~lightning_revrnn.fixed_point.RangeGuard`)."""
         n = self.state_count
         if hx is None:
             return [x.new_zeros(batch, h) for h in self.hidden_sizes for _ in range(n)]
@@ -358,10 +359,7 @@ class ReversibleRNN(nn.Module):
         if n == 2 and len(parts) != 2:
             raise ValueError("RevLSTM expects hx = (h, c).")
         per_kind = [self._layers_of(p, batch) for p in parts]
-        flat = self._resolve_exact([per_kind[k][l] for l in range(self.num_layers) for k in range(n)])
-        for i, t in enumerate(flat):
-            check_range(t, f"initial state tensor {i}")
-        return flat
+        return self._resolve_exact([per_kind[k][l] for l in range(self.num_layers) for k in range(n)])
 
     def _layers_of(self, s: State, batch: int) -> list[Tensor]:
         layers = list(s.unbind(0)) if isinstance(s, Tensor) and s.dim() == 3 else s

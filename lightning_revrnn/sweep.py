@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_revrnn.buffer import InformationBuffer
-from lightning_revrnn.cells import HiddenProduct, ReversibleCell
+from lightning_revrnn.cells import ReversibleCell
 from lightning_revrnn.dropout import SeededMask
 from lightning_revrnn.errors import ReconstructionError
-from lightning_revrnn.fixed_point import RangeGuard, check_range, straight_through, to_fixed, to_float
+from lightning_revrnn.fixed_point import RangeGuard, straight_through, to_fixed, to_float
 
 
 class StepHead(nn.Module, metaclass=ABCMeta):
@@ -158,7 +158,8 @@ class Window:
     stem: StepStem | None = None
     autocast: AutocastState = AutocastState("cpu", False, torch.bfloat16)
     buffers: list[InformationBuffer] = field(default_factory=list)
-    guards: list[RangeGuard] = field(default_factory=list)
+    #: Range checks of everything that feeds fixed-point rounding, read once at the end of the forward.
+    guard: RangeGuard = field(default_factory=RangeGuard)
     extras: list[Tensor] = field(default_factory=list)
     head_slots: list[int] = field(default_factory=list)
     stem_slots: list[int] = field(default_factory=list)
@@ -175,11 +176,10 @@ class Window:
         self.stem_slots = [_slot(self.extras, t) for t in [*trainable(self.stem), *_context(self.stem)]]
 
     def start(self, batch: int, device: torch.device) -> None:
-        """Fresh (empty) buffers and guards for a new window."""
+        """Fresh (empty) buffers for a new window."""
         self.buffers = [
             InformationBuffer((batch, c.half_size), device, c.max_forget_bits, self.retain) for c in self.cells
         ]
-        self.guards = [RangeGuard() for _ in self.cells]
 
     def chunk_input(self, inputs: Tensor, t0: int, t1: int) -> Tensor:
         """The first layer's float32 input for steps ``t0..t1-1`` (through the stem, if any, under the
@@ -194,10 +194,11 @@ class Window:
         with self.autocast.enter():
             return cast(Tensor, head(output, start))
 
-    def first_projection(self, inputs: Tensor, t0: int, t1: int) -> Tensor:
-        """The first layer's input pre-activations for one chunk ``(t1-t0, B, rows)``: one GEMM over the
-        chunk, computed identically in forward and reverse (chunks always start at multiples of CHUNK)."""
-        return self.cells[0].project_input(self.layer_input(0, self.chunk_input(inputs, t0, t1)))
+    def projection(self, layer: int, inputs: Tensor) -> Tensor:
+        """A layer's input pre-activations for one chunk, ``(C, B, 2·rows)`` from its inputs ``(C, B, ·)``
+        before dropout: one GEMM per chunk, the same in forward and reverse (chunks always start at
+        multiples of :data:`CHUNK`, so the shapes agree too)."""
+        return self.cells[layer].project_input(self.layer_input(layer, inputs))
 
     def step_keep(self, t: int) -> Tensor | None:
         """Step ``t``'s keep mask ``(B, 1)`` for every layer's cell, or None without padding."""
@@ -326,9 +327,11 @@ def forward_window(
     """Run the window forward (the cells with autocast off, the stem and head under the caller's).
     Returns the final (int, float) states and the outputs.
 
-    The outputs are the top layer's float outputs per step (written into ``out`` when given, else a list
-    of tensors that keep their graph), or the per-step head values when the window has a head.
-    ``checksums[t + 1, l]`` receives the fingerprint of layer ``l``'s state after step ``t``.
+    Chunk by chunk, layer by layer: a layer's input projection is one GEMM per chunk, then its steps;
+    the reverse sweep recomputes each chunk in the same order and shapes. The outputs are the top layer's
+    float outputs ``(T, B, H)`` (written into ``out`` when given, else one tensor with its graph), or the
+    per-chunk head values when the window has a head. ``checksums[c, l]`` receives the fingerprint of
+    layer ``l``'s state before chunk ``c``.
     """
     with cells_context(x.device):
         return _forward_window(window, x, state, state_f, out, checksums)
@@ -338,45 +341,54 @@ def _forward_window(
     window: Window, x: Tensor, state: list[list[Tensor]], state_f: list[list[Tensor]],
     out: Tensor | None, checksums: Tensor | None,
 ) -> tuple[list[list[Tensor]], list[list[Tensor]], Tensor | list[Tensor]]:
-    weights = [list(window.hidden_weights(l).split(c.hidden_rows, 0)) for l, c in enumerate(window.cells)]
+    weights = []
+    for l, c in enumerate(window.cells):
+        hidden = window.hidden_weights(l)
+        window.guard.observe(f"layer {l}: hidden weights", hidden)
+        weights.append(list(hidden.split(c.hidden_rows, 0)))
     results: list[Tensor] = []
-    inp: Tensor
     T = x.shape[0]
-    for t in range(T):
-        if t % CHUNK == 0:
-            t0, t1 = t, min(t + CHUNK, T)
-            xp0 = window.first_projection(x, t0, t1)
-            chunk_out: list[Tensor] = []
-        keep = window.step_keep(t)
+    for t0 in range(0, T, CHUNK):
+        t1 = min(t0 + CHUNK, T)
+        inp = window.chunk_input(x, t0, t1)
         for l, cell in enumerate(window.cells):
-            xp = xp0[t % CHUNK] if l == 0 else cell.project_input(window.layer_input(l, inp))
-            state[l], state_f[l] = cell.forward_step(
-                weights[l], xp, state[l], state_f[l], window.buffers[l], window.guards[l], keep
-            )
             if checksums is not None:
-                checksums[t + 1, l] = state_checksum(state[l])
-            inp = cell.output(state_f[l])
+                checksums[t0 // CHUNK, l] = state_checksum(state[l])
+            xp = window.projection(l, inp)
+            window.guard.observe(f"layer {l}: input pre-activations", xp)
+            outs = []
+            for t in range(t0, t1):
+                state[l], state_f[l] = cell.forward_step(
+                    weights[l], xp[t - t0], state[l], state_f[l], window.buffers[l], window.step_keep(t)
+                )
+                outs.append(cell.output(state_f[l]))
+            inp = torch.stack(outs)
         if window.head is not None:
-            chunk_out.append(inp)
-            if t == t1 - 1:
-                results.append(window.head_value(window.head, torch.stack(chunk_out), t0))
+            results.append(window.head_value(window.head, inp, t0))
         elif out is not None:
-            out[t] = inp
+            out[t0:t1] = inp
         else:
             results.append(inp)
-    for l, guard in enumerate(window.guards):
-        guard.check(f"layer {l}")
+    if window.head is None and out is None:
+        return state, state_f, torch.cat(results)
     return state, state_f, (out if out is not None and window.head is None else results)
 
 
-def exact_final_state(cell: ReversibleCell, ints: list[Tensor], floats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """The final state per ``h``/``c``: float32 (the correctly rounded value, carrying the float
-    surrogate's gradient) and float64 (exact, detached, for an exact carry into the next window)."""
-    exact = [to_float(i, torch.float64) for i in ints]
-    for k, h in enumerate(exact):
-        check_range(h, f"final state half {k}")
-    rounded = [straight_through(to_float(i), f) for i, f in zip(ints, floats)]
-    return join_state(cell.halves_per_group, rounded), join_state(cell.halves_per_group, exact)
+def finish_forward(window: Window, state: list[list[Tensor]], state_f: list[list[Tensor]]) -> list[Tensor]:
+    """End a window's forward: the final states per layer and ``h``/``c`` as float32 (the correctly rounded
+    value, carrying the float surrogate's gradient), flat in layer order; the exact float64 ones go to
+    ``window.final_exact`` (for an exact carry into the next window). Checks every range the forward
+    observed, with one host read."""
+    rounded: list[Tensor] = []
+    window.final_exact = []
+    for l, (cell, ints, floats) in enumerate(zip(window.cells, state, state_f)):
+        exact = [to_float(i, torch.float64) for i in ints]
+        for k, h in enumerate(exact):
+            window.guard.observe(f"layer {l}: final state half {k}", h)
+        rounded += join_state(cell.halves_per_group, [straight_through(to_float(i), f) for i, f in zip(ints, floats)])
+        window.final_exact += join_state(cell.halves_per_group, exact)
+    window.guard.check()
+    return rounded
 
 
 SECOND_BACKWARD = (
@@ -405,15 +417,12 @@ class ReverseSweep(torch.autograd.Function):
         state = [[to_fixed(h) for h in hs] for hs in h0]
         state_f = [[to_float(s) for s in st] for st in state]
         T, B = x.shape[0], x.shape[1]
-        checksums = torch.zeros(T + 1, len(cells), dtype=torch.int64, device=x.device)
-        for l, st in enumerate(state):
-            checksums[0, l] = state_checksum(st)
+        checksums = torch.zeros(-(-T // CHUNK), len(cells), dtype=torch.int64, device=x.device)
         out = None if window.head is not None else torch.empty(T, B, cells[-1].hidden_size, dtype=torch.float32, device=x.device)
         window.start(B, x.device)
         ctx.precision = matmul_precision_state()
         state, state_f, res = forward_window(window, x, state, state_f, out, checksums)
-        finals = [exact_final_state(c, s, f) for c, s, f in zip(cells, state, state_f)]
-        window.final_exact = [e for _, exact in finals for e in exact]
+        finals = finish_forward(window, state, state_f)
         ctx.window, ctx.n_state = window, n_state
         ctx.n_final = [len(s) for s in state]
         masks = [m for m in [*window.input_masks, window.keep] if m is not None]
@@ -421,9 +430,9 @@ class ReverseSweep(torch.autograd.Function):
             x, checksums, *[h for s in state for h in s], *masks,
             *[t for b in window.buffers for t in b.tensors()],
         )
-        # With a head the outputs are the per-step head values; without one they were written into ``out``.
+        # With a head the outputs are the per-chunk head values; without one they were written into ``out``.
         primary = torch.stack(cast(list[Tensor], res)).sum() if window.head is not None else cast(Tensor, out)
-        return (primary, *[f for rounded, _ in finals for f in rounded])
+        return (primary, *finals)
 
     @staticmethod
     def backward(ctx: Any, grad_primary: Tensor, *grad_final: Tensor) -> tuple[Tensor | None, ...]:
@@ -444,7 +453,7 @@ class ReverseSweep(torch.autograd.Function):
                 "torch.backends.cuda.matmul.fp32_precision (or torch.set_float32_matmul_precision) once, before "
                 "training, not between a forward and its backward."
             )
-        # Saved: x, the checksums (initial state and every step), the final int halves; masks and buffer
+        # Saved: x, the checksums (every layer's state before every chunk), the final int halves; masks and buffer
         # tensors follow only so that saved-tensor hooks see everything the sweep keeps alive (the window
         # holds the same objects).
         x, checksums = saved[0], saved[1]
@@ -461,127 +470,179 @@ def trainable(module: nn.Module | None) -> list[Tensor]:
     return [] if module is None else [p for p in module.parameters() if p.requires_grad]
 
 
+@dataclass
+class LayerChunk:
+    """One layer's share of a chunk in the reverse sweep: everything its backward reads.
+
+    ``inputs``: the layer's input ``(C, B, ·)`` after dropout (the chunk's stem output for layer 0, the
+    layer below's reconstructed outputs above); ``records``: per step (in time order) the two groups'
+    records from :meth:`~lightning_revrnn.cells.ReversibleCell.reverse_step`. A ``C × B × H`` working set
+    per layer, never ``T × B × H``.
+    """
+
+    inputs: Tensor
+    records: list[list[tuple[Tensor, ...]]]
+
+
+@dataclass
+class Gradients:
+    """The reverse sweep's accumulators: one per parameter (and per extra tensor), plus the gradient of
+    every layer's current state (halves), carried from chunk to chunk."""
+
+    weight_ih: list[Tensor]
+    bias: list[Tensor]
+    weight_hh: list[Tensor]
+    extras: list[Tensor]
+    state: list[list[Tensor]]
+
+    @classmethod
+    def zeros(cls, window: Window, hidden: list[Tensor], state: list[list[Tensor]]) -> Gradients:
+        cells = window.cells
+        return cls(
+            weight_ih=[torch.zeros_like(c.weight_ih) for c in cells],
+            bias=[torch.zeros_like(c.bias) for c in cells],
+            weight_hh=[torch.zeros_like(w) for w in hidden],
+            extras=[torch.zeros_like(e) for e in window.extras],
+            state=state,
+        )
+
+
 def _reverse(
     ctx: Any, window: Window, x: Tensor, checksums: Tensor, state: list[list[Tensor]], grad_primary: Tensor,
     grad_final: tuple[Tensor, ...], n_state: int,
 ) -> tuple[Tensor | None, ...]:
-    """The reverse sweep: walk the window backwards, step by step through all layers (top first),
-    reconstructing each state and accumulating gradients; weight gradients are formed once per chunk."""
-    cells, head = window.cells, window.head
+    """The reverse sweep: chunk by chunk from the last, reconstruct every layer's states exactly
+    (:func:`reconstruct_chunk`), then backpropagate through them like ordinary BPTT (:func:`backprop_chunk`)."""
+    cells = window.cells
     T, L = x.shape[0], len(cells)
     state = [list(s) for s in state]
-    # Hidden weights: the same (DropConnect-masked) tensors as in forward; their gradient is formed from the
-    # recorded hidden products (d_w) and sent through the mask once at the end.
-    hidden_full = [window.hidden_weights(l) for l in range(L)]
-    w_groups = [[w.detach() for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden_full)]
-    d_w = [[torch.zeros_like(w) for w in ws] for ws in w_groups]
-    d_ih = [torch.zeros_like(c.weight_ih) for c in cells]
-    d_bias = [torch.zeros_like(c.bias) for c in cells]
-    head_frozen = None if head is None else {n: p.detach() for n, p in head.named_parameters()}
-    # One accumulator per extra tensor (a tied weight read by both head and stem is one entry).
-    d_extra = [torch.zeros_like(e) for e in window.extras]
-    head_targets = [window.extras[i] for i in window.head_slots]
-    stem_targets = [(window.extras[i], d_extra[i]) for i in window.stem_slots]
-    grads: list[list[Tensor]] = []
+    # Hidden weights: the same (DropConnect-masked) tensors as in forward; their gradient goes through the
+    # mask once at the end.
+    hidden = [window.hidden_weights(l) for l in range(L)]
+    weights = [[w.detach() for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden)]
+    d_state = []
     for l, c in enumerate(cells):
         gs = [torch.zeros(x.shape[1], c.hidden_size, device=x.device) if g is None else g.float() for g in
               grad_final[l * n_state : (l + 1) * n_state]]
-        grads.append(split_state(c, gs))
+        d_state.append(split_state(c, gs))
+    grads = Gradients.zeros(window, hidden, d_state)
     dx = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
-    diverged = torch.zeros(T, L, dtype=torch.bool, device=x.device)
-    for t in range(T - 1, -1, -1):
-        if t == T - 1 or t % CHUNK == CHUNK - 1:  # entering a chunk from its end
-            t0, t1 = t - t % CHUNK, t + 1
-            x_chunk = x[t0:t1]
-            if dx is not None and window.stem is not None:  # a leaf of the chunk's recomputed stem graph
-                x_chunk = x_chunk.detach().requires_grad_()
-            x0 = window.chunk_input(x_chunk, 0, t1 - t0)
-            in0 = window.layer_input(0, x0.detach())
-            with torch.no_grad():
-                xp0 = cells[0].project_input(in0)
-            d_xp0 = torch.zeros_like(xp0)
-            deferred: list[list[tuple[Tensor, Tensor]]] = [[] for _ in cells]
-            products: list[list[list[HiddenProduct]]] = [[[], []] for _ in cells]
-            head_inputs: list[Tensor] = []
-        inputs: list[Tensor] = [in0]  # layer 0 uses its chunk
-        for l in range(1, L):
-            inputs.append(window.layer_input(l, cells[l - 1].output([to_float(h) for h in state[l - 1][:2]])))
-        top = cells[-1]
-        if head is not None:
-            # The gradient into the RNN now; the head's own parameters once per chunk, below.
-            out_leaf = top.output([to_float(h) for h in state[-1][:2]]).requires_grad_()
-            frozen = cast(dict[str, Tensor], head_frozen)
-            value = window.head_value(lambda o, s: functional_call(head, frozen, (o, s)), out_leaf[None], t)
-            d_out = torch.autograd.grad(value, out_leaf, grad_primary, allow_unused=True)[0]
-            d_out = torch.zeros_like(out_leaf) if d_out is None else d_out
-            head_inputs.append(out_leaf.detach())
+    diverged = torch.zeros_like(checksums, dtype=torch.bool)
+    for t0 in reversed(range(0, T, CHUNK)):
+        t1 = min(t0 + CHUNK, T)
+        x_chunk = x[t0:t1]
+        if dx is not None and window.stem is not None:  # a leaf of the chunk's recomputed stem graph
+            x_chunk = x_chunk.detach().requires_grad_()
+        x0 = window.chunk_input(x_chunk, 0, t1 - t0)
+        layers, top = reconstruct_chunk(window, weights, x0.detach(), state, t0)
+        for l in range(L):
+            diverged[t0 // CHUNK, l] = state_checksum(state[l]) != checksums[t0 // CHUNK, l]
+        d_top = head_gradient(window, top, t0, grad_primary, grads)
+        d_x0 = backprop_chunk(window, weights, layers, d_top, t0, grads)
+        if window.stem is None:
+            if dx is not None:
+                dx[t0:t1] = d_x0
         else:
-            d_out = grad_primary[t]
-        for i, g in enumerate(top.split_output(d_out)):
-            grads[-1][i] = grads[-1][i] + g
-        keep = window.step_keep(t)
-        for l in range(L - 1, -1, -1):
-            cell = cells[l]
-            if l == 0:
-                xp = xp0[t - t0]
-            else:
-                with torch.no_grad():
-                    xp = cell.project_input(inputs[l])
-            state[l], grads[l], d_xp, step_products = cell.reverse_step(
-                w_groups[l], xp, state[l], grads[l], window.buffers[l], keep
-            )
-            diverged[t, l] = state_checksum(state[l]) != checksums[t, l]
-            for group, ps in zip(products[l], step_products):
-                group.extend(ps)
-            if l == 0:
-                d_xp0[t - t0] = d_xp
-                continue
-            deferred[l].append((d_xp, inputs[l]))  # input-weight gradient: one GEMM per chunk below
-            d_in = _masked(d_xp @ cell.weight_ih, window.input_masks[l])
-            for i, g in enumerate(cells[l - 1].split_output(d_in)):
-                grads[l - 1][i] = grads[l - 1][i] + g
-        if t == t0:  # leaving the chunk: its weight gradients and the first layer's input gradient
-            for l in range(L):
-                for acc, group in zip(d_w[l], products[l]):
-                    _hidden_weight_grads(acc, group)
-            for l in range(1, L):
-                d_xps, ins = zip(*reversed(deferred[l]))
-                _linear_param_grads(d_ih[l], d_bias[l], torch.stack(d_xps), torch.stack(ins))
-            _linear_param_grads(d_ih[0], d_bias[0], d_xp0, in0)
-            d_x0 = _masked(d_xp0 @ cells[0].weight_ih, window.input_masks[0])
-            if head_targets:  # the head's parameters and context: one call per chunk
-                value = window.head_value(cast(StepHead, head), torch.stack(head_inputs[::-1]), t0)
-                d_head = torch.autograd.grad(value, head_targets, grad_primary, allow_unused=True)
-                _accumulate([d_extra[i] for i in window.head_slots], d_head)
-            if window.stem is None:
-                if dx is not None:
-                    dx[t0:t1] = d_x0
-            else:
-                targets = stem_targets + ([(x_chunk, dx[t0:t1])] if dx is not None else [])
-                window.stem.accumulate_grads(x_chunk, x0, d_x0, targets)
+            targets = [(window.extras[i], grads.extras[i]) for i in window.stem_slots]
+            targets += [(x_chunk, dx[t0:t1])] if dx is not None else []
+            window.stem.accumulate_grads(x_chunk, x0, d_x0, targets)
     _check_reconstruction(window, diverged)
     params_grads: list[Tensor | None] = []
     for l, c in enumerate(cells):
-        d_hidden = torch.autograd.grad(hidden_full[l], c.weight_hh, torch.cat(d_w[l], 0))[0]
-        params_grads += [d_ih[l], d_bias[l], d_hidden]
-    d_state: list[Tensor | None] = []
+        d_hidden = torch.autograd.grad(hidden[l], c.weight_hh, grads.weight_hh[l])[0]
+        params_grads += [grads.weight_ih[l], grads.bias[l], d_hidden]
+    d_initial: list[Tensor | None] = []
     for l, c in enumerate(cells):
-        d_state += join_state(c.halves_per_group, grads[l])
-    return (None, None, dx, *d_state, *params_grads, *d_extra)
+        d_initial += join_state(c.halves_per_group, grads.state[l])
+    return (None, None, dx, *d_initial, *params_grads, *grads.extras)
+
+
+def reconstruct_chunk(
+    window: Window, weights: list[list[Tensor]], x0: Tensor, state: list[list[Tensor]], t0: int
+) -> tuple[list[LayerChunk], Tensor]:
+    """Walk one chunk backwards with exact fixed-point ops, layer by layer from the bottom (a layer's
+    inputs are the outputs of the one below, reconstructed first). ``state`` holds each layer's int halves
+    after the chunk and is left holding them before it. Returns each layer's :class:`LayerChunk` and the
+    top layer's outputs ``(C, B, H)``."""
+    layers: list[LayerChunk] = []
+    inp = x0
+    with torch.no_grad():
+        for l, cell in enumerate(window.cells):
+            inputs = window.layer_input(l, inp)
+            xp = cell.project_input(inputs)
+            C = xp.shape[0]
+            records: list[list[tuple[Tensor, ...]]] = [[] for _ in range(C)]
+            outs = xp.new_empty(C, xp.shape[1], cell.hidden_size)
+            for i in reversed(range(C)):
+                outs[i] = cell.output([to_float(h) for h in state[l][:2]])
+                state[l], records[i] = cell.reverse_step(
+                    weights[l], xp[i], state[l], window.buffers[l], window.step_keep(t0 + i)
+                )
+            layers.append(LayerChunk(inputs, records))
+            inp = outs
+    return layers, inp
+
+
+def head_gradient(window: Window, top: Tensor, t0: int, grad_primary: Tensor, grads: Gradients) -> Tensor:
+    """The loss gradient of the top layer's outputs over one chunk ``(C, B, H)``: from the head, run once
+    on the chunk (its parameters' and context's gradients accumulate in the same call), or the incoming
+    gradient of the outputs without a head."""
+    head = window.head
+    if head is None:
+        return grad_primary[t0 : t0 + top.shape[0]]
+    out_leaf = top.detach().requires_grad_()
+    targets = [window.extras[i] for i in window.head_slots]
+    value = window.head_value(head, out_leaf, t0)
+    d = torch.autograd.grad(value, [out_leaf, *targets], grad_primary, allow_unused=True)
+    _accumulate([grads.extras[i] for i in window.head_slots], d[1:])
+    return torch.zeros_like(top) if d[0] is None else d[0]
+
+
+def backprop_chunk(
+    window: Window, weights: list[list[Tensor]], layers: list[LayerChunk], d_top: Tensor, t0: int,
+    grads: Gradients,
+) -> Tensor:
+    """BPTT over one reconstructed chunk, top layer first: per step the cells' written-out backward (and
+    its two small dh GEMMs), per chunk one GEMM each for the input gradient and the weight gradients.
+    Returns the gradient of the first layer's input (before its dropout) ``(C, B, E)``."""
+    with torch.no_grad():  # gradients written out: nothing here may record a graph
+        return _backprop_chunk(window, weights, layers, d_top.detach(), t0, grads)
+
+
+def _backprop_chunk(
+    window: Window, weights: list[list[Tensor]], layers: list[LayerChunk], d_top: Tensor, t0: int,
+    grads: Gradients,
+) -> Tensor:
+    d_out = d_top
+    for l in reversed(range(len(window.cells))):
+        cell, chunk = window.cells[l], layers[l]
+        d_state = grads.state[l]
+        d_xp = d_out.new_empty(len(chunk.records), d_out.shape[1], 2 * cell.hidden_rows)
+        for i in reversed(range(len(chunk.records))):
+            for k, g in enumerate(cell.split_output(d_out[i])):
+                d_state[k] = d_state[k] + g
+            d_state, d_xp[i] = cell.backward_step(weights[l], chunk.records[i], d_state, window.step_keep(t0 + i))
+        grads.state[l] = d_state
+        _hidden_weight_grads(cell, grads.weight_hh[l], chunk.records, d_xp)
+        _linear_param_grads(grads.weight_ih[l], grads.bias[l], d_xp, chunk.inputs)
+        d_out = _masked(d_xp @ cell.weight_ih, window.input_masks[l])
+    return d_out
 
 
 def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else x * mask
 
 
-def _hidden_weight_grads(d_weight: Tensor, products: list[HiddenProduct]) -> None:
-    """Accumulate a group's hidden-weight gradient over a chunk: one GEMM per weight slice."""
-    by_rows: dict[tuple[int, int], list[HiddenProduct]] = {}
-    for p in products:
-        by_rows.setdefault((p.start, p.stop), []).append(p)
-    for (start, stop), ps in by_rows.items():
-        grads = torch.cat([cast(Tensor, p.grad) for p in ps])
-        d_weight[start:stop].addmm_(grads.t(), torch.cat([p.inputs for p in ps]))
+def _hidden_weight_grads(
+    cell: ReversibleCell, d_weight: Tensor, records: list[list[tuple[Tensor, ...]]], d_xp: Tensor
+) -> None:
+    """Accumulate a layer's hidden-weight gradient over a chunk: one GEMM per group and weight slice."""
+    rows = cell.hidden_rows
+    for g in (0, 1):
+        for k, (start, stop, _) in enumerate(cell.hidden_inputs(records[0][g])):
+            inputs = torch.stack([cell.hidden_inputs(r[g])[k][2] for r in records]).flatten(0, 1)
+            d_pre = d_xp[..., g * rows + start : g * rows + stop].flatten(0, 1)
+            d_weight[g * rows + start : g * rows + stop].addmm_(d_pre.t(), inputs)
 
 
 def _linear_param_grads(d_weight: Tensor, d_bias: Tensor, d_out: Tensor, inputs: Tensor) -> None:
@@ -591,20 +652,27 @@ def _linear_param_grads(d_weight: Tensor, d_bias: Tensor, d_out: Tensor, inputs:
     d_bias.add_(d_out.sum(0))
 
 
-def _accumulate(acc: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:
+def _accumulate(acc: list[Tensor], grads: Sequence[Tensor | None]) -> None:
     for a, g in zip(acc, grads):
         if g is not None:
             a.add_(g)
 
 
 def _check_reconstruction(window: Window, diverged: Tensor) -> None:
-    if bool(diverged.any()):
-        bad = diverged.nonzero().tolist()
-        t, l = max(bad)  # the reverse sweep meets the latest step first
+    """One host read: every chunk's reconstructed states matched forward's checksums and every buffer is
+    back to empty; else a :class:`ReconstructionError` naming the layer and steps."""
+    words = [b.word.any() for b in window.buffers]
+    undone = all(not b.planes and not b.drained_before and b.multiplications == 0 for b in window.buffers)
+    if undone and not bool(torch.stack([diverged.any(), *words]).any()):
+        return
+    bad = diverged.nonzero().tolist()
+    if bad:
+        chunk, l = max(bad)  # the reverse sweep meets the latest chunk first
         raise ReconstructionError(
-            f"Reverse sweep diverged: layer {l}, reconstructing the state before step {t} did not match the "
-            f"forward pass bit for bit ({len(bad)} (step, layer) states differ). The saved buffer was modified, "
-            "or forward and backward ran with different numerics (autocast, TF32, threads, device)."
+            f"Reverse sweep diverged: layer {l}, reconstructing steps {chunk * CHUNK}..{(chunk + 1) * CHUNK - 1} "
+            f"did not give the state forward had before step {chunk * CHUNK} bit for bit ({len(bad)} "
+            "(chunk, layer) states differ). The saved buffer was modified, or forward and backward ran with "
+            "different numerics (autocast, TF32, threads, device)."
         )
     for l, buf in enumerate(window.buffers):
         if not buf.is_empty():

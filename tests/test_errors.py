@@ -99,8 +99,8 @@ def test_reconstruction_error_names_the_step() -> None:
     rnn = RevGRU(4, 8, max_forget_bits=3)
     out, _ = rnn(torch.randn(10, 2, 4, requires_grad=True))
     buf = rnn.last_window.buffers[0]
-    buf.word = buf.word ^ 1  # corrupts the last multiplication's bits: the last step diverges first
-    with pytest.raises(ReconstructionError, match="before step 9"):
+    buf.word = buf.word ^ 1  # corrupts the last multiplication's bits: the last chunk diverges first
+    with pytest.raises(ReconstructionError, match="layer 0, reconstructing steps 0..15"):
         out.sum().backward()
 
 

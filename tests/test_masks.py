@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM, StepHead, StepStem
 from lightning_revrnn.buffer import InformationBuffer
 from lightning_revrnn.cells import RevGRUCell, RevLSTMCell
-from lightning_revrnn.fixed_point import FORGET_ONE, R_Z, RangeGuard, to_fixed, to_float
+from lightning_revrnn.fixed_point import FORGET_ONE, R_Z, to_fixed, to_float
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
 IDS = lambda v: getattr(v, "__name__", str(v))  # noqa: E731
@@ -236,34 +236,33 @@ def _filled(cell_cls, B: int, seed: int):
     """A cell, a retained buffer and a state after 6 real steps (so the words hold bits)."""
     torch.manual_seed(seed)
     cell = cell_cls(3, 8, 3)
-    buf, guard = InformationBuffer((B, 4), torch.get_default_device(), 3, retain=True), RangeGuard()
+    buf = InformationBuffer((B, 4), torch.get_default_device(), 3, retain=True)
     state = [to_fixed(torch.randn(B, 4) * 0.5) for _ in range(cell.state_halves)]
     state_f = [to_float(s) for s in state]
     w = list(cell.weight_hh.split(cell.hidden_rows, 0))
     with torch.no_grad():
         for _ in range(6):
-            state, state_f = cell.forward_step(w, cell.project_input(torch.randn(B, 3)), state, state_f, buf, guard)
-    return cell, buf, guard, w, state, state_f
+            state, state_f = cell.forward_step(w, cell.project_input(torch.randn(B, 3)), state, state_f, buf)
+    return cell, buf, w, state, state_f
 
 
 @pytest.mark.parametrize("cell_cls", [RevGRUCell, RevLSTMCell], ids=IDS)
 def test_masked_rows_keep_state_and_buffer_words(cell_cls):
     B = 4
-    cell, buf, guard, w, state, state_f = _filled(cell_cls, B, seed=7)
+    cell, buf, w, state, state_f = _filled(cell_cls, B, seed=7)
     keep = torch.tensor([True, False, True, False])[:, None]
     word, before = buf.word.clone(), [s.clone() for s in state]
     assert bool(word[~keep[:, 0]].any()), "the test needs non-empty words in the masked rows"
     xp = cell.project_input(torch.randn(B, 3))
     with torch.no_grad():
-        after, _ = cell.forward_step(w, xp, state, state_f, buf, guard, keep)
+        after, _ = cell.forward_step(w, xp, state, state_f, buf, keep)
     masked, kept = ~keep[:, 0], keep[:, 0]
     assert torch.equal(buf.word[masked], word[masked])
     assert not torch.equal(buf.word[kept], word[kept])
     for a, b in zip(after, before):
         assert torch.equal(a[masked], b[masked]) and not torch.equal(a[kept], b[kept])
     # The reverse step with the same mask undoes it: state and words as before, bit for bit.
-    grads = [torch.zeros(B, 4) for _ in after]
-    restored, *_ = cell.reverse_step(w, xp, after, grads, buf, keep)
+    restored, _ = cell.reverse_step(w, xp, after, buf, keep)
     assert torch.equal(buf.word, word)
     for r, b in zip(restored, before):
         assert torch.equal(r, b)
@@ -274,11 +273,11 @@ def test_fully_masked_step_adds_no_optimal_bits(cell_cls):
     """optimal_bits = M·units·R_Z − Σ log2 z*: a masked multiplication has z* = 2^R_Z, adding R_Z to both
     terms, so the total stays (up to float64 rounding of the sum). Its flag bit still counts in used_bits."""
     B = 3
-    cell, buf, guard, w, state, state_f = _filled(cell_cls, B, seed=8)
+    cell, buf, w, state, state_f = _filled(cell_cls, B, seed=8)
     before = buf.stats(0)
     keep = torch.zeros(B, 1, dtype=torch.bool)
     with torch.no_grad():
-        cell.forward_step(w, cell.project_input(torch.randn(B, 3)), state, state_f, buf, guard, keep)
+        cell.forward_step(w, cell.project_input(torch.randn(B, 3)), state, state_f, buf, keep)
     after = buf.stats(0)
     assert after.multiplications == before.multiplications + cell.multiplications_per_step
     assert abs(float(after.optimal_bits) - float(before.optimal_bits)) < 1e-6

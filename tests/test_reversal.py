@@ -101,25 +101,26 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
     n = rnn.state_count
     state = [[to_fixed(h) for h in split_state(c, [hx[k][l] for k in range(n)])] for l, c in enumerate(cells)]
     recorded = [[list(s) for s in state]]  # recorded[t][l]: layer l's int halves after t steps
+    inputs = {}  # (layer, chunk start) -> the layer's inputs over the chunk, as the module computes them
     outputs = []
     with torch.no_grad():
         weights = [list(window.hidden_weights(l).split(c.hidden_rows, 0)) for l, c in enumerate(cells)]
-        for t in range(T):
+        for t0 in range(0, T, CHUNK):  # chunk by chunk, layer by layer, as the module runs
+            t1 = min(t0 + CHUNK, T)
+            inp = x[t0:t1]
             for l, cell in enumerate(cells):
-                if l == 0:  # the first layer's projection is one GEMM per chunk, as in the module
-                    t0 = t - t % CHUNK
-                    xp = window.first_projection(x, t0, min(t0 + CHUNK, T))[t - t0]
-                else:
-                    xp = cell.project_input(window.layer_input(l, inp))
-                state_f = [to_float(s) for s in state[l]]
-                state[l], state_f = cell.forward_step(
-                    weights[l], xp, state[l], state_f, window.buffers[l], window.guards[l]
-                )
-                inp = cell.output(state_f)
+                inputs[l, t0] = inp
+                xp = window.projection(l, inp)
+                outs = []
+                for t in range(t0, t1):
+                    state_f = [to_float(s) for s in state[l]]
+                    state[l], state_f = cell.forward_step(weights[l], xp[t - t0], state[l], state_f, window.buffers[l])
+                    outs.append(cell.output(state_f))
+                    if len(recorded) <= t + 1:
+                        recorded.append([])
+                    recorded[t + 1].append(list(state[l]))
+                inp = torch.stack(outs)
             outputs.append(inp)
-            recorded.append([list(s) for s in state])
-    for l, guard in enumerate(window.guards):
-        guard.check(f"layer {l}")
     finals = [list(s) for s in state]
 
     for l, (buf, cell) in enumerate(zip(window.buffers, cells)):
@@ -131,30 +132,23 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
     if expect_drains:
         assert all(d > 0 for d in drains) and all(b.planes for b in window.buffers), drains
 
-    w_leaves = [
-        [w.detach().requires_grad_() for w in window.hidden_weights(l).split(c.hidden_rows, 0)]
-        for l, c in enumerate(cells)
-    ]
-    for t in range(T - 1, -1, -1):
+    # Backwards, chunk by chunk; within a chunk each layer from the top, step by step (any order of
+    # layers works: each has its own buffer and its inputs are recorded).
+    for t0 in reversed(range(0, T, CHUNK)):
+        t1 = min(t0 + CHUNK, T)
         for l in range(len(cells) - 1, -1, -1):
             cell = cells[l]
-            # Layer l's input at step t: x[t], or the output of layer l-1 after step t (not yet reversed).
             with torch.no_grad():
-                if l == 0:
-                    t0 = t - t % CHUNK
-                    xp = window.first_projection(x, t0, min(t0 + CHUNK, T))[t - t0]
-                else:
-                    inp = cells[l - 1].output([to_float(h) for h in state[l - 1][:2]])
-                    xp = cell.project_input(window.layer_input(l, inp))
-            grads = [torch.randn(B, cell.half_size) for _ in state[l]]
-            state[l], _, _, _ = cell.reverse_step(w_leaves[l], xp, state[l], grads, window.buffers[l])
-            for k, (got, want) in enumerate(zip(state[l], recorded[t][l])):
-                assert got.dtype == torch.int64
-                assert torch.equal(got, want), f"layer {l}, half {k}: state before step {t} not reconstructed"
+                xp = window.projection(l, inputs[l, t0])
+            for t in range(t1 - 1, t0 - 1, -1):
+                state[l], _ = cell.reverse_step(weights[l], xp[t - t0], state[l], window.buffers[l])
+                for k, (got, want) in enumerate(zip(state[l], recorded[t][l])):
+                    assert got.dtype == torch.int64
+                    assert torch.equal(got, want), f"layer {l}, half {k}: state before step {t} not reconstructed"
     for l, buf in enumerate(window.buffers):
         assert buf.is_empty(), f"buffer of layer {l} not empty after the reverse walk"
         assert not buf.planes and not buf.drained_before and buf.multiplications == 0
-    return torch.stack(outputs), finals, drains
+    return torch.cat(outputs), finals, drains
 
 
 # ------------------------------------------------------------------------------------------- tests
