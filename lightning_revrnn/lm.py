@@ -215,7 +215,8 @@ class LanguageModel(pl.LightningModule):
     def build_vocabulary_layers(self, vocab_size: int) -> None:
         """The embedding, the tied decoder and the stem and head around them, for ``vocab_size`` words."""
         hp = self.hparams
-        self.hparams["vocab_size"] = vocab_size
+        # recorded as saved hyperparameters (also the initial ones the loggers compare with the DataModule's)
+        self.save_hyperparameters({"vocab_size": vocab_size})
         self.embedding = nn.Embedding(vocab_size, hp["emb_size"])
         self.decoder = nn.Linear(hp["emb_size"], vocab_size)
         self.decoder.weight = self.embedding.weight  # tied

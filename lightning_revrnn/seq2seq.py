@@ -9,7 +9,7 @@ the stored encoder units (the head's declared context), which autograd hands to 
 sweep; the source embeddings in the memory are recomputed from the tokens, so they cost nothing between
 forward and backward.
 
-Batches are :class:`~lightning_revrnn.datamodules.parallel.TranslationBatch` (time first, right-padded,
+Batches are :class:`~lightning_revrnn.datamodules.translation.TranslationBatch` (time first, right-padded,
 ``src_keep`` / ``tgt_keep`` masks). Decoding (greedy, beam) steps the decoder one token at a time in
 evaluation arithmetic, carrying the exact (float64) reversible state through the beams' reordering.
 """
@@ -32,8 +32,7 @@ from typing_extensions import override
 
 from lightning_revrnn.attention import AttentionHead, LuongAttention
 from lightning_revrnn.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
-from lightning_revrnn.datamodules.parallel import TranslationBatch
-from lightning_revrnn.datamodules.vocabulary import BOS, EOS, PAD, TranslationVocabulary
+from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationBatch, TranslationVocabulary
 from lightning_revrnn.decoding import beam_search, greedy_search
 from lightning_revrnn.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
 from lightning_revrnn.lm import BaselineRNN, EmbeddingStem
@@ -106,7 +105,9 @@ class TranslationModel(pl.LightningModule):
             ``beam``, ``length_penalty``, ``max_decode_len`` and ``prediction_file`` only steer decoding: they
             are plain attributes, not saved hyperparameters, so a checkpoint evaluated later (also with
             ``revrnn test/predict --ckpt_path``) decodes with the values given then.
-        seed: dropout masks come from ``(seed, global step, rank)``.
+        dropout_seed: dropout masks come from ``(dropout_seed, global step, rank)`` (not ``seed``: the
+            translation DataModules' ``seed`` shuffles batches, and Lightning refuses to log two different
+            values under one hyperparameter name).
 
     Logged: ``train_loss``, ``train_ppl`` (per step); ``val_loss``, ``val_ppl``, ``val_bleu`` (greedy),
     ``test_loss``, ``test_ppl``, ``test_bleu`` (beam, the paper's tokenised BLEU) and ``test_bleu_detok``
@@ -132,7 +133,7 @@ class TranslationModel(pl.LightningModule):
         src_vocab_size: int | None = None,
         tgt_vocab_size: int | None = None,
         prediction_file: str | None = None,
-        seed: int = 0,
+        dropout_seed: int = 0,
     ) -> None:
         super().__init__()
         self.reversible = rnn in DECODERS
@@ -168,7 +169,8 @@ class TranslationModel(pl.LightningModule):
         if self.built:
             return
         hp = self.hparams
-        self.hparams["src_vocab_size"], self.hparams["tgt_vocab_size"] = src_vocab_size, tgt_vocab_size
+        # recorded as saved hyperparameters (also the initial ones the loggers log)
+        self.save_hyperparameters({"src_vocab_size": src_vocab_size, "tgt_vocab_size": tgt_vocab_size})
         E, H, L, p = hp["embedding_size"], hp["hidden_size"], hp["num_layers"], hp["dropout"]
         self.src_embedding = nn.Embedding(src_vocab_size, E)
         self.tgt_embedding = nn.Embedding(tgt_vocab_size, E)
@@ -252,7 +254,7 @@ class TranslationModel(pl.LightningModule):
         return self.head.chunked(outputs)
 
     def _step_seed(self) -> int:
-        return zlib.crc32(f"{self.hparams['seed']}:{self.global_step}:{self.global_rank}".encode())
+        return zlib.crc32(f"{self.hparams['dropout_seed']}:{self.global_step}:{self.global_rank}".encode())
 
     @override
     def training_step(self, batch: TranslationBatch, batch_idx: int) -> Tensor:

@@ -1,41 +1,30 @@
-"""Shared pieces of the translation model tests: a tiny seeded translation DataModule, hand-made padded
-batches, and a tiny :class:`~lightning_revrnn.seq2seq.TranslationModel`. Also imported by the DDP test's
-spawned ranks, so it must stay importable from ``tests/``."""
+"""Shared pieces of the translation model tests: the synthetic translation DataModule at test size,
+hand-made padded batches, and a tiny :class:`~lightning_revrnn.seq2seq.TranslationModel`. Also imported by
+the DDP test's spawned ranks, so it must stay importable from ``tests/``."""
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_revrnn.datamodules.parallel import ParallelText, TranslationBatch
-from lightning_revrnn.datamodules.translation_datamodule import TranslationDataModule
-from lightning_revrnn.datamodules.vocabulary import BOS, EOS, PAD, TranslationVocabulary
+from lightning_revrnn.datamodules.translation import (
+    BOS,
+    EOS,
+    PAD,
+    SyntheticTranslationDataModule,
+    TranslationBatch,
+)
 from lightning_revrnn.seq2seq import TranslationModel
 
-SRC_WORDS = [f"w{i}" for i in range(8)]
 
-
-class TinyTranslationData(TranslationDataModule):
-    """Seeded pairs ``w3 w1 w5`` → ``W5 W1 W3`` (target words mapped and reversed, so attention helps), 1-9
-    tokens; ``train_pairs`` training pairs, 12 validation and 12 test pairs."""
-
-    tgt_lang = "de"
-
-    def __init__(self, batch_size: int = 8, train_pairs: int = 48, seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, seed=seed)
-        self.train_pairs = train_pairs
-
-    def read_split(self, split: str) -> ParallelText:
-        rng = random.Random(f"{split}:{self.seed}")
-        sources, targets = [], []
-        for _ in range(self.train_pairs if split == "train" else 12):
-            words = [rng.choice(SRC_WORDS) for _ in range(rng.randint(1, 9))]
-            sources.append(" ".join(words))
-            targets.append(" ".join(w.upper() for w in reversed(words)))
-        return ParallelText(sources, targets)
+def synthetic_data(batch_size: int = 8, train_size: int = 48) -> SyntheticTranslationDataModule:
+    """The embedded reversed word-substitution task at test size: 8 words per language (vocabularies of 12
+    ids), sentences of 1-9 words (targets cross no chunk: the gradient tests cover that), 12 validation and
+    12 test pairs."""
+    return SyntheticTranslationDataModule(vocab=8, min_len=1, max_len=9, train_size=train_size, val_size=12,
+                                          test_size=12, batch_size=batch_size)
 
 
 def padded_batch(src_lengths: list[int], tgt_lengths: list[int], vocab: int, seed: int = 0) -> TranslationBatch:
@@ -63,11 +52,6 @@ def tiny_model(rnn: str = "revgru", seed: int = 0, vocab: int | None = 13, **kwa
     if vocab is not None:
         args.update(src_vocab_size=vocab, tgt_vocab_size=vocab)
     return TranslationModel(rnn, **args)
-
-
-def word_vocab(size: int) -> TranslationVocabulary:
-    """A vocabulary of ``size`` ids whose words are ``t4 .. t{size-1}``."""
-    return TranslationVocabulary(["<pad>", "<unk>", "<s>", "</s>", *(f"t{i}" for i in range(4, size))])
 
 
 def grads_of(model: torch.nn.Module) -> dict[str, Tensor]:

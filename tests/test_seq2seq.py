@@ -19,7 +19,7 @@ from lightning_revrnn.seq2seq import TranslationModel, reorder_state
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from seq2seq_helpers import TinyTranslationData, grads_of, padded_batch, tiny_model, word_vocab  # noqa: E402
+from seq2seq_helpers import grads_of, padded_batch, synthetic_data, tiny_model  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -227,9 +227,9 @@ def _trainer(root: Path, **kwargs: object) -> pl.Trainer:
 @pytest.mark.parametrize("rnn", ALL_RNNS)
 def test_fit_validate_test_predict(rnn: str, tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
-    data = TinyTranslationData()
-    model = tiny_model(rnn, vocab=None, prediction_file=str(tmp_path / "out.de"),
-                       optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    data = synthetic_data()
+    out = tmp_path / "out.de"
+    model = tiny_model(rnn, vocab=None, optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
                        gradient_clip_val=5.0)
     trainer.fit(model, data)
@@ -242,12 +242,15 @@ def test_fit_validate_test_predict(rnn: str, tmp_path: Path) -> None:
     assert 1 < float(metrics["val_ppl"]) < 100
     trainer.save_checkpoint(tmp_path / "model.ckpt")
 
-    reloaded = TranslationModel.load_from_checkpoint(tmp_path / "model.ckpt")  # sizes and vocabularies inside
-    assert reloaded.tgt_vocab == data.tgt_vocab
+    # sizes and vocabularies are in the checkpoint; decoding settings are given anew
+    reloaded = TranslationModel.load_from_checkpoint(tmp_path / "model.ckpt", beam=2, prediction_file=str(out))
+    assert reloaded.tgt_vocab == data.tgt_vocab and reloaded.beam == 2
+    validated = _trainer(tmp_path, limit_val_batches=1).validate(reloaded, data, verbose=False)[0]
+    assert validated["val_ppl"] == pytest.approx(float(metrics["val_ppl"]), rel=1e-5)  # the same weights
     tested = _trainer(tmp_path).test(reloaded, data, verbose=False)[0]
     assert {"test_loss", "test_ppl", "test_bleu", "test_bleu_detok"} <= set(tested)
     assert 0 <= tested["test_bleu"] <= 100
     predictions = _trainer(tmp_path).predict(reloaded, data)
     lines = [line for batch in predictions for line in batch]  # type: ignore[union-attr]
     assert len(lines) == 12
-    assert (tmp_path / "out.de").read_text(encoding="utf-8").splitlines() == lines
+    assert out.read_text(encoding="utf-8").splitlines() == lines

@@ -24,7 +24,7 @@ if str(Path(__file__).parent) not in sys.path:  # sibling helper modules (also i
 
 from ddp_script import EndProcessGroup  # noqa: E402
 from lightning_revrnn.datamodules.parallel import collate  # noqa: E402
-from seq2seq_helpers import TinyTranslationData, tiny_model  # noqa: E402
+from seq2seq_helpers import synthetic_data, tiny_model  # noqa: E402
 
 pytestmark = [
     pytest.mark.ddp,
@@ -77,7 +77,7 @@ def _one_step(folder: Path, rnn: str, devices: int, **kwargs: Any) -> None:
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[GradSaver(str(folder)), *spawn_end], **kwargs,
     )
-    trainer.fit(_model(rnn), TinyTranslationData(batch_size=GLOBAL_BATCH))
+    trainer.fit(_model(rnn), synthetic_data(batch_size=GLOBAL_BATCH))
 
 
 def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -105,7 +105,7 @@ def test_ddp_spawn_gradients_equal_single_process(tmp_path: Path, clean_env: Non
     _assert_close(ranks[0]["grads"], single["grads"])
 
     # the tolerance catches the bug it guards against: the gradient of rank 0's pairs alone (a lost rank)
-    data = TinyTranslationData(batch_size=GLOBAL_BATCH)
+    data = synthetic_data(batch_size=GLOBAL_BATCH)
     data.setup("fit")
     half = collate(data.pairs("train"), ranks[0]["indices"])
     model = _model(rnn).train()
