@@ -53,8 +53,8 @@ class StoredUnitsAccounting(ReversibleRNN):
     _stored_steps: int = 0
 
     @override
-    def forward(self, x: Tensor, hx: Any = None, head: Any = None, stem: Any = None, keep: Tensor | None = None) -> Any:
-        result = super().forward(x, hx, head=head, stem=stem, keep=keep)
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = super().forward(x, *args, **kwargs)
         if torch.is_grad_enabled():  # memory_stats() describes the last forward with gradients
             self._stored_steps = int(x.shape[0]) * int(x.shape[1])
         return result

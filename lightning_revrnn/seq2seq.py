@@ -16,15 +16,12 @@ evaluation arithmetic, carrying the exact (float64) reversible state through the
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import IO, Any, Literal, cast
+from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.cli import OptimizerCallable
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
@@ -33,9 +30,11 @@ from typing_extensions import override
 from lightning_revrnn.attention import AttentionHead, LuongAttention
 from lightning_revrnn.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
 from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationBatch, TranslationVocabulary
+from lightning_revrnn.decoder_state import DecoderState, reorder_state
 from lightning_revrnn.decoding import beam_search, greedy_search
 from lightning_revrnn.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
 from lightning_revrnn.lm import BaselineRNN, EmbeddingStem
+from lightning_revrnn.prediction_file import PredictionFile
 from lightning_revrnn.rnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.token_metrics import TokenCrossEntropy
 
@@ -51,28 +50,6 @@ PAPER_LR: dict[str, float] = {"lstm": 1.0, "revlstm": 0.5, "gru": 0.2, "revgru":
 DECODING_SETTINGS = ("beam", "length_penalty", "max_decode_len", "prediction_file")
 #: Uniform initialisation range of embeddings, attention and generator (OpenNMT-py's ``param_init``).
 INIT_RANGE = 0.1
-
-
-@dataclass
-class DecoderState:
-    """What one decoding step reads per row (sentence or beam): the decoder state (reversible: exact
-    float64, as ``rnn.exact_state`` returns it; baselines: ``nn.GRU``/``nn.LSTM`` states per layer), the
-    attention memory ``(S, N, D)`` and the source padding mask ``(S, N)``. Every tensor's dimension 1 is
-    the row."""
-
-    hidden: Any
-    memory: Tensor
-    memory_keep: Tensor
-
-    def select(self, rows: Tensor) -> DecoderState:
-        """The state of rows ``rows`` (beam reordering / expansion)."""
-        pick = lambda t: t.index_select(1, rows)  # noqa: E731
-        return DecoderState(apply_to_collection(self.hidden, Tensor, pick), pick(self.memory), pick(self.memory_keep))
-
-
-def reorder_state(state: DecoderState, rows: Tensor) -> DecoderState:
-    """The decoding functions' ``ReorderFn``."""
-    return state.select(rows)
 
 
 class TranslationModel(pl.LightningModule):
@@ -109,9 +86,11 @@ class TranslationModel(pl.LightningModule):
             translation DataModules' ``seed`` shuffles batches, and Lightning refuses to log two different
             values under one hyperparameter name).
 
-    Logged: ``train_loss``, ``train_ppl`` (per step); ``val_loss``, ``val_ppl``, ``val_bleu`` (greedy),
-    ``test_loss``, ``test_ppl``, ``test_bleu`` (beam, the paper's tokenised BLEU) and ``test_bleu_detok``
-    (sacreBLEU 13a on detokenised text). Losses are per target token, the sums reduced over ranks.
+    Logged: ``train_loss``, ``train_ppl`` (per step, per target token of this rank's batch); ``val_loss``,
+    ``val_ppl``, ``val_bleu`` (greedy decoding, to keep validation cheap), ``test_loss``, ``test_ppl``,
+    ``test_bleu`` (beam search; the paper's BLEU: multi-bleu on the tokenised, lower-cased text) and
+    ``test_bleu_detok`` (sacreBLEU 13a on detokenised text). Evaluation losses are per target token from
+    sums over tokens reduced across ranks; BLEU from n-gram statistics summed across ranks.
     """
 
     def __init__(
@@ -153,7 +132,7 @@ class TranslationModel(pl.LightningModule):
         self.test_loss, self.test_ppl = TokenCrossEntropy(), TokenCrossEntropy(perplexity=True)
         self.val_bleu, self.test_bleu = TokenizedBLEU(), TokenizedBLEU()
         self.test_bleu_detok = DetokenizedBLEU()
-        self._predictions: IO[str] | None = None
+        self._predictions: PredictionFile | None = None
         if src_vocab_size is not None and tgt_vocab_size is not None:
             self.build(src_vocab_size, tgt_vocab_size)
 
@@ -318,19 +297,14 @@ class TranslationModel(pl.LightningModule):
         if batch.indices:  # rows come sorted by source length: back to the split's order
             lines = [line for _, line in sorted(zip(batch.indices, lines), key=lambda pair: pair[0])]
         if self._predictions is not None:
-            self._predictions.writelines(line + "\n" for line in lines)
+            self._predictions.write(lines)
         return lines
 
     @override
     def on_predict_epoch_start(self) -> None:
-        path = self.prediction_file
-        if path is not None:
+        if self.prediction_file is not None:
             world = self.trainer.world_size if self._trainer is not None else 1
-            if world > 1:
-                stem, ext = os.path.splitext(path)
-                path = f"{stem}.rank{self.global_rank}{ext}"
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._predictions = open(path, "w", encoding="utf-8")
+            self._predictions = PredictionFile(self.prediction_file, self.global_rank, world)
 
     @override
     def on_predict_epoch_end(self) -> None:

@@ -12,9 +12,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_revrnn.decoder_state import reorder_state
 from lightning_revrnn.decoding import beam_search, greedy_search
 from lightning_revrnn.encoder import STORED_UNIT_BITS
-from lightning_revrnn.seq2seq import TranslationModel, reorder_state
+from lightning_revrnn.seq2seq import TranslationModel
 
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
