@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--bptt", type=int, default=35)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--nmt-steps", type=int, default=300, help="training steps per translation model")
+    parser.add_argument("--nmt-steps", type=int, default=150, help="training steps per translation model")
     parser.add_argument("--nmt-train", type=int, default=4000, help="synthetic training sentence pairs")
     parser.add_argument("--nmt-batch", type=int, default=32)
     parser.add_argument("--slice-dim", type=int, default=8, help="stored encoder units per step (Emb+slice)")
