@@ -1,7 +1,11 @@
-"""The ``revrnn`` console script: ``revrnn fit|validate|test --config configs/...yaml`` (LightningCLI).
+"""The ``revrnn`` console script: ``revrnn fit|validate|test|predict --config configs/...yaml`` (LightningCLI).
 
-The model is always :class:`~lightning_revrnn.lm.LanguageModel`; the DataModule is chosen by class path in
-the config. ``model.vocab_size`` is linked to the DataModule's vocabulary, so configs never repeat it.
+Model and DataModule are both chosen by class path in the config (``model.class_path``:
+:class:`~lightning_revrnn.lm.LanguageModel` or :class:`~lightning_revrnn.seq2seq.TranslationModel`), so one
+command trains either; options are set with ``--model.<name>`` / ``--data.<name>`` as before. Both models
+read their vocabulary sizes from the DataModule in ``setup()`` (and save them in their hyperparameters),
+so configs never repeat them. ``revrnn predict`` with a translation model writes its translations to
+``--model.prediction_file``.
 """
 
 from __future__ import annotations
@@ -10,25 +14,15 @@ import warnings
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from typing_extensions import override
-
-from lightning_revrnn.lm import LanguageModel
-
-
-def vocab_size_of(data: pl.LightningDataModule) -> int:
-    """The DataModule's vocabulary size (PTB/WikiText-2 build it from the training split in ``setup``)."""
-    data.prepare_data()
-    data.setup("fit")
-    return int(data.vocab_size)  # type: ignore[attr-defined]
+from pytorch_lightning.cli import LightningCLI
 
 
 class RevRNNCLI(LightningCLI):
-    """LightningCLI with ``data`` → ``model.vocab_size`` linked."""
+    """LightningCLI over any LightningModule and DataModule subclass (by class path).
 
-    @override
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data", "model.vocab_size", compute_fn=vocab_size_of, apply_on="instantiate")
+    No argument links: a link to ``model.init_args.vocab_size`` would reach every model class, and for one
+    without that argument (TranslationModel) LightningCLI records it in the checkpoint's hyperparameters, which
+    ``--ckpt_path`` then fails to parse back. The models read their sizes from the DataModule instead."""
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -36,8 +30,9 @@ def main(args: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)
     warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
     RevRNNCLI(
-        LanguageModel,
+        pl.LightningModule,
         pl.LightningDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=list(args) if args is not None else None,

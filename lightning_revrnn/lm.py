@@ -155,7 +155,8 @@ class LanguageModel(pl.LightningModule):
     """The paper's language model (AWD-LSTM style) around a reversible RNN or a baseline.
 
     Args:
-        vocab_size: vocabulary size (the DataModule's ``vocab_size``).
+        vocab_size: vocabulary size; None: the DataModule's ``vocab_size``, read in ``setup()`` (the embedding and
+            decoder are built there and the size saved in the hyperparameters, so checkpoints reload alone).
         rnn: ``revgru``, ``revlstm``, ``nfrevgru``, ``nfrevlstm`` or the baselines ``gru``, ``lstm``.
         num_layers: layers; the top one has ``emb_size`` units (tied decoder), the lower ones
             ``hidden_size``.
@@ -173,7 +174,7 @@ class LanguageModel(pl.LightningModule):
 
     def __init__(
         self,
-        vocab_size: int,
+        vocab_size: int | None = None,
         rnn: RnnType = "revgru",
         num_layers: int = 1,
         emb_size: int = 650,
@@ -196,13 +197,9 @@ class LanguageModel(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.reversible = rnn in REVERSIBLE
         sizes = [hidden_size] * (num_layers - 1) + [emb_size]
-        self.embedding = nn.Embedding(vocab_size, emb_size)
-        self.decoder = nn.Linear(emb_size, vocab_size)
-        self.decoder.weight = self.embedding.weight  # tied
-        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
-        self.stem = EmbeddingStem(self.embedding, dropout_emb)
-        self.head = DecoderHead(self.decoder, dropout_output)
+        self.has_vocabulary = False
+        if vocab_size is not None:
+            self.build_vocabulary_layers(vocab_size)
         self.rnn: nn.Module
         if self.reversible:
             self.rnn = REVERSIBLE[rnn](
@@ -214,6 +211,20 @@ class LanguageModel(pl.LightningModule):
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
         self._hidden: dict[str, Any] = {}
+
+    def build_vocabulary_layers(self, vocab_size: int) -> None:
+        """The embedding, the tied decoder and the stem and head around them, for ``vocab_size`` words."""
+        hp = self.hparams
+        # recorded as saved hyperparameters (also the initial ones the loggers compare with the DataModule's)
+        self.save_hyperparameters({"vocab_size": vocab_size})
+        self.embedding = nn.Embedding(vocab_size, hp["emb_size"])
+        self.decoder = nn.Linear(hp["emb_size"], vocab_size)
+        self.decoder.weight = self.embedding.weight  # tied
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        self.stem = EmbeddingStem(self.embedding, hp["dropout_emb"])
+        self.head = DecoderHead(self.decoder, hp["dropout_output"])
+        self.has_vocabulary = True
 
     # ------------------------------------------------------------------------------------------- steps
     def _carry(self, stage: str, batch: Batch) -> Any:
@@ -251,6 +262,15 @@ class LanguageModel(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if not self.has_vocabulary:
+            data = self.trainer.datamodule if self._trainer is not None else None
+            if data is None or "vocab_size" not in dir(data):
+                raise ValueError(
+                    f"LanguageModel(vocab_size=None) reads the vocabulary size from the DataModule, but "
+                    f"{type(data).__name__} has no vocab_size. Fix: pass vocab_size, or train with a language-model "
+                    "DataModule (e.g. PTBDataModule)."
+                )
+            self.build_vocabulary_layers(int(data.vocab_size))
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         if self.reversible and precision.endswith("-true") and precision != "32-true":
             raise ValueError(

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SYNTHETIC = ROOT / "configs" / "synthetic-revgru.yaml"
 DATA_DIR = Path(os.environ.get("REVRNN_DATA_DIR", "/work/shared/data"))
-CORPUS_DIRS = {"ptb": "ptb", "wikitext2": "wikitext-2"}
+CORPUS_DIRS = {"ptb": "ptb", "wikitext2": "wikitext-2", "multi30k": "multi30k", "iwslt16": "iwslt2016-de-en"}
 SMALL_DATA = ["--data.train_tokens", "3000", "--data.val_tokens", "700", "--data.test_tokens", "700"]
 
 
@@ -70,13 +70,13 @@ def test_fit_then_validate_and_test_from_checkpoint(tmp_path: Path) -> None:
     ckpt = checkpoints[0]
     saved = yaml.safe_load((fit_dir / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 3
-    assert saved["model"]["rnn"] == "revgru" and saved["data"]["init_args"]["train_tokens"] == 3000
+    assert saved["model"]["init_args"]["rnn"] == "revgru" and saved["data"]["init_args"]["train_tokens"] == 3000
     losses = [float(r["train_loss"]) for r in _metrics(fit_dir) if r.get("train_loss")]
     assert len(losses) == 3 and all(0 < l < 100 for l in losses)
     assert (fit_dir / "memory_report.json").is_file()  # the config's MemoryReport callback ran
 
     model = LanguageModel.load_from_checkpoint(ckpt)
-    assert model.hparams.vocab_size == 32  # linked from the DataModule
+    assert model.hparams.vocab_size == 32  # read from the DataModule in setup()
     assert model.hparams.emb_size == 64
 
     main(["validate", *_common(tmp_path, "validate"), "--ckpt_path", str(ckpt)])
@@ -116,7 +116,8 @@ def test_every_config_parses(config: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     source = yaml.safe_load(config.read_text())
-    assert printed["model"]["rnn"] == source["model"]["rnn"]
+    assert printed["model"]["class_path"] == source["model"]["class_path"]
+    assert printed["model"]["init_args"]["rnn"] == source["model"]["init_args"]["rnn"]
     assert printed["data"]["class_path"] == source["data"]["class_path"]
     assert printed["trainer"]["max_epochs"] == source["trainer"]["max_epochs"]
     assert printed["trainer"]["gradient_clip_val"] == source["trainer"]["gradient_clip_val"]

@@ -1,0 +1,172 @@
+"""Luong "general" attention and the translation output layer, run a chunk of target steps at a time.
+
+:class:`LuongAttention` maps decoder states ``h`` ``(C, B, H)`` and an attention memory ``(S, B, D)`` to the
+attentional output ``tanh(W_c [context; h])`` ``(C, B, H)``: score ``hᵀ W_a s`` (``W_a`` maps ``h`` to the
+memory's size ``D``, so the memory itself is never projected), source padding masked in the softmax, no
+input feeding (spec section 5).
+
+:class:`AttentionHead` is the :class:`~lightning_revrnn.sweep.StepHead` of a reversible decoder: attention,
+output dropout, the generator (``Linear`` to the target vocabulary) and the cross-entropy summed over the
+real target tokens of a chunk, so no ``T × B × vocab`` logits tensor ever exists. It builds the memory from
+
+* the stored encoder units (``slice``: the first ``slice_dim`` units of the encoder's top ``h1``;
+  ``hidden``: the whole top state), a tensor declared in :meth:`AttentionHead.context` so the decoder's
+  reverse sweep returns its gradient to the encoder, and/or
+* the source word embeddings (``emb``), recomputed from the source tokens inside every call, so nothing of
+  size ``S × B × E`` lives from forward to backward. The head reads the source embedding weight through an
+  alias (a view made in :meth:`AttentionHead.prepare`, declared in :meth:`AttentionHead.context`), not as
+  its own parameter: the encoder's sweep reads the same weight, and a head *parameter* that the stored
+  units' history also reaches would make the decoder sweep's per-chunk ``autograd.grad`` run the
+  encoder's backward inside the decoder's (the reverse sweep supports one backward per forward). Through a
+  view, the weight gets the same gradient and no path from the head's targets leads into the encoder.
+
+The baselines (``nn.GRU``/``nn.LSTM`` decoders) call the same head on their outputs chunk by chunk in plain
+autograd (:meth:`AttentionHead.chunked`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_revrnn.dropout import locked_mask
+from lightning_revrnn.sweep import CHUNK, StepHead
+
+#: Target positions the loss ignores (``F.cross_entropy``'s ``ignore_index``).
+IGNORE = -100
+
+
+class LuongAttention(nn.Module):
+    """Luong "general" attention with the attentional output layer ``tanh(W_c [context; h])``.
+
+    Args:
+        hidden_size: the decoder state's size ``H`` (also the output's).
+        memory_size: the memory's feature size ``D`` (``W_a``: ``H → D``; ``W_c``: ``D + H → H``).
+    """
+
+    def __init__(self, hidden_size: int, memory_size: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(hidden_size, memory_size, bias=False)  # W_a
+        self.output = nn.Linear(memory_size + hidden_size, hidden_size, bias=False)  # W_c
+
+    @override
+    def forward(self, h: Tensor, memory: Tensor, memory_keep: Tensor) -> Tensor:
+        """The attentional output ``(C, B, H)`` of states ``h`` ``(C, B, H)`` over ``memory`` ``(S, B, D)``,
+        attending only where ``memory_keep`` ``(S, B)`` is True (every column needs one True entry)."""
+        scores = torch.einsum("cbd,sbd->cbs", self.query(h), memory)
+        scores = scores.masked_fill(~memory_keep.t()[None], float("-inf"))
+        context = torch.einsum("cbs,sbd->cbd", scores.softmax(-1), memory)
+        return torch.tanh(self.output(torch.cat([context, h], -1)))
+
+
+class AttentionHead(StepHead):
+    """Attention, output dropout, generator and summed cross-entropy of a chunk of decoder steps.
+
+    Args:
+        attention: the :class:`LuongAttention` layer (its ``memory_size`` = embedding size if
+            ``src_embedding`` is given, plus the stored units' size).
+        generator: ``Linear(H, target vocabulary)``.
+        src_embedding: the source embedding module when the memory includes the source embeddings
+            (contexts ``emb`` and ``emb+slice``), else None. Not registered as a submodule (its owner
+            trains it; see the module docstring).
+        dropout: dropout on the attentional output and on the memory (one mask per window, locked over time).
+
+    Call :meth:`prepare` before each decoder forward; its tensors stay set until backward (the reverse sweep
+    runs the head again).
+    """
+
+    def __init__(
+        self, attention: LuongAttention, generator: nn.Linear, src_embedding: nn.Embedding | None, dropout: float
+    ) -> None:
+        super().__init__()
+        self.attention = attention
+        self.generator = generator
+        self._src_embedding = (src_embedding,)  # a tuple: not a registered submodule
+        self.dropout = dropout
+        self.stored: Tensor | None = None
+        self.src: Tensor | None = None
+        self.src_keep: Tensor | None = None
+        self.embedding_weight: Tensor | None = None
+        self.targets: Tensor | None = None
+        self.memory_mask: Tensor | None = None
+        self.output_mask: Tensor | None = None
+
+    def prepare(
+        self, stored: Tensor | None, src: Tensor, src_keep: Tensor, tgt_out: Tensor, tgt_keep: Tensor, training: bool
+    ) -> None:
+        """Set one window's memory sources, targets and dropout masks.
+
+        ``stored``: the stored encoder units ``(S, B, D_s)`` (with their graph to the encoder) or None;
+        ``src``/``src_keep``: source ids and padding mask ``(S, B)``; ``tgt_out``/``tgt_keep``: the targets
+        and real-token mask ``(T, B)``. Masks are drawn here from the global RNG (none in evaluation).
+        """
+        self.stored, self.src, self.src_keep = stored, src, src_keep
+        embedding = self._src_embedding[0]
+        self.embedding_weight = None if embedding is None else embedding.weight.view_as(embedding.weight)
+        self.targets = tgt_out.masked_fill(~tgt_keep, IGNORE)
+        hidden = self.attention.output.out_features
+        memory_size = self.attention.query.out_features
+        batch = src.shape[1]
+        like = self.generator.weight
+        self.memory_mask = locked_mask((batch, memory_size), self.dropout, like) if training else None
+        self.output_mask = locked_mask((batch, hidden), self.dropout, like) if training else None
+
+    def release(self) -> None:
+        """Drop the window's tensors (after backward, or after an evaluation forward)."""
+        self.stored = self.src = self.src_keep = self.embedding_weight = None
+        self.targets = self.memory_mask = self.output_mask = None
+
+    def memory(self) -> Tensor:
+        """The attention memory ``(S, B, D)`` of this window (embeddings recomputed now), after memory dropout."""
+        assert self.src is not None, "AttentionHead.prepare() sets the window first"
+        memory = self.build_memory(self.src, self.stored, self.embedding_weight)
+        return memory if self.memory_mask is None else memory * self.memory_mask
+
+    def build_memory(self, src: Tensor, stored: Tensor | None, embedding_weight: Tensor | None = None) -> Tensor:
+        """The memory ``(S, B, D)`` before dropout: the embeddings of ``src`` ``(S, B)`` (contexts with
+        ``emb``; looked up in ``embedding_weight``, default the source embedding's weight) and the stored
+        units ``(S, B, D_s)`` (contexts with a slice or the hidden state), concatenated."""
+        embedding = self._src_embedding[0]
+        parts = []
+        if embedding is not None:
+            parts.append(F.embedding(src, embedding.weight if embedding_weight is None else embedding_weight))
+        if stored is not None:
+            parts.append(stored)
+        if not parts:
+            raise ValueError("AttentionHead has neither a source embedding nor stored encoder units to attend over.")
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def log_probs(self, output: Tensor, memory: Tensor, memory_keep: Tensor) -> Tensor:
+        """Next-token log-probabilities ``(..., B, V)`` of decoder outputs ``(C, B, H)`` over a prepared
+        ``memory`` (decoding: no dropout, the memory built once by :meth:`build_memory`)."""
+        logits = self.generator(self.attention(output, memory, memory_keep))
+        return logits.float().log_softmax(-1)
+
+    def attentional(self, output: Tensor) -> Tensor:
+        """The attentional output ``(C, B, H)`` of decoder outputs ``(C, B, H)``, after output dropout."""
+        assert self.src_keep is not None, "AttentionHead.prepare() sets the window first"
+        out = self.attention(output, self.memory(), self.src_keep)
+        return out if self.output_mask is None else out * self.output_mask
+
+    @override
+    def forward(self, output: Tensor, start: int) -> Tensor:
+        assert self.targets is not None, "AttentionHead.prepare() sets the window first"
+        targets = self.targets[start : start + output.shape[0]]
+        logits = self.generator(self.attentional(output))
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    @override
+    def context(self) -> Sequence[Tensor]:
+        """The stored encoder units and the source embedding weight's alias: the reverse sweep returns their
+        gradients (the units' into the encoder's sweep)."""
+        return [t for t in (self.stored, self.embedding_weight) if t is not None]
+
+    def chunked(self, outputs: Tensor) -> Tensor:
+        """The head's sum over all steps of decoder outputs ``(T, B, H)``, computed :data:`CHUNK` steps at a
+        time in plain autograd (the baselines: at most ``CHUNK × B × vocab`` logits at once in forward;
+        autograd still keeps each chunk's for backward)."""
+        return torch.stack([self(outputs[t : t + CHUNK], t) for t in range(0, outputs.shape[0], CHUNK)]).sum()

@@ -1,0 +1,31 @@
+"""The state a translation decoder carries from one decoding step to the next, and its beam reordering."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+
+@dataclass
+class DecoderState:
+    """What one decoding step reads per row (sentence or beam): the decoder state (reversible: exact
+    float64, as ``rnn.exact_state`` returns it; baselines: ``nn.GRU``/``nn.LSTM`` states per layer), the
+    attention memory ``(S, N, D)`` and the source padding mask ``(S, N)``. Every tensor's dimension 1 is
+    the row."""
+
+    hidden: Any
+    memory: Tensor
+    memory_keep: Tensor
+
+    def select(self, rows: Tensor) -> DecoderState:
+        """The state of rows ``rows`` (beam reordering / expansion)."""
+        pick = lambda t: t.index_select(1, rows)  # noqa: E731
+        return DecoderState(apply_to_collection(self.hidden, Tensor, pick), pick(self.memory), pick(self.memory_keep))
+
+
+def reorder_state(state: DecoderState, rows: Tensor) -> DecoderState:
+    """The decoding functions' ``ReorderFn`` (:mod:`lightning_revrnn.decoding`)."""
+    return state.select(rows)
