@@ -22,7 +22,7 @@ PREFIX = "memory/"
 #: Measured bytes, reduced over ranks by max (the largest rank is what must fit on a device).
 MEASURED = ("peak_bytes", "grad_bytes", "peak_excl_grad_bytes", "saved_bytes")
 #: Accounting fields summed over windows and ranks; ratios are recomputed from the sums.
-SUMMED = ("normal_bits", "used_bits", "optimal_bits", "drains", "windows")
+SUMMED = ("normal_bits", "used_bits", "optimal_bits", "stored_bits", "drains", "windows")
 DEFAULT_EVERY_N_STEPS = 50
 
 
@@ -52,8 +52,11 @@ class MemoryReport(Callback):
                                                             views of pre-existing tensors (a batch sliced
                                                             from a corpus, parameters) count 0
     ``memory/normal_bits``                      bits        paper: what storing the hidden states would take
-    ``memory/used_bits``                        bits        paper: what the information buffers hold
+    ``memory/used_bits``                        bits        paper: what the information buffers (and stored
+                                                            units) hold
     ``memory/optimal_bits``                     bits        paper: the information-theoretic floor
+    ``memory/stored_bits``                      bits        stored units (attention slices), 32 per unit and
+                                                            step; included in used and optimal bits
     ``memory/drains``                           count       buffer drains (32-bit planes pushed)
     ``memory/windows``                          count       training windows (forwards) accounted
     ``memory/actual_ratio``                     ratio       ``normal_bits / used_bits``

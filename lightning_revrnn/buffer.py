@@ -17,13 +17,24 @@ bits, so the ``period - 1`` multiplications until the next check point start fro
 ``32 + (period - 1)·k ≤ 53 = WORD_LIMIT_BITS`` bits. A drained plane row is always full (its word had more
 than 32 bits).
 
-**Synchronisations.** The host keeps a per-example upper bound on the bit length (``+k`` per
-multiplication). At a check point the device is read (one synchronisation, ``batch`` integers) only if
-some example's bound exceeds 32; that read refreshes every example's bound, which is allowed because the
-rule depends on the real words only (an example whose bound is at most 32 would not drain anyway). So a
-layer's forward synchronises at most ``ceil(M / period)`` times for ``M`` multiplications
-(``period`` = 22, 11, 8, 5, 3 for ``k`` = 1, 2, 3, 5, no limit), independent of the batch size; the
-reverse sweep never does.
+**Synchronisations.** The forward decides every drain on the device and never waits for it. The host
+keeps an upper bound on every word's bit length (``+k`` per multiplication) and skips a check point while
+that bound is at most 32 (no example can drain: free). Otherwise the check point runs on the device:
+``drained = word.amax(1) > 2^32 - 1`` per example, the *dense* plane of all ``B`` rows, and
+``word ← where(drained, word >> 32, word)``; the record (check point, dense plane, drained mask) waits in a
+pending list, and the bound drops to 32 (every word has at most 32 bits now; the host cannot know which
+examples drained, and need not). :meth:`InformationBuffer.finish`, once at the end of a window's forward,
+reads how many examples drained at each pending check point (one host read for the whole window) and
+compacts: the drained rows of each dense plane go to the stored plane, with their row indices (built on
+the device) when only part of the batch drained, and a check point where none drained leaves no record. So
+a layer's forward synchronises at most once per window (``syncs``; none without ``retain``, which records
+nothing), whatever its length, and the reverse sweep never does. The cost is transient memory: until
+``finish`` each check point that ran on the device holds a dense int32 plane and a bool mask,
+``B·(2·H + 1)`` bytes, instead of only the drained rows (at ``k = 3`` one check point per 8
+multiplications: ``B·H/4`` bytes per multiplication, an eighth of the float32 state a step would store,
+``h`` for a RevGRU, ``h`` and ``c`` for a RevLSTM; all freed by ``finish``). What lives from ``finish`` to the reverse sweep is exactly what the
+drains decided, the same planes, row indices and words as a host that read every check point, so the
+kept memory and :meth:`InformationBuffer.stats` do not depend on when the host looked.
 
 The reverse sweep replays each drain for exactly the examples that drained (a drain is recorded by the
 index of the multiplication it preceded and its rows), so the buffer shrinks back to empty (every word
@@ -32,13 +43,14 @@ zero, no plane left) after a full sweep.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_revrnn.fixed_point import (
+    FORGET_ONE,
     R_Z,
     bits_per_multiply,
     reversible_divide,
@@ -52,6 +64,12 @@ WORD_LIMIT_BITS = 63 - R_Z
 DRAIN_BITS = 32
 _DRAIN_MASK = (1 << DRAIN_BITS) - 1
 _DRAIN_OFFSET = 1 << (DRAIN_BITS - 1)  # stores [0, 2^32) in int32 as [-2^31, 2^31)
+
+
+@functools.lru_cache(maxsize=8)
+def _log2_table(device: torch.device) -> Tensor:
+    """``log2(z*)`` for every ``z*`` in ``0..2^R_Z`` (float64; index 0 unused): one gather per multiplication."""
+    return torch.log2(torch.arange(FORGET_ONE + 1, dtype=torch.float64, device=device))
 
 
 def row_index_dtype(batch: int) -> torch.dtype:
@@ -81,7 +99,9 @@ class BufferStats:
     (whether a drain preceded it);
     ``optimal_bits``: the information-theoretic floor ``Σ -log2 z`` over all buffered multiplications,
     kept on the device until :meth:`as_dict` reads it (so a forward never waits for it);
-    ``drains``: example drains (an example draining all its units counts one).
+    ``drains``: example drains (an example draining all its units counts one);
+    ``stored_bits``: stored units (attention slices, 32 bits per unit and step), which the paper counts in
+    both ``used_bits`` and ``optimal_bits`` (already included there).
     """
 
     normal_bits: int
@@ -89,6 +109,7 @@ class BufferStats:
     optimal_bits: float | Tensor
     drains: int
     multiplications: int
+    stored_bits: int = 0
 
     def as_dict(self) -> dict[str, float]:
         """Flat mapping with the accounting, the ratios and the buffer's efficiency."""
@@ -102,11 +123,26 @@ class BufferStats:
             "efficiency": _ratio(optimal, self.used_bits),
             "drains": self.drains,
             "multiplications": self.multiplications,
+            "stored_bits": self.stored_bits,
         }
 
 
 def _ratio(a: float, b: float) -> float:
     return float(a) / float(b) if b else float("inf")
+
+
+@dataclass(frozen=True)
+class PendingDrain:
+    """One check point decided on the device and not yet compacted (see :meth:`InformationBuffer.finish`).
+
+    ``before``: the index of the multiplication the check point preceded; ``plane``: int32
+    ``(batch, hidden_size // 2)``, the low 32 bits of every example's words (offset into int32), drained or
+    not; ``drained``: bool ``(batch,)``, which examples drained.
+    """
+
+    before: int
+    plane: Tensor
+    drained: Tensor
 
 
 class InformationBuffer:
@@ -116,14 +152,20 @@ class InformationBuffer:
         shape: ``(batch, hidden_size // 2)``: one word per unit of a half state.
         device: where the words live.
         max_forget_bits: the cell's ``k`` (``None``: up to ``R_Z`` bits per multiplication).
-        retain: keep drained planes (training). Without it (evaluation) drained bits are dropped, so
-            memory stays ``O(batch·H)``; the arithmetic, drains included, is identical.
+        retain: keep drained planes (training). Without it (evaluation) drained bits are dropped and no
+            drain is recorded, so memory stays ``O(batch·H)`` and the forward never synchronises; the
+            arithmetic, drains included, is identical.
 
-    Drain records (parallel lists, one entry per check point at which some example drained):
-    ``drained_before`` (the index of the multiplication the drain preceded), ``drained_rows`` (int64
-    row indices on the device in :func:`row_index_dtype`, ``None`` when every example drained), ``drained_counts`` (how many
-    examples drained) and, when retained, ``planes`` (int32, ``(drained examples, hidden_size // 2)``).
-    ``syncs`` counts the host-device synchronisations of the forward.
+    The forward (:meth:`multiply`) decides drains on the device and queues them as :class:`PendingDrain`
+    records; :meth:`finish` (once at the end of a window's forward) compacts them with one host read.
+    The compacted drain records are four parallel lists, one entry per check point at which some example
+    drained: :attr:`drained_before` (the index of the multiplication the drain preceded),
+    :attr:`drained_rows` (row indices on the device in :func:`row_index_dtype`, ``None`` when every example
+    drained), :attr:`drained_counts` (how many examples drained) and :attr:`planes` (int32,
+    ``(drained examples, hidden_size // 2)``). Every reader of them (these properties, :meth:`divide`,
+    :meth:`stats`, :meth:`tensors`) calls :meth:`finish` first, so none ever sees a half-compacted buffer;
+    after :meth:`finish` has run they read no device value. ``syncs`` counts the host reads of the forward
+    (at most one per :meth:`finish` with pending records).
     """
 
     def __init__(
@@ -131,100 +173,168 @@ class InformationBuffer:
     ) -> None:
         self.word = torch.zeros(shape, dtype=torch.int64, device=device)
         self.retain = retain
-        self.planes: list[Tensor] = []
-        self.drained_before: list[int] = []
-        self.drained_rows: list[Tensor | None] = []
-        self.drained_counts: list[int] = []
+        self.pending: list[PendingDrain] = []
+        self._planes: list[Tensor] = []
+        self._drained_before: list[int] = []
+        self._drained_rows: list[Tensor | None] = []
+        self._drained_counts: list[int] = []
         self.multiplications = 0
         self.syncs = 0
         self._step_bits = bits_per_multiply(max_forget_bits)
         self._period = check_period(max_forget_bits)
-        self._bound = np.zeros(shape[0], dtype=np.int64)  # example b's words are all < 2^_bound[b]
+        self._bound = 0  # every word is < 2^_bound (host-side, never read from the device)
         self._log2_z_sum: Tensor | None = None
 
+    # ------------------------------------------------------------------------------------ forward
     def multiply(self, h: Tensor, z: Tensor) -> Tensor:
-        """Forward: ``h* ← h*·z*/2^R_Z``, pushing the lost bits (after draining full examples at a check point)."""
-        if self.multiplications % self._period == 0 and int(self._bound.max(initial=0)) > DRAIN_BITS:
+        """Forward: ``h* ← h*·z*/2^R_Z``, pushing the lost bits (after a check point's drains). No host read."""
+        if self.multiplications % self._period == 0 and self._bound > DRAIN_BITS:
             self._drain_full_examples()
         h, self.word = reversible_multiply(h, z, self.word)
         self._bound += self._step_bits
         self.multiplications += 1
-        if self.retain:
-            log2_z = torch.log2(z.to(torch.float64)).sum()
+        if self.retain:  # the optimal bits: log2 z* per unit (float64), summed over units by stats()
+            log2_z = _log2_table(z.device).take(z)
             self._log2_z_sum = log2_z if self._log2_z_sum is None else self._log2_z_sum + log2_z
         return h
 
-    def divide(self, h: Tensor, z: Tensor) -> Tensor:
-        """Reverse: undo the latest :meth:`multiply` not yet undone, popping its bits."""
-        self.multiplications -= 1
-        h, self.word = reversible_divide(h, z, self.word)
-        if self.drained_before and self.drained_before[-1] == self.multiplications:
-            self._undo_drain()
-        return h
-
     def _drain_full_examples(self) -> None:
-        # One synchronisation: every example's real bit length (the largest of its words).
-        maxima = self.word.amax(1)
-        bits = np.array([int(v).bit_length() for v in maxima.tolist()], dtype=np.int64)
-        self.syncs += 1
-        full = np.flatnonzero(bits > DRAIN_BITS)
-        bits[full] -= DRAIN_BITS
-        self._bound = bits
-        if full.size == 0:
-            return
-        rows = None
-        if full.size < self.word.shape[0]:
-            # The drained rows in ascending order, built on the device (a host-to-device copy would wait).
-            fits = (maxima <= _DRAIN_MASK).to(torch.int8)
-            rows = torch.argsort(fits, stable=True)[: full.size]
-        words = self.word if rows is None else self.word.index_select(0, rows)
+        """A check point on the device: every example whose largest word exceeds 32 bits drains."""
+        drained = self.word.amax(1) > _DRAIN_MASK
         if self.retain:
-            self.planes.append(((words & _DRAIN_MASK) - _DRAIN_OFFSET).to(torch.int32))
-        kept = words >> DRAIN_BITS
-        self.word = kept if rows is None else self.word.index_copy(0, rows, kept)
-        self.drained_before.append(self.multiplications)
-        kept_rows = rows.to(row_index_dtype(self.word.shape[0])) if self.retain and rows is not None else None
-        self.drained_rows.append(kept_rows)
-        self.drained_counts.append(int(full.size))
+            plane = ((self.word & _DRAIN_MASK) - _DRAIN_OFFSET).to(torch.int32)
+            self.pending.append(PendingDrain(self.multiplications, plane, drained))
+        self.word = torch.where(drained[:, None], self.word >> DRAIN_BITS, self.word)
+        self._bound = DRAIN_BITS
 
-    def _undo_drain(self) -> None:
+    def drain_counts(self) -> Tensor:
+        """How many examples drained at each pending check point: int64 on the device, for :meth:`finish`
+        (so a caller can read several buffers' counts, and anything else, in one host read)."""
+        if not self.pending:
+            return self.word.new_zeros(0)
+        return torch.stack([p.drained for p in self.pending]).sum(1)
+
+    def finish(self, counts: list[int] | None = None) -> None:
+        """End of a window's forward: compact the pending drains into the stored records.
+
+        One host read for all pending check points (how many examples drained at each), unless the caller
+        read :meth:`drain_counts` itself and passes them as ``counts``; none when nothing is pending
+        (evaluation, or no check point ran on the device). A check point where every
+        example drained keeps its dense plane as is; one where some drained keeps their rows (in
+        ascending order, selected on the device) and their indices; one where none drained is dropped.
+        Idempotent: a second call finds nothing pending. Multiplications may follow (their check points
+        wait for the next call).
+        """
+        if not self.pending:
+            return
+        masks = torch.stack([p.drained for p in self.pending])
+        if counts is None:
+            counts = masks.sum(1).tolist()  # the forward's one synchronisation
+        self.syncs += 1
+        batch = masks.shape[1]
+        # Per check point, the drained rows first, each group in ascending order (a stable sort of 0/1 keys).
+        order = torch.argsort((~masks).to(torch.int8), dim=1, stable=True)
+        for record, count, rows in zip(self.pending, counts, order):
+            if count == 0:
+                continue
+            if count == batch:
+                self._record(record.before, record.plane, None, count)
+            else:
+                rows = rows[:count]
+                self._record(record.before, record.plane.index_select(0, rows), rows.to(row_index_dtype(batch)), count)
+        self.pending = []
+
+    def _record(self, before: int, plane: Tensor, rows: Tensor | None, count: int) -> None:
+        self._drained_before.append(before)
+        self._planes.append(plane)
+        self._drained_rows.append(rows)
+        self._drained_counts.append(count)
+
+    # ---------------------------------------------------------------------------- drain records
+    @property
+    def planes(self) -> list[Tensor]:
+        """The drained plane rows per drain record (int32, ``(drained examples, hidden_size // 2)``)."""
+        self.finish()
+        return self._planes
+
+    @property
+    def drained_before(self) -> list[int]:
+        """Per drain record, the index of the multiplication the drain preceded."""
+        self.finish()
+        return self._drained_before
+
+    @property
+    def drained_rows(self) -> list[Tensor | None]:
+        """Per drain record, the drained rows (:func:`row_index_dtype`), or ``None`` when all drained."""
+        self.finish()
+        return self._drained_rows
+
+    @property
+    def drained_counts(self) -> list[int]:
+        """Per drain record, how many examples drained."""
+        self.finish()
+        return self._drained_counts
+
+    # ------------------------------------------------------------------------------------ reverse
+    def divide(self, h: Tensor, z: Tensor) -> Tensor:
+        """Reverse: undo the latest :meth:`multiply` not yet undone, popping its bits (no host read once
+        :meth:`finish` has run)."""
         if not self.retain:
             raise RuntimeError(
                 "This information buffer was filled without retain=True (evaluation), so its drained bits were "
                 "dropped and it cannot be reversed. Fix: run the forward with gradients (training) to reverse it."
             )
-        self.drained_before.pop()
-        self.drained_counts.pop()
-        stored = self.drained_rows.pop()
+        self.finish()
+        self.multiplications -= 1
+        h, self.word = reversible_divide(h, z, self.word)
+        if self._drained_before and self._drained_before[-1] == self.multiplications:
+            self._undo_drain()
+        return h
+
+    def _undo_drain(self) -> None:
+        self._drained_before.pop()
+        self._drained_counts.pop()
+        stored = self._drained_rows.pop()
         rows = None if stored is None else stored.long()
-        low = self.planes.pop().to(torch.int64) + _DRAIN_OFFSET
+        low = self._planes.pop().to(torch.int64) + _DRAIN_OFFSET
         words = self.word if rows is None else self.word.index_select(0, rows)
         restored = (words << DRAIN_BITS) | low
         self.word = restored if rows is None else self.word.index_copy(0, rows, restored)
 
     def is_empty(self) -> bool:
-        """True once a reverse sweep has undone every multiplication: no plane left, every word zero."""
+        """True once a reverse sweep has undone every multiplication: no record left, every word zero."""
         return (
-            not self.planes and not self.drained_before and self.multiplications == 0 and not bool(self.word.any())
+            not self.pending
+            and not self._planes
+            and not self._drained_before
+            and self.multiplications == 0
+            and not bool(self.word.any())
         )
 
+    # ---------------------------------------------------------------------------------- accounting
     def tensors(self) -> list[Tensor]:
-        """What must live until the reverse sweep: the planes, the drains' row indices and the current words."""
-        return [*self.planes, *[r for r in self.drained_rows if r is not None], self.word]
+        """What must live until the reverse sweep: the planes, the drains' row indices and the current
+        words (after :meth:`finish`, which this calls)."""
+        self.finish()
+        return [*self._planes, *[r for r in self._drained_rows if r is not None], self.word]
 
-    def stats(self, normal_bits: int) -> BufferStats:
-        """The window's accounting; call at the end of a retained forward (see :class:`BufferStats`)."""
+    def stats(self, normal_bits: int, stored_bits: int = 0) -> BufferStats:
+        """The window's accounting (after :meth:`finish`, which this calls); see :class:`BufferStats`.
+        ``stored_bits``: the layer's stored units, added to ``used_bits`` and ``optimal_bits``."""
+        self.finish()
         units = self.word.numel()
         optimal: float | Tensor = 0.0
         if self._log2_z_sum is not None:
+            self._log2_z_sum = self._log2_z_sum.sum()  # one number from here on, not one per unit
             optimal = self.multiplications * units * R_Z - self._log2_z_sum
-        plane_bits = sum(p.numel() for p in self.planes) * DRAIN_BITS
-        index_bits = sum(r.numel() * r.element_size() * 8 for r in self.drained_rows if r is not None)
+        plane_bits = sum(p.numel() for p in self._planes) * DRAIN_BITS
+        index_bits = sum(r.numel() * r.element_size() * 8 for r in self._drained_rows if r is not None)
         used = plane_bits + index_bits + units * 64 + self.multiplications
         return BufferStats(
             normal_bits=normal_bits,
-            used_bits=used if self.multiplications else 0,
-            optimal_bits=optimal,
-            drains=sum(self.drained_counts),
+            used_bits=(used if self.multiplications else 0) + stored_bits,
+            optimal_bits=optimal + stored_bits,
+            drains=sum(self._drained_counts),
             multiplications=self.multiplications,
+            stored_bits=stored_bits,
         )

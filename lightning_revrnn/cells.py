@@ -165,16 +165,18 @@ class ReversibleCell(nn.Module):
     @abstractmethod
     def _half_forward(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None,
+        buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """One group's update: new (int halves, float halves carrying the surrogate gradient)."""
+        """One group's update: new (int halves, float halves carrying the surrogate gradient). The first
+        ``stored`` units of the own ``h`` are stored units (see :func:`store_units`)."""
 
     @abstractmethod
     def _half_reverse(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None,
+        keep: Tensor | None, stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
-        """Undo one group's update: (old int halves, the step's record for :meth:`_half_backward`)."""
+        """Undo one group's update: (old int halves, the step's record for :meth:`_half_backward`).
+        ``stored_old``: the stored units' old values (int), which the buffer does not hold."""
 
     @abstractmethod
     def _half_backward(
@@ -191,33 +193,39 @@ class ReversibleCell(nn.Module):
     # ------------------------------------------------------------------------------------------ steps
     def forward_step(
         self, w: list[Tensor], xp: Tensor, state: list[Tensor], state_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None = None,
+        buf: InformationBuffer, keep: Tensor | None = None, stored: int = 0,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """One exact step: group 1 from ``h2``, then group 2 from the new ``h1``. Rows where ``keep``
-        (``(B, 1)`` bool, None: all) is False keep their state and buffer words bit for bit."""
+        (``(B, 1)`` bool, None: all) is False keep their state and buffer words bit for bit. The first
+        ``stored`` units of ``h1`` are stored units (:func:`store_units`)."""
         state, state_f = list(state), list(state_f)
         xps = xp.split(self.hidden_rows, -1)
         for g in (0, 1):
             idx = self.own(g)
             new, new_f = self._half_forward(
-                w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, keep
+                w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, keep,
+                stored if g == 0 else 0,
             )
             for i, v, f in zip(idx, new, new_f):
                 state[i], state_f[i] = v, f
         return state, state_f
 
     def reverse_step(
-        self, w: list[Tensor], xp: Tensor, state: list[Tensor], buf: InformationBuffer, keep: Tensor | None = None
+        self, w: list[Tensor], xp: Tensor, state: list[Tensor], buf: InformationBuffer, keep: Tensor | None = None,
+        stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], list[tuple[Tensor, ...]]]:
         """Reconstruct the state before a step exactly: group 2 (which read the new ``h1``), then group 1
         (which read the restored ``h2``). Returns the int halves before the step and the two groups'
-        records (group 1 first) for :meth:`backward_step`. ``xp`` and ``keep`` as given to forward."""
+        records (group 1 first) for :meth:`backward_step`. ``xp`` and ``keep`` as given to forward;
+        ``stored_old``: the stored units of ``h1`` before the step (int), when the step had any."""
         old = list(state)
         xps = xp.split(self.hidden_rows, -1)
         records: list[tuple[Tensor, ...]] = [(), ()]
         for g in (1, 0):
             idx = self.own(g)
-            prev, records[g] = self._half_reverse(w[g], xps[g], to_float(old[1 - g]), [old[i] for i in idx], buf, keep)
+            prev, records[g] = self._half_reverse(
+                w[g], xps[g], to_float(old[1 - g]), [old[i] for i in idx], buf, keep, stored_old if g == 0 else None
+            )
             for i, v in zip(idx, prev):
                 old[i] = v
         return old, records
@@ -251,6 +259,34 @@ def _masked(d: Tensor, keep: Tensor | None) -> Tensor:
     return d if keep is None else d * keep
 
 
+def unbuffered(zq: Tensor | None, stored: int) -> Tensor | None:
+    """``z*`` with its first ``stored`` units set to ``2^R_Z``: multiplying by it leaves those units (and
+    their buffer words) as they are, so none of their bits enters the buffer."""
+    if zq is None or not stored:
+        return zq
+    return torch.cat([torch.full_like(zq[:, :stored], FORGET_ONE), zq[:, stored:]], 1)
+
+
+def store_units(h: Tensor, stored: int, value: Tensor) -> Tensor:
+    """``h`` (int) with its first ``stored`` units replaced by ``to_fixed(value)``: *stored units*
+    (attention slices, spec section 5), updated in float32 and kept by the caller instead of buffered.
+
+    ``to_fixed`` of a float32 value is always exactly representable back in float32 (below 2 in magnitude
+    it has at most 24 significant bits, above it is the float's own value), so the float32 tensor the
+    sequence module returns for them holds the state exactly and the reverse sweep restores it from there.
+    """
+    if not stored:
+        return h
+    return torch.cat([to_fixed(value[:, :stored].detach()), h[:, stored:]], 1)
+
+
+def restore_units(h: Tensor, stored_old: Tensor | None) -> Tensor:
+    """Inverse of :func:`store_units` in the reverse sweep: the stored units' old values put back."""
+    if stored_old is None:
+        return h
+    return torch.cat([stored_old, h[:, stored_old.shape[1] :]], 1)
+
+
 class RevGRUCell(ReversibleCell):
     """Reversible GRU (spec section 2)::
 
@@ -277,27 +313,30 @@ class RevGRUCell(ReversibleCell):
         """(int ``z*`` or None without forgetting, the factor on the old h, the additive term); the
         identity update where ``keep`` is False (see :func:`hold`)."""
         zq, zs = self._forget(z)
-        (zq,), (zs,), (add,) = hold(keep, [zq], [zs], [(1.0 - zs) * g])
+        (zq,), (zs,), (add,) = hold(keep, [zq], [zs], [torch.addcmul(g, zs, g, value=-1.0)])  # (1 − z)·g
         return zq, zs, add
 
     def _half_forward(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None,
+        buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
     ) -> tuple[list[Tensor], list[Tensor]]:
         z, _, g, _ = self._gates(w, xp, other)
         zq, zs, add = self._update(z, g, keep)
+        zq = unbuffered(zq, stored)
         h = own[0] if zq is None else buf.multiply(own[0], zq)
-        h = h + to_fixed(add.detach())
-        return [h], [straight_through(to_float(h), zs * own_f[0] + add)]
+        h_new = zs * own_f[0] + add
+        h = store_units(h + to_fixed(add.detach()), stored, h_new)
+        return [h], [straight_through(to_float(h), h_new)]
 
     def _half_reverse(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None,
+        keep: Tensor | None, stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
         z, r, g, r_other = self._gates(w, xp, other)
         zq, zs, add = self._update(z, g, keep)
+        zq = unbuffered(zq, 0 if stored_old is None else stored_old.shape[1])
         h = own[0] - to_fixed(add)
-        h = h if zq is None else buf.divide(h, zq)
+        h = restore_units(h if zq is None else buf.divide(h, zq), stored_old)
         return [h], (other, r_other, z, r, g, zs, to_float(h))
 
     def _half_backward(
@@ -363,26 +402,29 @@ class RevLSTMCell(ReversibleCell):
 
     def _half_forward(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None,
+        buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
     ) -> tuple[list[Tensor], list[Tensor]]:
         h, c = own
         fq, pq, fs, ps, add_c, o = self._update(*self._gates(w, xp, other), keep)
         c = (c if fq is None else buf.multiply(c, fq)) + to_fixed(add_c.detach())
         c_f = straight_through(to_float(c), fs * own_f[1] + add_c)
         add_h = o * torch.tanh(c_f)
-        h = (h if pq is None else buf.multiply(h, pq)) + to_fixed(add_h.detach())
-        return [h, c], [straight_through(to_float(h), ps * own_f[0] + add_h), c_f]
+        pq = unbuffered(pq, stored)
+        h_new = ps * own_f[0] + add_h
+        h = store_units((h if pq is None else buf.multiply(h, pq)) + to_fixed(add_h.detach()), stored, h_new)
+        return [h, c], [straight_through(to_float(h), h_new), c_f]
 
     def _half_reverse(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None,
+        keep: Tensor | None, stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
         h, c = own
         f, i, o, p, g = self._gates(w, xp, other)
         fq, pq, fs, ps, add_c, o_held = self._update(f, i, o, p, g, keep)
+        pq = unbuffered(pq, 0 if stored_old is None else stored_old.shape[1])
         c_new = to_float(c)
         h = h - to_fixed(o_held * torch.tanh(c_new))
-        h = h if pq is None else buf.divide(h, pq)
+        h = restore_units(h if pq is None else buf.divide(h, pq), stored_old)
         c = c - to_fixed(add_c)
         c = c if fq is None else buf.divide(c, fq)
         return [h, c], (other, f, i, o, p, g, fs, ps, o_held, to_float(h), to_float(c), c_new)

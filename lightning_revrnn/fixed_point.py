@@ -64,6 +64,8 @@ def to_fixed(x: Tensor) -> Tensor:
 
 def to_float(h: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Fixed point to float; exact in float64 (``|h*| < 2^53``), correctly rounded in float32."""
+    if dtype == torch.get_default_dtype():
+        return torch.mul(h, _INV_SCALE)  # one op: the int is converted to ``dtype``, then scaled exactly
     return h.to(dtype) * _INV_SCALE
 
 
@@ -90,18 +92,18 @@ def reversible_multiply(h: Tensor, z: Tensor, word: Tensor) -> tuple[Tensor, Ten
     ``word ← word·2^R_Z + (h* mod 2^R_Z)``; ``h* ← ⌊h*/2^R_Z⌋·z* + (word mod z*)``; ``word ← ⌊word/z*⌋``.
     The caller guarantees ``word < 2^(63 - R_Z)`` beforehand (see :class:`~lightning_revrnn.buffer.InformationBuffer`).
     """
-    word = word * FORGET_ONE + (h & _LOW_MASK)
-    h = (h >> R_Z) * z + torch.remainder(word, z)
-    word = torch.div(word, z, rounding_mode="floor")
-    return h, word
+    word = torch.add(h & _LOW_MASK, word, alpha=FORGET_ONE)
+    quotient = torch.div(word, z, rounding_mode="floor")
+    h = torch.addcmul(torch.addcmul(word, quotient, z, value=-1), h >> R_Z, z)  # (h >> R_Z)·z + word mod z
+    return h, quotient
 
 
 def reversible_divide(h: Tensor, z: Tensor, word: Tensor) -> tuple[Tensor, Tensor]:
     """Exact inverse of :func:`reversible_multiply`: returns the ``(h*, word)`` it was given."""
-    word = word * z + torch.remainder(h, z)
-    h = torch.div(h, z, rounding_mode="floor") * FORGET_ONE + (word & _LOW_MASK)
-    word = word >> R_Z
-    return h, word
+    quotient = torch.div(h, z, rounding_mode="floor")
+    word = torch.addcmul(torch.addcmul(h, quotient, z, value=-1), word, z)  # word·z + h mod z
+    h = torch.add(word & _LOW_MASK, quotient, alpha=FORGET_ONE)
+    return h, word >> R_Z
 
 
 class RangeGuard:
@@ -123,11 +125,21 @@ class RangeGuard:
         prev = self.peaks.get(what)
         self.peaks[what] = m if prev is None else torch.maximum(prev, m)
 
-    def check(self) -> None:
+    def in_range(self) -> Tensor | None:
+        """On the device: whether every observed peak is finite and within ±2^30 (None: nothing observed)."""
+        if not self.peaks:
+            return None
+        return (torch.stack(list(self.peaks.values())) < MAX_ABS_VALUE).all()
+
+    def check(self, in_range: bool | None = None) -> None:
         """Raise :class:`FixedPointOverflowError` naming the first group whose peak was non-finite or beyond
-        ±2^30; one host read when everything is in range. The peaks are cleared either way."""
+        ±2^30. One host read, unless the caller read :meth:`in_range` itself and passes it. The peaks are
+        cleared either way."""
+        if in_range is None:
+            flag = self.in_range()
+            in_range = flag is None or bool(flag)
         peaks, self.peaks = self.peaks, {}
-        if not peaks or bool((torch.stack(list(peaks.values())) < MAX_ABS_VALUE).all()):
+        if in_range:
             return
         for what, peak in peaks.items():
             if not bool(peak < MAX_ABS_VALUE):

@@ -45,6 +45,12 @@ class ReversibleRNN(nn.Module):
         input_dropout: locked dropout on the input of the first layer.
         dropconnect: DropConnect on the hidden-to-hidden weights (one mask per window).
         batch_first: ``x`` is ``(B, T, F)`` instead of ``(T, B, F)``.
+        stored_units: the first ``S`` units of the top layer's ``h1`` (of ``h[..., :S]``, ``S ≤ H/2``) are
+            stored every step instead of buffered, as the paper's attention slices (spec section 5): without
+            a head the first return value is then those units, ``(T, B, S)`` float32 (their exact values),
+            instead of all outputs, and its gradient flows back into the reverse sweep. They are updated in
+            float32 rather than exactly (stored, they need no inverse); ``memory_stats()`` counts them as
+            ``stored_bits`` (32 per unit and step), in ``used_bits`` and ``optimal_bits``.
         mode: ``"reverse"`` (reconstruct states in backward) or ``"store"`` (ordinary autograd through the
             same fixed-point forward). Settable later as ``rnn.mode``.
 
@@ -92,6 +98,7 @@ class ReversibleRNN(nn.Module):
         input_dropout: float = 0.0,
         dropconnect: float = 0.0,
         batch_first: bool = False,
+        stored_units: int = 0,
         mode: Mode = "reverse",
     ) -> None:
         super().__init__()
@@ -106,6 +113,12 @@ class ReversibleRNN(nn.Module):
         for name, p in (("dropout", dropout), ("input_dropout", input_dropout), ("dropconnect", dropconnect)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}.")
+        if not 0 <= stored_units <= sizes[-1] // 2:
+            raise ValueError(
+                f"stored_units must be between 0 and half the top layer's hidden size ({sizes[-1] // 2}): the "
+                f"stored units are the first units of h1, one half of the state. Got {stored_units}."
+            )
+        self.stored_units = stored_units
         self.input_size = input_size
         self.hidden_sizes = sizes
         self.uniform = isinstance(hidden_size, int)
@@ -181,7 +194,14 @@ class ReversibleRNN(nn.Module):
             retain=False,
             autocast=AutocastState.capture(x.device),
             keep=keep,
+            stored_units=self.stored_units,
         )
+        if head is not None and self.stored_units:
+            raise ValueError(
+                "stored_units and a head do not combine: with stored units the module returns them (for an "
+                "attention that reads them outside), a head reads every output inside the sweep. Fix: build the "
+                "encoder with stored_units and no head, the decoder with a head and stored_units=0."
+            )
         for i, t in enumerate(init):  # checked with the window's other ranges, in one host read
             window.guard.observe(f"initial state tensor {i}", t)
         params = [p for c in self.cell_list for p in (c.weight_ih, c.bias, c.weight_hh)]
@@ -195,8 +215,8 @@ class ReversibleRNN(nn.Module):
             primary, finals = self._forward_autograd(window, x, init, B)
         if needs_grad:
             self._stats = [
-                buf.stats(32 * T * B * c.hidden_size * c.halves_per_group)
-                for buf, c in zip(window.buffers, self.cell_list)
+                buf.stats(32 * T * B * c.hidden_size * c.halves_per_group, stored_bits=32 * T * B * window.stored(l))
+                for l, (buf, c) in enumerate(zip(window.buffers, self.cell_list))
             ]
         # A weak reference: the autograd graph owns the window (and its buffer) until backward frees it.
         self._last_window = weakref.ref(window) if needs_grad and self.mode == "reverse" else None
@@ -277,7 +297,8 @@ class ReversibleRNN(nn.Module):
     def memory_stats(self) -> dict[str, object]:
         """The paper's accounting for the last training window (spec section 4), totals plus per layer.
 
-        Keys: ``normal_bits``, ``used_bits``, ``optimal_bits``, ``actual_ratio`` (normal/used),
+        Keys: ``normal_bits``, ``used_bits``, ``optimal_bits``, ``stored_bits`` (stored units, included in
+        ``used_bits`` and ``optimal_bits``), ``actual_ratio`` (normal/used),
         ``optimal_ratio`` (normal/optimal), ``efficiency`` (optimal/used), ``drains``,
         ``multiplications``, and ``layers`` (one such mapping per layer).
         Raises ``RuntimeError`` before the first forward with gradients.
@@ -290,6 +311,7 @@ class ReversibleRNN(nn.Module):
             optimal_bits=sum(s.optimal_bits for s in self._stats),
             drains=sum(s.drains for s in self._stats),
             multiplications=sum(s.multiplications for s in self._stats),
+            stored_bits=sum(s.stored_bits for s in self._stats),
         )
         return {**total.as_dict(), "layers": [s.as_dict() for s in self._stats]}
 

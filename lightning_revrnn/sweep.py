@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_revrnn.buffer import InformationBuffer
-from lightning_revrnn.cells import ReversibleCell
+from lightning_revrnn.cells import ReversibleCell, store_units
 from lightning_revrnn.dropout import SeededMask
 from lightning_revrnn.errors import ReconstructionError
 from lightning_revrnn.fixed_point import RangeGuard, straight_through, to_fixed, to_float
@@ -168,6 +169,13 @@ class Window:
     #: Padding: ``(T, B, 1)`` bool, False where example ``b`` skips step ``t`` (state and buffer untouched);
     #: None: every step of every example runs. Forward and the reverse sweep read the same tensor.
     keep: Tensor | None = None
+    #: Stored units: the first ``stored_units`` units of the top layer's ``h1`` are stored every step instead
+    #: of buffered, and they (``(T, B, S)``) are the window's outputs (see :func:`~lightning_revrnn.cells.store_units`).
+    stored_units: int = 0
+    #: ``mode="reverse"``: the stored units' values before the window (int) and after every step (the
+    #: outputs), from which the reverse sweep restores them.
+    stored_initial: Tensor | None = None
+    stored_outputs: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.extras, self.head_slots = [], []
@@ -199,6 +207,22 @@ class Window:
         before dropout: one GEMM per chunk, the same in forward and reverse (chunks always start at
         multiples of :data:`CHUNK`, so the shapes agree too)."""
         return self.cells[layer].project_input(self.layer_input(layer, inputs))
+
+    def stored(self, layer: int) -> int:
+        """How many stored units ``layer``'s ``h1`` has (only the top layer's may)."""
+        return self.stored_units if layer == len(self.cells) - 1 else 0
+
+    def output_units(self, top: Tensor) -> Tensor:
+        """The window's outputs from the top layer's ``(…, H)`` outputs: all, or the stored units."""
+        return top[..., : self.stored_units] if self.stored_units else top
+
+    def stored_before(self, t: int) -> Tensor | None:
+        """Reverse sweep: the stored units' values (int) before step ``t``, or None without stored units."""
+        if not self.stored_units:
+            return None
+        if t == 0:
+            return self.stored_initial
+        return to_fixed(cast(Tensor, self.stored_outputs)[t - 1])
 
     def step_keep(self, t: int) -> Tensor | None:
         """Step ``t``'s keep mask ``(B, 1)`` for every layer's cell, or None without padding."""
@@ -347,6 +371,10 @@ def _forward_window(
         window.guard.observe(f"layer {l}: hidden weights", hidden)
         weights.append(list(hidden.split(c.hidden_rows, 0)))
     results: list[Tensor] = []
+    if window.stored_units:  # stored units hold float32 values exactly (to_fixed ∘ to_float keeps a float32 value)
+        top = state[-1]
+        top[0] = store_units(top[0], window.stored_units, to_float(top[0]))
+        window.stored_initial = top[0][:, : window.stored_units]
     T = x.shape[0]
     for t0 in range(0, T, CHUNK):
         t1 = min(t0 + CHUNK, T)
@@ -359,16 +387,17 @@ def _forward_window(
             outs = []
             for t in range(t0, t1):
                 state[l], state_f[l] = cell.forward_step(
-                    weights[l], xp[t - t0], state[l], state_f[l], window.buffers[l], window.step_keep(t)
+                    weights[l], xp[t - t0], state[l], state_f[l], window.buffers[l], window.step_keep(t),
+                    window.stored(l),
                 )
                 outs.append(cell.output(state_f[l]))
             inp = torch.stack(outs)
         if window.head is not None:
             results.append(window.head_value(window.head, inp, t0))
         elif out is not None:
-            out[t0:t1] = inp
+            out[t0:t1] = window.output_units(inp)
         else:
-            results.append(inp)
+            results.append(window.output_units(inp))
     if window.head is None and out is None:
         return state, state_f, torch.cat(results)
     return state, state_f, (out if out is not None and window.head is None else results)
@@ -387,8 +416,23 @@ def finish_forward(window: Window, state: list[list[Tensor]], state_f: list[list
             window.guard.observe(f"layer {l}: final state half {k}", h)
         rounded += join_state(cell.halves_per_group, [straight_through(to_float(i), f) for i, f in zip(ints, floats)])
         window.final_exact += join_state(cell.halves_per_group, exact)
-    window.guard.check()
+    _end_of_window_read(window)
     return rounded
+
+
+def _end_of_window_read(window: Window) -> None:
+    """The forward's one host read: whether every range the guard observed is fine, and how many examples
+    drained at each of every buffer's check points (the buffers then compact their drain records)."""
+    flag = window.guard.in_range()
+    counts = [b.drain_counts() for b in window.buffers]
+    parts = ([] if flag is None else [flag.reshape(1).long()]) + counts
+    host = torch.cat(parts).tolist() if parts else []
+    if flag is not None:
+        window.guard.check(bool(host.pop(0)))
+    for buf, c in zip(window.buffers, counts):
+        n = c.numel()
+        buf.finish(host[:n])
+        host = host[n:]
 
 
 SECOND_BACKWARD = (
@@ -418,7 +462,8 @@ class ReverseSweep(torch.autograd.Function):
         state_f = [[to_float(s) for s in st] for st in state]
         T, B = x.shape[0], x.shape[1]
         checksums = torch.zeros(-(-T // CHUNK), len(cells), dtype=torch.int64, device=x.device)
-        out = None if window.head is not None else torch.empty(T, B, cells[-1].hidden_size, dtype=torch.float32, device=x.device)
+        units = window.stored_units or cells[-1].hidden_size
+        out = None if window.head is not None else torch.empty(T, B, units, dtype=torch.float32, device=x.device)
         window.start(B, x.device)
         ctx.precision = matmul_precision_state()
         state, state_f, res = forward_window(window, x, state, state_f, out, checksums)
@@ -426,6 +471,9 @@ class ReverseSweep(torch.autograd.Function):
         ctx.window, ctx.n_state = window, n_state
         ctx.n_final = [len(s) for s in state]
         masks = [m for m in [*window.input_masks, window.keep] if m is not None]
+        if window.stored_units:  # the outputs are the stored units: the reverse sweep restores them from there
+            window.stored_outputs = out
+            masks += [cast(Tensor, window.stored_initial), cast(Tensor, out)]
         ctx.save_for_backward(
             x, checksums, *[h for s in state for h in s], *masks,
             *[t for b in window.buffers for t in b.tensors()],
@@ -575,8 +623,9 @@ def reconstruct_chunk(
             outs = xp.new_empty(C, xp.shape[1], cell.hidden_size)
             for i in reversed(range(C)):
                 outs[i] = cell.output([to_float(h) for h in state[l][:2]])
+                stored_old = window.stored_before(t0 + i) if window.stored(l) else None
                 state[l], records[i] = cell.reverse_step(
-                    weights[l], xp[i], state[l], window.buffers[l], window.step_keep(t0 + i)
+                    weights[l], xp[i], state[l], window.buffers[l], window.step_keep(t0 + i), stored_old
                 )
             layers.append(LayerChunk(inputs, records))
             inp = outs
@@ -619,8 +668,11 @@ def _backprop_chunk(
         d_state = grads.state[l]
         d_xp = d_out.new_empty(len(chunk.records), d_out.shape[1], 2 * cell.hidden_rows)
         for i in reversed(range(len(chunk.records))):
-            for k, g in enumerate(cell.split_output(d_out[i])):
-                d_state[k] = d_state[k] + g
+            if window.stored(l):  # the outputs are the stored units of h1
+                d_state[0] = d_state[0] + F.pad(d_out[i], (0, cell.half_size - window.stored_units))
+            else:
+                for k, g in enumerate(cell.split_output(d_out[i])):
+                    d_state[k] = d_state[k] + g
             d_state, d_xp[i] = cell.backward_step(weights[l], chunk.records[i], d_state, window.step_keep(t0 + i))
         grads.state[l] = d_state
         _hidden_weight_grads(cell, grads.weight_hh[l], chunk.records, d_xp)

@@ -1,4 +1,9 @@
-"""The information buffer: growth, per-example drains, emptiness after reversal, and the paper's accounting."""
+"""The information buffer: growth, per-example drains, emptiness after reversal, and the paper's accounting.
+
+The drains are decided on the device and compacted by ``finish()`` with one host read per window; a plain
+reference of the drain rule (a host read at every check point) must give the same states, words, planes
+and drain records.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,14 @@ from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
 from lightning_revrnn.buffer import InformationBuffer, check_period, row_index_dtype
-from lightning_revrnn.fixed_point import FORGET_ONE, forget_floor, limit_forget, quantize_forget
-
+from lightning_revrnn.fixed_point import (
+    FORGET_ONE,
+    forget_floor,
+    limit_forget,
+    quantize_forget,
+    reversible_multiply,
+)
+from lightning_revrnn.sweep import Window, forward_window
 
 
 def _run(buf: InformationBuffer, h: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -39,7 +50,7 @@ def test_many_multiplications_drain_and_reverse_to_empty(k: int | None) -> None:
     assert buf.planes, "200 multiplications forgetting >2 bits each must drain"
     assert all(p.dtype == torch.int32 and p.shape[1] == 5 for p in buf.planes)
     assert 0 <= int(buf.word.min()) and int(buf.word.max()) < 2**63
-    assert buf.syncs <= math.ceil(200 / check_period(k))
+    assert buf.syncs == 1  # reading the records finished the forward: one read for all its check points
     assert torch.equal(_reverse(buf, h, zs), h0)
     assert buf.is_empty()
 
@@ -58,8 +69,9 @@ def test_worst_case_forgetting_never_overflows_a_word(k: int | None) -> None:
     for z in zs:
         h = buf.multiply(h, z)
         assert int(buf.word.min()) >= 0
+    assert buf.syncs == 0 and buf.pending, "the forward decides on the device and reads nothing"
     assert sum(buf.drained_counts) >= B * (M * (10 if k is None else k) // 32 - 2)
-    assert buf.syncs <= math.ceil(M / check_period(k))
+    assert buf.syncs == 1
     assert torch.equal(_reverse(buf, h, zs), h0)
     assert buf.is_empty()
 
@@ -98,6 +110,7 @@ def test_drain_decisions_of_an_example_do_not_depend_on_its_batchmates() -> None
 
 
 def test_evaluation_buffer_keeps_no_planes_but_computes_the_same() -> None:
+    """Without retain the drains happen alike (same h, same words) but nothing is recorded or read."""
     torch.manual_seed(1)
     zs = [torch.full((2, 4), 1, dtype=torch.int64) for _ in range(30)]  # 10 bits per multiplication
     h0 = torch.randint(-(2**30), 2**30, (2, 4), dtype=torch.int64)
@@ -107,10 +120,149 @@ def test_evaluation_buffer_keeps_no_planes_but_computes_the_same() -> None:
         results.append((_run(buf, h0, zs)[-1], buf))
     (h_train, b_train), (h_eval, b_eval) = results
     assert torch.equal(h_train, h_eval) and torch.equal(b_train.word, b_eval.word)
-    assert b_train.planes and not b_eval.planes
-    assert b_train.drained_before == b_eval.drained_before and b_train.drained_counts == b_eval.drained_counts
+    assert b_train.planes and b_train.syncs == 1
+    b_eval.finish()
+    assert not b_eval.pending and not b_eval.planes and not b_eval.drained_before and b_eval.syncs == 0
     with pytest.raises(RuntimeError, match="retain=True"):
         _reverse(b_eval, h_eval, zs)
+
+
+# ------------------------------------------------------------------ device decisions vs the plain rule
+class ReferenceDrains:
+    """The drain rule written plainly, with a host read at every check point (as the buffer once did).
+
+    Before multiplication ``m`` with ``m % check_period(k) == 0``, every example whose largest word has more
+    than 32 bits moves the low 32 bits of its words into a plane row (stored as ``low - 2^31`` in int32) and
+    keeps the rest shifted down. ``records``: ``(m, drained rows, plane)`` for each check point where some
+    example drained.
+    """
+
+    def __init__(self, shape: tuple[int, int], k: int | None) -> None:
+        self.word = torch.zeros(shape, dtype=torch.int64)
+        self.period = check_period(k)
+        self.multiplications = 0
+        self.records: list[tuple[int, list[int], torch.Tensor]] = []
+
+    def multiply(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.multiplications % self.period == 0:
+            largest = self.word.amax(1).tolist()
+            rows = [b for b, v in enumerate(largest) if v.bit_length() > 32]
+            if rows:
+                idx = torch.tensor(rows)
+                words = self.word[idx]
+                self.records.append((self.multiplications, rows, ((words % 2**32) - 2**31).to(torch.int32)))
+                self.word = self.word.clone()
+                self.word[idx] = words // 2**32
+        h, self.word = reversible_multiply(h, z, self.word)
+        self.multiplications += 1
+        return h
+
+
+def _forget_values(kind: str, B: int, n: int, M: int, k: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(h0, z*s)`` for M multiplications: "partial" (example b forgets at its own rate, so drains take
+    part of the batch), "all" (h* = -1 and the smallest z* everywhere: every word is 2^(m·k) - 1, so every
+    example drains at the same check points), "none" (z* = 2^R_Z: nothing forgotten, the words stay 0 while
+    the host bound, blind to that, sends check points to the device)."""
+    floor = forget_floor(k)
+    if kind == "all":
+        return torch.full((B, n), -1, dtype=torch.int64), [torch.full((B, n), floor) for _ in range(M)]
+    h0 = torch.randint(-(2**30), 2**30, (B, n), dtype=torch.int64)
+    if kind == "none":
+        return h0, [torch.full((B, n), FORGET_ONE) for _ in range(M)]
+    lowest = torch.maximum(torch.logspace(0, 10, B, base=2).round().long(), torch.tensor(floor)).view(B, 1)
+    return h0, [torch.maximum(torch.randint(floor, FORGET_ONE + 1, (B, n)), lowest) for _ in range(M)]
+
+
+@pytest.mark.parametrize("kind", ["partial", "all", "none"])
+@pytest.mark.parametrize("k,B", [(1, 1), (3, 5), (None, 7), (2, 300)])
+def test_device_decided_drains_equal_the_plain_rule(kind: str, k: int | None, B: int) -> None:
+    """h after every multiplication, the words, and after finish() the drain records (check point, rows,
+    counts, row index dtype) and planes equal the reference's bit for bit; one sync; exact reversal."""
+    torch.manual_seed(3)
+    n, M = 3, 12 * check_period(k)
+    h0, zs = _forget_values(kind, B, n, M, k)
+    buf, ref = InformationBuffer((B, n), torch.get_default_device(), k, retain=True), ReferenceDrains((B, n), k)
+    h, h_ref = h0, h0
+    for m, z in enumerate(zs):
+        h, h_ref = buf.multiply(h, z), ref.multiply(h_ref, z)
+        assert torch.equal(h, h_ref), m
+    assert torch.equal(buf.word, ref.word)
+    assert buf.syncs == 0 and len(buf.pending) >= 10, "check points past the host bound run on the device"
+    buf.finish()
+    assert buf.syncs == 1 and not buf.pending
+    assert buf.drained_before == [m for m, _, _ in ref.records]
+    assert buf.drained_counts == [len(rows) for _, rows, _ in ref.records]
+    for (_, rows, plane), got_rows, got_plane in zip(ref.records, buf.drained_rows, buf.planes, strict=True):
+        if len(rows) == B:
+            assert got_rows is None
+        else:
+            assert got_rows is not None and got_rows.dtype == row_index_dtype(B) and got_rows.tolist() == rows
+        assert got_plane.dtype == torch.int32 and torch.equal(got_plane, plane)
+    partial = [len(rows) < B for _, rows, _ in ref.records]
+    if kind == "partial" and B > 1:
+        assert any(partial), "the setup must drain part of the batch"
+    if kind == "all":
+        assert ref.records and not any(partial)
+    if kind == "none":
+        assert not ref.records and buf.stats(0).drains == 0
+    assert buf.syncs == 1, "reading the finished records reads the device no more"
+    assert torch.equal(_reverse(buf, h, zs), h0) and buf.is_empty()
+
+
+_HOST_READS = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero", "numpy", "cpu")
+
+
+def _forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a host read of a device value")
+
+    for name in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+
+@pytest.mark.parametrize("retain", [True, False], ids=["train", "eval"])
+def test_forward_reads_nothing_from_the_device(monkeypatch: pytest.MonkeyPatch, retain: bool) -> None:
+    """Every Tensor method that hands a device value to the host raises during the multiplications
+    (partial drains at many check points); only finish() reads, and in evaluation not even it."""
+    torch.manual_seed(4)
+    B, n, k = 6, 4, None
+    h0, zs = _forget_values("partial", B, n, 60, k)
+    buf, ref = InformationBuffer((B, n), torch.get_default_device(), k, retain=retain), ReferenceDrains((B, n), k)
+    with monkeypatch.context() as patch:
+        _forbid_host_reads(patch)
+        h = _run(buf, h0, zs)[-1]
+        if retain:
+            with pytest.raises(AssertionError, match="host read"):  # the patch does catch the buffer's read
+                buf.finish()
+        else:
+            buf.finish()  # nothing recorded, nothing to read
+    assert torch.equal(h, _run(ref, h0, zs)[-1]) and torch.equal(buf.word, ref.word)
+    assert ref.records, "the setup must drain"
+    buf.finish()
+    assert buf.syncs == (1 if retain else 0)
+    assert len(buf.drained_before) == (len(ref.records) if retain else 0)
+
+
+@pytest.mark.parametrize("cls", [RevGRU, RevLSTM], ids=lambda c: c.__name__)
+def test_module_forward_reads_each_buffer_once_per_window(cls: type) -> None:
+    """A two-layer window long enough for many check points: one read per layer in training (the sweep
+    finishes each buffer), none in evaluation; the reverse sweep still empties every buffer."""
+    torch.manual_seed(5)
+    rnn = cls(3, 8, num_layers=2, max_forget_bits=3)
+    x = torch.randn(48, 2, 3, requires_grad=True)
+    out, _ = rnn(x)
+    buffers = rnn.last_window.buffers
+    assert [b.syncs for b in buffers] == [1, 1] and not any(b.pending for b in buffers)
+    assert rnn.memory_stats()["drains"] > 0
+    out.sum().backward()
+    assert all(b.is_empty() and b.syncs == 1 for b in buffers)
+    window = Window(cells=list(rnn.cells), input_masks=[None] * 2, hidden_masks=[None] * 2, retain=False)
+    window.start(2, x.device)
+    state = [[torch.zeros(2, c.half_size, dtype=torch.int64) for _ in range(c.state_halves)] for c in rnn.cells]
+    with torch.no_grad():
+        forward_window(window, x, state, [[s.float() for s in st] for st in state])
+    assert [b.syncs for b in window.buffers] == [0, 0]
+    assert all(b.multiplications == 48 * c.multiplications_per_step for b, c in zip(window.buffers, rnn.cells))
 
 
 # ----------------------------------------------------------------------------------- accounting
@@ -121,9 +273,10 @@ def test_accounting_by_hand_with_drains(second_forgets: bool) -> None:
     Example 0 has z* = 1 (10 bits forgotten per unit and multiplication): each multiplication appends
     ``-1 mod 2^10 = 1023`` to its words and leaves h* = -1, so its words are ``2^(10m) - 1`` (10m bits).
     Example 1 has z* = 1024 (nothing forgotten: its words stay 0) or, with ``second_forgets``, z* = 1 too.
-    Host bounds grow 10 bits per multiplication: at check point m=3 they are 30 ≤ 32 (no look); at m=6,
-    60 > 32: look (sync 1), example 0 has 60 bits and drains (word 2^28 - 1); at m=9 its bound is 58:
-    look (sync 2), 58 bits, drains again. Each drained plane row is the low 32 bits, all ones."""
+    The host bound grows 10 bits per multiplication: at check point m=3 it is 30 ≤ 32 (skipped on the
+    host); at m=6, 60 > 32: decided on the device, example 0 has 60 bits and drains (word 2^28 - 1); the
+    bound is now 32, so m=9 runs on the device too: 58 bits, drains again. finish() reads both check points
+    at once (one sync). Each drained plane row is the low 32 bits, all ones."""
     B, n, M = 2, 3, 10
     buf = InformationBuffer((B, n), torch.get_default_device(), None, retain=True)
     z = torch.tensor([[1] * n, [1 if second_forgets else FORGET_ONE] * n])
@@ -131,7 +284,9 @@ def test_accounting_by_hand_with_drains(second_forgets: bool) -> None:
     for _ in range(M):
         h = buf.multiply(h, z)
     assert torch.equal(h, torch.full((B, n), -1, dtype=torch.int64))
-    assert buf.syncs == 2 and buf.drained_before == [6, 9]
+    assert buf.syncs == 0 and [p.before for p in buf.pending] == [6, 9]
+    buf.finish()
+    assert buf.syncs == 1 and not buf.pending and buf.drained_before == [6, 9]
     drained = B if second_forgets else 1
     assert buf.drained_counts == [drained, drained]
     assert all(p.shape == (drained, n) and bool((p == 2**31 - 1).all()) for p in buf.planes)  # 2^32-1 - 2^31

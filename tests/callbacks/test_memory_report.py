@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 VOCAB = 50
-FIELDS = ("normal_bits", "used_bits", "optimal_bits", "actual_ratio", "optimal_ratio", "drains", "windows")
+FIELDS = ("normal_bits", "used_bits", "optimal_bits", "stored_bits", "actual_ratio", "optimal_ratio", "drains", "windows")
 MEASURED_KEYS = {PREFIX + k for k in MEASURED}
 STEPS = 3
 #: Window length: four chunks of the reverse sweep (its working set is one chunk, the baseline's the window).
