@@ -374,6 +374,8 @@ def training_step(subject: Subject, trace: MemoryTrace | None = None) -> tuple[T
     model, optimizer = subject.model, subject.optimizer
     measured: StepMemory | None = None
     held: int | None = None
+    cuda = trace is not None and trace.device.type == "cuda"
+    start = torch.cuda.memory_allocated(trace.device) if cuda else 0  # type: ignore[union-attr]
     if trace is not None:
         trace.start()
         trace.begin_forward()
@@ -381,9 +383,9 @@ def training_step(subject: Subject, trace: MemoryTrace | None = None) -> tuple[T
         loss = model.training_step(subject.batch, 0)
         if trace is not None:
             trace.end_forward()
-            if trace.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(trace.device)
-                held = torch.cuda.memory_allocated(trace.device) - trace._cuda_start
+                held = torch.cuda.memory_allocated(trace.device) - start
         loss.backward()
         model.on_after_backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
