@@ -43,14 +43,12 @@ zero, no plane left) after a full sweep.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_revrnn.fixed_point import (
-    FORGET_ONE,
     R_Z,
     bits_per_multiply,
     reversible_divide,
@@ -64,12 +62,6 @@ WORD_LIMIT_BITS = 63 - R_Z
 DRAIN_BITS = 32
 _DRAIN_MASK = (1 << DRAIN_BITS) - 1
 _DRAIN_OFFSET = 1 << (DRAIN_BITS - 1)  # stores [0, 2^32) in int32 as [-2^31, 2^31)
-
-
-@functools.lru_cache(maxsize=8)
-def _log2_table(device: torch.device) -> Tensor:
-    """``log2(z*)`` for every ``z*`` in ``0..2^R_Z`` (float64; index 0 unused): one gather per multiplication."""
-    return torch.log2(torch.arange(FORGET_ONE + 1, dtype=torch.float64, device=device))
 
 
 def row_index_dtype(batch: int) -> torch.dtype:
@@ -183,7 +175,8 @@ class InformationBuffer:
         self._step_bits = bits_per_multiply(max_forget_bits)
         self._period = check_period(max_forget_bits)
         self._bound = 0  # every word is < 2^_bound (host-side, never read from the device)
-        self._log2_z_sum: Tensor | None = None
+        self._log2_z_units: Tensor | None = None  # Σ log2 z* per unit since the last stats()
+        self._log2_z_sum: Tensor | None = None  # Σ log2 z* over units, up to the last stats()
 
     # ------------------------------------------------------------------------------------ forward
     def multiply(self, h: Tensor, z: Tensor) -> Tensor:
@@ -194,8 +187,8 @@ class InformationBuffer:
         self._bound += self._step_bits
         self.multiplications += 1
         if self.retain:  # the optimal bits: log2 z* per unit (float64), summed over units by stats()
-            log2_z = _log2_table(z.device).take(z)
-            self._log2_z_sum = log2_z if self._log2_z_sum is None else self._log2_z_sum + log2_z
+            log2_z = torch.log2(z)  # float32 (NaN where z* came from NaN gates: the range guard reports those)
+            self._log2_z_units = log2_z.double() if self._log2_z_units is None else self._log2_z_units + log2_z
         return h
 
     def _drain_full_examples(self) -> None:
@@ -324,8 +317,11 @@ class InformationBuffer:
         self.finish()
         units = self.word.numel()
         optimal: float | Tensor = 0.0
+        if self._log2_z_units is not None:  # fold into one number: no per-unit tensor lives on
+            total = self._log2_z_units.sum()
+            self._log2_z_sum = total if self._log2_z_sum is None else self._log2_z_sum + total
+            self._log2_z_units = None
         if self._log2_z_sum is not None:
-            self._log2_z_sum = self._log2_z_sum.sum()  # one number from here on, not one per unit
             optimal = self.multiplications * units * R_Z - self._log2_z_sum
         plane_bits = sum(p.numel() for p in self._planes) * DRAIN_BITS
         index_bits = sum(r.numel() * r.element_size() * 8 for r in self._drained_rows if r is not None)

@@ -21,6 +21,7 @@ parameters (``torch.where`` routes none to the unselected branch).
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import abstractmethod
 
@@ -259,6 +260,12 @@ def _masked(d: Tensor, keep: Tensor | None) -> Tensor:
     return d if keep is None else d * keep
 
 
+@functools.lru_cache(maxsize=16)
+def _slopes(n: int, slope: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[slope]·n + [1]·2n + [slope]·n``: the LSTM sigmoid block's gate slopes (see ``_gate_slopes``)."""
+    return torch.tensor([slope] * n + [1.0] * (2 * n) + [slope] * n, device=device, dtype=dtype)
+
+
 def unbuffered(zq: Tensor | None, stored: int) -> Tensor | None:
     """``z*`` with its first ``stored`` units set to ``2^R_Z``: multiplying by it leaves those units (and
     their buffer words) as they are, so none of their bits enters the buffer."""
@@ -300,14 +307,13 @@ class RevGRUCell(ReversibleCell):
 
     gate_rows = 3
 
-    def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(z, r, g, r∘other)`` from the input pre-activations and the other half."""
+    def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(σ([z; r]) as one block, g, r∘other)`` from the input pre-activations and the other half."""
         n = self.half_size
         zr = torch.sigmoid(torch.addmm(xp[:, : 2 * n], other, w[: 2 * n].t()))
-        z, r = zr[:, :n], zr[:, n:]
-        r_other = r * other
+        r_other = zr[:, n:] * other
         g = torch.tanh(torch.addmm(xp[:, 2 * n :], r_other, w[2 * n :].t()))
-        return z, r, g, r_other
+        return zr, g, r_other
 
     def _update(self, z: Tensor, g: Tensor, keep: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor]:
         """(int ``z*`` or None without forgetting, the factor on the old h, the additive term); the
@@ -320,8 +326,8 @@ class RevGRUCell(ReversibleCell):
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
         buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        z, _, g, _ = self._gates(w, xp, other)
-        zq, zs, add = self._update(z, g, keep)
+        zr, g, _ = self._gates(w, xp, other)
+        zq, zs, add = self._update(zr[:, : self.half_size], g, keep)
         zq = unbuffered(zq, stored)
         h = own[0] if zq is None else buf.multiply(own[0], zq)
         h_new = zs * own_f[0] + add
@@ -332,27 +338,31 @@ class RevGRUCell(ReversibleCell):
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
         keep: Tensor | None, stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
-        z, r, g, r_other = self._gates(w, xp, other)
-        zq, zs, add = self._update(z, g, keep)
+        zr, g, r_other = self._gates(w, xp, other)
+        zq, zs, add = self._update(zr[:, : self.half_size], g, keep)
         zq = unbuffered(zq, 0 if stored_old is None else stored_old.shape[1])
         h = own[0] - to_fixed(add)
         h = restore_units(h if zq is None else buf.divide(h, zq), stored_old)
-        return [h], (other, r_other, z, r, g, zs, to_float(h))
+        return [h], (other, r_other, zr, g, zs, to_float(h))
 
     def _half_backward(
         self, w: Tensor, record: tuple[Tensor, ...], d_new: list[Tensor], keep: Tensor | None
     ) -> tuple[list[Tensor], Tensor, Tensor]:
-        other, r_other, z, r, g, zs, h_old = record
+        other, _, zr, g, zs, h_old = record
+        n = self.half_size
         d_h = d_new[0]
         # h_new = zs·h_old + (1 − zs)·g, zs = round(limit(z)) straight through (no forgetting: zs = 1,
         # h_new = h_old + (1 − z)·g).
-        d_z = _masked(d_h * (h_old - g) if self.forgets else -d_h * g, keep) * self.forget_slope
-        d_g = d_h * (1.0 - zs) if self.forgets else _masked(d_h * (1.0 - z), keep)
-        n = self.half_size
-        d_pre_g = d_g * (1.0 - g * g)
+        if self.forgets:
+            d_z = _masked(d_h * (h_old - g), keep) * self.forget_slope
+            d_g = d_h * (1.0 - zs)  # 0 at masked rows (zs = 1 there)
+        else:
+            d_z = _masked(d_h * g, keep).neg_()
+            d_g = _masked(d_h * (1.0 - zr[:, :n]), keep)
+        d_pre_g = torch.ops.aten.tanh_backward(d_g, g)
         d_r_other = d_pre_g @ w[2 * n :]
-        d_pre_zr = torch.cat([d_z * z * (1.0 - z), d_r_other * other * r * (1.0 - r)], 1)
-        d_other = torch.addmm(d_r_other * r, d_pre_zr, w[: 2 * n])
+        d_pre_zr = torch.ops.aten.sigmoid_backward(torch.cat([d_z, d_r_other * other], 1), zr)
+        d_other = torch.addmm(d_r_other * zr[:, n:], d_pre_zr, w[: 2 * n])
         return [d_h * zs], torch.cat([d_pre_zr, d_pre_g], 1), d_other
 
     def hidden_inputs(self, record: tuple[Tensor, ...]) -> list[tuple[int, int, Tensor]]:
@@ -378,17 +388,23 @@ class RevLSTMCell(ReversibleCell):
 
     then group 2 from the new ``h1``. ``f`` and ``p`` are limited and rounded forget values; order in a
     step ``c1, h1, c2, h2``, in reverse ``h2, c2, h1, c1``. Gate rows per group: ``f, i, o, p, g``. A
-    step's record: ``(other, f, i, o, p, g, f*, p*, o held, h_old, c_old, c_new)`` (floats).
+    step's record: ``(other, σ([f; i; o; p]), g, f*, p*, o held, h_old, c_old, c_new)`` (floats).
     """
 
     gate_rows = 5
     halves_per_group = 2
 
-    def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+        """``(σ([f; i; o; p]) as one block, g)`` from the input pre-activations and the other half."""
         n = self.half_size
         pre = torch.addmm(xp, other, w.t())
-        f, i, o, p = torch.sigmoid(pre[:, : 4 * n]).split(n, 1)
-        return f, i, o, p, torch.tanh(pre[:, 4 * n :])
+        return torch.sigmoid(pre[:, : 4 * n]), torch.tanh(pre[:, 4 * n :])
+
+    def _gate_slopes(self, like: Tensor) -> Tensor:
+        """Per unit of the sigmoid block, d(gate used)/d(sigmoid): the forget limit's slope for ``f`` and
+        ``p`` (0 without forgetting: the cell never uses them), 1 for ``i`` and ``o``."""
+        slope = self.forget_slope if self.forgets else 0.0
+        return _slopes(self.half_size, slope, like.device, like.dtype)
 
     def _update(
         self, f: Tensor, i: Tensor, o: Tensor, p: Tensor, g: Tensor, keep: Tensor | None
@@ -405,7 +421,8 @@ class RevLSTMCell(ReversibleCell):
         buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
     ) -> tuple[list[Tensor], list[Tensor]]:
         h, c = own
-        fq, pq, fs, ps, add_c, o = self._update(*self._gates(w, xp, other), keep)
+        sig, g = self._gates(w, xp, other)
+        fq, pq, fs, ps, add_c, o = self._update(*sig.split(self.half_size, 1), g, keep)
         c = (c if fq is None else buf.multiply(c, fq)) + to_fixed(add_c.detach())
         c_f = straight_through(to_float(c), fs * own_f[1] + add_c)
         add_h = o * torch.tanh(c_f)
@@ -419,31 +436,31 @@ class RevLSTMCell(ReversibleCell):
         keep: Tensor | None, stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
         h, c = own
-        f, i, o, p, g = self._gates(w, xp, other)
-        fq, pq, fs, ps, add_c, o_held = self._update(f, i, o, p, g, keep)
+        sig, g = self._gates(w, xp, other)
+        fq, pq, fs, ps, add_c, o_held = self._update(*sig.split(self.half_size, 1), g, keep)
         pq = unbuffered(pq, 0 if stored_old is None else stored_old.shape[1])
         c_new = to_float(c)
         h = h - to_fixed(o_held * torch.tanh(c_new))
         h = restore_units(h if pq is None else buf.divide(h, pq), stored_old)
         c = c - to_fixed(add_c)
         c = c if fq is None else buf.divide(c, fq)
-        return [h, c], (other, f, i, o, p, g, fs, ps, o_held, to_float(h), to_float(c), c_new)
+        return [h, c], (other, sig, g, fs, ps, o_held, to_float(h), to_float(c), c_new)
 
     def _half_backward(
         self, w: Tensor, record: tuple[Tensor, ...], d_new: list[Tensor], keep: Tensor | None
     ) -> tuple[list[Tensor], Tensor, Tensor]:
-        _, f, i, o, p, g, fs, ps, o_held, h_old, c_old, c_new = record
+        _, sig, g, fs, ps, o_held, h_old, c_old, c_new = record
+        n = self.half_size
         d_h, d_c = d_new
         tanh_c = torch.tanh(c_new)
         # h_new = ps·h_old + o·tanh(c_new), c_new = fs·c_old + i·g (fs = ps = 1 without forgetting).
-        d_c = d_c + d_h * o_held * (1.0 - tanh_c * tanh_c)
-        slope = self.forget_slope
-        d_f = _masked(d_c * c_old, keep) * (slope * f * (1.0 - f)) if self.forgets else torch.zeros_like(f)
-        d_p = _masked(d_h * h_old, keep) * (slope * p * (1.0 - p)) if self.forgets else torch.zeros_like(p)
-        d_add = _masked(d_c, keep)
-        d_i, d_g = d_add * g * i * (1.0 - i), d_add * i * (1.0 - g * g)
-        d_o = _masked(d_h * tanh_c, keep) * o * (1.0 - o)
-        d_pre = torch.cat([d_f, d_i, d_o, d_p, d_g], 1)
+        d_c = d_c + torch.ops.aten.tanh_backward(d_h * o_held, tanh_c)
+        d_sig = torch.cat([d_c * c_old, d_c * g, d_h * tanh_c, d_h * h_old], 1)  # d f, i, o, p (used)
+        d_pre = torch.cat([
+            torch.ops.aten.sigmoid_backward(d_sig, sig) * self._gate_slopes(sig),
+            torch.ops.aten.tanh_backward(d_c * sig[:, n : 2 * n], g),
+        ], 1)
+        d_pre = _masked(d_pre, keep)
         return [d_h * ps, d_c * fs], d_pre, d_pre @ w
 
     def hidden_inputs(self, record: tuple[Tensor, ...]) -> list[tuple[int, int, Tensor]]:

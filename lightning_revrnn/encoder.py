@@ -5,8 +5,10 @@ The attention memory of a reversible encoder is a *stored* slice of its top laye
 section 5): those units are not reconstructed but kept, 32 bits per unit and step, on top of the
 information buffer. :class:`StoredUnitsAccounting` adds them to ``memory_stats()`` (``stored_bits``, also
 counted in ``used_bits`` and ``optimal_bits``), so :class:`~lightning_revrnn.callbacks.MemoryReport`
-reports the encoder with them. When the core's ``ReversibleRNN(stored_units=...)`` exists, the encoder
-uses it (:data:`CORE_STORES_UNITS`) and the core's own ``stored_bits`` take precedence.
+reports the encoder with them. The core's ``ReversibleRNN(stored_units=...)`` stores a slice itself
+(:data:`CORE_STORES_UNITS`: returning only those units, the rest of the top state is never kept) and counts
+its ``stored_bits``; the accounting here then adds only what the core does not store: the whole top state of
+``context="hidden"`` (the core stores at most half of it, so that encoder returns its full outputs).
 """
 
 from __future__ import annotations
@@ -44,13 +46,21 @@ class StoredUnitsAccounting(ReversibleRNN):
     ``attention_units`` (set by :func:`reversible_encoder`): units of the top layer stored every step (the
     slice, or the whole top state for ``context="hidden"``). Each training forward records its ``T × B``
     steps (padded ones included, as ``normal_bits`` counts them); :meth:`memory_stats` adds
-    ``32 · attention_units · T · B`` bits as ``stored_bits`` to ``used_bits`` and ``optimal_bits`` (spec
-    section 4) and to the top layer's entry, and recomputes the ratios. If the core already reports
-    ``stored_bits``, its figures are returned unchanged.
+    ``32 · units · T · B`` bits as ``stored_bits`` to ``used_bits`` and ``optimal_bits`` (spec section 4)
+    and to the top layer's entry, and recomputes the ratios, for the units the core's accounting does not
+    already count (:attr:`units_stored_outside_the_core`).
     """
 
     attention_units: int = 0
     _stored_steps: int = 0
+
+    @property
+    def units_stored_outside_the_core(self) -> int:
+        """Attention units per step the core's own accounting does not count: all of them without the core's
+        ``stored_units``, else those beyond it (the whole state for ``context="hidden"``, whose outputs the
+        encoder returns instead of storing units, since ``stored_units`` stops at half the state)."""
+        core = int(getattr(self, "stored_units", 0)) if CORE_STORES_UNITS else 0
+        return self.attention_units - core
 
     @override
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -62,9 +72,9 @@ class StoredUnitsAccounting(ReversibleRNN):
     @override
     def memory_stats(self) -> dict[str, object]:
         stats = super().memory_stats()
-        if "stored_bits" in stats:
+        stored = STORED_UNIT_BITS * self.units_stored_outside_the_core * self._stored_steps
+        if stored == 0:
             return stats
-        stored = STORED_UNIT_BITS * self.attention_units * self._stored_steps
         layers = [dict(layer) for layer in stats["layers"]]  # type: ignore[attr-defined]
         layers[-1] = with_stored_bits(layers[-1], stored)
         layers[:-1] = [with_stored_bits(layer, 0) for layer in layers[:-1]]
@@ -72,11 +82,11 @@ class StoredUnitsAccounting(ReversibleRNN):
 
 
 def with_stored_bits(stats: dict[str, Any], stored: int) -> dict[str, Any]:
-    """``stats`` with ``stored_bits`` added to the used and optimal bits, and the ratios recomputed."""
+    """``stats`` with ``stored`` bits added to its stored, used and optimal bits, and the ratios recomputed."""
     used, optimal = stats["used_bits"] + stored, stats["optimal_bits"] + stored
     normal = stats["normal_bits"]
     return {
-        **stats, "stored_bits": stored, "used_bits": used, "optimal_bits": optimal,
+        **stats, "stored_bits": stats.get("stored_bits", 0) + stored, "used_bits": used, "optimal_bits": optimal,
         "actual_ratio": _ratio(normal, used), "optimal_ratio": _ratio(normal, optimal),
         "efficiency": _ratio(optimal, used),
     }

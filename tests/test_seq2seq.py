@@ -109,7 +109,14 @@ def test_padding_leaves_each_sources_final_state_alone(rnn: str) -> None:
             src = batch.src[:n, b : b + 1]
             _, h_alone = model.encode(src, torch.ones_like(src, dtype=torch.bool))
             for got, want in zip(_flat(h_batch), _flat(h_alone)):
-                torch.testing.assert_close(got[..., b : b + 1, :], want, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(got[..., b : b + 1, :], want, rtol=0, atol=PADDING_TOL)
+
+
+#: Batch of 4 against batch of 1: a BLAS may round a GEMM over another row count differently in the last bit;
+#: a one-ulp pre-activation can move a fixed-point update by 2^-23 and, through a buffered multiplication,
+#: inject up to 2^-13 into the state (as in tests/test_ddp.py). Padding taken as steps would move the state by
+#: O(0.1) (measured differences: <= 2.4e-7).
+PADDING_TOL = 2.0**-10
 
 
 def _flat(state: object) -> list[Tensor]:
