@@ -29,7 +29,7 @@ def synthetic_data(batch_size: int = 8, train_size: int = 48) -> SyntheticTransl
 
 def padded_batch(src_lengths: list[int], tgt_lengths: list[int], vocab: int, seed: int = 0) -> TranslationBatch:
     """A right-padded batch with the given lengths (target lengths without EOS), random words (ids >= 4)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)  # REVRNN_TEST_DEVICE=cuda: on the GPU
     B, S, T = len(src_lengths), max(src_lengths), max(tgt_lengths) + 1
     src_keep = torch.arange(S)[:, None] < torch.tensor(src_lengths)[None]
     tgt_keep = torch.arange(T)[:, None] <= torch.tensor(tgt_lengths)[None]

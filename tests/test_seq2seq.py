@@ -234,6 +234,11 @@ def _trainer(root: Path, **kwargs: object) -> pl.Trainer:
 
 @pytest.mark.parametrize("rnn", ALL_RNNS)
 def test_fit_validate_test_predict(rnn: str, tmp_path: Path) -> None:
+    with torch.device("cpu"):  # a CPU Trainer and DataModule, also under REVRNN_TEST_DEVICE=cuda (make gpu-check)
+        _fit_validate_test_predict(rnn, tmp_path)
+
+
+def _fit_validate_test_predict(rnn: str, tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
     data = synthetic_data()
     out = tmp_path / "out.de"
