@@ -274,6 +274,37 @@ def check_declared_inputs(window: Window, x: Tensor, batch: int) -> None:
             zeros = torch.zeros(1, batch, top.hidden_size, device=x.device)
             value = window.head_value(lambda o, s: functional_call(head, frozen, (o, s)), zeros, 0)
             _raise_if_undeclared(head, "StepHead", value, list(head.context()))
+            _raise_if_parameter_feeds_context(head, _context(head))
+
+
+#: Graph nodes :func:`_raise_if_parameter_feeds_context` visits at most per context tensor.
+CONTEXT_WALK_LIMIT = 10_000
+
+
+def _raise_if_parameter_feeds_context(head: StepHead, context: list[Tensor]) -> None:
+    """Raise if one of the head's own parameters is also an ancestor of one of its context tensors (a source
+    embedding read by the head and by the encoder that produced the attention memory): the reverse sweep's
+    per-chunk gradient call for the head's parameters would then run that other module's backward (its
+    reverse sweep) once per chunk, which it refuses (one backward per forward)."""
+    params = {id(p) for p in trainable(head)}
+    for tensor in context:
+        stack, seen = [tensor.grad_fn], set()
+        while stack and len(seen) < CONTEXT_WALK_LIMIT:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            variable = getattr(node, "variable", None)
+            if isinstance(variable, Tensor) and id(variable) in params:
+                raise RuntimeError(
+                    f"StepHead {type(head).__name__}: its parameter of shape {tuple(variable.shape)} also feeds one of "
+                    f"its context() tensors (shape {tuple(tensor.shape)}), e.g. a source embedding read by the head "
+                    "and by the encoder whose outputs are the attention memory. The reverse sweep forms the head's "
+                    "parameter gradients once per chunk and would run the encoder's backward each time. Fix: read "
+                    "that parameter in the head through a tensor made before the call (e.g. "
+                    "`self.weight_view = embedding.weight[:]`) and list it in context() instead."
+                )
+            stack.extend(n for n, _ in node.next_functions)
 
 
 def _raise_if_undeclared(module: nn.Module, kind: str, value: Tensor, declared: list[Tensor]) -> None:

@@ -162,3 +162,29 @@ def test_parameter_of_another_module_is_undeclared() -> None:
         grads[mode] = torch.autograd.grad(loss, [shared, *rnn.parameters()])
     for a, b in zip(grads["reverse"], grads["store"], strict=True):
         close(a, b, "shared")
+
+
+def test_head_parameter_that_feeds_its_context_raises_with_the_fix() -> None:
+    """A head parameter that is also an ancestor of a context tensor (an embedding shared by the head and
+    the encoder behind the memory) would make the per-chunk head gradient run the encoder's backward again."""
+    torch.manual_seed(0)
+    T, B, S, H, V = 5, 2, 3, 8, 7
+    shared = nn.Embedding(V, H)
+
+    class SharedHead(StepHead):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = shared
+            self.memory: Tensor | None = None
+
+        def forward(self, output: Tensor, start: int) -> Tensor:
+            return (output * self.memory.mean(0)).sum() + self.embedding.weight.sum()
+
+        def context(self) -> list[Tensor]:
+            return [self.memory]
+
+    head = SharedHead()
+    encoder = RevGRU(H, H)
+    head.memory, _ = encoder(shared(torch.randint(0, V, (S, B))))
+    with pytest.raises(RuntimeError, match="also feeds one of its context\\(\\) tensors"):
+        RevGRU(4, H)(torch.randn(T, B, 4, requires_grad=True), head=head)
