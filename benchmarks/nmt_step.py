@@ -51,6 +51,17 @@ weights are the initial ones, see ``benchmarks/multi30k_repro.sh`` for trained o
 activation memory (peak excl. grad) >= 5x below the baseline at Multi30K sizes and >= 30x at length 200;
 step time <= 3x the baseline on CPU.
 
+Reading the peaks (allocation traces of RevGRU at length 200, library chunk of 16 target steps): the
+reversible step's peak is reached in the decoder's reverse sweep, inside one head chunk's backward, and is
+about three ``C × B × vocab`` float tensors (the chunk's log-softmax output, the NLL gradient and the
+log-softmax gradient: 3 × 77 MB at ``C=16, B=64, V=18,726``) plus the reverse sweep's own gradient
+accumulators for the head's and the stems' parameters (generator weight, target embedding, source embedding:
+about 58 MB; they are not ``.grad`` storages, so "peak excl. grad" keeps them, while the baselines' matching
+gradients are excluded) plus the attention memory and a few MB of buffers. The baselines' peak is what they
+save (every chunk's log-softmax: ``T × B × vocab`` floats, and the dropout-masked memory once per chunk) plus
+one chunk's backward. At Multi30K sizes (``T ≈ 14``) one chunk is the whole target, so both peaks are the same
+three logits-sized tensors.
+
 ``--head-chunk C`` is a diagnostic: it sets the target steps the attention/generator/loss head runs at once
 (``lightning_revrnn.sweep.CHUNK`` and ``lightning_revrnn.attention.CHUNK``, 16 in the library) for every row,
 to show how much of the peak the chunk's ``C × B × vocab`` logits are.
