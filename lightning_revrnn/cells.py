@@ -411,8 +411,9 @@ class RevLSTMCell(ReversibleCell):
     ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
         """(``f*``, ``p*`` or None, factors on old c and h, ``i∘g``, ``o``). Where ``keep`` is False the
         identity update (:func:`hold`): ``o = 0`` makes the additive term of h, ``o∘tanh(c)``, exactly 0."""
-        fq, fs = self._forget(f)
-        pq, ps = self._forget(p)
+        n = self.half_size
+        fpq, fps = self._forget(torch.cat([f, p], 1))  # both forget gates rounded in one pass (elementwise)
+        fq, pq, fs, ps = fpq[:, :n], fpq[:, n:], fps[:, :n], fps[:, n:]
         (fq, pq), (fs, ps), (add_c, o) = hold(keep, [fq, pq], [fs, ps], [i * g, o])
         return fq, pq, fs, ps, add_c, o
 

@@ -321,14 +321,7 @@ class LanguageModel(pl.LightningModule):
     # ------------------------------------------------------------------------------------ optimisation
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
-        optimizer = self.optimizer_factory(self.parameters())
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.hparams["lr_factor"], patience=0
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl", "interval": "epoch", "strict": False},
-        }
+        return plateau_schedule(self.optimizer_factory(self.parameters()), self.hparams["lr_factor"])
 
     # ------------------------------------------------------------------------------------ checkpointing
     @override
@@ -376,3 +369,13 @@ class LanguageModel(pl.LightningModule):
     def memory_stats(self) -> dict[str, Any] | None:
         """The reversible RNN's accounting for the last training window; None for the baselines."""
         return self.rnn.memory_stats() if isinstance(self.rnn, ReversibleRNN) else None
+
+
+def plateau_schedule(optimizer: torch.optim.Optimizer, factor: float) -> OptimizerLRScheduler:
+    """The paper's schedule: the learning rate times ``factor`` after an epoch whose ``val_ppl`` did not
+    improve (checked once per epoch; skipped while no validation has run)."""
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=0)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl", "interval": "epoch", "strict": False},
+    }

@@ -33,7 +33,7 @@ from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationB
 from lightning_revrnn.decoder_state import DecoderState, reorder_state
 from lightning_revrnn.decoding import beam_search, greedy_search
 from lightning_revrnn.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
-from lightning_revrnn.lm import BaselineRNN, EmbeddingStem
+from lightning_revrnn.lm import BaselineRNN, EmbeddingStem, plateau_schedule
 from lightning_revrnn.prediction_file import PredictionFile
 from lightning_revrnn.rnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.token_metrics import TokenCrossEntropy
@@ -372,13 +372,7 @@ class TranslationModel(pl.LightningModule):
             optimizer: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=PAPER_LR[self.hparams["rnn"]])
         else:
             optimizer = self.optimizer_factory(self.parameters())
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.hparams["lr_factor"], patience=0
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl", "interval": "epoch", "strict": False},
-        }
+        return plateau_schedule(optimizer, self.hparams["lr_factor"])
 
     # ------------------------------------------------------------------------------------ checkpointing
     @override
