@@ -25,6 +25,7 @@ other allocation can take its address in between.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -109,6 +110,13 @@ def _live_allocations(allocations: list[_Allocation], keys: set[StorageKey]) -> 
 @dataclass
 class _Forward:
     saved: dict[StorageKey, int] = field(default_factory=dict)  # storage → its nbytes
+    #: storage → the detached aliases autograd holds of it (weak: a graph dropped without backward frees them)
+    aliases: dict[StorageKey, list[weakref.ref[Tensor]]] = field(default_factory=dict)
+
+    def keep_held(self) -> None:
+        """Forget the saved storages no graph holds any more (a graph discarded without backward)."""
+        self.saved = {k: n for k, n in self.saved.items() if any(r() is not None for r in self.aliases.get(k, []))}
+        self.aliases = {}
 
 
 class MemoryTrace:
@@ -164,13 +172,19 @@ class MemoryTrace:
         self._forwards.append(forward)
 
         def pack(t: Tensor) -> Tensor:
+            # A detached alias (same storage), not ``t`` itself: for a saved *output*, ``t`` → its grad_fn →
+            # ``t`` is a cycle the garbage collector cannot see, which would keep a graph that is discarded
+            # without backward (such as the reverse sweep's one-step input check) alive for good.
             try:
                 storage = t.untyped_storage()
             except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
                 return t
+            alias = t.detach()
             if storage.data_ptr() != 0:
-                forward.saved[(t.device, storage.data_ptr())] = storage.nbytes()
-            return t
+                key = (t.device, storage.data_ptr())
+                forward.saved[key] = storage.nbytes()
+                forward.aliases.setdefault(key, []).append(weakref.ref(alias))
+            return alias
 
         with record_function(_FORWARD_START):
             pass
@@ -178,11 +192,12 @@ class MemoryTrace:
         self._hooks.__enter__()
 
     def end_forward(self) -> None:
-        """The forward ends (call before backward)."""
+        """The forward ends (call before backward): only saved storages some graph still holds count."""
         if self._hooks is None:
             return
         self._hooks.__exit__(None, None, None)
         self._hooks = None
+        self._forwards[-1].keep_held()
         with record_function(_FORWARD_END):
             pass
 

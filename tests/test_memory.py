@@ -46,8 +46,20 @@ def test_store_mode_memory_grows_with_T_and_reverse_is_far_smaller() -> None:
 def _saved_store(rnn: nn.Module, T: int) -> int:
     x = torch.randn(T, 4, rnn.input_size, requires_grad=True)
     with saved_tensor_bytes(rnn.parameters()) as saved:
-        rnn(x)
+        out, _ = rnn(x)  # held: only storages some graph still holds when the block ends count
     return saved.total
+
+
+def test_a_graph_discarded_inside_the_block_counts_nothing() -> None:
+    """Only what a graph still holds when the block ends counts (a probe graph dropped without backward
+    is freed at once: the trace keeps no reference to it)."""
+    w = nn.Parameter(torch.randn(5, 5))
+    x = torch.randn(10, 5, requires_grad=True)
+    with saved_tensor_bytes([w]) as saved:
+        (torch.sigmoid(x * 2) @ w).sum()  # dropped at once
+        held = torch.sigmoid(x * 3) @ w  # sigmoid saves its output, matmul its input: one storage
+    assert saved.total == 200 and saved.storages == 1
+    held.sum().backward()
 
 
 def test_saved_tensor_bytes_deduplicates_views_and_skips_parameters() -> None:
