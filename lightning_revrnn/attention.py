@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_accumulate
 from lightning_revrnn.dropout import locked_mask
 from lightning_revrnn.sweep import CHUNK, StepHead
 
@@ -74,19 +75,25 @@ class AttentionHead(StepHead):
             (contexts ``emb`` and ``emb+slice``), else None. Not registered as a submodule (its owner
             trains it; see the module docstring).
         dropout: dropout on the attentional output and on the memory (one mask per window, locked over time).
+        block_bytes: generator and cross-entropy by :func:`~lightning_revrnn.chunked_loss.linear_cross_entropy`
+            with this byte budget for its row-block temporaries (the reversible decoder: the head's memory is
+            then bounded by the budget, not by ``chunk × batch × vocab``); None: the plain
+            ``F.cross_entropy(generator(·))`` (the baselines: what a user would write).
 
     Call :meth:`prepare` before each decoder forward; its tensors stay set until backward (the reverse sweep
     runs the head again).
     """
 
     def __init__(
-        self, attention: LuongAttention, generator: nn.Linear, src_embedding: nn.Embedding | None, dropout: float
+        self, attention: LuongAttention, generator: nn.Linear, src_embedding: nn.Embedding | None, dropout: float,
+        block_bytes: int | None = DEFAULT_BLOCK_BYTES,
     ) -> None:
         super().__init__()
         self.attention = attention
         self.generator = generator
         self._src_embedding = (src_embedding,)  # a tuple: not a registered submodule
         self.dropout = dropout
+        self.block_bytes = block_bytes
         self.stored: Tensor | None = None
         self.src: Tensor | None = None
         self.src_keep: Tensor | None = None
@@ -106,7 +113,7 @@ class AttentionHead(StepHead):
         """
         self.stored, self.src, self.src_keep = stored, src, src_keep
         embedding = self._src_embedding[0]
-        self.embedding_weight = None if embedding is None else embedding.weight.view_as(embedding.weight)
+        self.embedding_weight = None if embedding is None else SparseGradAlias.apply(embedding.weight)
         self.targets = tgt_out.masked_fill(~tgt_keep, IGNORE)
         hidden = self.attention.output.out_features
         memory_size = self.attention.query.out_features
@@ -132,8 +139,9 @@ class AttentionHead(StepHead):
         units ``(S, B, D_s)`` (contexts with a slice or the hidden state), concatenated."""
         embedding = self._src_embedding[0]
         parts = []
-        if embedding is not None:
-            parts.append(F.embedding(src, embedding.weight if embedding_weight is None else embedding_weight))
+        if embedding is not None:  # through the alias (training) the weight's gradient is sparse: rows, not V × E
+            weight = embedding.weight if embedding_weight is None else embedding_weight
+            parts.append(F.embedding(src, weight, sparse=embedding_weight is not None))
         if stored is not None:
             parts.append(stored)
         if not parts:
@@ -155,9 +163,43 @@ class AttentionHead(StepHead):
     @override
     def forward(self, output: Tensor, start: int) -> Tensor:
         assert self.targets is not None, "AttentionHead.prepare() sets the window first"
-        targets = self.targets[start : start + output.shape[0]]
-        logits = self.generator(self.attentional(output))
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        targets = self.targets[start : start + output.shape[0]].flatten()
+        attentional = self.attentional(output).flatten(0, 1)
+        if self.block_bytes is None:
+            logits = self.generator(attentional)
+            return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+        generator = self.generator
+        return linear_cross_entropy(attentional, generator.weight, generator.bias, targets, IGNORE, self.block_bytes)
+
+    def accumulate_grads(
+        self, output: Tensor, start: int, d_value: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
+    ) -> Tensor | None:
+        """Reverse sweep (:func:`~lightning_revrnn.sweep.head_gradient`): the gradient of ``forward(output,
+        start) · d_value`` with respect to ``output`` (a leaf requiring grad), adding the gradient of every
+        ``(tensor, accumulator)`` target into its accumulator. The generator's weight and bias gradients go
+        straight into theirs, block of rows by block (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy_accumulate`),
+        so neither a ``C × B × vocab`` logits tensor nor a per-chunk ``vocab × H`` gradient exists; attention,
+        dropout and the context get theirs from autograd, as before."""
+        if self.block_bytes is None:  # the plain head: autograd for everything
+            tensors = [t for t, _ in targets]
+            grads = torch.autograd.grad(self(output, start), [output, *tensors], d_value, allow_unused=True)
+            _accumulate(targets, grads[1:])
+            return grads[0]
+        assert self.targets is not None, "AttentionHead.prepare() sets the window first"
+        flat_targets = self.targets[start : start + output.shape[0]].flatten()
+        attentional = self.attentional(output).flatten(0, 1)
+        generator = self.generator
+        accumulators = {id(t): acc for t, acc in targets}
+        _, d_attentional = linear_cross_entropy_accumulate(
+            attentional, generator.weight, generator.bias, flat_targets, d_value,
+            accumulators.get(id(generator.weight)), None if generator.bias is None else accumulators.get(id(generator.bias)),
+            IGNORE, self.block_bytes,
+        )
+        rest = [(t, acc) for t, acc in targets if t is not generator.weight and t is not generator.bias]
+        grads = torch.autograd.grad(attentional, [output, *[t for t, _ in rest]], d_attentional.to(attentional.dtype),
+                                    allow_unused=True)
+        _accumulate(rest, grads[1:])
+        return grads[0]
 
     @override
     def context(self) -> Sequence[Tensor]:
@@ -170,3 +212,29 @@ class AttentionHead(StepHead):
         time in plain autograd (the baselines: at most ``CHUNK × B × vocab`` logits at once in forward;
         autograd still keeps each chunk's for backward)."""
         return torch.stack([self(outputs[t : t + CHUNK], t) for t in range(0, outputs.shape[0], CHUNK)]).sum()
+
+
+def _accumulate(targets: Sequence[tuple[Tensor, Tensor]], grads: Sequence[Tensor | None]) -> None:
+    """Add each gradient (dense or sparse) into its target's accumulator (None: the target was not reached)."""
+    for (_, acc), grad in zip(targets, grads):
+        if grad is not None:
+            acc.add_(grad)
+
+
+class SparseGradAlias(torch.autograd.Function):
+    """``apply(weight)``: a view of ``weight`` whose backward passes a sparse gradient on as a dense one.
+
+    The head reads the source embedding weight through this alias (see the module docstring) with
+    ``F.embedding(..., sparse=True)``: the gradient of the alias is then the looked-up rows (``S × B × E``),
+    which the reverse sweep adds into its accumulator, instead of a dense ``V × E`` tensor per chunk. A plain
+    ``view_as`` cannot carry it back to the weight (its backward reshapes, which sparse tensors do not
+    support); this one densifies it there (``mode="store"``: once, after autograd summed every chunk's rows).
+    """
+
+    @staticmethod
+    def forward(ctx: object, weight: Tensor) -> Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad.to_dense() if grad.is_sparse else grad

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_revrnn.attention import AttentionHead, LuongAttention
+from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
 from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationBatch, TranslationVocabulary
 from lightning_revrnn.decoder_state import DecoderState, reorder_state
@@ -85,6 +86,11 @@ class TranslationModel(pl.LightningModule):
         dropout_seed: dropout masks come from ``(dropout_seed, global step, rank)`` (not ``seed``: the
             translation DataModules' ``seed`` shuffles batches, and Lightning refuses to log two different
             values under one hyperparameter name).
+        head_block_bytes: reversible models: byte budget of the decoder head's generator + cross-entropy
+            temporaries (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy`: rows of logits at a time,
+            ``budget / (2 · 4 · tgt_vocab)`` rows per block, at least one), so the head's memory does not grow
+            with chunk × batch × vocabulary. Default 8 MiB (112 rows at Multi30K's 18,726 German words). The
+            baselines ignore it (plain ``nn.Linear`` + ``F.cross_entropy``).
 
     Logged: ``train_loss``, ``train_ppl`` (per step, per target token of this rank's batch); ``val_loss``,
     ``val_ppl``, ``val_bleu`` (greedy decoding, to keep validation cheap), ``test_loss``, ``test_ppl``,
@@ -113,6 +119,7 @@ class TranslationModel(pl.LightningModule):
         tgt_vocab_size: int | None = None,
         prediction_file: str | None = None,
         dropout_seed: int = 0,
+        head_block_bytes: int = DEFAULT_BLOCK_BYTES,
     ) -> None:
         super().__init__()
         self.reversible = rnn in DECODERS
@@ -158,7 +165,9 @@ class TranslationModel(pl.LightningModule):
         uses_emb = self.context_type in ("emb", "emb+slice")
         memory_size = (E if uses_emb else 0) + self.stored_units
         generator = nn.Linear(H, tgt_vocab_size)
-        self.head = AttentionHead(LuongAttention(H, memory_size), generator, self.src_embedding if uses_emb else None, p)
+        block_bytes = hp.get("head_block_bytes", DEFAULT_BLOCK_BYTES) if self.reversible else None
+        self.head = AttentionHead(LuongAttention(H, memory_size), generator, self.src_embedding if uses_emb else None, p,
+                                  block_bytes)
         for param in [*self.src_embedding.parameters(), *self.tgt_embedding.parameters(), *self.head.parameters()]:
             nn.init.uniform_(param, -INIT_RANGE, INIT_RANGE)
         self.encoder: nn.Module

@@ -671,6 +671,15 @@ def head_gradient(window: Window, top: Tensor, t0: int, grad_primary: Tensor, gr
     if head is None:
         return grad_primary[t0 : t0 + top.shape[0]]
     out_leaf = top.detach().requires_grad_()
+    # A head with its own ``accumulate_grads(output, start, d_value, [(tensor, accumulator), ...]) -> d_output``
+    # adds its gradients into the accumulators itself (e.g. a generator's weight gradient block by block, with no
+    # per-chunk temporary of the weight's size); any other head: one autograd call, then added here.
+    accumulate = getattr(head, "accumulate_grads", None)
+    if accumulate is not None:
+        pairs = [(window.extras[i], grads.extras[i]) for i in window.head_slots]
+        with window.autocast.enter():
+            d_out = accumulate(out_leaf, t0, grad_primary, pairs)
+        return torch.zeros_like(top) if d_out is None else d_out
     targets = [window.extras[i] for i in window.head_slots]
     value = window.head_value(head, out_leaf, t0)
     d = torch.autograd.grad(value, [out_leaf, *targets], grad_primary, allow_unused=True)
