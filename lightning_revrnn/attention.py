@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_revrnn.attention_blocks import MemoryBlocks, attend, attend_backward
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_accumulate
 from lightning_revrnn.dropout import locked_mask
 from lightning_revrnn.sweep import CHUNK, StepHead
@@ -160,11 +161,33 @@ class AttentionHead(StepHead):
         out = self.attention(output, self.memory(), self.src_keep)
         return out if self.output_mask is None else out * self.output_mask
 
+    def memory_blocks(self) -> MemoryBlocks:
+        """This window's memory as blocks of source positions within ``block_bytes`` (reversible heads)."""
+        assert self.src is not None and self.src_keep is not None, "AttentionHead.prepare() sets the window first"
+        assert self.block_bytes is not None
+        return MemoryBlocks.with_budget(self.src, self.src_keep, self.embedding_weight, self.stored, self.block_bytes)
+
+    def masked_query(self, output: Tensor) -> Tensor:
+        """``W_a h`` ``(C, B, D)`` times the memory's dropout mask (so the memory itself is never masked)."""
+        query = self.attention.query(output)
+        return query if self.memory_mask is None else query * self.memory_mask
+
+    def output_layer(self, context: Tensor, output: Tensor) -> Tensor:
+        """``tanh(W_c [context; h])`` after output dropout, from the raw context (the memory mask applied here)."""
+        if self.memory_mask is not None:
+            context = context * self.memory_mask
+        out = torch.tanh(self.attention.output(torch.cat([context, output], -1)))
+        return out if self.output_mask is None else out * self.output_mask
+
     @override
     def forward(self, output: Tensor, start: int) -> Tensor:
         assert self.targets is not None, "AttentionHead.prepare() sets the window first"
         targets = self.targets[start : start + output.shape[0]].flatten()
-        attentional = self.attentional(output).flatten(0, 1)
+        if self.block_bytes is not None and not torch.is_grad_enabled():  # the sweep's forward, evaluation
+            _, context = attend(self.masked_query(output), self.memory_blocks())
+            attentional = self.output_layer(context, output).flatten(0, 1)
+        else:
+            attentional = self.attentional(output).flatten(0, 1)
         if self.block_bytes is None:
             logits = self.generator(attentional)
             return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
@@ -187,17 +210,25 @@ class AttentionHead(StepHead):
             return grads[0]
         assert self.targets is not None, "AttentionHead.prepare() sets the window first"
         flat_targets = self.targets[start : start + output.shape[0]].flatten()
-        attentional = self.attentional(output).flatten(0, 1)
-        generator = self.generator
-        accumulators = {id(t): acc for t, acc in targets}
+        memory = self.memory_blocks()
+        query = self.masked_query(output)  # graph: output, W_a
+        weights, context = attend(query, memory)
+        context.requires_grad_()  # a leaf: the attention core's backward is written out below
+        attentional = self.output_layer(context, output).flatten(0, 1)  # graph: context, output, W_c
+        generator, own = self.generator, {id(t): acc for t, acc in targets}
         _, d_attentional = linear_cross_entropy_accumulate(
-            attentional, generator.weight, generator.bias, flat_targets, d_value,
-            accumulators.get(id(generator.weight)), None if generator.bias is None else accumulators.get(id(generator.bias)),
-            IGNORE, self.block_bytes,
+            attentional, generator.weight, generator.bias, flat_targets, d_value, own.get(id(generator.weight)),
+            None if generator.bias is None else own.get(id(generator.bias)), IGNORE, self.block_bytes,
         )
-        rest = [(t, acc) for t, acc in targets if t is not generator.weight and t is not generator.bias]
-        grads = torch.autograd.grad(attentional, [output, *[t for t, _ in rest]], d_attentional.to(attentional.dtype),
-                                    allow_unused=True)
+        d_attentional = d_attentional.to(attentional.dtype)
+        (d_context,) = torch.autograd.grad(attentional, [context], d_attentional, retain_graph=True)
+        embedding_acc = None if self.embedding_weight is None else own.get(id(self.embedding_weight))
+        stored_acc = None if self.stored is None else own.get(id(self.stored))
+        d_query = attend_backward(query, weights, d_context, memory, embedding_acc, stored_acc)
+        skip = {id(generator.weight), id(generator.bias), id(self.embedding_weight), id(self.stored)}
+        rest = [(t, acc) for t, acc in targets if id(t) not in skip]
+        grads = torch.autograd.grad([attentional, query], [output, *[t for t, _ in rest]],
+                                    [d_attentional, d_query.to(query.dtype)], allow_unused=True)
         _accumulate(rest, grads[1:])
         return grads[0]
 
