@@ -31,9 +31,8 @@ Per configuration:
 
 1. a warm-up step;
 2. one step traced with :class:`~lightning_revrnn.memory.MemoryTrace` (the library's allocation trace,
-   what ``MemoryReport`` logs; :class:`DetachingTrace`: its pack hook keeps a detached alias, so that a graph
-   the step discards without backward is freed as it is without the trace, and its storages do not count as
-   saved): ``saved`` = storages allocated in the forward and held by autograd for
+   what ``MemoryReport`` logs; its pack hook keeps a detached alias, so that a graph the step discards
+   without backward is freed as it is without the trace, and its storages do not count as saved): ``saved`` = storages allocated in the forward and held by autograd for
    backward; ``peak`` = highest allocation level above the step's start over forward, backward, clipping and
    the optimizer step (on CUDA: the allocator's ``max_memory_allocated``), ``grad`` = parameter gradients
    allocated in it, ``peak excl. grad`` = the peak without them: the step's activation memory (activations,
@@ -51,16 +50,18 @@ weights are the initial ones, see ``benchmarks/multi30k_repro.sh`` for trained o
 activation memory (peak excl. grad) >= 5x below the baseline at Multi30K sizes and >= 30x at length 200;
 step time <= 3x the baseline on CPU.
 
-Reading the peaks (allocation traces of RevGRU at length 200, library chunk of 16 target steps): the
-reversible step's peak is reached in the decoder's reverse sweep, inside one head chunk's backward, and is
-about three ``C × B × vocab`` float tensors (the chunk's log-softmax output, the NLL gradient and the
-log-softmax gradient: 3 × 77 MB at ``C=16, B=64, V=18,726``) plus the reverse sweep's own gradient
-accumulators for the head's and the stems' parameters (generator weight, target embedding, source embedding:
-about 58 MB; they are not ``.grad`` storages, so "peak excl. grad" keeps them, while the baselines' matching
-gradients are excluded) plus the attention memory and a few MB of buffers. The baselines' peak is what they
-save (every chunk's log-softmax: ``T × B × vocab`` floats, and the dropout-masked memory once per chunk) plus
-one chunk's backward. At Multi30K sizes (``T ≈ 14``) one chunk is the whole target, so both peaks are the same
-three logits-sized tensors.
+Reading the peaks (allocation traces, library chunk of 16 target steps). The reversible decoder's head runs
+the generator and cross-entropy a block of rows at a time (``TranslationModel(head_block_bytes=8 MiB)``,
+:mod:`lightning_revrnn.chunked_loss`) and the attention a block of source positions at a time
+(:mod:`lightning_revrnn.attention_blocks`), adding its parameter and memory gradients straight into the
+reverse sweep's accumulators; those accumulators become the parameters' ``.grad`` storages, so "peak excl.
+grad" leaves them out, as it does the baselines' gradients. What remains in the reversible peak: at Multi30K
+sizes one head chunk's working set (two logits blocks of ~4 MB, the chunk's attention and layer tensors) and
+at length 200 the encoder's reverse sweep (its source-embedding gradient accumulator, 12 MB, which is summed
+into the decoder side's and so freed, plus a few MB of buffers and per-chunk tensors). The baselines' peak is
+what they save (every chunk's log-softmax: ``T × B × vocab`` floats, and the dropout-masked memory once per
+chunk) plus one chunk's backward (three ``C × B × vocab`` float tensors: 3 × 77 MB at ``C=16, B=64,
+V=18,726``); at Multi30K sizes (``T ≈ 14``) one chunk is the whole target.
 
 ``--head-chunk C`` is a diagnostic: it sets the target steps the attention/generator/loss head runs at once
 (``lightning_revrnn.sweep.CHUNK`` and ``lightning_revrnn.attention.CHUNK``, 16 in the library) for every row,
@@ -81,7 +82,6 @@ import os
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,14 +89,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from typing_extensions import override
 
 import lightning_revrnn.attention as attention_module
 import lightning_revrnn.sweep as sweep_module
 from lightning_revrnn.datamodules.bucketing import training_plan
 from lightning_revrnn.datamodules.parallel import EncodedPairs, ParallelText, TranslationBatch, collate
 from lightning_revrnn.datamodules.vocabulary import SPECIALS
-from lightning_revrnn.memory import MemoryTrace, StepMemory, StorageKey
+from lightning_revrnn.memory import MemoryTrace, StepMemory
 from lightning_revrnn.seq2seq import TranslationModel
 
 try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.nmt_step``
@@ -415,59 +414,6 @@ def training_step(subject: Subject, trace: MemoryTrace | None = None) -> tuple[T
     return loss.detach(), measured, held
 
 
-class DetachingTrace(MemoryTrace):
-    """:class:`MemoryTrace` whose saved-tensor pack hook stores ``t.detach()`` instead of ``t`` (same storage),
-    and whose ``saved`` counts only the saved storages still held when the forward ends.
-
-    ``MemoryTrace``'s own hook returns ``t`` itself; for a tensor an op saves as its *output* that is a
-    reference cycle (tensor → its ``grad_fn`` → the saved tensor) that Python's garbage collector cannot see.
-    A graph that runs backward breaks it (saved tensors are released); a graph that is discarded without a
-    backward never does, so it stays alive for good. The reversible models build such a graph in every
-    forward: the core's ``check_declared_inputs`` runs one head step with grad (the attention memory after
-    dropout, ``S × B × (E + slice)`` floats, and one step's ``B × vocab`` log-softmax) and drops it. Under
-    ``MemoryTrace`` it would count as saved and stay in the peak (about 26 MB at length 200); without a trace it
-    is freed at once (and, freed, it holds nothing until backward), so this subclass measures what the untraced
-    step does.
-    """
-
-    _aliases: dict[StorageKey, list[weakref.ref[Tensor]]]
-
-    @override
-    def begin_forward(self) -> None:
-        super().begin_forward()
-        hooks = self._hooks
-        if hooks is None:
-            return
-        hooks.__exit__(None, None, None)  # replace the hook pair: record as before, keep a detached alias
-        record = hooks.pack_hook
-        self._aliases = {}
-
-        def pack(t: Tensor) -> Tensor:
-            record(t)
-            alias = t.detach()
-            try:
-                key = (t.device, t.untyped_storage().data_ptr())
-            except (RuntimeError, NotImplementedError):  # storage-less tensors: not recorded either
-                return alias
-            self._aliases.setdefault(key, []).append(weakref.ref(alias))
-            return alias
-
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._hooks.__enter__()
-
-    @override
-    def end_forward(self) -> None:
-        active = self._hooks is not None
-        super().end_forward()
-        if not active or not self._forwards:
-            return
-        saved = self._forwards[-1].saved
-        for key, refs in self._aliases.items():
-            if all(ref() is None for ref in refs):  # every graph that saved it is gone: it is not held
-                saved.pop(key, None)
-        self._aliases = {}
-
-
 def accounting_of(model: TranslationModel) -> dict[str, dict[str, Any]] | None:
     """The paper's accounting of the last training forward, per side (None for the baselines)."""
     stats = model.memory_stats()
@@ -480,7 +426,7 @@ def accounting_of(model: TranslationModel) -> dict[str, dict[str, Any]] | None:
 def measure_memory(subject: Subject, device: torch.device, row: Row) -> None:
     """The warm-up step, then one traced step: saved, peak, gradient bytes, accounting."""
     training_step(subject)
-    loss, measured, held = training_step(subject, DetachingTrace(device))
+    loss, measured, held = training_step(subject, MemoryTrace(device))
     assert measured is not None
     row.loss = float(loss)
     row.saved_bytes = measured.saved_bytes

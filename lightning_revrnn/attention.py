@@ -20,8 +20,21 @@ real target tokens of a chunk, so no ``T × B × vocab`` logits tensor ever exis
   encoder's backward inside the decoder's (the reverse sweep supports one backward per forward). Through a
   view, the weight gets the same gradient and no path from the head's targets leads into the encoder.
 
-The baselines (``nn.GRU``/``nn.LSTM`` decoders) call the same head on their outputs chunk by chunk in plain
-autograd (:meth:`AttentionHead.chunked`).
+The alias is a :class:`SparseGradAlias` and the lookup uses ``sparse=True``, so the per-chunk gradient of the
+weight is the looked-up rows, not a dense ``V × E`` tensor.
+
+Memory of a reversible head (``block_bytes`` set): the generator and cross-entropy run a block of rows at a
+time (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy`), and in the reverse sweep
+(:meth:`AttentionHead.accumulate_grads`) and the sweep's forward the attention runs a block of source
+positions at a time (:mod:`lightning_revrnn.attention_blocks`), with the generator's, the embedding's and the
+stored units' gradients added straight into the sweep's accumulators. So the head's working set is bounded by
+``block_bytes`` (plus ``C × B × S`` attention weights and ``C × B × (H + D)`` activations), not by
+``C × B × vocab`` or ``S × B × D``. ``mode="store"`` (the gradient reference) differentiates the same head with
+autograd over the whole memory: the same arithmetic up to rounding (the loss agrees with ``mode="reverse"`` to
+float tolerance; bit for bit only where the source fits one block).
+
+The baselines (``nn.GRU``/``nn.LSTM`` decoders, ``block_bytes=None``) call the same head on their outputs chunk
+by chunk in plain autograd (:meth:`AttentionHead.chunked`), with the plain ``nn.Linear`` + ``F.cross_entropy``.
 """
 
 from __future__ import annotations
