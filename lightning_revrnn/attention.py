@@ -49,7 +49,7 @@ from typing_extensions import override
 from lightning_revrnn.attention_blocks import MemoryBlocks, attend, attend_backward
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_accumulate
 from lightning_revrnn.dropout import locked_mask
-from lightning_revrnn.sweep import CHUNK, StepHead
+from lightning_revrnn.sweep import CHUNK, StepHead, add_gradients
 
 #: Target positions the loss ignores (``F.cross_entropy``'s ``ignore_index``).
 IGNORE = -100
@@ -207,6 +207,7 @@ class AttentionHead(StepHead):
         generator = self.generator
         return linear_cross_entropy(attentional, generator.weight, generator.bias, targets, IGNORE, self.block_bytes)
 
+    @override
     def accumulate_grads(
         self, output: Tensor, start: int, d_value: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
     ) -> Tensor | None:
@@ -217,10 +218,7 @@ class AttentionHead(StepHead):
         so neither a ``C × B × vocab`` logits tensor nor a per-chunk ``vocab × H`` gradient exists; attention,
         dropout and the context get theirs from autograd, as before."""
         if self.block_bytes is None:  # the plain head: autograd for everything
-            tensors = [t for t, _ in targets]
-            grads = torch.autograd.grad(self(output, start), [output, *tensors], d_value, allow_unused=True)
-            _accumulate(targets, grads[1:])
-            return grads[0]
+            return super().accumulate_grads(output, start, d_value, targets)
         assert self.targets is not None, "AttentionHead.prepare() sets the window first"
         flat_targets = self.targets[start : start + output.shape[0]].flatten()
         memory = self.memory_blocks()
@@ -242,7 +240,7 @@ class AttentionHead(StepHead):
         rest = [(t, acc) for t, acc in targets if id(t) not in skip]
         grads = torch.autograd.grad([attentional, query], [output, *[t for t, _ in rest]],
                                     [d_attentional, d_query.to(query.dtype)], allow_unused=True)
-        _accumulate(rest, grads[1:])
+        add_gradients(rest, grads[1:])
         return grads[0]
 
     @override
@@ -256,13 +254,6 @@ class AttentionHead(StepHead):
         time in plain autograd (the baselines: at most ``CHUNK × B × vocab`` logits at once in forward;
         autograd still keeps each chunk's for backward)."""
         return torch.stack([self(outputs[t : t + CHUNK], t) for t in range(0, outputs.shape[0], CHUNK)]).sum()
-
-
-def _accumulate(targets: Sequence[tuple[Tensor, Tensor]], grads: Sequence[Tensor | None]) -> None:
-    """Add each gradient (dense or sparse) into its target's accumulator (None: the target was not reached)."""
-    for (_, acc), grad in zip(targets, grads):
-        if grad is not None:
-            acc.add_(grad)
 
 
 class SparseGradAlias(torch.autograd.Function):

@@ -31,6 +31,14 @@ from lightning_revrnn.errors import ReconstructionError
 from lightning_revrnn.fixed_point import RangeGuard, straight_through, to_fixed, to_float
 
 
+def add_gradients(targets: Sequence[tuple[Tensor, Tensor]], grads: Sequence[Tensor | None]) -> None:
+    """Add each gradient (dense or sparse) into its ``(tensor, accumulator)`` target's accumulator; None: the
+    target was not reached."""
+    for (_, acc), grad in zip(targets, grads):
+        if grad is not None:
+            acc.add_(grad)
+
+
 class StepHead(nn.Module, metaclass=ABCMeta):
     """An output head run inside the sweep, e.g. decoder + cross-entropy, a chunk of steps at a time.
 
@@ -38,8 +46,8 @@ class StepHead(nn.Module, metaclass=ABCMeta):
     ``start .. start+C-1`` of the window, return the scalar sum of the head over those steps (it must be a
     sum over steps: the sequence module returns the total over the window). The head only ever sees
     ``CHUNK`` steps at once, so no ``T × batch × vocab`` tensor exists. In ``mode="reverse"`` it runs in
-    forward (for the value), then during the reverse sweep once per step with its parameters detached
-    (for the gradient flowing into the RNN) and once per chunk for its own parameters' gradients. Anything
+    forward (for the value), then once per chunk in the reverse sweep (:meth:`accumulate_grads`: the
+    gradient flowing into the RNN and its own parameters' and context's gradients, in one call). Anything
     it needs per window (targets, a dropout mask) must be set before the call and stay until backward.
 
     With a keep mask (padding) the head still receives every step; at a masked step the output is the
@@ -63,6 +71,18 @@ class StepHead(nn.Module, metaclass=ABCMeta):
         reads (not copies), set before the call and unchanged until backward. Default: none.
         """
         return ()
+
+    def accumulate_grads(
+        self, output: Tensor, start: int, d_value: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
+    ) -> Tensor | None:
+        """Reverse sweep, once per chunk: the gradient of ``forward(output, start) · d_value`` with respect to
+        ``output`` (a leaf requiring grad; None if the value does not depend on it), adding the gradient of
+        each ``(tensor, accumulator)`` target (the head's parameters and context) into its accumulator. Runs
+        under the autocast recorded in forward. Default: one ``autograd.grad`` call; override for a cheaper
+        form (:class:`~lightning_revrnn.attention.AttentionHead` adds its generator's gradient block by block)."""
+        grads = torch.autograd.grad(self(output, start), [output, *[t for t, _ in targets]], d_value, allow_unused=True)
+        add_gradients(targets, grads[1:])
+        return grads[0]
 
 
 #: Steps per chunk of first-layer input projections (one GEMM per chunk instead of one per step).
@@ -101,9 +121,7 @@ class StepStem(nn.Module, metaclass=ABCMeta):
         adds its rows by ``index_add_`` instead of a dense ``V × E`` gradient per chunk)."""
         if targets:
             grads = torch.autograd.grad(output, [t for t, _ in targets], d_output, allow_unused=True)
-            for (_, acc), g in zip(targets, grads):
-                if g is not None:
-                    acc.add_(g)
+            add_gradients(targets, grads)
 
 
 @dataclass(frozen=True)
@@ -670,21 +688,10 @@ def head_gradient(window: Window, top: Tensor, t0: int, grad_primary: Tensor, gr
     head = window.head
     if head is None:
         return grad_primary[t0 : t0 + top.shape[0]]
-    out_leaf = top.detach().requires_grad_()
-    # A head with its own ``accumulate_grads(output, start, d_value, [(tensor, accumulator), ...]) -> d_output``
-    # adds its gradients into the accumulators itself (e.g. a generator's weight gradient block by block, with no
-    # per-chunk temporary of the weight's size); any other head: one autograd call, then added here.
-    accumulate = getattr(head, "accumulate_grads", None)
-    if accumulate is not None:
-        pairs = [(window.extras[i], grads.extras[i]) for i in window.head_slots]
-        with window.autocast.enter():
-            d_out = accumulate(out_leaf, t0, grad_primary, pairs)
-        return torch.zeros_like(top) if d_out is None else d_out
-    targets = [window.extras[i] for i in window.head_slots]
-    value = window.head_value(head, out_leaf, t0)
-    d = torch.autograd.grad(value, [out_leaf, *targets], grad_primary, allow_unused=True)
-    _accumulate([grads.extras[i] for i in window.head_slots], d[1:])
-    return torch.zeros_like(top) if d[0] is None else d[0]
+    pairs = [(window.extras[i], grads.extras[i]) for i in window.head_slots]
+    with window.autocast.enter():
+        d_out = head.accumulate_grads(top.detach().requires_grad_(), t0, grad_primary, pairs)
+    return torch.zeros_like(top) if d_out is None else d_out
 
 
 def backprop_chunk(
@@ -742,12 +749,6 @@ def _linear_param_grads(d_weight: Tensor, d_bias: Tensor, d_out: Tensor, inputs:
     d_out, inputs = d_out.flatten(0, 1), inputs.flatten(0, 1)
     d_weight.addmm_(d_out.t(), inputs)
     d_bias.add_(d_out.sum(0))
-
-
-def _accumulate(acc: list[Tensor], grads: Sequence[Tensor | None]) -> None:
-    for a, g in zip(acc, grads):
-        if g is not None:
-            a.add_(g)
 
 
 def _check_reconstruction(window: Window, diverged: Tensor) -> None:
