@@ -141,10 +141,10 @@ class CompiledStage:
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if self._compiled is None:
-            _raise_recompile_limit()
-            self._compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
         try:
+            if self._compiled is None:
+                _raise_recompile_limit()
+                self._compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
             if _COUNTING:
                 return self._counted_call(args)
             return self._compiled(*args)
