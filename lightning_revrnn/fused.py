@@ -157,15 +157,33 @@ class CompiledStage:
 
     def _counted_call(self, args: tuple[Any, ...]) -> Any:
         from torch._inductor import metrics
+        from torch.utils._python_dispatch import _disable_current_modes
 
         signature = (self.name, *[(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in args])
-        before = metrics.generated_kernel_count
-        out = self._compiled(*args)  # type: ignore[misc]
-        if metrics.generated_kernel_count != before:
-            _GRAPH_KERNELS[signature] = metrics.generated_kernel_count - before
+        before, _GEMM_NODES.count = metrics.generated_kernel_count, 0
+        with _disable_current_modes():  # dynamo runs nothing compiled under a dispatch mode (an op counter)
+            out = self._compiled(*args)  # type: ignore[misc]
+        if metrics.generated_kernel_count != before or _GEMM_NODES.count:
+            _GRAPH_KERNELS[signature] = metrics.generated_kernel_count - before + _GEMM_NODES.count
         CALLS[self.name] += 1
         KERNELS[self.name] += _GRAPH_KERNELS.get(signature, 0)
         return out
+
+
+class _GemmNodes:
+    """A post-grad pass that counts the GEMM nodes of the graph being compiled: inductor calls them as extern
+    kernels (ATen), which ``generated_kernel_count`` leaves out."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+        self.count += sum(1 for node in graph.nodes if node.op == "call_function" and node.target in gemms)
+
+
+_GEMM_NODES = _GemmNodes()
 
 
 def _raise_recompile_limit() -> None:
@@ -244,8 +262,11 @@ def counting() -> Iterator[tuple[Counter[str], Counter[str]]]:
     Compiled kernels do not pass through the ATen dispatcher, so an op counter cannot see them. A stage's
     kernel count is what inductor generated for its graph (``torch._inductor.metrics.generated_kernel_count``
     during the compile); a graph compiled before counting began is compiled again (``torch._dynamo.reset``)
-    so that every graph's count is known. Extern kernels inside a graph (the GEMMs) are ATen calls that the
-    op counter may or may not see, depending on the torch version: see ``benchmarks/opcount.py``.
+    so that every graph's count is known, with inductor's graph cache off. The GEMMs inside a graph are
+    extern (ATen) kernels that ``generated_kernel_count`` leaves out: they are counted from the post-grad
+    graph (one per ``mm``/``addmm``/``bmm`` node). The stages run with any dispatch mode (an op counter)
+    disabled, since dynamo runs nothing compiled under one: an op counter sees only the eager ops around
+    the stages, and ``CALLS``/``KERNELS`` hold the rest.
     """
     global _COUNTING
     torch._dynamo.reset()
@@ -254,8 +275,15 @@ def counting() -> Iterator[tuple[Counter[str], Counter[str]]]:
     CALLS.clear()
     KERNELS.clear()
     _COUNTING = True
+    # No cached graphs (a cache hit generates no kernel, so it would count none); the GEMM pass sees each graph.
+    patch = torch._inductor.config.patch(
+        fx_graph_cache=False, autotune_local_cache=False, post_grad_custom_post_pass=_GEMM_NODES
+    )
     try:
-        yield CALLS, KERNELS
+        with patch:
+            yield CALLS, KERNELS
     finally:
         _COUNTING = False
+        torch._dynamo.reset()  # the counting graphs were compiled under the patched config
+        _stage.cache_clear()
 
