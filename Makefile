@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | tr -c 'A-Za-z0-9.' '_')
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install test test-compile demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The fused path's tests (torch.compile; a few minutes, left out of `make test`).
+test-compile: $(STAMP)
+	$(BIN)/python -m pytest -q -m compile tests/test_fused.py
 
 demo: $(STAMP)
 	$(BIN)/python -m lightning_revrnn.demo

@@ -36,7 +36,10 @@ EXACTNESS_TESTS = [
     "tests/test_stem.py", "tests/test_errors.py", "tests/test_reference.py", "tests/test_context.py",
     "tests/test_api.py", "tests/test_autocast.py", "tests/test_masks.py",
     "tests/test_chaining.py", "tests/test_stored_units.py", "tests/test_decoding.py", "tests/test_seq2seq.py",
+    "tests/test_fused.py",
 ]
+#: Test files whose tests are marked ``compile`` (left out of the default run): run with ``-m compile`` added.
+COMPILE_TESTS = {"tests/test_fused.py"}
 
 
 def card_slug() -> str:
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, test in enumerate(tests):
             # A file may use all the test time that is left, less 15 s for each file still to come.
             limit = deadline - time.monotonic() - args.bench_reserve - 15 * (len(tests) - 1 - i)
-            step = run_step(test, [py, "-m", "pytest", "-q", "--tb=line", "-rfE", "-p", "no:cacheprovider", test],
+            marker = ["-m", "compile or not compile"] if test in COMPILE_TESTS else []
+            step = run_step(test, [py, "-m", "pytest", "-q", "--tb=line", "-rfE", "-p", "no:cacheprovider", *marker, test],
                             max(10.0, limit), env)
             step["summary"] = pytest_summary(step["tail"])
             steps.append(step)

@@ -211,6 +211,8 @@ class Config:
     variant: str = "plain"
     bits: int | None = None
     chunk: int | None = None
+    #: Reversible rows only: the fused path (``fused=True``, torch.compile stages).
+    fused: bool = False
 
     @property
     def is_baseline(self) -> bool:
@@ -225,7 +227,9 @@ class Config:
     @property
     def model_name(self) -> str:
         base, rev = CELL_NAMES[self.cell]
-        return rev if self.variant == "rev" else base + ("+ckpt" if self.variant == "ckpt" else "")
+        if self.variant == "rev":
+            return rev + ("+fused" if self.fused else "")
+        return base + ("+ckpt" if self.variant == "ckpt" else "")
 
     def variant_text(self) -> str:
         """The table's variant column."""
@@ -308,7 +312,10 @@ def build_configs(args: argparse.Namespace) -> list[Config]:
                 configs.append(base)
                 chunks = dict.fromkeys(resolve_chunk(s, seq_len) for s in args.ckpt_chunks)  # ordered, unique
                 configs += [Config(**{**asdict(base), "variant": "ckpt", "chunk": c}) for c in chunks]
-                configs += [Config(**{**asdict(base), "variant": "rev", "bits": b}) for b in args.bits]
+                for b in args.bits:
+                    configs.append(Config(**{**asdict(base), "variant": "rev", "bits": b}))
+                    if args.fused:  # the fused path beside the eager one, timed in the same rounds
+                        configs.append(Config(**{**asdict(base), "variant": "rev", "bits": b, "fused": True}))
     return configs
 
 
@@ -319,7 +326,9 @@ def build_model(config: Config, device: torch.device) -> LanguageModel:
     sizes = dict(vocab_size=config.vocab, num_layers=config.layers, emb_size=config.emb, hidden_size=config.hidden)
     model: LanguageModel
     if config.variant == "rev":
-        model = LanguageModel(rnn=f"rev{config.cell}", max_forget_bits=config.bits, mode="reverse", **sizes)
+        model = LanguageModel(
+            rnn=f"rev{config.cell}", max_forget_bits=config.bits, mode="reverse", fused=config.fused, **sizes
+        )
     elif config.variant == "ckpt":
         assert config.chunk is not None
         model = CheckpointedLM(rnn=config.cell, chunk=config.chunk, **sizes)
@@ -383,7 +392,8 @@ def measure_cpu_peak(model: LanguageModel, batch: Batch, row: Row) -> None:
 
 def measure_counts(model: LanguageModel, batch: Batch, row: Row) -> None:
     """Op and sync counts of one step: forward = ``training_step``, reverse = ``backward()``."""
-    counts = count_step(lambda: model.training_step(batch, 0), row.config.seq_len, row.config.layers)
+    counts = count_step(lambda: model.training_step(batch, 0), row.config.seq_len, row.config.layers,
+                        fused=row.config.fused)
     model.zero_grad(set_to_none=True)
     row.counts = counts.to_json()
 
@@ -726,6 +736,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/lm_step-<device>.json, "
                                             "lm_step-<device>-small.json with --small)")
     p.add_argument("--no-count", action="store_true", help="skip the op/sync counts")
+    p.add_argument("--fused", action="store_true",
+                   help="also the reversible models with fused=True (torch.compile stages), beside the eager ones")
     p.add_argument("--interleave", action="store_true",
                    help="time the configurations of one (cell, layers, T) group in turns, one step each per round "
                         "(steadier ratios on a shared machine; all of a group's models are alive at once)")

@@ -83,6 +83,9 @@ class PhaseCounts:
 
     ops: Counter[str] = field(default_factory=Counter)
     allocations: int = 0
+    #: Kernels run by the fused path's compiled stages (``lightning_revrnn.fused``), which bypass the
+    #: dispatcher: inductor-generated kernels plus the GEMMs each graph calls as extern kernels.
+    kernels: int = 0
     syncs: Counter[str] = field(default_factory=Counter)
     sync_sites: Counter[str] = field(default_factory=Counter)
     op_sites: Counter[str] = field(default_factory=Counter)
@@ -91,6 +94,11 @@ class PhaseCounts:
     def total_ops(self) -> int:
         """Counted op calls."""
         return sum(self.ops.values())
+
+    @property
+    def ops_and_kernels(self) -> int:
+        """Counted op calls plus compiled kernels: what a device launches (each op at least one kernel)."""
+        return self.total_ops + self.kernels
 
     @property
     def total_syncs(self) -> int:
@@ -104,7 +112,7 @@ class PhaseCounts:
     def to_json(self) -> dict[str, Any]:
         """Flat JSON-serialisable mapping (ops sorted by count)."""
         return {
-            "total_ops": self.total_ops, "allocations": self.allocations, "total_syncs": self.total_syncs,
+            "total_ops": self.total_ops, "kernels": self.kernels, "allocations": self.allocations, "total_syncs": self.total_syncs,
             "ops": dict(self.ops.most_common()), "syncs": dict(self.syncs), "sync_sites": dict(self.sync_sites),
             **({"op_sites": dict(self.op_sites.most_common())} if self.op_sites else {}),
         }
@@ -147,10 +155,14 @@ class OpCounter(TorchDispatchMode):
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[PhaseCounts]:
         """Count what runs inside under ``name`` (phases may repeat: counts add up)."""
+        from lightning_revrnn import fused
+
         previous, self._phase = self._phase, name
+        kernels = sum(fused.KERNELS.values())
         try:
             yield self.current
         finally:
+            self.current.kernels += sum(fused.KERNELS.values()) - kernels
             self._phase = previous
 
     # ------------------------------------------------------------------------------------ dispatch
@@ -291,13 +303,13 @@ class StepCounts:
 
     @property
     def forward_per_step_layer(self) -> float:
-        """Forward ops / (T · layers): per-window constants included, spread over the window."""
-        return self.forward.total_ops / (self.steps * self.layers)
+        """Forward ops + compiled kernels / (T · layers): per-window constants included, spread over the window."""
+        return self.forward.ops_and_kernels / (self.steps * self.layers)
 
     @property
     def reverse_per_step_layer(self) -> float:
-        """Reverse (backward) ops / (T · layers)."""
-        return self.reverse.total_ops / (self.steps * self.layers)
+        """Reverse (backward) ops + compiled kernels / (T · layers)."""
+        return self.reverse.ops_and_kernels / (self.steps * self.layers)
 
     def to_json(self) -> dict[str, Any]:
         """Flat JSON-serialisable mapping: the normalised figures, the syncs per window, each phase."""
@@ -312,12 +324,17 @@ class StepCounts:
 
 
 def count_step(forward: Callable[[], Tensor], steps: int, layers: int,
-               to_loss: Callable[[Tensor], Tensor] | None = None, record_sites: bool = False) -> StepCounts:
+               to_loss: Callable[[Tensor], Tensor] | None = None, record_sites: bool = False,
+               fused: bool = False) -> StepCounts:
     """Run one training step under an :class:`OpCounter`: ``forward()`` in phase ``forward``, then the
     backward of ``to_loss(output)`` (default: the output itself, which must then be a scalar; the loss
     reduction is not counted) in phase ``reverse``. ``steps`` (T) and ``layers`` normalise the counts;
-    ``record_sites`` as :class:`OpCounter`'s."""
-    with OpCounter(record_sites) as counter:
+    ``record_sites`` as :class:`OpCounter`'s. ``fused``: the model uses the fused path; its compiled
+    stages are counted as kernels (``lightning_revrnn.fused.counting``, which recompiles every stage)."""
+    from lightning_revrnn import fused as fused_path
+
+    context = fused_path.counting() if fused else contextlib.nullcontext()
+    with context, OpCounter(record_sites) as counter:
         with counter.phase("forward"):
             out = forward()
         loss = out if to_loss is None else to_loss(out)
@@ -340,19 +357,27 @@ def marginal_per_step_layer(short: StepCounts, long: StepCounts) -> tuple[float,
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bits: int | None, top: int) -> str:
+def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bits: int | None, top: int,
+                 fused: bool = False) -> str:
     """One counted ``mode="reverse"`` step of a small model, every op by the line that ran it."""
     from lightning_revrnn import RevGRU, RevLSTM
+    from lightning_revrnn import fused as fused_path
 
     torch.manual_seed(0)
-    rnn = {"gru": RevGRU, "lstm": RevLSTM}[cell](hidden, hidden, layers, max_forget_bits=bits)
+    rnn = {"gru": RevGRU, "lstm": RevLSTM}[cell](hidden, hidden, layers, max_forget_bits=bits, fused=fused)
     x = torch.randn(steps, batch, hidden, requires_grad=True)
-    counts = count_step(lambda: rnn(x)[0], steps, layers, to_loss=lambda out: out.sum(), record_sites=True)
+    counts = count_step(lambda: rnn(x)[0], steps, layers, to_loss=lambda out: out.sum(), record_sites=True,
+                        fused=fused)
     scale = steps * layers
-    lines = [f"Rev{cell.upper()} T={steps} L={layers} H={hidden} B={batch} k={bits}: ops per step per layer "
-             f"(views, no-ops and allocations left out; benchmarks/opcount.py)"]
+    lines = [f"Rev{cell.upper()}{' fused' if fused else ''} T={steps} L={layers} H={hidden} B={batch} k={bits}: ops "
+             f"(+ compiled kernels) per step per layer (views, no-ops and allocations left out; benchmarks/opcount.py)"]
+    if fused:
+        lines.append("compiled stages, calls and kernels per step per layer (forward + reverse): " + ", ".join(
+            f"{name} {fused_path.CALLS[name] / scale:.2f} x {n / max(fused_path.CALLS[name], 1):.0f}"
+            for name, n in fused_path.KERNELS.items()))
     for name, phase in (("forward", counts.forward), ("reverse", counts.reverse)):
-        lines.append(f"{name}: {phase.total_ops / scale:.2f} ops, {phase.allocations / scale:.2f} allocations, "
+        lines.append(f"{name}: {phase.ops_and_kernels / scale:.2f} ops + kernels ({phase.total_ops / scale:.2f} ops, "
+                     f"{phase.kernels / scale:.2f} compiled kernels), {phase.allocations / scale:.2f} allocations, "
                      f"{phase.total_syncs} syncs per window {dict(phase.sync_sites)}")
         lines += [f"  {n / scale:6.2f}  {site}" for site, n in phase.op_sites.most_common(top)]
     return "\n".join(lines)
@@ -370,8 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--bits", type=lambda s: None if s == "none" else int(s), default=3)
     p.add_argument("--top", type=int, default=40, help="op sites printed per phase")
+    p.add_argument("--fused", action="store_true", help="the fused path (fused=True), its compiled kernels counted")
     a = p.parse_args(argv)
-    print(_site_report(a.cell, a.steps, a.layers, a.hidden, a.batch, a.bits, a.top))
+    print(_site_report(a.cell, a.steps, a.layers, a.hidden, a.batch, a.bits, a.top, a.fused))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_revrnn import fused
 from lightning_revrnn.fixed_point import (
     R_Z,
     bits_per_multiply,
@@ -181,15 +182,37 @@ class InformationBuffer:
     # ------------------------------------------------------------------------------------ forward
     def multiply(self, h: Tensor, z: Tensor) -> Tensor:
         """Forward: ``h* ← h*·z*/2^R_Z``, pushing the lost bits (after a check point's drains). No host read."""
-        if self.multiplications % self._period == 0 and self._bound > DRAIN_BITS:
-            self._drain_full_examples()
+        self._check_point()
         h, self.word = reversible_multiply(h, z, self.word)
-        self._bound += self._step_bits
-        self.multiplications += 1
+        self._count_multiplication()
         if self.retain:  # the optimal bits: log2 z* per unit (float64), summed over units by stats()
             log2_z = torch.log2(z)  # float32 (NaN where z* came from NaN gates: the range guard reports those)
             self._log2_z_units = log2_z.double() if self._log2_z_units is None else self._log2_z_units + log2_z
         return h
+
+    def fused_multiply(self, h: Tensor, z: Tensor, add: Tensor) -> tuple[Tensor, Tensor]:
+        """Fused forward: ``h* ← h*·z*/2^R_Z + add`` (``add`` int64) in one compiled integer stage
+        (:func:`lightning_revrnn.fused.multiply_add`, which also folds in the ``log2 z*`` accounting when
+        retaining); the check point before it runs here, as in :meth:`multiply`. Returns the new ``h*`` and
+        its float32 value. Bit for bit :meth:`multiply` followed by ``+ add``."""
+        self._check_point()
+        if self.retain:
+            if self._log2_z_units is None:
+                self._log2_z_units = torch.zeros(self.word.shape, dtype=torch.float64, device=self.word.device)
+            h, h_f, self.word, self._log2_z_units = fused.multiply_add(True)(h, z, self.word, add, self._log2_z_units)
+        else:
+            h, h_f, self.word = fused.multiply_add(False)(h, z, self.word, add)
+        self._count_multiplication()
+        return h, h_f
+
+    def _check_point(self) -> None:
+        """Before a multiplication: a check point's drains when one falls here and a word may need it."""
+        if self.multiplications % self._period == 0 and self._bound > DRAIN_BITS:
+            self._drain_full_examples()
+
+    def _count_multiplication(self) -> None:
+        self._bound += self._step_bits
+        self.multiplications += 1
 
     def _drain_full_examples(self) -> None:
         """A check point on the device: every example whose largest word exceeds 32 bits drains."""
@@ -272,6 +295,21 @@ class InformationBuffer:
     def divide(self, h: Tensor, z: Tensor) -> Tensor:
         """Reverse: undo the latest :meth:`multiply` not yet undone, popping its bits (no host read once
         :meth:`finish` has run)."""
+        self._start_divide()
+        h, self.word = reversible_divide(h, z, self.word)
+        self._end_divide()
+        return h
+
+    def fused_divide(self, h: Tensor, add: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Fused reverse: undo :meth:`fused_multiply` (``h* ← (h* - add)·2^R_Z/z*`` popping its bits) in one
+        compiled integer stage; any drain it preceded is replayed here, as in :meth:`divide`. Returns the
+        old ``h*`` and its float32 value."""
+        self._start_divide()
+        h, h_f, self.word = fused.subtract_divide()(h, add, z, self.word)
+        self._end_divide()
+        return h, h_f
+
+    def _start_divide(self) -> None:
         if not self.retain:
             raise RuntimeError(
                 "This information buffer was filled without retain=True (evaluation), so its drained bits were "
@@ -279,10 +317,10 @@ class InformationBuffer:
             )
         self.finish()
         self.multiplications -= 1
-        h, self.word = reversible_divide(h, z, self.word)
+
+    def _end_divide(self) -> None:
         if self._drained_before and self._drained_before[-1] == self.multiplications:
             self._undo_drain()
-        return h
 
     def _undo_drain(self) -> None:
         self._drained_before.pop()

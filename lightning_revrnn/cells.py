@@ -30,29 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_revrnn.buffer import InformationBuffer
-from lightning_revrnn.fixed_point import (
-    FORGET_ONE,
-    forget_floor,
-    straight_through,
-    to_fixed,
-    to_float,
-)
+from lightning_revrnn import fused as stages
+from lightning_revrnn.fixed_point import FORGET_ONE, straight_through, to_fixed, to_float
+from lightning_revrnn.gates import forget_scale, forget_scaled, gru_gates, hold, lstm_gates, round_forget
+
+__all__ = ["forget_scale", "hold"]  # re-exported: their home is lightning_revrnn.gates
 
 MAX_FORGET_BITS_CHOICES = (1, 2, 3, 5, None)
-
-
-def hold(keep: Tensor | None, forget_ints: list[Tensor | None], factors: list[Tensor], adds: list[Tensor]) -> tuple[
-    list[Tensor | None], list[Tensor], list[Tensor]
-]:
-    """Make one half-update the identity where ``keep`` (``(B, 1)`` bool) is False.
-
-    Rounded forget values become ``FORGET_ONE`` (an exact identity multiplication: the buffer word and
-    ``h*`` are unchanged), float factors exactly 1, additive terms exactly 0. ``keep=None``: unchanged.
-    """
-    if keep is None:
-        return forget_ints, factors, adds
-    ints = [None if q is None else torch.where(keep, q, FORGET_ONE) for q in forget_ints]
-    return ints, [torch.where(keep, f, 1.0) for f in factors], [torch.where(keep, a, 0.0) for a in adds]
 
 
 class ReversibleCell(nn.Module):
@@ -70,6 +54,8 @@ class ReversibleCell(nn.Module):
       ``mode="reverse"`` alike.
     * :meth:`_half_reverse`: the same gates and rounded forget values from the same tensors, then subtract
       and divide: the exact previous half, plus a *record* of the step's gate values for its backward.
+    * :meth:`_fused_half_forward` / :meth:`_fused_half_reverse`: the same two as compiled stages (the
+      fused path, :attr:`fused`), used where no autograd records (:meth:`uses_fused`).
     * :meth:`_half_backward`: the step's gradient from its record, written out (no autograd), checked
       against autograd through :meth:`_half_forward` by the tests (``mode="store"``).
     """
@@ -82,6 +68,9 @@ class ReversibleCell(nn.Module):
     halves_per_group: int = 1
     #: Units per half (``hidden_size // 2``).
     half_size: int
+    #: Run the half-steps as compiled stages (:mod:`lightning_revrnn.fused`) wherever no autograd records
+    #: (the forward of ``mode="reverse"``, evaluation, the reverse sweep); set by ``ReversibleRNN(fused=...)``.
+    fused: bool = False
 
     def __init__(self, input_size: int, hidden_size: int, max_forget_bits: int | None = 3) -> None:
         super().__init__()
@@ -148,13 +137,16 @@ class ReversibleCell(nn.Module):
         """k-limited forget value rounded to ``R_Z`` bits: (int ``z*``, float ``z*/2^R_Z`` carrying the
         gradient of the limited ``z``, straight through the rounding). ``z·(1-2^-k)·2^R_Z + 2^(R_Z-k)``
         rounds exactly like ``limit_forget(z)·2^R_Z`` (scaling by a power of two is exact)."""
-        scale, offset = forget_scale(self.max_forget_bits)
-        scaled = z * scale + offset
-        zq = torch.round(scaled.detach()).clamp_(forget_floor(self.max_forget_bits), FORGET_ONE)
-        value = zq / FORGET_ONE
+        scaled = forget_scaled(z, self.max_forget_bits)
+        zq, value = round_forget(scaled, self.max_forget_bits)
         if scaled.requires_grad:
             value = straight_through(value, scaled / FORGET_ONE)
-        return zq.to(torch.int64), value
+        return zq, value
+
+    def uses_fused(self) -> bool:
+        """Whether the half-steps run as compiled stages now: :attr:`fused` and no autograd recording (the
+        stages have no autograd; ``mode="store"`` differentiates the eager cells)."""
+        return self.fused and not torch.is_grad_enabled()
 
     @property
     def forget_slope(self) -> float:
@@ -180,6 +172,21 @@ class ReversibleCell(nn.Module):
         ``stored_old``: the stored units' old values (int), which the buffer does not hold."""
 
     @abstractmethod
+    def _fused_half_forward(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
+        buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`_half_forward` as compiled stages (no autograd): new (int halves, their float values)."""
+
+    @abstractmethod
+    def _fused_half_reverse(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
+        keep: Tensor | None, stored_old: Tensor | None = None,
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        """:meth:`_half_reverse` as compiled stages: it undoes exactly what :meth:`_fused_half_forward` did
+        (the same compiled gate stage forms every value that feeds rounding), with the same record."""
+
+    @abstractmethod
     def _half_backward(
         self, w: Tensor, record: tuple[Tensor, ...], d_new: list[Tensor], keep: Tensor | None
     ) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -201,9 +208,10 @@ class ReversibleCell(nn.Module):
         ``stored`` units of ``h1`` are stored units (:func:`store_units`)."""
         state, state_f = list(state), list(state_f)
         xps = xp.split(self.hidden_rows, -1)
+        half_forward = self._fused_half_forward if self.uses_fused() else self._half_forward
         for g in (0, 1):
             idx = self.own(g)
-            new, new_f = self._half_forward(
+            new, new_f = half_forward(
                 w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, keep,
                 stored if g == 0 else 0,
             )
@@ -222,9 +230,10 @@ class ReversibleCell(nn.Module):
         old = list(state)
         xps = xp.split(self.hidden_rows, -1)
         records: list[tuple[Tensor, ...]] = [(), ()]
+        half_reverse = self._fused_half_reverse if self.uses_fused() else self._half_reverse
         for g in (1, 0):
             idx = self.own(g)
-            prev, records[g] = self._half_reverse(
+            prev, records[g] = half_reverse(
                 w[g], xps[g], to_float(old[1 - g]), [old[i] for i in idx], buf, keep, stored_old if g == 0 else None
             )
             for i, v in zip(idx, prev):
@@ -245,14 +254,6 @@ class ReversibleCell(nn.Module):
                 grads[i] = d
             grads[1 - g] = grads[1 - g] + d_other
         return grads, torch.cat(d_pre, -1)
-
-
-def forget_scale(max_forget_bits: int | None) -> tuple[float, float]:
-    """``(scale, offset)`` with ``z·scale + offset = limit_forget(z)·2^R_Z`` (exact constants)."""
-    if max_forget_bits is None:
-        return float(FORGET_ONE), 0.0
-    floor = 2.0**-max_forget_bits
-    return (1.0 - floor) * FORGET_ONE, floor * FORGET_ONE
 
 
 def _masked(d: Tensor, keep: Tensor | None) -> Tensor:
@@ -294,6 +295,17 @@ def restore_units(h: Tensor, stored_old: Tensor | None) -> Tensor:
     return torch.cat([stored_old, h[:, stored_old.shape[1] :]], 1)
 
 
+def apply_update(buf: InformationBuffer, h: Tensor, z: Tensor | None, add: Tensor) -> tuple[Tensor, Tensor]:
+    """Fused path, one half: ``h*·z*/2^R_Z + add`` through the buffer (``h* + add`` without forgetting,
+    ``z`` None), as one compiled integer stage. Returns the new int half and its float32 value."""
+    return stages.add_term()(h, add) if z is None else buf.fused_multiply(h, z, add)
+
+
+def undo_update(buf: InformationBuffer, h: Tensor, z: Tensor | None, add: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`apply_update`: the old int half and its float32 value."""
+    return stages.subtract_term()(h, add) if z is None else buf.fused_divide(h, add, z)
+
+
 class RevGRUCell(ReversibleCell):
     """Reversible GRU (spec section 2)::
 
@@ -309,11 +321,7 @@ class RevGRUCell(ReversibleCell):
 
     def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(σ([z; r]) as one block, g, r∘other)`` from the input pre-activations and the other half."""
-        n = self.half_size
-        zr = torch.sigmoid(torch.addmm(xp[:, : 2 * n], other, w[: 2 * n].t()))
-        r_other = zr[:, n:] * other
-        g = torch.tanh(torch.addmm(xp[:, 2 * n :], r_other, w[2 * n :].t()))
-        return zr, g, r_other
+        return gru_gates(w, xp, other)
 
     def _update(self, z: Tensor, g: Tensor, keep: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor]:
         """(int ``z*`` or None without forgetting, the factor on the old h, the additive term); the
@@ -344,6 +352,31 @@ class RevGRUCell(ReversibleCell):
         h = own[0] - to_fixed(add)
         h = restore_units(h if zq is None else buf.divide(h, zq), stored_old)
         return [h], (other, r_other, zr, g, zs, to_float(h))
+
+    def _fused_half_forward(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
+        buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        _, _, _, zq, zs, add, add_fixed = stages.gru_gate_stage(self.max_forget_bits, self.forgets)(w, xp, other, keep)
+        h, h_f = apply_update(buf, own[0], unbuffered(zq, stored), add_fixed)
+        if stored:
+            h = store_units(h, stored, zs * own_f[0] + add)
+            h_f = to_float(h)
+        return [h], [h_f]
+
+    def _fused_half_reverse(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
+        keep: Tensor | None, stored_old: Tensor | None = None,
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        zr, g, r_other, zq, zs, _, add_fixed = stages.gru_gate_stage(self.max_forget_bits, self.forgets)(
+            w, xp, other, keep
+        )
+        zq = unbuffered(zq, 0 if stored_old is None else stored_old.shape[1])
+        h, h_f = undo_update(buf, own[0], zq, add_fixed)
+        if stored_old is not None:
+            h = restore_units(h, stored_old)
+            h_f = to_float(h)
+        return [h], (other, r_other, zr, g, zs, h_f)
 
     def _half_backward(
         self, w: Tensor, record: tuple[Tensor, ...], d_new: list[Tensor], keep: Tensor | None
@@ -396,9 +429,7 @@ class RevLSTMCell(ReversibleCell):
 
     def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
         """``(σ([f; i; o; p]) as one block, g)`` from the input pre-activations and the other half."""
-        n = self.half_size
-        pre = torch.addmm(xp, other, w.t())
-        return torch.sigmoid(pre[:, : 4 * n]), torch.tanh(pre[:, 4 * n :])
+        return lstm_gates(w, xp, other)
 
     def _gate_slopes(self, like: Tensor) -> Tensor:
         """Per unit of the sigmoid block, d(gate used)/d(sigmoid): the forget limit's slope for ``f`` and
@@ -446,6 +477,37 @@ class RevLSTMCell(ReversibleCell):
         c = c - to_fixed(add_c)
         c = c if fq is None else buf.divide(c, fq)
         return [h, c], (other, sig, g, fs, ps, o_held, to_float(h), to_float(c), c_new)
+
+    def _fused_half_forward(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
+        buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        h, c = own
+        gates = stages.lstm_gate_stage(self.max_forget_bits, self.forgets)(w, xp, other, keep)
+        _, _, fq, pq, _, ps, _, add_c_fixed, o = gates
+        c, c_f = apply_update(buf, c, fq, add_c_fixed)
+        add_h, add_h_fixed = stages.lstm_h_term()(o, c_f)
+        h, h_f = apply_update(buf, h, unbuffered(pq, stored), add_h_fixed)
+        if stored:
+            h = store_units(h, stored, ps * own_f[0] + add_h)
+            h_f = to_float(h)
+        return [h, c], [h_f, c_f]
+
+    def _fused_half_reverse(
+        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
+        keep: Tensor | None, stored_old: Tensor | None = None,
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        h, c = own
+        gates = stages.lstm_gate_stage(self.max_forget_bits, self.forgets)(w, xp, other, keep)
+        sig, g, fq, pq, fs, ps, _, add_c_fixed, o_held = gates
+        c_new = to_float(c)
+        _, add_h_fixed = stages.lstm_h_term()(o_held, c_new)
+        h, h_f = undo_update(buf, h, unbuffered(pq, 0 if stored_old is None else stored_old.shape[1]), add_h_fixed)
+        if stored_old is not None:
+            h = restore_units(h, stored_old)
+            h_f = to_float(h)
+        c, c_f = undo_update(buf, c, fq, add_c_fixed)
+        return [h, c], (other, sig, g, fs, ps, o_held, h_f, c_f, c_new)
 
     def _half_backward(
         self, w: Tensor, record: tuple[Tensor, ...], d_new: list[Tensor], keep: Tensor | None

@@ -9,3 +9,7 @@ class FixedPointOverflowError(ArithmeticError):
 
 class ReconstructionError(RuntimeError):
     """The reverse sweep did not reconstruct the forward states bit for bit."""
+
+
+class FusedPathError(RuntimeError):
+    """The fused path (``fused=True``) could not compile or run one of its ``torch.compile`` stages."""

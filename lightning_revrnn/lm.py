@@ -164,6 +164,8 @@ class LanguageModel(pl.LightningModule):
         dropout_*: embedding (word-level), input, between layers (hidden), output; ``dropconnect`` on
             the hidden-to-hidden weights. Defaults are the paper's.
         mode: reversible training mode, ``"reverse"`` or ``"store"``.
+        fused: reversible models run their exact half-steps as ``torch.compile`` stages (see
+            :class:`~lightning_revrnn.rnn.ReversibleRNN`); the baselines ignore it.
         optimizer: a factory from parameters to a torch optimiser (default: SGD, lr 20, wd 1.2e-6).
         lr_factor: multiply the learning rate by this when validation perplexity stalls (÷4).
         seed: dropout masks are drawn from ``(seed, global step, rank)``, so a resumed run sees the masks
@@ -186,6 +188,7 @@ class LanguageModel(pl.LightningModule):
         dropout_output: float = 0.4,
         dropconnect: float = 0.5,
         mode: Literal["reverse", "store"] = "reverse",
+        fused: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         lr_factor: float = 0.25,
         seed: int = 0,
@@ -204,7 +207,7 @@ class LanguageModel(pl.LightningModule):
         if self.reversible:
             self.rnn = REVERSIBLE[rnn](
                 emb_size, sizes, num_layers=num_layers, max_forget_bits=max_forget_bits, dropout=dropout_hidden,
-                input_dropout=dropout_input, dropconnect=dropconnect, mode=mode,
+                input_dropout=dropout_input, dropconnect=dropconnect, mode=mode, fused=fused,
             )
         else:
             self.rnn = BaselineRNN(rnn, emb_size, sizes, dropout_input, dropout_hidden, dropconnect)

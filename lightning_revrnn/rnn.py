@@ -53,6 +53,13 @@ class ReversibleRNN(nn.Module):
             ``stored_bits`` (32 per unit and step), in ``used_bits`` and ``optimal_bits``.
         mode: ``"reverse"`` (reconstruct states in backward) or ``"store"`` (ordinary autograd through the
             same fixed-point forward). Settable later as ``rnn.mode``.
+        fused: run the exact half-steps as ``torch.compile`` stages (:mod:`lightning_revrnn.fused`: C++
+            kernels on the CPU, Triton on CUDA) wherever no autograd records: the forward of
+            ``mode="reverse"``, its reverse sweep and evaluation (``mode="store"`` training keeps the eager
+            cells). Exact like the eager path (forward and reverse share each compiled stage), but its float
+            gates may differ from eager ones in the last bits, so a fused and an eager run of the same model
+            follow slightly different trajectories. Each new shape compiles once (seconds). Settable later
+            as ``rnn.fused`` (between windows, not between a forward and its backward).
 
     ``out, h_n = rnn(x, hx=None)``, with the dtypes ``nn.GRU``/``nn.LSTM`` would return: under autocast
     where those modules autocast, their dtype (CUDA: float16 whatever the autocast dtype, as cuDNN's RNN;
@@ -100,6 +107,7 @@ class ReversibleRNN(nn.Module):
         batch_first: bool = False,
         stored_units: int = 0,
         mode: Mode = "reverse",
+        fused: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(hidden_size, int):
@@ -129,6 +137,7 @@ class ReversibleRNN(nn.Module):
         self.mode = mode
         ins = [input_size, *sizes[:-1]]
         self.cells = nn.ModuleList(self.cell_class(i, h, max_forget_bits) for i, h in zip(ins, sizes))
+        self.fused = fused
         self._stats: list[BufferStats] | None = None
         self._last_window: weakref.ref[Window] | None = None
         self._exact: list[tuple[list[Tensor], list[Tensor]]] = []
@@ -143,6 +152,24 @@ class ReversibleRNN(nn.Module):
         if value not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {value!r}.")
         self._mode = value
+
+    @property
+    def fused(self) -> bool:
+        """Whether the cells run as compiled stages where no autograd records (see the class docstring)."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fused must be True or False, got {value!r}.")
+        if value and not hasattr(torch, "compile"):
+            raise RuntimeError(
+                f"fused=True needs torch.compile, which torch {torch.__version__} does not have. Fix: fused=False "
+                "(the eager path computes the same exact algorithm), or install torch >= 2.1."
+            )
+        self._fused = value
+        for cell in self.cell_list:
+            cell.fused = value
 
     @property
     def last_window(self) -> Window | None:
@@ -164,7 +191,7 @@ class ReversibleRNN(nn.Module):
         return self.cell_list[0].halves_per_group
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, batch_first={self.batch_first}"
+        return f"mode={self.mode!r}, batch_first={self.batch_first}" + (", fused=True" if self.fused else "")
 
     # ------------------------------------------------------------------------------------- forward
     def forward(

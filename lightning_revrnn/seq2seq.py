@@ -69,6 +69,8 @@ class TranslationModel(pl.LightningModule):
         dropout: locked dropout on the RNN inputs and between layers, on the attentional output and on the
             attention memory (the paper's 0.4 everywhere).
         mode: reversible training mode, ``"reverse"`` or ``"store"`` (the gradient reference).
+        fused: reversible encoder and decoder run their exact half-steps as ``torch.compile`` stages (see
+            :class:`~lightning_revrnn.rnn.ReversibleRNN`); the baselines ignore it.
         optimizer: a factory from parameters to an optimiser. Default: the paper's SGD, lr 1 (LSTM),
             0.5 (RevLSTM), 0.2 (GRU, RevGRU). Clip gradients with ``Trainer(gradient_clip_val=5)``.
         lr_factor: multiply the learning rate by this when validation perplexity does not improve.
@@ -110,6 +112,7 @@ class TranslationModel(pl.LightningModule):
         max_forget_bits: int | None = 3,
         dropout: float = 0.4,
         mode: Literal["reverse", "store"] = "reverse",
+        fused: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_factor: float = 0.5,
         beam: int = 5,
@@ -174,7 +177,10 @@ class TranslationModel(pl.LightningModule):
         self.decoder: nn.Module
         rnn = hp["rnn"]
         if self.reversible:
-            common = dict(num_layers=L, max_forget_bits=hp["max_forget_bits"], dropout=p, input_dropout=p, mode=hp["mode"])
+            common = dict(
+                num_layers=L, max_forget_bits=hp["max_forget_bits"], dropout=p, input_dropout=p, mode=hp["mode"],
+                fused=hp.get("fused", False),  # a checkpoint from before the switch has none
+            )
             core_units = self.stored_units if self.context_type != "hidden" else 0
             self.encoder = reversible_encoder(rnn, self.stored_units, core_units, input_size=E, hidden_size=H, **common)
             self.decoder = DECODERS[rnn](E, H, **common)

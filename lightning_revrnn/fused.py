@@ -1,0 +1,289 @@
+"""The fused fast path: the exact half-steps as a few ``torch.compile`` stages (``fused=True``).
+
+``torch.compile`` (inductor) turns each stage into one or a few kernels, C++ on the CPU and Triton on
+CUDA, from this one source; the eager cells (:mod:`lightning_revrnn.cells`) stay the bit-exact
+reference. A half-step is split so that exactness does not depend on how the compiler vectorises
+float math:
+
+* a **gate stage** per cell type (float, around the GEMMs): the gates, the rounded forget values
+  ``z*`` and the rounded additive terms ``to_fixed(add)``. Compiled float math (a vectorised sigmoid,
+  exp or tanh) may differ in the last bits from eager and from another kernel, so everything that feeds
+  rounding is computed by the *same* compiled function, with the same shapes, in the forward and in the
+  reverse sweep (:func:`gru_gate_stage`, :func:`lstm_gate_stage`, and :func:`lstm_h_term` for the
+  LSTM's ``o∘tanh(c)``, which reads the freshly updated ``c``);
+* **integer stages** (:func:`multiply_add`, :func:`subtract_divide`, :func:`add_term`,
+  :func:`subtract_term`): the fixed-point multiply with the buffer word plus the additive term, and its
+  inverse. Integer ops are exact in any form (the tests check them bit for bit against
+  :func:`~lightning_revrnn.fixed_point.reversible_multiply`/``divide``, inductor's floor division
+  included). They also return the new value as float32: an int64 → float32 conversion is correctly
+  rounded in any implementation (exact via float64 for ``|h*| < 2^53``, and the scaling by ``2^-R_H`` is
+  exact), so it equals the eager :func:`~lightning_revrnn.fixed_point.to_float` bit for bit.
+
+The drain check points stay in :class:`~lightning_revrnn.buffer.InformationBuffer` (eager, before the
+multiplications they precede); an integer stage takes and returns the buffer word (and, when the buffer
+retains, the per-unit ``Σ log2 z*`` accumulator), one multiplication per call, so a check point may fall
+between any two multiplications of a step.
+
+Compile cost: one compile per (stage, forget limit, shapes, keep mask or not); ``dynamic=False``, and no
+Python value that changes per step enters a stage. Stages run only without autograd (the forward of
+``mode="reverse"``, evaluation, and the reverse sweep); ``mode="store"`` keeps the eager cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_revrnn.errors import FusedPathError
+from lightning_revrnn.fixed_point import reversible_divide, reversible_multiply, to_fixed, to_float
+from lightning_revrnn.gates import forget_scaled, gru_gates, hold, lstm_gates, round_forget
+
+#: dynamo's per-function recompile limit is raised to at least this: every layer shape, forget limit and
+#: keep-mask variant of a stage is one compiled entry of the same Python function.
+RECOMPILE_LIMIT = 64
+
+
+# ------------------------------------------------------------------------------------------- stages
+def _gru_gates(
+    w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None, max_forget_bits: int | None, forgets: bool
+) -> tuple[Tensor, ...]:
+    """A RevGRU group: ``(σ([z; r]), g, r∘other, z* or None, z*/2^R_Z, add, to_fixed(add))``, the
+    identity update where ``keep`` is False (as :meth:`RevGRUCell._update`)."""
+    zr, g, r_other = gru_gates(w, xp, other)
+    z = zr[:, : other.shape[1]]
+    zq: Tensor | None
+    if forgets:
+        zq, zs = round_forget(forget_scaled(z, max_forget_bits), max_forget_bits)
+        add = torch.addcmul(g, zs, g, value=-1.0)  # (1 − z*)·g
+    else:
+        zq, zs, add = None, torch.ones_like(z), (1.0 - z) * g
+    (zq,), (zs,), (add,) = hold(keep, [zq], [zs], [add])
+    return zr, g, r_other, zq, zs, add, to_fixed(add)
+
+
+def _lstm_gates(
+    w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None, max_forget_bits: int | None, forgets: bool
+) -> tuple[Tensor | None, ...]:
+    """A RevLSTM group: ``(σ([f; i; o; p]), g, f*, p* (None without forgetting), f*/2^R_Z, p*/2^R_Z,
+    i∘g, to_fixed(i∘g), o)``, the identity update where ``keep`` is False (as :meth:`RevLSTMCell._update`)."""
+    n = other.shape[1]
+    sig, g = lstm_gates(w, xp, other)
+    f, i, o, p = sig.split(n, 1)
+    fq: Tensor | None
+    pq: Tensor | None
+    if forgets:
+        fpq, fps = round_forget(forget_scaled(torch.cat([f, p], 1), max_forget_bits), max_forget_bits)
+        fq, pq, fs, ps = fpq[:, :n], fpq[:, n:], fps[:, :n], fps[:, n:]
+    else:
+        fq = pq = None
+        fs = ps = torch.ones_like(f)
+    (fq, pq), (fs, ps), (add_c, o) = hold(keep, [fq, pq], [fs, ps], [i * g, o])
+    return sig, g, fq, pq, fs, ps, add_c, to_fixed(add_c), o
+
+
+def _lstm_h_term(o: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The RevLSTM's additive term of ``h``, ``o∘tanh(c)`` from the updated ``c`` (float), and its rounding."""
+    add = o * torch.tanh(c)
+    return add, to_fixed(add)
+
+
+def _multiply_add(h: Tensor, z: Tensor, word: Tensor, add: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``h*·z*/2^R_Z + add`` through the buffer word: (new h*, its float32 value, new word)."""
+    h, word = reversible_multiply(h, z, word)
+    h = h + add
+    return h, to_float(h), word
+
+
+def _multiply_add_logged(
+    h: Tensor, z: Tensor, word: Tensor, add: Tensor, log2_units: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_multiply_add` that also adds ``log2 z*`` (the optimal bits' accounting) to ``log2_units``."""
+    h, h_f, word = _multiply_add(h, z, word, add)
+    return h, h_f, word, log2_units + torch.log2(z)
+
+
+def _subtract_divide(h: Tensor, add: Tensor, z: Tensor, word: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`_multiply_add`: (old h*, its float32 value, old word)."""
+    h, word = reversible_divide(h - add, z, word)
+    return h, to_float(h), word
+
+
+def _add_term(h: Tensor, add: Tensor) -> tuple[Tensor, Tensor]:
+    """No forgetting: ``h* + add`` and its float32 value."""
+    h = h + add
+    return h, to_float(h)
+
+
+def _subtract_term(h: Tensor, add: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`_add_term`."""
+    h = h - add
+    return h, to_float(h)
+
+
+# ---------------------------------------------------------------------------------------- compiling
+class CompiledStage:
+    """One stage, compiled on first call (``torch.compile(dynamic=False, fullgraph=True)``).
+
+    Failures to compile or run (no C++ compiler, no Triton, an unsupported torch) become a
+    :class:`~lightning_revrnn.errors.FusedPathError` naming the fix. While :func:`counting` is active,
+    calls are counted per stage (:data:`CALLS`), and the kernels inductor generated for each compiled
+    graph of the stage (:data:`KERNELS`, counted at compile time)."""
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        self.name = name
+        self.fn = fn
+        self._compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            if self._compiled is None:
+                _raise_recompile_limit()
+                self._compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
+            if _COUNTING:
+                return self._counted_call(args)
+            return self._compiled(*args)
+        except Exception as exc:
+            raise FusedPathError(
+                f"The fused path's compiled stage {self.name!r} failed ({type(exc).__name__}: {exc}). torch.compile "
+                "needs a working C++ compiler on the CPU and Triton on CUDA. Fix: build the module with fused=False "
+                "(the eager path computes the same exact algorithm), or install the compiler toolchain."
+            ) from exc
+
+    def _counted_call(self, args: tuple[Any, ...]) -> Any:
+        from torch._inductor import metrics
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        signature = (self.name, *[(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in args])
+        before, _GEMM_NODES.count = metrics.generated_kernel_count, 0
+        with _disable_current_modes():  # dynamo runs nothing compiled under a dispatch mode (an op counter)
+            out = self._compiled(*args)  # type: ignore[misc]
+        if metrics.generated_kernel_count != before or _GEMM_NODES.count:
+            _GRAPH_KERNELS[signature] = metrics.generated_kernel_count - before + _GEMM_NODES.count
+        CALLS[self.name] += 1
+        KERNELS[self.name] += _GRAPH_KERNELS.get(signature, 0)
+        return out
+
+
+class _GemmNodes:
+    """A post-grad pass that counts the GEMM nodes of the graph being compiled: inductor calls them as extern
+    kernels (ATen), which ``generated_kernel_count`` leaves out."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+        self.count += sum(1 for node in graph.nodes if node.op == "call_function" and node.target in gemms)
+
+
+_GEMM_NODES = _GemmNodes()
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < RECOMPILE_LIMIT:
+            setattr(config, name, RECOMPILE_LIMIT)
+
+
+@functools.lru_cache(maxsize=None)
+def _stage(name: str, *constants: Any) -> CompiledStage:
+    fn = _FUNCTIONS[name]
+    bound = functools.partial(fn, **dict(zip(_CONSTANTS.get(name, ()), constants))) if constants else fn
+    label = name if not constants else f"{name}{constants}"
+    return CompiledStage(label, bound)
+
+
+_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "gru_gates": _gru_gates, "lstm_gates": _lstm_gates, "lstm_h_term": _lstm_h_term,
+    "multiply_add": _multiply_add, "multiply_add_logged": _multiply_add_logged, "subtract_divide": _subtract_divide,
+    "add_term": _add_term, "subtract_term": _subtract_term,
+}
+_CONSTANTS = {"gru_gates": ("max_forget_bits", "forgets"), "lstm_gates": ("max_forget_bits", "forgets")}
+
+
+def gru_gate_stage(max_forget_bits: int | None, forgets: bool) -> CompiledStage:
+    """The compiled RevGRU gate stage ``(w, xp, other, keep) -> (zr, g, r∘other, z*, z*/2^R_Z, add,
+    to_fixed(add))`` (``z*`` None without forgetting)."""
+    return _stage("gru_gates", max_forget_bits, forgets)
+
+
+def lstm_gate_stage(max_forget_bits: int | None, forgets: bool) -> CompiledStage:
+    """The compiled RevLSTM gate stage ``(w, xp, other, keep) -> (σ block, g, f*, p*, f*/2^R_Z, p*/2^R_Z,
+    i∘g, to_fixed(i∘g), o)`` (``f*``, ``p*`` None without forgetting)."""
+    return _stage("lstm_gates", max_forget_bits, forgets)
+
+
+def lstm_h_term() -> CompiledStage:
+    """The compiled ``(o, c) -> (o∘tanh(c), to_fixed(o∘tanh(c)))``."""
+    return _stage("lstm_h_term")
+
+
+def multiply_add(retain: bool) -> CompiledStage:
+    """The compiled integer forward stage: ``(h, z, word, add) -> (h, h_float, word)``, with ``retain``
+    ``(h, z, word, add, log2_units) -> (h, h_float, word, log2_units)``."""
+    return _stage("multiply_add_logged" if retain else "multiply_add")
+
+
+def subtract_divide() -> CompiledStage:
+    """The compiled integer reverse stage ``(h, add, z, word) -> (h, h_float, word)``."""
+    return _stage("subtract_divide")
+
+
+def add_term() -> CompiledStage:
+    """The compiled no-forgetting forward stage ``(h, add) -> (h, h_float)``."""
+    return _stage("add_term")
+
+
+def subtract_term() -> CompiledStage:
+    """The compiled no-forgetting reverse stage ``(h, add) -> (h, h_float)``."""
+    return _stage("subtract_term")
+
+
+# ----------------------------------------------------------------------------------------- counting
+#: While :func:`counting` is active: compiled-stage calls per stage, and the kernels they ran.
+CALLS: Counter[str] = Counter()
+KERNELS: Counter[str] = Counter()
+_GRAPH_KERNELS: dict[tuple[Any, ...], int] = {}
+_COUNTING = False
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[tuple[Counter[str], Counter[str]]]:
+    """Count compiled-stage calls and the inductor kernels they ran (``(CALLS, KERNELS)``, reset on entry).
+
+    Compiled kernels do not pass through the ATen dispatcher, so an op counter cannot see them. A stage's
+    kernel count is what inductor generated for its graph (``torch._inductor.metrics.generated_kernel_count``
+    during the compile); a graph compiled before counting began is compiled again (``torch._dynamo.reset``)
+    so that every graph's count is known, with inductor's graph cache off. The GEMMs inside a graph are
+    extern (ATen) kernels that ``generated_kernel_count`` leaves out: they are counted from the post-grad
+    graph (one per ``mm``/``addmm``/``bmm`` node). The stages run with any dispatch mode (an op counter)
+    disabled, since dynamo runs nothing compiled under one: an op counter sees only the eager ops around
+    the stages, and ``CALLS``/``KERNELS`` hold the rest.
+    """
+    global _COUNTING
+    torch._dynamo.reset()
+    _stage.cache_clear()  # fresh stage objects: every graph compiles (and is counted) again
+    _GRAPH_KERNELS.clear()
+    CALLS.clear()
+    KERNELS.clear()
+    _COUNTING = True
+    # No cached graphs (a cache hit generates no kernel, so it would count none); the GEMM pass sees each graph.
+    patch = torch._inductor.config.patch(
+        fx_graph_cache=False, autotune_local_cache=False, post_grad_custom_post_pass=_GEMM_NODES
+    )
+    try:
+        with patch:
+            yield CALLS, KERNELS
+    finally:
+        _COUNTING = False
+        torch._dynamo.reset()  # the counting graphs were compiled under the patched config
+        _stage.cache_clear()
+
