@@ -16,6 +16,9 @@
 #                 fraction = that share (0.125: 2 batches, for smoke runs), an integer >= 2 = that many batches
 #                 (the CLI reads "1" as 1.0: all of them)
 #   LOG_EVERY     log (and MemoryReport-measure) every N steps
+#   EXTRA         more `revrnn fit` flags for both models, e.g. the optimiser of the short run in the README:
+#                 EXTRA="--model.optimizer torch.optim.Adam --model.optimizer.lr 0.001"
+#   OUT           output folder (default benchmarks/results/multi30k-repro)
 #   REVRNN_DATA_DIR  the shared data folder holding multi30k/tok/ (default ../shared/data)
 # Output under benchmarks/results/multi30k-repro/: <model>/version_0/ (fit: metrics.csv, memory_report.json,
 # checkpoints/last.ckpt), <model>-test/version_0/metrics.csv (test), <model>/timing.json, <model>.log, and the
@@ -27,7 +30,8 @@ MODELS="${MODELS:-revgru gru}"
 VAL_EVERY="${VAL_EVERY:-0}"
 TEST_BATCHES="${TEST_BATCHES:-1.0}"
 LOG_EVERY="${LOG_EVERY:-50}"
-OUT=benchmarks/results/multi30k-repro
+OUT="${OUT:-benchmarks/results/multi30k-repro}"
+EXTRA="${EXTRA:-}"
 export REVRNN_DATA_DIR="${REVRNN_DATA_DIR:-$PWD/../shared/data}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY="${PY:-.venv/bin/python}"
@@ -52,7 +56,7 @@ run_model() {  # fit STEPS steps, then test the last checkpoint; wall times into
     --trainer.max_steps "$STEPS" --trainer.log_every_n_steps "$LOG_EVERY" "${VAL_FLAGS[@]}" \
     --trainer.logger.init_args.save_dir "$OUT" --trainer.logger.init_args.name "$rnn" \
     --trainer.enable_progress_bar false --trainer.default_root_dir "$OUT/$rnn" \
-    --model.prediction_file "$OUT/$rnn/predictions.de" \
+    --model.prediction_file "$OUT/$rnn/predictions.de" $EXTRA \
     > "$OUT/$rnn.log" 2>&1
   fitted=$(now)
   "$REVRNN" test --config "$config" --ckpt_path "$OUT/$rnn/version_0/checkpoints/last.ckpt" \
@@ -81,5 +85,5 @@ if [ "$status" -ne 0 ]; then
 fi
 # shellcheck disable=SC2086  # MODELS is a word list
 "$PY" benchmarks/multi30k_repro_summary.py --root "$OUT" --models $MODELS \
-  --command "STEPS=$STEPS VAL_EVERY=$VAL_EVERY TEST_BATCHES=$TEST_BATCHES bash benchmarks/multi30k_repro.sh" \
+  --command "STEPS=$STEPS VAL_EVERY=$VAL_EVERY TEST_BATCHES=$TEST_BATCHES${EXTRA:+ EXTRA=\"$EXTRA\"} bash benchmarks/multi30k_repro.sh" \
   --test-batches "$TEST_BATCHES"
