@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import yaml
 
 NAMES = {"revgru": "RevGRU", "revlstm": "RevLSTM", "gru": "GRU", "lstm": "LSTM"}
 MEMORY_KEYS = ("saved_bytes", "peak_bytes", "peak_excl_grad_bytes", "actual_ratio", "optimal_ratio")
@@ -121,10 +122,23 @@ def summarise(root: str, model: str, accounting_batches: int) -> dict[str, Any]:
         "measured_memory": memory_medians(fit_dir),
         "trained_accounting": None,
         "checkpoint": ckpt,
+        "optimizer": optimizer_of(fit_dir),
     }
     if ckpt is not None and os.path.isfile(ckpt) and accounting_batches > 0:
         result["trained_accounting"] = trained_accounting(ckpt, accounting_batches)
     return result
+
+
+def optimizer_of(fit_dir: str | None) -> str | None:
+    """The optimiser the fit used, from the CLI's saved ``config.yaml``: e.g. ``SGD(lr=0.2)``."""
+    path = os.path.join(fit_dir, "config.yaml") if fit_dir else None
+    if path is None or not os.path.isfile(path):
+        return None
+    spec = (yaml.safe_load(open(path)).get("model") or {}).get("init_args", {}).get("optimizer") or {}
+    if "class_path" not in spec:
+        return None
+    lr = (spec.get("init_args") or {}).get("lr")
+    return f"{spec['class_path'].rsplit('.', 1)[-1]}(lr={lr})"
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -148,10 +162,12 @@ def markdown(runs: list[dict[str, Any]], context: dict[str, Any]) -> str:
             f"{_fmt(enc.get('actual_ratio'))} / {_fmt(enc.get('optimal_ratio'))} | "
             f"{_fmt(dec.get('actual_ratio'))} / {_fmt(dec.get('optimal_ratio'))} |"
         )
+    optimizers = sorted({r["optimizer"] or "?" for r in runs})
     notes = [
         "",
         f"Command: `{context['command']}`. Both models trained the same {context['steps']} optimizer steps "
-        f"(batch 64, the paper's SGD and dropout, clip 5), test on test2016 (beam 5; test batches: "
+        f"(batch 64, optimiser {' / '.join(optimizers)}, the paper's dropout 0.4, clip 5), test on test2016 "
+        f"(beam 5; test batches: "
         f"{context['test_batches']}).",
         "BLEU (tok.) is the paper's: multi-bleu on the lower-cased Moses-tokenised text; sacreBLEU 13a is on "
         "detokenised output. s/step: fit wall time / steps (includes start-up and the MemoryReport's traced "
