@@ -373,15 +373,14 @@ def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bi
                         fused=fused)
     scale = steps * layers
     if summary is not None:
-        summary.update(
-            forward_ops_and_kernels=counts.forward.ops_and_kernels / scale, forward_ops=counts.forward.total_ops / scale,
-            forward_kernels=counts.forward.kernels / scale, forward_syncs_per_window=counts.forward.total_syncs,
-            reverse_ops_and_kernels=counts.reverse.ops_and_kernels / scale, reverse_ops=counts.reverse.total_ops / scale,
-            reverse_kernels=counts.reverse.kernels / scale, reverse_syncs_per_window=counts.reverse.total_syncs,
-            stages={name: {"calls_per_step_layer": fused_path.CALLS[name] / scale,
-                           "kernels_per_call": n / max(fused_path.CALLS[name], 1)}
-                    for name, n in fused_path.KERNELS.items()} if fused else {},
-        )
+        for name, phase in (("forward", counts.forward), ("reverse", counts.reverse)):
+            summary[f"{name}_ops_and_kernels"] = phase.ops_and_kernels / scale
+            summary[f"{name}_ops"] = phase.total_ops / scale
+            summary[f"{name}_kernels"] = phase.kernels / scale
+            summary[f"{name}_syncs_per_window"] = phase.total_syncs
+        summary["stages"] = {name: {"calls_per_step_layer": fused_path.CALLS[name] / scale,
+                                    "kernels_per_call": n / max(fused_path.CALLS[name], 1)}
+                             for name, n in fused_path.KERNELS.items()} if fused else {}
     lines = [f"{cls.__name__}{' fused' if fused else ''} T={steps} L={layers} H={hidden} B={batch} k={bits}: ops "
              f"(+ compiled kernels) per step per layer (views, no-ops and allocations left out; benchmarks/opcount.py)"]
     if fused:

@@ -239,8 +239,10 @@ class ReversibleCell(nn.Module):
         for g in (1, 0):
             idx = self.own(g)
             own, stored = [old[i] for i in idx], stored_old if g == 0 else None
-            # The other half's float: h1 after the step (given), then h2 before it (in group 2's record).
-            other = to_float(old[1 - g]) if floats is None else (floats[0] if g else records[1][self.record_float_positions[0]])
+            if floats is None:
+                other = to_float(old[1 - g])
+            else:  # h1 after the step (given), then h2 before it (in group 2's record)
+                other = floats[0] if g else records[1][self.record_float_positions[0]]
             if fused:  # a group's own halves are still those after the step when it is undone
                 own_f = None if floats is None else [floats[i] for i in idx]
                 prev, records[g] = self._fused_half_reverse(w[g], xps[g], other, own, buf, keep, stored, own_f)
