@@ -358,18 +358,30 @@ def marginal_per_step_layer(short: StepCounts, long: StepCounts) -> tuple[float,
 
 # --------------------------------------------------------------------------------------------- CLI
 def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bits: int | None, top: int,
-                 fused: bool = False) -> str:
-    """One counted ``mode="reverse"`` step of a small model, every op by the line that ran it."""
-    from lightning_revrnn import RevGRU, RevLSTM
+                 fused: bool = False, summary: dict[str, Any] | None = None) -> str:
+    """One counted ``mode="reverse"`` step of a small model, every op by the line that ran it. ``summary``,
+    when given, receives the per step per layer figures (for ``--json``)."""
+    from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM
     from lightning_revrnn import fused as fused_path
 
     torch.manual_seed(0)
-    rnn = {"gru": RevGRU, "lstm": RevLSTM}[cell](hidden, hidden, layers, max_forget_bits=bits, fused=fused)
+    cls = {"gru": RevGRU, "lstm": RevLSTM, "nfgru": NFRevGRU, "nflstm": NFRevLSTM}[cell]
+    bits = None if cell.startswith("nf") else bits  # no forgetting: no forget limit
+    rnn = cls(hidden, hidden, layers, max_forget_bits=bits, fused=fused)
     x = torch.randn(steps, batch, hidden, requires_grad=True)
     counts = count_step(lambda: rnn(x)[0], steps, layers, to_loss=lambda out: out.sum(), record_sites=True,
                         fused=fused)
     scale = steps * layers
-    lines = [f"Rev{cell.upper()}{' fused' if fused else ''} T={steps} L={layers} H={hidden} B={batch} k={bits}: ops "
+    if summary is not None:
+        for name, phase in (("forward", counts.forward), ("reverse", counts.reverse)):
+            summary[f"{name}_ops_and_kernels"] = phase.ops_and_kernels / scale
+            summary[f"{name}_ops"] = phase.total_ops / scale
+            summary[f"{name}_kernels"] = phase.kernels / scale
+            summary[f"{name}_syncs_per_window"] = phase.total_syncs
+        summary["stages"] = {name: {"calls_per_step_layer": fused_path.CALLS[name] / scale,
+                                    "kernels_per_call": n / max(fused_path.CALLS[name], 1)}
+                             for name, n in fused_path.KERNELS.items()} if fused else {}
+    lines = [f"{cls.__name__}{' fused' if fused else ''} T={steps} L={layers} H={hidden} B={batch} k={bits}: ops "
              f"(+ compiled kernels) per step per layer (views, no-ops and allocations left out; benchmarks/opcount.py)"]
     if fused:
         lines.append("compiled stages, calls and kernels per step per layer (forward + reverse): " + ", ".join(
@@ -388,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--cell", choices=["gru", "lstm"], default="gru")
+    p.add_argument("--cell", choices=["gru", "lstm", "nfgru", "nflstm"], nargs="+", default=["gru"])
     p.add_argument("--steps", type=int, default=64, help="T (default 64: 4 chunks, per-window ops spread thin)")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--hidden", type=int, default=32, help="even; op counts do not depend on it")
@@ -396,8 +408,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bits", type=lambda s: None if s == "none" else int(s), default=3)
     p.add_argument("--top", type=int, default=40, help="op sites printed per phase")
     p.add_argument("--fused", action="store_true", help="the fused path (fused=True), its compiled kernels counted")
+    p.add_argument("--json", type=str, help="also write the per step per layer figures of each cell to this path")
     a = p.parse_args(argv)
-    print(_site_report(a.cell, a.steps, a.layers, a.hidden, a.batch, a.bits, a.top, a.fused))
+    rows = []
+    for cell in a.cell:
+        summary: dict[str, Any] = {"cell": cell, "fused": a.fused, "steps": a.steps, "layers": a.layers,
+                                   "hidden": a.hidden, "batch": a.batch, "bits": a.bits}
+        print(_site_report(cell, a.steps, a.layers, a.hidden, a.batch, a.bits, a.top, a.fused, summary))
+        rows.append(summary)
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump({"torch": torch.__version__, "unit": "per step per layer: non-view ATen ops + compiled kernels",
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

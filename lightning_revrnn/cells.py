@@ -68,6 +68,8 @@ class ReversibleCell(nn.Module):
     halves_per_group: int = 1
     #: Units per half (``hidden_size // 2``).
     half_size: int
+    #: Where a group's record holds its old own halves as floats: (h, c) positions (c: LSTM types only).
+    record_float_positions: tuple[int, int] = (-1, -1)
     #: Run the half-steps as compiled stages (:mod:`lightning_revrnn.fused`) wherever no autograd records
     #: (the forward of ``mode="reverse"``, evaluation, the reverse sweep); set by ``ReversibleRNN(fused=...)``.
     fused: bool = False
@@ -181,10 +183,11 @@ class ReversibleCell(nn.Module):
     @abstractmethod
     def _fused_half_reverse(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None, stored_old: Tensor | None = None,
+        keep: Tensor | None, stored_old: Tensor | None = None, own_f: list[Tensor] | None = None,
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
         """:meth:`_half_reverse` as compiled stages: it undoes exactly what :meth:`_fused_half_forward` did
-        (the same compiled gate stage forms every value that feeds rounding), with the same record."""
+        (the same compiled gate stage forms every value that feeds rounding), with its record. ``own_f``: the
+        own halves' float32 values when the caller has them (else converted where needed)."""
 
     @abstractmethod
     def _half_backward(
@@ -221,24 +224,52 @@ class ReversibleCell(nn.Module):
 
     def reverse_step(
         self, w: list[Tensor], xp: Tensor, state: list[Tensor], buf: InformationBuffer, keep: Tensor | None = None,
-        stored_old: Tensor | None = None,
+        stored_old: Tensor | None = None, floats: list[Tensor] | None = None,
     ) -> tuple[list[Tensor], list[tuple[Tensor, ...]]]:
         """Reconstruct the state before a step exactly: group 2 (which read the new ``h1``), then group 1
         (which read the restored ``h2``). Returns the int halves before the step and the two groups'
         records (group 1 first) for :meth:`backward_step`. ``xp`` and ``keep`` as given to forward;
-        ``stored_old``: the stored units of ``h1`` before the step (int), when the step had any."""
+        ``stored_old``: the stored units of ``h1`` before the step (int), when the step had any.
+        ``floats``: the float32 values of ``state``'s halves when the caller has them (the fused sweep
+        carries them, see :meth:`floats_before`); without them each other half is converted here."""
         old = list(state)
         xps = xp.split(self.hidden_rows, -1)
         records: list[tuple[Tensor, ...]] = [(), ()]
-        half_reverse = self._fused_half_reverse if self.uses_fused() else self._half_reverse
+        fused = self.uses_fused()
         for g in (1, 0):
             idx = self.own(g)
-            prev, records[g] = half_reverse(
-                w[g], xps[g], to_float(old[1 - g]), [old[i] for i in idx], buf, keep, stored_old if g == 0 else None
-            )
+            own, stored = [old[i] for i in idx], stored_old if g == 0 else None
+            if floats is None:
+                other = to_float(old[1 - g])
+            else:  # h1 after the step (given), then h2 before it (in group 2's record)
+                other = floats[0] if g else records[1][self.record_float_positions[0]]
+            if fused:  # a group's own halves are still those after the step when it is undone
+                own_f = None if floats is None else [floats[i] for i in idx]
+                prev, records[g] = self._fused_half_reverse(w[g], xps[g], other, own, buf, keep, stored, own_f)
+            else:
+                prev, records[g] = self._half_reverse(w[g], xps[g], other, own, buf, keep, stored)
             for i, v in zip(idx, prev):
                 old[i] = v
         return old, records
+
+    def floats_before(self, records: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        """The float32 values of the state's halves before a step, from its records (both groups' records
+        hold their old own halves as floats, eager and fused alike): no conversion needed."""
+        h_at, c_at = self.record_float_positions
+        floats = [records[0][h_at], records[1][h_at]]
+        if self.halves_per_group == 2:
+            floats += [records[0][c_at], records[1][c_at]]
+        return floats
+
+    def fused_backward_step(
+        self, w: list[Tensor], records: list[tuple[Tensor, ...]], grads: list[Tensor], d_output: Tensor,
+        keep: Tensor | None = None,
+    ) -> tuple[list[Tensor], Tensor]:
+        """:meth:`backward_step` as one compiled stage, from the fused records: it also adds the step's output
+        gradient ``d_output`` (``(B, H)``, or ``(B, S)`` for stored units) into ``grads`` first."""
+        kind = "lstm" if self.halves_per_group == 2 else "gru"
+        stage = stages.step_backward_stage(kind, self.forget_slope, self.forgets)
+        return stage(w, records, grads, d_output, keep)
 
     def backward_step(
         self, w: list[Tensor], records: list[tuple[Tensor, ...]], grads: list[Tensor], keep: Tensor | None = None
@@ -314,7 +345,8 @@ class RevGRUCell(ReversibleCell):
 
     with ``z`` limited to forget at most ``max_forget_bits`` per step and rounded to ``R_Z`` bits.
     Gate rows per group: ``z``, ``r`` (from ``W``) then ``g`` (from ``U``). A step's record:
-    ``(other, r∘other, z, r, g, z*/2^R_Z, h_old)`` (floats; the forget factor 1 at masked rows).
+    ``(other, r∘other, σ([z; r]), g, z*/2^R_Z, h_old)`` (floats; the forget factor 1 at masked rows; the
+    fused path's holds ``z, r`` as two tensors in place of the block).
     """
 
     gate_rows = 3
@@ -357,7 +389,7 @@ class RevGRUCell(ReversibleCell):
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
         buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        _, _, _, zq, zs, add, add_fixed = stages.gru_gate_stage(self.max_forget_bits, self.forgets)(w, xp, other, keep)
+        *_, zq, zs, add, add_fixed = stages.gru_gate_stage(self.max_forget_bits, self.forgets)(w, xp, other, keep)
         h, h_f = apply_update(buf, own[0], unbuffered(zq, stored), add_fixed)
         if stored:
             h = store_units(h, stored, zs * own_f[0] + add)
@@ -366,9 +398,9 @@ class RevGRUCell(ReversibleCell):
 
     def _fused_half_reverse(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None, stored_old: Tensor | None = None,
+        keep: Tensor | None, stored_old: Tensor | None = None, own_f: list[Tensor] | None = None,
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
-        zr, g, r_other, zq, zs, _, add_fixed = stages.gru_gate_stage(self.max_forget_bits, self.forgets)(
+        z, r, g, r_other, zq, zs, _, add_fixed = stages.gru_gate_stage(self.max_forget_bits, self.forgets)(
             w, xp, other, keep
         )
         zq = unbuffered(zq, 0 if stored_old is None else stored_old.shape[1])
@@ -376,7 +408,7 @@ class RevGRUCell(ReversibleCell):
         if stored_old is not None:
             h = restore_units(h, stored_old)
             h_f = to_float(h)
-        return [h], (other, r_other, zr, g, zs, h_f)
+        return [h], (other, r_other, z, r, g, zs, h_f)  # the fused record: one gate a tensor
 
     def _half_backward(
         self, w: Tensor, record: tuple[Tensor, ...], d_new: list[Tensor], keep: Tensor | None
@@ -426,6 +458,7 @@ class RevLSTMCell(ReversibleCell):
 
     gate_rows = 5
     halves_per_group = 2
+    record_float_positions = (-3, -2)
 
     def _gates(self, w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
         """``(σ([f; i; o; p]) as one block, g)`` from the input pre-activations and the other half."""
@@ -484,7 +517,7 @@ class RevLSTMCell(ReversibleCell):
     ) -> tuple[list[Tensor], list[Tensor]]:
         h, c = own
         gates = stages.lstm_gate_stage(self.max_forget_bits, self.forgets)(w, xp, other, keep)
-        _, _, fq, pq, _, ps, _, add_c_fixed, o = gates
+        *_, fq, pq, _, ps, _, add_c_fixed, o = gates
         c, c_f = apply_update(buf, c, fq, add_c_fixed)
         add_h, add_h_fixed = stages.lstm_h_term()(o, c_f)
         h, h_f = apply_update(buf, h, unbuffered(pq, stored), add_h_fixed)
@@ -495,12 +528,12 @@ class RevLSTMCell(ReversibleCell):
 
     def _fused_half_reverse(
         self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], buf: InformationBuffer,
-        keep: Tensor | None, stored_old: Tensor | None = None,
+        keep: Tensor | None, stored_old: Tensor | None = None, own_f: list[Tensor] | None = None,
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
         h, c = own
         gates = stages.lstm_gate_stage(self.max_forget_bits, self.forgets)(w, xp, other, keep)
         sig, g, fq, pq, fs, ps, _, add_c_fixed, o_held = gates
-        c_new = to_float(c)
+        c_new = to_float(c) if own_f is None else own_f[1]
         _, add_h_fixed = stages.lstm_h_term()(o_held, c_new)
         h, h_f = undo_update(buf, h, unbuffered(pq, 0 if stored_old is None else stored_old.shape[1]), add_h_fixed)
         if stored_old is not None:

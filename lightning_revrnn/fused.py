@@ -11,6 +11,9 @@ float math:
   rounding is computed by the *same* compiled function, with the same shapes, in the forward and in the
   reverse sweep (:func:`gru_gate_stage`, :func:`lstm_gate_stage`, and :func:`lstm_h_term` for the
   LSTM's ``o∘tanh(c)``, which reads the freshly updated ``c``);
+* a **backward stage** per cell type (:func:`step_backward_stage`): a whole step's written-out
+  backward in one graph (:mod:`lightning_revrnn.step_backward`), its GEMMs extern kernels, the
+  elementwise work around them fused; gradients feed no rounding, so only the tolerance matters there;
 * **integer stages** (:func:`multiply_add`, :func:`subtract_divide`, :func:`add_term`,
   :func:`subtract_term`): the fixed-point multiply with the buffer word plus the additive term, and its
   inverse. Integer ops are exact in any form (the tests check them bit for bit against
@@ -42,7 +45,8 @@ from torch import Tensor
 
 from lightning_revrnn.errors import FusedPathError
 from lightning_revrnn.fixed_point import reversible_divide, reversible_multiply, to_fixed, to_float
-from lightning_revrnn.gates import forget_scaled, gru_gates, hold, lstm_gates, round_forget
+from lightning_revrnn.gates import forget_scaled, gru_gates_split, hold, lstm_gates, round_forget
+from lightning_revrnn.step_backward import gru_half_backward, lstm_half_backward, step_backward
 
 #: dynamo's per-function recompile limit is raised to at least this: every layer shape, forget limit and
 #: keep-mask variant of a stage is one compiled entry of the same Python function.
@@ -52,11 +56,11 @@ RECOMPILE_LIMIT = 64
 # ------------------------------------------------------------------------------------------- stages
 def _gru_gates(
     w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None, max_forget_bits: int | None, forgets: bool
-) -> tuple[Tensor, ...]:
-    """A RevGRU group: ``(σ([z; r]), g, r∘other, z* or None, z*/2^R_Z, add, to_fixed(add))``, the
-    identity update where ``keep`` is False (as :meth:`RevGRUCell._update`)."""
-    zr, g, r_other = gru_gates(w, xp, other)
-    z = zr[:, : other.shape[1]]
+) -> tuple[Tensor | None, ...]:
+    """A RevGRU group: ``(z, r, g, r∘other, z* or None, z*/2^R_Z, add, to_fixed(add))``, the identity update
+    where ``keep`` is False (as :meth:`RevGRUCell._update`). One gate a tensor (:func:`gru_gates_split`):
+    the elementwise work before and after the second GEMM is one loop each."""
+    z, r, g, r_other = gru_gates_split(w, xp, other)
     zq: Tensor | None
     if forgets:
         zq, zs = round_forget(forget_scaled(z, max_forget_bits), max_forget_bits)
@@ -64,27 +68,31 @@ def _gru_gates(
     else:
         zq, zs, add = None, torch.ones_like(z), (1.0 - z) * g
     (zq,), (zs,), (add,) = hold(keep, [zq], [zs], [add])
-    return zr, g, r_other, zq, zs, add, to_fixed(add)
+    return z, r, g, r_other, zq, zs, add, to_fixed(add)
 
 
 def _lstm_gates(
     w: Tensor, xp: Tensor, other: Tensor, keep: Tensor | None, max_forget_bits: int | None, forgets: bool
 ) -> tuple[Tensor | None, ...]:
-    """A RevLSTM group: ``(σ([f; i; o; p]), g, f*, p* (None without forgetting), f*/2^R_Z, p*/2^R_Z,
-    i∘g, to_fixed(i∘g), o)``, the identity update where ``keep`` is False (as :meth:`RevLSTMCell._update`)."""
+    """A RevLSTM group: ``(σ([f; i; o; p]), g, f*, p* (None without forgetting), f*/2^R_Z, p*/2^R_Z, i∘g,
+    to_fixed(i∘g), o held)``, the identity update where ``keep`` is False (as :meth:`RevLSTMCell._update`).
+
+    Every unit of the sigmoid block is rounded as a forget value and ``f*``, ``p*`` are slices of that:
+    the rounding then shares the sigmoid's loop (rounding ``i`` and ``o`` too costs nothing), where rounding
+    ``f`` and ``p`` alone needs a concatenation or loops of their own (a kernel each)."""
     n = other.shape[1]
     sig, g = lstm_gates(w, xp, other)
     f, i, o, p = sig.split(n, 1)
     fq: Tensor | None
     pq: Tensor | None
     if forgets:
-        fpq, fps = round_forget(forget_scaled(torch.cat([f, p], 1), max_forget_bits), max_forget_bits)
-        fq, pq, fs, ps = fpq[:, :n], fpq[:, n:], fps[:, :n], fps[:, n:]
+        q, scaled = round_forget(forget_scaled(sig, max_forget_bits), max_forget_bits)
+        fq, pq, fs, ps = q[:, :n], q[:, 3 * n :], scaled[:, :n], scaled[:, 3 * n :]
     else:
         fq = pq = None
         fs = ps = torch.ones_like(f)
-    (fq, pq), (fs, ps), (add_c, o) = hold(keep, [fq, pq], [fs, ps], [i * g, o])
-    return sig, g, fq, pq, fs, ps, add_c, to_fixed(add_c), o
+    (fq, pq), (fs, ps), (add_c, o_held) = hold(keep, [fq, pq], [fs, ps], [i * g, o])
+    return sig, g, fq, pq, fs, ps, add_c, to_fixed(add_c), o_held
 
 
 def _lstm_h_term(o: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,6 +134,28 @@ def _subtract_term(h: Tensor, add: Tensor) -> tuple[Tensor, Tensor]:
     return h, to_float(h)
 
 
+def _gru_step_backward(
+    w: list[Tensor], records: list[tuple[Tensor, ...]], d_state: list[Tensor], d_output: Tensor,
+    keep: Tensor | None, forget_slope: float, forgets: bool,
+) -> tuple[list[Tensor], Tensor]:
+    """A RevGRU step's written-out backward (:func:`~lightning_revrnn.step_backward.step_backward`)."""
+    def half(w: Tensor, record: Any, d_new: list[Tensor], keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+        return gru_half_backward(w, record, d_new, keep, forget_slope, forgets)
+
+    return step_backward(half, 1, w, records, d_state, d_output, keep)
+
+
+def _lstm_step_backward(
+    w: list[Tensor], records: list[tuple[Tensor, ...]], d_state: list[Tensor], d_output: Tensor,
+    keep: Tensor | None, forget_slope: float, forgets: bool,
+) -> tuple[list[Tensor], Tensor]:
+    """A RevLSTM step's written-out backward (:func:`~lightning_revrnn.step_backward.step_backward`)."""
+    def half(w: Tensor, record: Any, d_new: list[Tensor], keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+        return lstm_half_backward(w, record, d_new, keep, forget_slope, forgets)
+
+    return step_backward(half, 2, w, records, d_state, d_output, keep)
+
+
 # ---------------------------------------------------------------------------------------- compiling
 class CompiledStage:
     """One stage, compiled on first call (``torch.compile(dynamic=False, fullgraph=True)``).
@@ -159,7 +189,10 @@ class CompiledStage:
         from torch._inductor import metrics
         from torch.utils._python_dispatch import _disable_current_modes
 
-        signature = (self.name, *[(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in args])
+        leaves, spec = torch.utils._pytree.tree_flatten(args)  # a stage may take lists of tensors (the backward)
+        signature = (self.name, str(spec), *[
+            (tuple(a.shape), a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in leaves
+        ])
         before, _GEMM_NODES.count = metrics.generated_kernel_count, 0
         with _disable_current_modes():  # dynamo runs nothing compiled under a dispatch mode (an op counter)
             out = self._compiled(*args)  # type: ignore[misc]
@@ -205,20 +238,31 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "gru_gates": _gru_gates, "lstm_gates": _lstm_gates, "lstm_h_term": _lstm_h_term,
     "multiply_add": _multiply_add, "multiply_add_logged": _multiply_add_logged, "subtract_divide": _subtract_divide,
     "add_term": _add_term, "subtract_term": _subtract_term,
+    "gru_backward": _gru_step_backward, "lstm_backward": _lstm_step_backward,
 }
-_CONSTANTS = {"gru_gates": ("max_forget_bits", "forgets"), "lstm_gates": ("max_forget_bits", "forgets")}
+_CONSTANTS = {
+    "gru_gates": ("max_forget_bits", "forgets"), "lstm_gates": ("max_forget_bits", "forgets"),
+    "gru_backward": ("forget_slope", "forgets"), "lstm_backward": ("forget_slope", "forgets"),
+}
 
 
 def gru_gate_stage(max_forget_bits: int | None, forgets: bool) -> CompiledStage:
-    """The compiled RevGRU gate stage ``(w, xp, other, keep) -> (zr, g, r∘other, z*, z*/2^R_Z, add,
+    """The compiled RevGRU gate stage ``(w, xp, other, keep) -> (z, r, g, r∘other, z*, z*/2^R_Z, add,
     to_fixed(add))`` (``z*`` None without forgetting)."""
     return _stage("gru_gates", max_forget_bits, forgets)
 
 
 def lstm_gate_stage(max_forget_bits: int | None, forgets: bool) -> CompiledStage:
     """The compiled RevLSTM gate stage ``(w, xp, other, keep) -> (σ block, g, f*, p*, f*/2^R_Z, p*/2^R_Z,
-    i∘g, to_fixed(i∘g), o)`` (``f*``, ``p*`` None without forgetting)."""
+    i∘g, to_fixed(i∘g), o held)`` (``f*``, ``p*`` None without forgetting)."""
     return _stage("lstm_gates", max_forget_bits, forgets)
+
+
+def step_backward_stage(cell_type: str, forget_slope: float, forgets: bool) -> CompiledStage:
+    """The compiled written-out backward of one whole step, ``cell_type`` ``"gru"`` or ``"lstm"``:
+    ``(w, records, d_state, d_output, keep) -> (d_state before the step, d_pre (B, 2·rows))`` (see
+    :func:`~lightning_revrnn.step_backward.step_backward`)."""
+    return _stage(f"{cell_type}_backward", forget_slope, forgets)
 
 
 def lstm_h_term() -> CompiledStage:

@@ -66,3 +66,16 @@ def lstm_gates(w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
     n = other.shape[1]
     pre = torch.addmm(xp, other, w.t())
     return torch.sigmoid(pre[:, : 4 * n]), torch.tanh(pre[:, 4 * n :])
+
+
+# ------------------------------------------------------------------------------------- one per gate
+def gru_gates_split(w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`gru_gates` one gate a tensor, ``(z, r, g, r∘other)`` each ``(B, n)``, for the compiled stages:
+    every elementwise output before the second GEMM then shares one iteration space (one loop, one kernel),
+    where ``σ([z; r])`` as a block needs a loop of its own."""
+    n = other.shape[1]
+    pre = torch.addmm(xp[:, : 2 * n], other, w[: 2 * n].t())
+    z, r = torch.sigmoid(pre[:, :n]), torch.sigmoid(pre[:, n:])
+    r_other = r * other
+    g = torch.tanh(torch.addmm(xp[:, 2 * n :], r_other, w[2 * n :].t()))
+    return z, r, g, r_other

@@ -666,19 +666,52 @@ def reconstruct_chunk(
     with torch.no_grad():
         for l, cell in enumerate(window.cells):
             inputs = window.layer_input(l, inp)
-            xp = cell.project_input(inputs)
-            C = xp.shape[0]
-            records: list[list[tuple[Tensor, ...]]] = [[] for _ in range(C)]
-            outs = xp.new_empty(C, xp.shape[1], cell.hidden_size)
-            for i in reversed(range(C)):
-                outs[i] = cell.output([to_float(h) for h in state[l][:2]])
-                stored_old = window.stored_before(t0 + i) if window.stored(l) else None
-                state[l], records[i] = cell.reverse_step(
-                    weights[l], xp[i], state[l], window.buffers[l], window.step_keep(t0 + i), stored_old
-                )
+            reverse_steps = _reverse_steps_fused if cell.uses_fused() else _reverse_steps
+            records, inp = reverse_steps(window, l, weights[l], cell.project_input(inputs), state, t0)
             layers.append(LayerChunk(inputs, records))
-            inp = outs
     return layers, inp
+
+
+def _reverse_steps(
+    window: Window, l: int, w: list[Tensor], xp: Tensor, state: list[list[Tensor]], t0: int
+) -> tuple[list[list[tuple[Tensor, ...]]], Tensor]:
+    """Layer ``l``'s steps of one chunk in reverse (the eager reference): each step's records, and the
+    layer's outputs ``(C, B, H)`` (each step's output converted from its int halves)."""
+    cell = window.cells[l]
+    C = xp.shape[0]
+    records: list[list[tuple[Tensor, ...]]] = [[] for _ in range(C)]
+    outs = xp.new_empty(C, xp.shape[1], cell.hidden_size)
+    for i in reversed(range(C)):
+        outs[i] = cell.output([to_float(h) for h in state[l][:2]])
+        state[l], records[i] = cell.reverse_step(
+            w, xp[i], state[l], window.buffers[l], window.step_keep(t0 + i), _stored_old(window, l, t0 + i)
+        )
+    return records, outs
+
+
+def _reverse_steps_fused(
+    window: Window, l: int, w: list[Tensor], xp: Tensor, state: list[list[Tensor]], t0: int
+) -> tuple[list[list[tuple[Tensor, ...]]], Tensor]:
+    """:func:`_reverse_steps` on the fused path: the state's float halves are carried from step to step (the
+    integer stages return them and the records hold them, :meth:`~ReversibleCell.floats_before`), so only
+    the chunk's last state is converted, and the outputs are stacked once per chunk."""
+    cell = window.cells[l]
+    C = xp.shape[0]
+    records: list[list[tuple[Tensor, ...]]] = [[] for _ in range(C)]
+    floats = [to_float(h) for h in state[l]]
+    outputs: list[list[Tensor]] = []  # the h halves after each step, last step first
+    for i in reversed(range(C)):
+        outputs.append(floats[:2])
+        state[l], records[i] = cell.reverse_step(
+            w, xp[i], state[l], window.buffers[l], window.step_keep(t0 + i), _stored_old(window, l, t0 + i), floats
+        )
+        floats = cell.floats_before(records[i])
+    return records, torch.cat([torch.stack(half[::-1]) for half in zip(*outputs)], -1)
+
+
+def _stored_old(window: Window, l: int, t: int) -> Tensor | None:
+    """The stored units' values (int) before step ``t`` when layer ``l`` has any, else None."""
+    return window.stored_before(t) if window.stored(l) else None
 
 
 def head_gradient(window: Window, top: Tensor, t0: int, grad_primary: Tensor, grads: Gradients) -> Tensor:
@@ -712,20 +745,44 @@ def _backprop_chunk(
     d_out = d_top
     for l in reversed(range(len(window.cells))):
         cell, chunk = window.cells[l], layers[l]
-        d_state = grads.state[l]
-        d_xp = d_out.new_empty(len(chunk.records), d_out.shape[1], 2 * cell.hidden_rows)
-        for i in reversed(range(len(chunk.records))):
-            if window.stored(l):  # the outputs are the stored units of h1
-                d_state[0] = d_state[0] + F.pad(d_out[i], (0, cell.half_size - window.stored_units))
-            else:
-                for k, g in enumerate(cell.split_output(d_out[i])):
-                    d_state[k] = d_state[k] + g
-            d_state, d_xp[i] = cell.backward_step(weights[l], chunk.records[i], d_state, window.step_keep(t0 + i))
-        grads.state[l] = d_state
+        backprop_steps = _backprop_steps_fused if cell.uses_fused() else _backprop_steps
+        grads.state[l], d_xp = backprop_steps(window, l, weights[l], chunk, d_out, grads.state[l], t0)
         _hidden_weight_grads(cell, grads.weight_hh[l], chunk.records, d_xp)
         _linear_param_grads(grads.weight_ih[l], grads.bias[l], d_xp, chunk.inputs)
         d_out = _masked(d_xp @ cell.weight_ih, window.input_masks[l])
     return d_out
+
+
+def _backprop_steps(
+    window: Window, l: int, w: list[Tensor], chunk: LayerChunk, d_out: Tensor, d_state: list[Tensor], t0: int
+) -> tuple[list[Tensor], Tensor]:
+    """Layer ``l``'s steps of one chunk backwards (the eager reference), from the gradient of its outputs
+    ``d_out`` (``(C, B, H)``, or ``(C, B, S)`` for stored units) and of its state after the chunk: the
+    gradient of its state before the chunk and of its input pre-activations ``(C, B, 2·rows)``."""
+    cell = window.cells[l]
+    d_xp = d_out.new_empty(len(chunk.records), d_out.shape[1], 2 * cell.hidden_rows)
+    for i in reversed(range(len(chunk.records))):
+        if window.stored(l):  # the outputs are the stored units of h1
+            d_state[0] = d_state[0] + F.pad(d_out[i], (0, cell.half_size - window.stored_units))
+        else:
+            for k, g in enumerate(cell.split_output(d_out[i])):
+                d_state[k] = d_state[k] + g
+        d_state, d_xp[i] = cell.backward_step(w, chunk.records[i], d_state, window.step_keep(t0 + i))
+    return d_state, d_xp
+
+
+def _backprop_steps_fused(
+    window: Window, l: int, w: list[Tensor], chunk: LayerChunk, d_out: Tensor, d_state: list[Tensor], t0: int
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`_backprop_steps` on the fused path: each step's backward, output gradient included, is one
+    compiled stage (:meth:`~ReversibleCell.fused_backward_step`); the pre-activation gradients are stacked
+    once per chunk."""
+    cell = window.cells[l]
+    d_pre: list[Tensor] = []  # last step first
+    for i in reversed(range(len(chunk.records))):
+        d_state, d_step = cell.fused_backward_step(w, chunk.records[i], d_state, d_out[i], window.step_keep(t0 + i))
+        d_pre.append(d_step)
+    return d_state, torch.stack(d_pre[::-1])
 
 
 def _masked(x: Tensor, mask: Tensor | None) -> Tensor:

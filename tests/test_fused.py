@@ -245,3 +245,47 @@ def test_fused_switch_reaches_the_cells_and_store_mode_stays_eager():
         assert rnn.cells[0].uses_fused()
     with pytest.raises(TypeError, match="fused must be True or False"):
         rnn.fused = 1
+
+
+# ---------------------------------------------------------------------------------- backward stage
+def fused_record(cell, record):
+    """The fused path's record from the eager one: a RevGRU's ``σ([z; r])`` split into ``z, r``."""
+    if cell.halves_per_group == 2:
+        return record
+    other, r_other, zr, g, zs, h_old = record
+    return (other, r_other, zr[:, : cell.half_size], zr[:, cell.half_size :], g, zs, h_old)
+
+
+@compile_marker
+@pytest.mark.parametrize("cls", [RevGRU, RevLSTM, NFRevGRU, NFRevLSTM], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("masked", "stored"), [(False, 0), (True, 3)], ids=["outputs", "keep+stored"])
+def test_backward_stage_matches_eager_backward(cls, masked, stored):
+    """The compiled step backward against the eager ``backward_step`` on the same records, state gradient and
+    output gradient (added first, as the eager sweep does; ``(B, S)`` for stored units): floats, so to a
+    tolerance."""
+    torch.manual_seed(5)
+    cell = cls(5, 2 * N, 1, max_forget_bits=3 if cls in (RevGRU, RevLSTM) else None).cells[0]
+    n = cell.half_size
+    w = list((cell.weight_hh.detach() * 3).split(cell.hidden_rows, 0))
+    xp = cell.project_input(torch.randn(B, 5)).detach() * 3
+    state = [torch.randint(-(2**23), 2**23, (B, n)) for _ in range(cell.state_halves)]
+    keep = torch.tensor([[True], [False], [True]]) if masked else None
+    buf = InformationBuffer((B, n), torch.device("cpu"), cell.max_forget_bits, retain=True)
+    with torch.no_grad():
+        after, _ = cell.forward_step(w, xp, state, [to_float(s) for s in state], buf, keep)
+        _, records = cell.reverse_step(w, xp, after, buf, keep)
+        grads = [torch.randn(B, n) for _ in range(cell.state_halves)]
+        d_output = torch.randn(B, stored or 2 * n)
+        want = list(grads)
+        if stored:
+            want[0] = want[0] + torch.nn.functional.pad(d_output, (0, n - stored))
+        else:
+            want[0], want[1] = want[0] + d_output[:, :n], want[1] + d_output[:, n:]
+        want, want_pre = cell.backward_step(w, records, want, keep)
+        cell.fused = True
+        got, got_pre = cell.fused_backward_step(w, [fused_record(cell, r) for r in records], grads, d_output, keep)
+    torch.testing.assert_close(got_pre, want_pre, atol=1e-5, rtol=1e-4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if masked:  # a masked row passes its state gradient through and gives its gates none
+        assert torch.equal(got_pre[1], torch.zeros_like(got_pre[1]))
