@@ -3,7 +3,8 @@
 A cell's hidden state ``h = [h1; h2]`` (and cell state ``c = [c1; c2]`` for the LSTM types) is split into
 halves of ``H/2`` units that are updated alternately (spec section 2): group 1 reads the *other* half
 ``h2`` and updates its own half, then group 2 reads the new ``h1``. A state is a list of int64 half
-tensors, ``[h1, h2]`` for GRU types and ``[h1, h2, c1, c2]`` for LSTM types.
+tensors, ``[h1, h2]`` for GRU types and ``[h1, h2, c1, c2]`` for LSTM types: the layout lives in
+:class:`ReversibleCell` (``own``, ``output``/``split_output``, ``split_state``/``join_state``).
 
 Every gate is computed by :meth:`ReversibleCell._gates`, in forward and reverse alike, from the same
 tensors with the same ops, so the reverse sweep recomputes them bit for bit. Rounding is straight-through:
@@ -134,6 +135,15 @@ class ReversibleCell(nn.Module):
     def split_output(self, h: Tensor) -> list[Tensor]:
         """Inverse of :meth:`output`: the two h halves."""
         return list(h.split(self.half_size, -1))
+
+    def split_state(self, full: list[Tensor]) -> list[Tensor]:
+        """``[h]`` or ``[h, c]`` of shape ``(B, H)`` to this cell's list of halves (``[h1, h2(, c1, c2)]``)."""
+        halves = [self.split_output(s) for s in full]
+        return [halves[j][i] for j in range(len(full)) for i in (0, 1)]
+
+    def join_state(self, halves: list[Tensor]) -> list[Tensor]:
+        """Inverse of :meth:`split_state`: ``[h]`` or ``[h, c]`` of shape ``(B, H)``."""
+        return [torch.cat(halves[2 * j : 2 * j + 2], 1) for j in range(self.halves_per_group)]
 
     def _forget(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """k-limited forget value rounded to ``R_Z`` bits: (int ``z*``, float ``z*/2^R_Z`` carrying the

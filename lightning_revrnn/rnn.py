@@ -22,7 +22,6 @@ from lightning_revrnn.sweep import (
     check_declared_inputs,
     finish_forward,
     forward_window,
-    split_state,
 )
 
 Mode = Literal["reverse", "store"]
@@ -266,7 +265,7 @@ class ReversibleRNN(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         """Evaluation and ``mode="store"``: the same forward, autograd recording it if grad is on."""
         n = self.state_count
-        halves = [split_state(c, init[l * n : (l + 1) * n]) for l, c in enumerate(self.cell_list)]
+        halves = [c.split_state(init[l * n : (l + 1) * n]) for l, c in enumerate(self.cell_list)]
         state = [[to_fixed(h.detach()) for h in hs] for hs in halves]
         state_f = [
             [straight_through_init(i, h) for i, h in zip(ints, hs)] for ints, hs in zip(state, halves)

@@ -361,17 +361,6 @@ def _undeclared_leaf(value: Tensor, declared: list[Tensor]) -> Tensor | None:
     return None
 
 
-def split_state(cell: ReversibleCell, full: list[Tensor]) -> list[Tensor]:
-    """``[h]`` or ``[h, c]`` of shape (B, H) to the cell's list of halves."""
-    halves = [cell.split_output(s) for s in full]
-    return [halves[j][i] for j in range(len(full)) for i in (0, 1)]
-
-
-def join_state(full_count: int, halves: list[Tensor]) -> list[Tensor]:
-    """Inverse of :func:`split_state`."""
-    return [torch.cat(halves[2 * j : 2 * j + 2], 1) for j in range(full_count)]
-
-
 @functools.lru_cache(maxsize=16)
 def _mix(shape: torch.Size, device: torch.device) -> Tensor:
     """Odd position weights for :func:`state_checksum` (a bounded cache: a few shapes per model)."""
@@ -463,8 +452,8 @@ def finish_forward(window: Window, state: list[list[Tensor]], state_f: list[list
         exact = [to_float(i, torch.float64) for i in ints]
         for k, h in enumerate(exact):
             window.guard.observe(f"layer {l}: final state half {k}", h)
-        rounded += join_state(cell.halves_per_group, [straight_through(to_float(i), f) for i, f in zip(ints, floats)])
-        window.final_exact += join_state(cell.halves_per_group, exact)
+        rounded += cell.join_state([straight_through(to_float(i), f) for i, f in zip(ints, floats)])
+        window.final_exact += cell.join_state(exact)
     _end_of_window_read(window)
     return rounded
 
@@ -506,7 +495,7 @@ class ReverseSweep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, window: Window, n_state: int, x: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
         cells = window.cells
-        h0 = [split_state(c, list(flat[l * n_state : (l + 1) * n_state])) for l, c in enumerate(cells)]
+        h0 = [c.split_state(list(flat[l * n_state : (l + 1) * n_state])) for l, c in enumerate(cells)]
         state = [[to_fixed(h) for h in hs] for hs in h0]
         state_f = [[to_float(s) for s in st] for st in state]
         T, B = x.shape[0], x.shape[1]
@@ -621,7 +610,7 @@ def _reverse(
     for l, c in enumerate(cells):
         gs = [torch.zeros(x.shape[1], c.hidden_size, device=x.device) if g is None else g.float() for g in
               grad_final[l * n_state : (l + 1) * n_state]]
-        d_state.append(split_state(c, gs))
+        d_state.append(c.split_state(gs))
     grads = Gradients.zeros(window, hidden, d_state)
     dx = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
     diverged = torch.zeros_like(checksums, dtype=torch.bool)
@@ -650,7 +639,7 @@ def _reverse(
         params_grads += [grads.weight_ih[l], grads.bias[l], d_hidden]
     d_initial: list[Tensor | None] = []
     for l, c in enumerate(cells):
-        d_initial += join_state(c.halves_per_group, grads.state[l])
+        d_initial += c.join_state(grads.state[l])
     return (None, None, dx, *d_initial, *params_grads, *grads.extras)
 
 

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, RevGRU, RevLSTM, StepHead
+from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM, StepHead
 from lightning_revrnn.dropout import SeededMask
 from lightning_revrnn.fixed_point import to_fixed, to_float
-from lightning_revrnn.sweep import CHUNK, Window, forward_window, split_state
+from lightning_revrnn.sweep import CHUNK, Window, forward_window
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
 IDS = lambda v: getattr(v, "__name__", str(v))  # noqa: E731
@@ -203,7 +203,7 @@ def check_carry(rnn, x, T, o1, h1, o2, h2):
     ref_out, ref_state = manual_two_windows(rnn, x, T)
     assert torch.equal(o.detach(), ref_out)
     for l, (cell, full) in enumerate(zip(rnn.cells, _per_layer(rnn.exact_state(h2), rnn))):
-        got = [to_fixed(h) for h in split_state(cell, [f.detach() for f in full])]
+        got = [to_fixed(h) for h in cell.split_state([f.detach() for f in full])]
         for a, b in zip(got, ref_state[l]):
             assert torch.equal(a, b)
     # h_n is float32 (as nn.GRU's); exact_state() is exact: converting it to fixed point loses nothing.

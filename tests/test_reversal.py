@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, RevGRU, RevLSTM
 from lightning_revrnn.fixed_point import to_fixed, to_float
-from lightning_revrnn.sweep import CHUNK, Window, split_state
+from lightning_revrnn.sweep import CHUNK, Window
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
 FORGET_BITS = (1, 2, 3, 5, None)
@@ -99,7 +99,7 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
     window = Window(cells=cells, input_masks=input_masks, hidden_masks=hidden_masks, head=None, retain=True)
     window.start(B, x.device)
     n = rnn.state_count
-    state = [[to_fixed(h) for h in split_state(c, [hx[k][l] for k in range(n)])] for l, c in enumerate(cells)]
+    state = [[to_fixed(h) for h in c.split_state([hx[k][l] for k in range(n)])] for l, c in enumerate(cells)]
     recorded = [[list(s) for s in state]]  # recorded[t][l]: layer l's int halves after t steps
     inputs = {}  # (layer, chunk start) -> the layer's inputs over the chunk, as the module computes them
     outputs = []
@@ -172,8 +172,8 @@ def test_stepwise_reconstruction_is_bit_exact(cfg):
     n = rnn.state_count
     for l, cell in enumerate(rnn.cells):
         want = [to_float(h, torch.float64) for h in finals[l]]
-        got = split_state(cell, [exact[l * n + k] for k in range(n)])
-        rounded = split_state(cell, [flat[l * n + k] for k in range(n)])
+        got = cell.split_state([exact[l * n + k] for k in range(n)])
+        rounded = cell.split_state([flat[l * n + k] for k in range(n)])
         for a, r, b in zip(got, rounded, want):
             assert a.dtype == torch.float64 and torch.equal(a, b)
             assert r.dtype == torch.float32 and torch.equal(r, b.float())
