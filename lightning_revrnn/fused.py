@@ -179,6 +179,13 @@ class CompiledStage:
                 return self._counted_call(args)
             return self._compiled(*args)
         except Exception as exc:
+            if type(exc).__name__ == "FailOnRecompileLimitHit":
+                raise FusedPathError(
+                    f"The fused path's compiled stage {self.name!r} met more than {RECOMPILE_LIMIT} distinct shapes "
+                    "(every batch size, layer size and forget limit compiles once). Fix: keep batch sizes fixed "
+                    "(e.g. drop_last=True), raise torch._dynamo.config.recompile_limit, or build the module with "
+                    "fused=False."
+                ) from exc
             raise FusedPathError(
                 f"The fused path's compiled stage {self.name!r} failed ({type(exc).__name__}: {exc}). torch.compile "
                 "needs a working C++ compiler on the CPU and Triton on CUDA. Fix: build the module with fused=False "

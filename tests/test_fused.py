@@ -233,6 +233,29 @@ def test_failed_compile_names_the_fix(monkeypatch):
         stages._stage.cache_clear()
 
 
+def test_recompile_limit_names_batch_sizes_as_the_fix(monkeypatch):
+    """Past dynamo's recompile limit (fullgraph stages fail hard there, never falling back to eager, which could
+    round differently in reverse) the error says why and how to avoid it."""
+
+    class FailOnRecompileLimitHit(Exception):  # the name dynamo's exception has
+        pass
+
+    def compile_that_hits_the_limit(fn, **kwargs):
+        def compiled(*args):
+            raise FailOnRecompileLimitHit("recompile_limit reached with fullgraph=True")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_that_hits_the_limit)
+    stages._stage.cache_clear()
+    try:
+        rnn = RevGRU(5, 2 * N, 1, fused=True)
+        with pytest.raises(FusedPathError, match="distinct shapes.*drop_last=True"):
+            rnn(torch.randn(3, B, 5, requires_grad=True))
+    finally:
+        stages._stage.cache_clear()
+
+
 def test_fused_switch_reaches_the_cells_and_store_mode_stays_eager():
     """``fused`` is plumbed to every cell, settable later, and ``mode="store"`` (autograd recording) does
     not use the stages."""
