@@ -217,20 +217,25 @@ def test_fused_evaluation_matches_fused_training_forward():
 
 
 # ----------------------------------------------------------------------------------- no compiling
+def _fused_forward_raises(monkeypatch, fake_compile, match: str) -> None:
+    """A fused RevGRU forward with ``torch.compile`` replaced by ``fake_compile`` raises FusedPathError matching ``match``."""
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    stages._stage.cache_clear()
+    try:
+        rnn = RevGRU(5, 2 * N, 1, fused=True)
+        with pytest.raises(FusedPathError, match=match):
+            rnn(torch.randn(3, B, 5, requires_grad=True))
+    finally:
+        stages._stage.cache_clear()
+
+
 def test_failed_compile_names_the_fix(monkeypatch):
     """A stage that cannot compile raises FusedPathError saying to use fused=False."""
 
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    stages._stage.cache_clear()
-    try:
-        rnn = RevGRU(5, 2 * N, 1, fused=True)
-        with pytest.raises(FusedPathError, match="fused=False"):
-            rnn(torch.randn(3, B, 5, requires_grad=True))
-    finally:
-        stages._stage.cache_clear()
+    _fused_forward_raises(monkeypatch, broken_compile, "fused=False")
 
 
 def test_recompile_limit_names_batch_sizes_as_the_fix(monkeypatch):
@@ -246,14 +251,7 @@ def test_recompile_limit_names_batch_sizes_as_the_fix(monkeypatch):
 
         return compiled
 
-    monkeypatch.setattr(torch, "compile", compile_that_hits_the_limit)
-    stages._stage.cache_clear()
-    try:
-        rnn = RevGRU(5, 2 * N, 1, fused=True)
-        with pytest.raises(FusedPathError, match="distinct shapes.*drop_last=True"):
-            rnn(torch.randn(3, B, 5, requires_grad=True))
-    finally:
-        stages._stage.cache_clear()
+    _fused_forward_raises(monkeypatch, compile_that_hits_the_limit, "distinct shapes.*drop_last=True")
 
 
 def test_fused_switch_reaches_the_cells_and_store_mode_stays_eager():
