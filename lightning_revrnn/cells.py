@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lightning_revrnn.buffer import InformationBuffer
 from lightning_revrnn import fused as stages
 from lightning_revrnn.fixed_point import FORGET_ONE, straight_through, to_fixed, to_float
-from lightning_revrnn.gates import forget_scale, forget_scaled, gru_gates, hold, lstm_gates, round_forget
+from lightning_revrnn.gates import forget_scale, forget_scaled, gru_gates, hold, lstm_gates, masked, round_forget
 
 __all__ = ["forget_scale", "hold"]  # re-exported: their home is lightning_revrnn.gates
 
@@ -297,11 +297,6 @@ class ReversibleCell(nn.Module):
         return grads, torch.cat(d_pre, -1)
 
 
-def _masked(d: Tensor, keep: Tensor | None) -> Tensor:
-    """``d`` with the rows of masked steps zeroed (their gates took no part in the update)."""
-    return d if keep is None else d * keep
-
-
 @functools.lru_cache(maxsize=16)
 def _slopes(n: int, slope: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``[slope]·n + [1]·2n + [slope]·n``: the LSTM sigmoid block's gate slopes (see ``_gate_slopes``)."""
@@ -429,11 +424,11 @@ class RevGRUCell(ReversibleCell):
         # h_new = zs·h_old + (1 − zs)·g, zs = round(limit(z)) straight through (no forgetting: zs = 1,
         # h_new = h_old + (1 − z)·g).
         if self.forgets:
-            d_z = _masked(d_h * (h_old - g), keep) * self.forget_slope
+            d_z = masked(d_h * (h_old - g), keep) * self.forget_slope
             d_g = d_h * (1.0 - zs)  # 0 at masked rows (zs = 1 there)
         else:
-            d_z = _masked(d_h * g, keep).neg_()
-            d_g = _masked(d_h * (1.0 - zr[:, :n]), keep)
+            d_z = masked(d_h * g, keep).neg_()
+            d_g = masked(d_h * (1.0 - zr[:, :n]), keep)
         d_pre_g = torch.ops.aten.tanh_backward(d_g, g)
         d_r_other = d_pre_g @ w[2 * n :]
         d_pre_zr = torch.ops.aten.sigmoid_backward(torch.cat([d_z, d_r_other * other], 1), zr)
@@ -566,7 +561,7 @@ class RevLSTMCell(ReversibleCell):
             torch.ops.aten.sigmoid_backward(d_sig, sig) * self._gate_slopes(sig),
             torch.ops.aten.tanh_backward(d_c * sig[:, n : 2 * n], g),
         ], 1)
-        d_pre = _masked(d_pre, keep)
+        d_pre = masked(d_pre, keep)
         return [d_h * ps, d_c * fs], d_pre, d_pre @ w
 
     def hidden_inputs(self, record: tuple[Tensor, ...]) -> list[tuple[int, int, Tensor]]:

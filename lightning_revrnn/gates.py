@@ -50,6 +50,11 @@ def hold(keep: Tensor | None, forget_ints: list[Tensor | None], factors: list[Te
     return ints, [torch.where(keep, f, 1.0) for f in factors], [torch.where(keep, a, 0.0) for a in adds]
 
 
+def masked(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x`` times ``mask`` (a keep mask's rows zeroed, or a dropout mask applied); ``mask=None``: ``x`` itself."""
+    return x if mask is None else x * mask
+
+
 def gru_gates(w: Tensor, xp: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A RevGRU group's gates: ``(σ([z; r]) as one block, g, r∘other)`` from its input pre-activations
     ``xp`` ``(B, 3n)``, its hidden weights ``w`` ``(3n, n)`` and the other half ``other`` ``(B, n)``."""

@@ -20,13 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_revrnn.gates import masked
+
 #: One group's backward: ``(w, record, d_new own halves, keep) -> (d_old own halves, d_pre (B, rows), d_other)``.
 HalfBackward = Callable[[Tensor, Sequence[Tensor], list[Tensor], "Tensor | None"], tuple[list[Tensor], Tensor, Tensor]]
-
-
-def _masked(d: Tensor, keep: Tensor | None) -> Tensor:
-    """``d`` with the rows of masked steps zeroed."""
-    return d if keep is None else d * keep
 
 
 def gru_half_backward(
@@ -39,11 +36,11 @@ def gru_half_backward(
     n = other.shape[1]
     (d_h,) = d_new
     if forgets:
-        d_z = _masked(d_h * (h_old - g), keep) * forget_slope
+        d_z = masked(d_h * (h_old - g), keep) * forget_slope
         d_g = d_h * (1.0 - zs)  # 0 at masked rows (zs = 1 there)
     else:
-        d_z = -_masked(d_h * g, keep)
-        d_g = _masked(d_h * (1.0 - z), keep)
+        d_z = -masked(d_h * g, keep)
+        d_g = masked(d_h * (1.0 - z), keep)
     d_pre_g = d_g * (1.0 - g * g)
     d_r_other = d_pre_g @ w[2 * n :]
     d_pre_zr = torch.cat([d_z * z * (1.0 - z), d_r_other * other * r * (1.0 - r)], 1)
@@ -70,7 +67,7 @@ def lstm_half_backward(
         d_h * h_old * p * (1.0 - p) * slope,
         d_c * i * (1.0 - g * g),
     ], 1)
-    d_pre = _masked(d_pre, keep)
+    d_pre = masked(d_pre, keep)
     return [d_h * ps, d_c * fs], d_pre, d_pre @ w
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -29,6 +28,8 @@ from lightning_revrnn.cells import ReversibleCell, store_units
 from lightning_revrnn.dropout import SeededMask
 from lightning_revrnn.errors import ReconstructionError
 from lightning_revrnn.fixed_point import RangeGuard, straight_through, to_fixed, to_float
+from lightning_revrnn.gates import masked
+from lightning_revrnn.step_backward import add_output_gradient
 
 
 def add_gradients(targets: Sequence[tuple[Tensor, Tensor]], grads: Sequence[Tensor | None]) -> None:
@@ -738,7 +739,7 @@ def _backprop_chunk(
         grads.state[l], d_xp = backprop_steps(window, l, weights[l], chunk, d_out, grads.state[l], t0)
         _hidden_weight_grads(cell, grads.weight_hh[l], chunk.records, d_xp)
         _linear_param_grads(grads.weight_ih[l], grads.bias[l], d_xp, chunk.inputs)
-        d_out = _masked(d_xp @ cell.weight_ih, window.input_masks[l])
+        d_out = masked(d_xp @ cell.weight_ih, window.input_masks[l])
     return d_out
 
 
@@ -751,11 +752,7 @@ def _backprop_steps(
     cell = window.cells[l]
     d_xp = d_out.new_empty(len(chunk.records), d_out.shape[1], 2 * cell.hidden_rows)
     for i in reversed(range(len(chunk.records))):
-        if window.stored(l):  # the outputs are the stored units of h1
-            d_state[0] = d_state[0] + F.pad(d_out[i], (0, cell.half_size - window.stored_units))
-        else:
-            for k, g in enumerate(cell.split_output(d_out[i])):
-                d_state[k] = d_state[k] + g
+        d_state = add_output_gradient(d_state, d_out[i])  # (B, H), or (B, S) for the stored units of h1
         d_state, d_xp[i] = cell.backward_step(w, chunk.records[i], d_state, window.step_keep(t0 + i))
     return d_state, d_xp
 
@@ -772,10 +769,6 @@ def _backprop_steps_fused(
         d_state, d_step = cell.fused_backward_step(w, chunk.records[i], d_state, d_out[i], window.step_keep(t0 + i))
         d_pre.append(d_step)
     return d_state, torch.stack(d_pre[::-1])
-
-
-def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
-    return x if mask is None else x * mask
 
 
 def _hidden_weight_grads(
