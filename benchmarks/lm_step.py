@@ -83,10 +83,10 @@ from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
 
 try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.lm_step``
     from opcount import count_step
-    from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fmt_bits, parse_bits, sync
+    from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
 except ImportError:  # pragma: no cover - depends on how the file is run
     from benchmarks.opcount import count_step
-    from benchmarks.rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fmt_bits, parse_bits, sync
+    from benchmarks.rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
 
 #: The paper's PTB sizes (2 layers: lower 1150 units, top = emb 650), used unless ``--small`` or a flag overrides.
 PAPER_PRESET: dict[str, Any] = {
@@ -592,21 +592,7 @@ def table_cells(row: Row) -> list[str]:
 def format_table(rows: Sequence[Row]) -> str:
     """Fixed-width table, one line per row, a blank line before each baseline group."""
     body = [table_cells(r) for r in rows]
-    widths = [max([len(h)] + [len(b[i]) for b in body if i < len(b) and (i < KEY_COLUMNS or len(b) == len(COLUMNS))])
-              for i, h in enumerate(COLUMNS)]
-
-    def line(cells: Sequence[str]) -> str:
-        if len(cells) != len(COLUMNS):  # an error row: key columns, then the message
-            return "  ".join([c.ljust(w) for c, w in zip(cells[:KEY_COLUMNS], widths)] + list(cells[KEY_COLUMNS:]))
-        return "  ".join(c.ljust(w) if i < KEY_COLUMNS else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    lines = [line(COLUMNS), line(["-" * w for w in widths])]
-    for i, (row, cells) in enumerate(zip(rows, body)):
-        if i and row.config.is_baseline:
-            lines.append("")
-        lines.append(line(cells))
-    return "\n".join(lines)
+    return fixed_width_table(COLUMNS, KEY_COLUMNS, body, [r.config.is_baseline for r in rows])
 
 
 def format_targets(targets: Sequence[dict[str, Any]]) -> str:

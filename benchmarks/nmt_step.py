@@ -99,9 +99,9 @@ from lightning_revrnn.memory import MemoryTrace, StepMemory
 from lightning_revrnn.seq2seq import TranslationModel
 
 try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.nmt_step``
-    from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fmt_bits, parse_bits, sync
+    from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
 except ImportError:  # pragma: no cover - depends on how the file is run
-    from benchmarks.rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fmt_bits, parse_bits, sync
+    from benchmarks.rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
 
 MULTI30K = "multi30k"
 #: The paper's Multi30K model and batch, used unless ``--small`` or a flag overrides them.
@@ -584,21 +584,7 @@ def table_cells(row: Row) -> list[str]:
 def format_table(rows: Sequence[Row]) -> str:
     """Fixed-width table, one line per row, a blank line before each baseline group."""
     body = [table_cells(r) for r in rows]
-    widths = [max([len(h)] + [len(b[i]) for b in body if i < len(b) and (i < KEY_COLUMNS or len(b) == len(COLUMNS))])
-              for i, h in enumerate(COLUMNS)]
-
-    def line(cells: Sequence[str]) -> str:
-        if len(cells) != len(COLUMNS):  # an error row: key columns, then the message
-            return "  ".join([c.ljust(w) for c, w in zip(cells[:KEY_COLUMNS], widths)] + list(cells[KEY_COLUMNS:]))
-        return "  ".join(c.ljust(w) if i < KEY_COLUMNS else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    lines = [line(COLUMNS), line(["-" * w for w in widths])]
-    for i, (row, cells) in enumerate(zip(rows, body)):
-        if i and row.config.is_baseline:
-            lines.append("")
-        lines.append(line(cells))
-    return "\n".join(lines)
+    return fixed_width_table(COLUMNS, KEY_COLUMNS, body, [r.config.is_baseline for r in rows])
 
 
 def legend(device: torch.device, shapes: dict[str, BatchShape], head_chunk: int) -> str:

@@ -460,26 +460,36 @@ def table_cells(row: Row) -> list[str]:
     ]
 
 
+def fixed_width_table(
+    columns: Sequence[str], key_columns: int, body: Sequence[Sequence[str]], new_group: Sequence[bool],
+    pinned: Sequence[Sequence[str]] = (),
+) -> str:
+    """The benchmarks' fixed-width table: key columns left-aligned, the others right-aligned, a blank line
+    before each row that starts a new group (``new_group``), and ``pinned`` rows (e.g. the issue's targets)
+    under the header. A row shorter than ``columns`` is an error row: its key columns, then its message."""
+    full = [b for b in [*body, *pinned] if len(b) == len(columns)]
+    widths = [max([len(h)] + [len(b[i]) for b in body if i < key_columns and i < len(b)] + [len(b[i]) for b in full])
+              for i, h in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        if len(cells) != len(columns):
+            return "  ".join([c.ljust(w) for c, w in zip(cells[:key_columns], widths)] + list(cells[key_columns:]))
+        return "  ".join(c.ljust(w) if i < key_columns else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = [line(columns), line(["-" * w for w in widths]), *[line(p) for p in pinned]]
+    for i, (cells, starts) in enumerate(zip(body, new_group)):
+        if i and starts:
+            lines.append("")
+        lines.append(line(cells))
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """Fixed-width table, one line per row, a blank line before each baseline group; the issue's targets
     in a line under the header."""
     body = [table_cells(r) for r in rows]
-    full = [b for b in body if len(b) == len(COLUMNS)] + [TARGET_CELLS]
-    widths = [max([len(h)] + [len(b[i]) for b in body if i < KEY_COLUMNS and i < len(b)] + [len(b[i]) for b in full])
-              for i, h in enumerate(COLUMNS)]
-
-    def line(cells: Sequence[str]) -> str:
-        if len(cells) != len(COLUMNS):  # an error row: key columns, then the message
-            return "  ".join([c.ljust(w) for c, w in zip(cells[:KEY_COLUMNS], widths)] + list(cells[KEY_COLUMNS:]))
-        return "  ".join(c.ljust(w) if i < KEY_COLUMNS else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    lines = [line(COLUMNS), line(["-" * w for w in widths]), line(TARGET_CELLS)]
-    for i, (row, cells) in enumerate(zip(rows, body)):
-        if i and row.config.is_baseline:
-            lines.append("")
-        lines.append(line(cells))
-    return "\n".join(lines)
+    return fixed_width_table(COLUMNS, KEY_COLUMNS, body, [r.config.is_baseline for r in rows], [TARGET_CELLS])
 
 
 def legend(device: torch.device, short_len: int | None) -> str:
