@@ -78,7 +78,7 @@ def trained_accounting(ckpt: str, batches: int) -> dict[str, dict[str, float]] |
     """Per side, medians of the paper's ratios on the checkpoint's weights over the first ``batches`` training
     batches (training mode: dropout on, as the accounting of training windows); None for baselines."""
     from lightning_revrnn.datamodules import Multi30KDataModule
-    from lightning_revrnn.seq2seq import TranslationModel
+    from lightning_revrnn.translation.model import TranslationModel
 
     model = TranslationModel.load_from_checkpoint(ckpt, map_location="cpu")
     if not model.reversible:

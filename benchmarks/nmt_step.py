@@ -1,7 +1,7 @@
 """Benchmark the whole attention seq2seq training step: encoder → decoder → attention → generator → loss →
 backward → gradient clipping → optimizer step, reversible models against the ``nn.GRU`` / ``nn.LSTM`` baselines.
 
-Every configuration is a :class:`~lightning_revrnn.seq2seq.TranslationModel` at the paper's Multi30K sizes
+Every configuration is a :class:`~lightning_revrnn.translation.model.TranslationModel` at the paper's Multi30K sizes
 (1 layer, 300 units, 300-d embeddings, batch 64, dropout 0.4, the paper's SGD from ``configure_optimizers``),
 stepped without a Trainer the way Lightning's automatic optimisation runs it (``model.log`` is a no-op):
 
@@ -53,7 +53,7 @@ step time <= 3x the baseline on CPU.
 Reading the peaks (allocation traces, library chunk of 16 target steps). The reversible decoder's head runs
 the generator and cross-entropy a block of rows at a time (``TranslationModel(head_block_bytes=8 MiB)``,
 :mod:`lightning_revrnn.chunked_loss`) and the attention a block of source positions at a time
-(:mod:`lightning_revrnn.attention_blocks`), adding its parameter and memory gradients straight into the
+(:mod:`lightning_revrnn.translation.attention_blocks`), adding its parameter and memory gradients straight into the
 reverse sweep's accumulators; those accumulators become the parameters' ``.grad`` storages, so "peak excl.
 grad" leaves them out, as it does the baselines' gradients. What remains in the reversible peak: at Multi30K
 sizes one head chunk's working set (two logits blocks of ~4 MB, the chunk's attention and layer tensors) and
@@ -64,7 +64,7 @@ chunk) plus one chunk's backward (three ``C × B × vocab`` float tensors: 3 × 
 V=18,726``); at Multi30K sizes (``T ≈ 14``) one chunk is the whole target.
 
 ``--head-chunk C`` is a diagnostic: it sets the target steps the attention/generator/loss head runs at once
-(``lightning_revrnn.sweep.CHUNK`` and ``lightning_revrnn.attention.CHUNK``, 16 in the library) for every row,
+(``lightning_revrnn.core.sweep.CHUNK`` and ``lightning_revrnn.translation.attention.CHUNK``, 16 in the library) for every row,
 to show how much of the peak the chunk's ``C × B × vocab`` logits are.
 
 Usage::
@@ -90,13 +90,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import lightning_revrnn.attention as attention_module
-import lightning_revrnn.sweep as sweep_module
+import lightning_revrnn.translation.attention as attention_module
+import lightning_revrnn.core.sweep as sweep_module
 from lightning_revrnn.datamodules.bucketing import training_plan
 from lightning_revrnn.datamodules.parallel import EncodedPairs, ParallelText, TranslationBatch, collate
 from lightning_revrnn.datamodules.vocabulary import SPECIALS
 from lightning_revrnn.memory import MemoryTrace, StepMemory
-from lightning_revrnn.seq2seq import TranslationModel
+from lightning_revrnn.translation.model import TranslationModel
 
 try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.nmt_step``
     from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
@@ -670,7 +670,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "length histograms)")
     p.add_argument("--seed", type=int, default=0, help="seeds the bucketing and the token ids (default 0)")
     p.add_argument("--head-chunk", type=int,
-                   help="diagnostic: target steps per head chunk (lightning_revrnn.sweep.CHUNK, default 16)")
+                   help="diagnostic: target steps per head chunk (lightning_revrnn.core.sweep.CHUNK, default 16)")
     p.add_argument("--repeats", type=int, help="timed steps per row after the warm-up and traced step (default 3)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int,

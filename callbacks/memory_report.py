@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_revrnn.memory import MemoryTrace, StepMemory, profiler_busy
-from lightning_revrnn.rnn import ReversibleRNN
+from lightning_revrnn.core.rnn import ReversibleRNN
 
 PREFIX = "memory/"
 #: Measured bytes, reduced over ranks by max (the largest rank is what must fit on a device).
@@ -67,7 +67,7 @@ class MemoryReport(Callback):
     ==========================================  ==========  ===============================================
 
     The accounting keys appear only when the LightningModule contains reversible modules
-    (:class:`~lightning_revrnn.rnn.ReversibleRNN` instances anywhere in ``pl_module.modules()``). Each
+    (:class:`~lightning_revrnn.core.rnn.ReversibleRNN` instances anywhere in ``pl_module.modules()``). Each
     training forward of such a module in a measured step is one window; the step's figures are the sums
     over its windows (micro-batches included) and over ranks.
 

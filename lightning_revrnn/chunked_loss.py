@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_revrnn.sweep import AutocastState
+from lightning_revrnn.core.numerics import AutocastState
 
 #: Default byte budget of the row-block temporaries (see :func:`rows_per_block`): 8 MiB, i.e. 56 rows of an
 #: 18,726-word vocabulary (Multi30K German), still large enough for GEMMs that run at full speed.

@@ -1,7 +1,7 @@
 """The ``revrnn`` console script: ``revrnn fit|validate|test|predict --config configs/...yaml`` (LightningCLI).
 
 Model and DataModule are both chosen by class path in the config (``model.class_path``:
-:class:`~lightning_revrnn.lm.LanguageModel` or :class:`~lightning_revrnn.seq2seq.TranslationModel`), so one
+:class:`~lightning_revrnn.lm.LanguageModel` or :class:`~lightning_revrnn.translation.model.TranslationModel`), so one
 command trains either; options are set with ``--model.<name>`` / ``--data.<name>`` as before. Both models
 read their vocabulary sizes from the DataModule in ``setup()`` (and save them in their hyperparameters),
 so configs never repeat them. ``revrnn predict`` with a translation model writes its translations to

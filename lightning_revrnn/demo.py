@@ -28,7 +28,7 @@ from lightning_revrnn.callbacks import MemoryReport
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.datamodules.translation import SyntheticTranslationDataModule
 from lightning_revrnn.lm import LanguageModel, RnnType
-from lightning_revrnn.seq2seq import TranslationModel
+from lightning_revrnn.translation.model import TranslationModel
 
 
 def train(rnn: RnnType, args: argparse.Namespace) -> dict[str, Any]:

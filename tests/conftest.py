@@ -18,6 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Test helpers are imported by module name from any test folder: the shared ones at tests/ (ddp_script,
+# seq2seq_helpers) and the core's (test_masks, test_cells), which the fused backend's tests reuse.
+for _folder in (Path(__file__).parent, Path(__file__).parent / "core"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
 #: The device tests create their tensors on (``REVRNN_TEST_DEVICE``; default ``cpu``).
 TEST_DEVICE = os.environ.get("REVRNN_TEST_DEVICE", "cpu")
 

@@ -1,5 +1,5 @@
 """Shared pieces of the translation model tests: the synthetic translation DataModule at test size,
-hand-made padded batches, and a tiny :class:`~lightning_revrnn.seq2seq.TranslationModel`. Also imported by
+hand-made padded batches, and a tiny :class:`~lightning_revrnn.translation.model.TranslationModel`. Also imported by
 the DDP test's spawned ranks, so it must stay importable from ``tests/``."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lightning_revrnn.datamodules.translation import (
     SyntheticTranslationDataModule,
     TranslationBatch,
 )
-from lightning_revrnn.seq2seq import TranslationModel
+from lightning_revrnn.translation.model import TranslationModel
 
 
 def synthetic_data(batch_size: int = 8, train_size: int = 48) -> SyntheticTranslationDataModule:

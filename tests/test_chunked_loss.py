@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_revrnn.attention_blocks import MemoryBlocks, attend, attend_backward
+from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, attend_backward
 from lightning_revrnn.chunked_loss import (
     linear_cross_entropy,
     linear_cross_entropy_accumulate,

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
 from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
-from lightning_revrnn.sweep import CHUNK
+from lightning_revrnn.core.protocol import CHUNK
 
 
 def _saved(rnn: nn.Module, T: int, B: int = 4) -> tuple[int, int, int]:

@@ -48,13 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_revrnn import fused
-from lightning_revrnn.fixed_point import (
-    R_Z,
-    bits_per_multiply,
-    reversible_divide,
-    reversible_multiply,
-)
+from lightning_revrnn.core.accounting import MemoryAccounting
+from lightning_revrnn.core.fixed_point import R_Z, bits_per_multiply, reversible_divide, reversible_multiply
 
 #: A word must be below ``2^WORD_LIMIT_BITS`` before a multiplication (so ``word·2^R_Z`` fits in int64).
 WORD_LIMIT_BITS = 63 - R_Z
@@ -79,49 +74,6 @@ def check_period(max_forget_bits: int | None) -> int:
     ``2^WORD_LIMIT_BITS`` until the next one (see the module docstring).
     """
     return 1 + (WORD_LIMIT_BITS - DRAIN_BITS) // bits_per_multiply(max_forget_bits)
-
-
-@dataclass(frozen=True)
-class BufferStats:
-    """The paper's accounting of one layer for one window (bits).
-
-    ``normal_bits``: what storing the states would take (32 per hidden value per step, ×2 with a cell);
-    ``used_bits``: what the buffer actually holds: the plane rows (32 bits per unit of a drained example),
-    the row indices of drains that took only part of the batch (8 bits each up to batch 256, see
-    :func:`row_index_dtype`), the final words (64 bits per unit) and one flag bit per multiplication
-    (whether a drain preceded it);
-    ``optimal_bits``: the information-theoretic floor ``Σ -log2 z`` over all buffered multiplications,
-    kept on the device until :meth:`as_dict` reads it (so a forward never waits for it);
-    ``drains``: example drains (an example draining all its units counts one);
-    ``stored_bits``: stored units (attention slices, 32 bits per unit and step), which the paper counts in
-    both ``used_bits`` and ``optimal_bits`` (already included there).
-    """
-
-    normal_bits: int
-    used_bits: int
-    optimal_bits: float | Tensor
-    drains: int
-    multiplications: int
-    stored_bits: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        """Flat mapping with the accounting, the ratios and the buffer's efficiency."""
-        optimal = float(self.optimal_bits)
-        return {
-            "normal_bits": self.normal_bits,
-            "used_bits": self.used_bits,
-            "optimal_bits": optimal,
-            "actual_ratio": _ratio(self.normal_bits, self.used_bits),
-            "optimal_ratio": _ratio(self.normal_bits, optimal),
-            "efficiency": _ratio(optimal, self.used_bits),
-            "drains": self.drains,
-            "multiplications": self.multiplications,
-            "stored_bits": self.stored_bits,
-        }
-
-
-def _ratio(a: float, b: float) -> float:
-    return float(a) / float(b) if b else float("inf")
 
 
 @dataclass(frozen=True)
@@ -176,43 +128,39 @@ class InformationBuffer:
         self._step_bits = bits_per_multiply(max_forget_bits)
         self._period = check_period(max_forget_bits)
         self._bound = 0  # every word is < 2^_bound (host-side, never read from the device)
-        self._log2_z_units: Tensor | None = None  # Σ log2 z* per unit since the last stats()
+        #: Σ log2 z* per unit (float64) since the last :meth:`stats` (retaining only): the optimal bits' source.
+        self.log2_z_units: Tensor | None = None
         self._log2_z_sum: Tensor | None = None  # Σ log2 z* over units, up to the last stats()
 
     # ------------------------------------------------------------------------------------ forward
     def multiply(self, h: Tensor, z: Tensor) -> Tensor:
-        """Forward: ``h* ← h*·z*/2^R_Z``, pushing the lost bits (after a check point's drains). No host read."""
-        self._check_point()
-        h, self.word = reversible_multiply(h, z, self.word)
-        self._count_multiplication()
+        """Forward: ``h* ← h*·z*/2^R_Z``, pushing the lost bits (after a check point's drains). No host read.
+        The reference arithmetic; a fast backend does the same through :meth:`begin_multiply` /
+        :meth:`end_multiply` around its own kernel."""
+        h, word = reversible_multiply(h, z, self.begin_multiply())
         if self.retain:  # the optimal bits: log2 z* per unit (float64), summed over units by stats()
             log2_z = torch.log2(z)  # float32 (NaN where z* came from NaN gates: the range guard reports those)
-            self._log2_z_units = log2_z.double() if self._log2_z_units is None else self._log2_z_units + log2_z
+            self.log2_z_units = log2_z.double() if self.log2_z_units is None else self.log2_z_units + log2_z
+        self.end_multiply(word)
         return h
 
-    def fused_multiply(self, h: Tensor, z: Tensor, add: Tensor) -> tuple[Tensor, Tensor]:
-        """Fused forward: ``h* ← h*·z*/2^R_Z + add`` (``add`` int64) in one compiled integer stage
-        (:func:`lightning_revrnn.fused.multiply_add`, which also folds in the ``log2 z*`` accounting when
-        retaining); the check point before it runs here, as in :meth:`multiply`. Returns the new ``h*`` and
-        its float32 value. Bit for bit :meth:`multiply` followed by ``+ add``."""
+    def begin_multiply(self) -> Tensor:
+        """Before a multiplication: run the check point's drains if one falls here, and return the word to
+        multiply with. A backend then calls :meth:`end_multiply` with the new word (and, when retaining, adds
+        ``log2 z*`` per unit into :attr:`log2_z_units`)."""
         self._check_point()
-        if self.retain:
-            if self._log2_z_units is None:
-                self._log2_z_units = torch.zeros(self.word.shape, dtype=torch.float64, device=self.word.device)
-            h, h_f, self.word, self._log2_z_units = fused.multiply_add(True)(h, z, self.word, add, self._log2_z_units)
-        else:
-            h, h_f, self.word = fused.multiply_add(False)(h, z, self.word, add)
-        self._count_multiplication()
-        return h, h_f
+        return self.word
+
+    def end_multiply(self, word: Tensor) -> None:
+        """After a multiplication: keep its new word and count it."""
+        self.word = word
+        self._bound += self._step_bits
+        self.multiplications += 1
 
     def _check_point(self) -> None:
         """Before a multiplication: a check point's drains when one falls here and a word may need it."""
         if self.multiplications % self._period == 0 and self._bound > DRAIN_BITS:
             self._drain_full_examples()
-
-    def _count_multiplication(self) -> None:
-        self._bound += self._step_bits
-        self.multiplications += 1
 
     def _drain_full_examples(self) -> None:
         """A check point on the device: every example whose largest word exceeds 32 bits drains."""
@@ -294,22 +242,14 @@ class InformationBuffer:
     # ------------------------------------------------------------------------------------ reverse
     def divide(self, h: Tensor, z: Tensor) -> Tensor:
         """Reverse: undo the latest :meth:`multiply` not yet undone, popping its bits (no host read once
-        :meth:`finish` has run)."""
-        self._start_divide()
-        h, self.word = reversible_divide(h, z, self.word)
-        self._end_divide()
+        :meth:`finish` has run). The reference arithmetic; a fast backend does the same through
+        :meth:`begin_divide` / :meth:`end_divide` around its own kernel."""
+        h, word = reversible_divide(h, z, self.begin_divide())
+        self.end_divide(word)
         return h
 
-    def fused_divide(self, h: Tensor, add: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Fused reverse: undo :meth:`fused_multiply` (``h* ← (h* - add)·2^R_Z/z*`` popping its bits) in one
-        compiled integer stage; any drain it preceded is replayed here, as in :meth:`divide`. Returns the
-        old ``h*`` and its float32 value."""
-        self._start_divide()
-        h, h_f, self.word = fused.subtract_divide()(h, add, z, self.word)
-        self._end_divide()
-        return h, h_f
-
-    def _start_divide(self) -> None:
+    def begin_divide(self) -> Tensor:
+        """Before undoing a multiplication: the word to divide with."""
         if not self.retain:
             raise RuntimeError(
                 "This information buffer was filled without retain=True (evaluation), so its drained bits were "
@@ -317,8 +257,12 @@ class InformationBuffer:
             )
         self.finish()
         self.multiplications -= 1
+        return self.word
 
-    def _end_divide(self) -> None:
+    def end_divide(self, word: Tensor) -> None:
+        """After undoing a multiplication: keep the restored word, and replay the drain that preceded the
+        multiplication, if one did."""
+        self.word = word
         if self._drained_before and self._drained_before[-1] == self.multiplications:
             self._undo_drain()
 
@@ -349,22 +293,22 @@ class InformationBuffer:
         self.finish()
         return [*self._planes, *[r for r in self._drained_rows if r is not None], self.word]
 
-    def stats(self, normal_bits: int, stored_bits: int = 0) -> BufferStats:
-        """The window's accounting (after :meth:`finish`, which this calls); see :class:`BufferStats`.
+    def stats(self, normal_bits: int, stored_bits: int = 0) -> MemoryAccounting:
+        """The window's accounting (after :meth:`finish`, which this calls); see :class:`~lightning_revrnn.core.accounting.MemoryAccounting`.
         ``stored_bits``: the layer's stored units, added to ``used_bits`` and ``optimal_bits``."""
         self.finish()
         units = self.word.numel()
         optimal: float | Tensor = 0.0
-        if self._log2_z_units is not None:  # fold into one number: no per-unit tensor lives on
-            total = self._log2_z_units.sum()
+        if self.log2_z_units is not None:  # fold into one number: no per-unit tensor lives on
+            total = self.log2_z_units.sum()
             self._log2_z_sum = total if self._log2_z_sum is None else self._log2_z_sum + total
-            self._log2_z_units = None
+            self.log2_z_units = None
         if self._log2_z_sum is not None:
             optimal = self.multiplications * units * R_Z - self._log2_z_sum
         plane_bits = sum(p.numel() for p in self._planes) * DRAIN_BITS
         index_bits = sum(r.numel() * r.element_size() * 8 for r in self._drained_rows if r is not None)
         used = plane_bits + index_bits + units * 64 + self.multiplications
-        return BufferStats(
+        return MemoryAccounting(
             normal_bits=normal_bits,
             used_bits=(used if self.multiplications else 0) + stored_bits,
             optimal_bits=optimal + stored_bits,

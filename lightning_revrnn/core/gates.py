@@ -1,6 +1,6 @@
 """The cells' gate equations as pure functions of tensors and constants.
 
-The eager cells (:mod:`lightning_revrnn.cells`) and the compiled stages of the fused path
+The eager cells (:mod:`lightning_revrnn.core.cells`) and the compiled stages of the fused path
 (:mod:`lightning_revrnn.fused`) call these same functions, so both paths implement one set of equations;
 a compiled stage is this code traced by ``torch.compile``. They hold no module state: everything a
 gate depends on is an argument (sizes come from the tensors' shapes, the forget limit ``k`` is a
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_revrnn.fixed_point import FORGET_ONE, forget_floor
+from lightning_revrnn.core.fixed_point import FORGET_ONE, forget_floor
 
 
 def forget_scale(max_forget_bits: int | None) -> tuple[float, float]:

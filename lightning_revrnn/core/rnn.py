@@ -9,20 +9,18 @@ from typing import ClassVar, Literal, Union, cast
 import torch
 from torch import Tensor, nn
 
-from lightning_revrnn.buffer import BufferStats
-from lightning_revrnn.cells import NFRevGRUCell, NFRevLSTMCell, ReversibleCell, RevGRUCell, RevLSTMCell
-from lightning_revrnn.dropout import SeededMask, locked_mask
-from lightning_revrnn.fixed_point import straight_through, to_fixed, to_float
-from lightning_revrnn.sweep import (
-    AutocastState,
-    ReverseSweep,
-    StepHead,
-    StepStem,
-    Window,
-    check_declared_inputs,
-    finish_forward,
-    forward_window,
-)
+from lightning_revrnn.core.accounting import MemoryAccounting
+from lightning_revrnn.core.backend import Backend, backend_for
+from lightning_revrnn.core.cell_base import ReversibleCell
+from lightning_revrnn.core.cells import NFRevGRUCell, NFRevLSTMCell, RevGRUCell, RevLSTMCell
+from lightning_revrnn.core.dropout import SeededMask, locked_mask
+from lightning_revrnn.core.fixed_point import straight_through, to_fixed, to_float
+from lightning_revrnn.core.forward import WindowResult, run_forward
+from lightning_revrnn.core.graph_checks import check_declared_inputs, declared_context, trainable
+from lightning_revrnn.core.numerics import AutocastState
+from lightning_revrnn.core.protocol import StepHead, StepStem
+from lightning_revrnn.core.sweep import ReverseSweep, WindowRecord
+from lightning_revrnn.core.window import WindowPlan
 
 Mode = Literal["reverse", "store"]
 MODES = ("reverse", "store")
@@ -106,7 +104,7 @@ class ReversibleRNN(nn.Module):
         batch_first: bool = False,
         stored_units: int = 0,
         mode: Mode = "reverse",
-        fused: bool = False,
+        fused: bool | Backend = False,
     ) -> None:
         super().__init__()
         if isinstance(hidden_size, int):
@@ -137,8 +135,8 @@ class ReversibleRNN(nn.Module):
         ins = [input_size, *sizes[:-1]]
         self.cells = nn.ModuleList(self.cell_class(i, h, max_forget_bits) for i, h in zip(ins, sizes))
         self.fused = fused
-        self._stats: list[BufferStats] | None = None
-        self._last_window: weakref.ref[Window] | None = None
+        self._stats: MemoryAccounting | None = None
+        self._last_window: weakref.ref[WindowRecord] | None = None
         self._exact: list[tuple[list[Tensor], list[Tensor]]] = []
 
     @property
@@ -153,26 +151,26 @@ class ReversibleRNN(nn.Module):
         self._mode = value
 
     @property
-    def fused(self) -> bool:
-        """Whether the cells run as compiled stages where no autograd records (see the class docstring)."""
+    def fused(self) -> bool | Backend:
+        """Whether the cells run on the fused backend where no autograd records (see the class docstring); a
+        :class:`~lightning_revrnn.core.backend.Backend` instance runs that backend instead (benchmarks inject
+        a counting one). Settable between windows, not between a forward and its backward."""
         return self._fused
 
     @fused.setter
-    def fused(self, value: bool) -> None:
-        if not isinstance(value, bool):
+    def fused(self, value: bool | Backend) -> None:
+        if not isinstance(value, (bool, Backend)):
             raise TypeError(f"fused must be True or False, got {value!r}.")
-        if value and not hasattr(torch, "compile"):
+        if value is True and not hasattr(torch, "compile"):
             raise RuntimeError(
                 f"fused=True needs torch.compile, which torch {torch.__version__} does not have. Fix: fused=False "
                 "(the eager path computes the same exact algorithm), or install torch >= 2.1."
             )
         self._fused = value
-        for cell in self.cell_list:
-            cell.fused = value
 
     @property
-    def last_window(self) -> Window | None:
-        """The last reverse-mode training window while its graph is alive (buffers, masks), else None."""
+    def last_window(self) -> WindowRecord | None:
+        """The last reverse-mode training window while its graph is alive (its plan and buffers), else None."""
         return None if self._last_window is None else self._last_window()
 
     def __getstate__(self) -> dict[str, object]:
@@ -190,7 +188,7 @@ class ReversibleRNN(nn.Module):
         return self.cell_list[0].halves_per_group
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, batch_first={self.batch_first}" + (", fused=True" if self.fused else "")
+        return f"mode={self.mode!r}, batch_first={self.batch_first}" + (", fused=True" if self.fused is not False else "")
 
     # ------------------------------------------------------------------------------------- forward
     def forward(
@@ -204,6 +202,12 @@ class ReversibleRNN(nn.Module):
         x = self._check_input(x, stem)
         keep = self._check_keep(keep, x)
         dtype = self._result_dtype(x, stem)
+        if head is not None and self.stored_units:
+            raise ValueError(
+                "stored_units and a head do not combine: with stored units the module returns them (for an "
+                "attention that reads them outside), a head reads every output inside the sweep. Fix: build the "
+                "encoder with stored_units and no head, the decoder with a head and stored_units=0."
+            )
         if stem is None:
             x = x.float()  # differentiable: a bf16 input gets a bf16 gradient
         if self.batch_first:
@@ -211,46 +215,36 @@ class ReversibleRNN(nn.Module):
         T, B = x.shape[0], x.shape[1]
         like = torch.empty((), device=x.device)
         init = self._initial_state(hx, B, like)
-        window = Window(
-            cells=self.cell_list,
-            input_masks=self._input_masks(B, like),
-            hidden_masks=[self._dropconnect_mask(c, like) for c in self.cell_list],
-            head=head,
-            stem=stem,
-            retain=False,
-            autocast=AutocastState.capture(x.device),
-            keep=keep,
+        params = [p for c in self.cell_list for p in (c.weight_ih, c.bias, c.weight_hh)]
+        extras = [t for m in (head, stem) for t in (*trainable(m), *declared_context(m))]
+        needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (x, *init, *params)) or bool(extras))
+        reverse = needs_grad and self.mode == "reverse"
+        plan = WindowPlan.build(
+            self.cell_list, backend_for(self._fused, differentiable=needs_grad and not reverse),
+            self._input_masks(B, like), [self._dropconnect_mask(c, like) for c in self.cell_list],
+            retain=needs_grad, autocast=AutocastState.capture(x.device), head=head, stem=stem, keep=keep,
             stored_units=self.stored_units,
         )
-        if head is not None and self.stored_units:
-            raise ValueError(
-                "stored_units and a head do not combine: with stored units the module returns them (for an "
-                "attention that reads them outside), a head reads every output inside the sweep. Fix: build the "
-                "encoder with stored_units and no head, the decoder with a head and stored_units=0."
-            )
-        for i, t in enumerate(init):  # checked with the window's other ranges, in one host read
-            window.guard.observe(f"initial state tensor {i}", t)
-        params = [p for c in self.cell_list for p in (c.weight_ih, c.bias, c.weight_hh)]
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *init, *params, *window.extras))
-        window.retain = needs_grad
-        if needs_grad and self.mode == "reverse":
-            check_declared_inputs(window, x, B)
-            res = ReverseSweep.apply(window, self.state_count, x, *init, *params, *window.extras)
-            primary, finals = res[0], list(res[1:])
+        if reverse:
+            check_declared_inputs(head, stem, plan.autocast, x, self.hidden_sizes[-1])
+            res = ReverseSweep.apply(plan, self.state_count, x, *init, *params, *plan.extras)
+            primary, finals, record = res[0], list(res[1:-1]), res[-1]
+            buffers, final_exact = record.buffers, record.final_exact
+            self._last_window = weakref.ref(record)  # the graph owns the record until backward frees it
         else:
-            primary, finals = self._forward_autograd(window, x, init, B)
+            result = self._forward_autograd(plan, x, init)
+            primary, finals, buffers, final_exact = result.primary, result.finals, result.buffers, result.final_exact
+            self._last_window = None
         if needs_grad:
-            self._stats = [
-                buf.stats(32 * T * B * c.hidden_size * c.halves_per_group, stored_bits=32 * T * B * window.stored(l))
-                for l, (buf, c) in enumerate(zip(window.buffers, self.cell_list))
-            ]
-        # A weak reference: the autograd graph owns the window (and its buffer) until backward frees it.
-        self._last_window = weakref.ref(window) if needs_grad and self.mode == "reverse" else None
+            self._stats = MemoryAccounting.total(
+                buf.stats(32 * T * B * c.hidden_size * c.halves_per_group, stored_bits=32 * T * B * plan.stored(l))
+                for l, (buf, c) in enumerate(zip(buffers, self.cell_list))
+            )
         if head is None:
             primary = primary.to(dtype)
             primary = primary.transpose(0, 1) if self.batch_first else primary
         h_n = self._pack_state([f.to(dtype) for f in finals])
-        self._keep_exact(h_n, window.final_exact)
+        self._keep_exact(h_n, final_exact)
         return primary, h_n
 
     def _result_dtype(self, x: Tensor, stem: StepStem | None) -> torch.dtype:
@@ -260,21 +254,13 @@ class ReversibleRNN(nn.Module):
             return self.autocast_results[kind] or torch.get_autocast_dtype(kind)
         return torch.float32 if stem is not None else x.dtype
 
-    def _forward_autograd(
-        self, window: Window, x: Tensor, init: list[Tensor], batch: int
-    ) -> tuple[Tensor, list[Tensor]]:
+    def _forward_autograd(self, plan: WindowPlan, x: Tensor, init: list[Tensor]) -> WindowResult:
         """Evaluation and ``mode="store"``: the same forward, autograd recording it if grad is on."""
         n = self.state_count
         halves = [c.split_state(init[l * n : (l + 1) * n]) for l, c in enumerate(self.cell_list)]
         state = [[to_fixed(h.detach()) for h in hs] for hs in halves]
-        state_f = [
-            [straight_through_init(i, h) for i, h in zip(ints, hs)] for ints, hs in zip(state, halves)
-        ]
-        window.start(batch, x.device)
-        state, state_f, res = forward_window(window, x, state, state_f)
-        # No ``out`` given: the outputs as one tensor, or the per-chunk head values.
-        primary = torch.stack(cast(list[Tensor], res)).sum() if window.head is not None else cast(Tensor, res)
-        return primary, finish_forward(window, state, state_f)
+        state_f = [[straight_through_init(i, h) for i, h in zip(ints, hs)] for ints, hs in zip(state, halves)]
+        return run_forward(plan, x, state, state_f, init)
 
     # ---------------------------------------------------------------------------------- exact carry
     def exact_state(self, state: State | tuple[State, State]) -> State | tuple[State, State]:
@@ -320,26 +306,13 @@ class ReversibleRNN(nn.Module):
         return resolved
 
     # ------------------------------------------------------------------------------------ accounting
-    def memory_stats(self) -> dict[str, object]:
-        """The paper's accounting for the last training window (spec section 4), totals plus per layer.
-
-        Keys: ``normal_bits``, ``used_bits``, ``optimal_bits``, ``stored_bits`` (stored units, included in
-        ``used_bits`` and ``optimal_bits``), ``actual_ratio`` (normal/used),
-        ``optimal_ratio`` (normal/optimal), ``efficiency`` (optimal/used), ``drains``,
-        ``multiplications``, and ``layers`` (one such mapping per layer).
-        Raises ``RuntimeError`` before the first forward with gradients.
-        """
+    def memory_stats(self) -> MemoryAccounting:
+        """The paper's accounting for the last training window (spec section 4): the total over layers, with
+        each layer's in ``layers`` (see :class:`~lightning_revrnn.core.accounting.MemoryAccounting`). Raises
+        ``RuntimeError`` before the first forward with gradients."""
         if self._stats is None:
             raise RuntimeError("memory_stats() describes the last training window: run a forward with grad first.")
-        total = BufferStats(
-            normal_bits=sum(s.normal_bits for s in self._stats),
-            used_bits=sum(s.used_bits for s in self._stats),
-            optimal_bits=sum(s.optimal_bits for s in self._stats),
-            drains=sum(s.drains for s in self._stats),
-            multiplications=sum(s.multiplications for s in self._stats),
-            stored_bits=sum(s.stored_bits for s in self._stats),
-        )
-        return {**total.as_dict(), "layers": [s.as_dict() for s in self._stats]}
+        return self._stats
 
     # ------------------------------------------------------------------------------------ validation
     def _check_input(self, x: Tensor, stem: StepStem | None) -> Tensor:
@@ -399,7 +372,7 @@ class ReversibleRNN(nn.Module):
 
     def _initial_state(self, hx: State | tuple[State, State] | None, batch: int, x: Tensor) -> list[Tensor]:
         """Flat list of per-layer ``(B, H_l)`` tensors (h, or h and c per layer); their range is checked
-        with the window's (:class:`~lightning_revrnn.fixed_point.RangeGuard`)."""
+        with the window's (:class:`~lightning_revrnn.core.fixed_point.RangeGuard`)."""
         n = self.state_count
         if hx is None:
             return [x.new_zeros(batch, h) for h in self.hidden_sizes for _ in range(n)]
@@ -454,13 +427,13 @@ def straight_through_init(ints: Tensor, given: Tensor) -> Tensor:
 
 
 class RevGRU(ReversibleRNN):
-    """Reversible GRU (:class:`~lightning_revrnn.cells.RevGRUCell` layers). ``hx``/``h_n``: h."""
+    """Reversible GRU (:class:`~lightning_revrnn.core.cells.RevGRUCell` layers). ``hx``/``h_n``: h."""
 
     cell_class = RevGRUCell
 
 
 class RevLSTM(ReversibleRNN):
-    """Reversible LSTM (:class:`~lightning_revrnn.cells.RevLSTMCell` layers). ``hx``/``h_n``: (h, c)."""
+    """Reversible LSTM (:class:`~lightning_revrnn.core.cells.RevLSTMCell` layers). ``hx``/``h_n``: (h, c)."""
 
     cell_class = RevLSTMCell
     autocast_results = {"cuda": torch.float16, "cpu": None}

@@ -1,7 +1,7 @@
-"""The fused fast path: the exact half-steps as a few ``torch.compile`` stages (``fused=True``).
+"""The fused backend's compiled stages: the exact half-steps as a few ``torch.compile`` graphs.
 
 ``torch.compile`` (inductor) turns each stage into one or a few kernels, C++ on the CPU and Triton on
-CUDA, from this one source; the eager cells (:mod:`lightning_revrnn.cells`) stay the bit-exact
+CUDA, from this one source; the eager cells (:mod:`lightning_revrnn.core.cells`) stay the bit-exact
 reference. A half-step is split so that exactness does not depend on how the compiler vectorises
 float math:
 
@@ -9,20 +9,20 @@ float math:
   ``z*`` and the rounded additive terms ``to_fixed(add)``. Compiled float math (a vectorised sigmoid,
   exp or tanh) may differ in the last bits from eager and from another kernel, so everything that feeds
   rounding is computed by the *same* compiled function, with the same shapes, in the forward and in the
-  reverse sweep (:func:`gru_gate_stage`, :func:`lstm_gate_stage`, and :func:`lstm_h_term` for the
+  reverse sweep (:meth:`Stages.gru_gates`, :meth:`Stages.lstm_gates`, and :meth:`Stages.lstm_h_term` for the
   LSTM's ``o∘tanh(c)``, which reads the freshly updated ``c``);
-* a **backward stage** per cell type (:func:`step_backward_stage`): a whole step's written-out
-  backward in one graph (:mod:`lightning_revrnn.step_backward`), its GEMMs extern kernels, the
+* a **backward stage** per cell type (:meth:`Stages.step_backward`): a whole step's written-out
+  backward in one graph (:mod:`lightning_revrnn.fused.step_backward`), its GEMMs extern kernels, the
   elementwise work around them fused; gradients feed no rounding, so only the tolerance matters there;
-* **integer stages** (:func:`multiply_add`, :func:`subtract_divide`, :func:`add_term`,
-  :func:`subtract_term`): the fixed-point multiply with the buffer word plus the additive term, and its
+* **integer stages** (:meth:`Stages.multiply_add`, :meth:`Stages.subtract_divide`, :meth:`Stages.add_term`,
+  :meth:`Stages.subtract_term`): the fixed-point multiply with the buffer word plus the additive term, and its
   inverse. Integer ops are exact in any form (the tests check them bit for bit against
-  :func:`~lightning_revrnn.fixed_point.reversible_multiply`/``divide``, inductor's floor division
+  :func:`~lightning_revrnn.core.fixed_point.reversible_multiply`/``divide``, inductor's floor division
   included). They also return the new value as float32: an int64 → float32 conversion is correctly
   rounded in any implementation (exact via float64 for ``|h*| < 2^53``, and the scaling by ``2^-R_H`` is
-  exact), so it equals the eager :func:`~lightning_revrnn.fixed_point.to_float` bit for bit.
+  exact), so it equals the eager :func:`~lightning_revrnn.core.fixed_point.to_float` bit for bit.
 
-The drain check points stay in :class:`~lightning_revrnn.buffer.InformationBuffer` (eager, before the
+The drain check points stay in :class:`~lightning_revrnn.core.buffer.InformationBuffer` (eager, before the
 multiplications they precede); an integer stage takes and returns the buffer word (and, when the buffer
 retains, the per-unit ``Σ log2 z*`` accumulator), one multiplication per call, so a check point may fall
 between any two multiplications of a step.
@@ -43,10 +43,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_revrnn.errors import FusedPathError
-from lightning_revrnn.fixed_point import reversible_divide, reversible_multiply, to_fixed, to_float
-from lightning_revrnn.gates import forget_scaled, gru_gates_split, hold, lstm_gates, round_forget
-from lightning_revrnn.step_backward import gru_half_backward, lstm_half_backward, step_backward
+from lightning_revrnn.core.errors import FusedPathError
+from lightning_revrnn.core.fixed_point import reversible_divide, reversible_multiply, to_fixed, to_float
+from lightning_revrnn.core.records import Record
+from lightning_revrnn.core.gates import forget_scaled, gru_gates_split, hold, lstm_gates, round_forget
+from lightning_revrnn.fused.step_backward import gru_half_backward, lstm_half_backward, step_backward
 
 #: dynamo's per-function recompile limit is raised to at least this: every layer shape, forget limit and
 #: keep-mask variant of a stage is one compiled entry of the same Python function.
@@ -135,22 +136,22 @@ def _subtract_term(h: Tensor, add: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _gru_step_backward(
-    w: list[Tensor], records: list[tuple[Tensor, ...]], d_state: list[Tensor], d_output: Tensor,
+    w: list[Tensor], records: list[Record], d_state: list[Tensor], d_output: Tensor,
     keep: Tensor | None, forget_slope: float, forgets: bool,
 ) -> tuple[list[Tensor], Tensor]:
-    """A RevGRU step's written-out backward (:func:`~lightning_revrnn.step_backward.step_backward`)."""
-    def half(w: Tensor, record: Any, d_new: list[Tensor], keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+    """A RevGRU step's written-out backward (:func:`~lightning_revrnn.fused.step_backward.step_backward`)."""
+    def half(w: Tensor, record: Record, d_new: list[Tensor], keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
         return gru_half_backward(w, record, d_new, keep, forget_slope, forgets)
 
     return step_backward(half, 1, w, records, d_state, d_output, keep)
 
 
 def _lstm_step_backward(
-    w: list[Tensor], records: list[tuple[Tensor, ...]], d_state: list[Tensor], d_output: Tensor,
+    w: list[Tensor], records: list[Record], d_state: list[Tensor], d_output: Tensor,
     keep: Tensor | None, forget_slope: float, forgets: bool,
 ) -> tuple[list[Tensor], Tensor]:
-    """A RevLSTM step's written-out backward (:func:`~lightning_revrnn.step_backward.step_backward`)."""
-    def half(w: Tensor, record: Any, d_new: list[Tensor], keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+    """A RevLSTM step's written-out backward (:func:`~lightning_revrnn.fused.step_backward.step_backward`)."""
+    def half(w: Tensor, record: Record, d_new: list[Tensor], keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
         return lstm_half_backward(w, record, d_new, keep, forget_slope, forgets)
 
     return step_backward(half, 2, w, records, d_state, d_output, keep)
@@ -161,13 +162,13 @@ class CompiledStage:
     """One stage, compiled on first call (``torch.compile(dynamic=False, fullgraph=True)``).
 
     Failures to compile or run (no C++ compiler, no Triton, an unsupported torch) become a
-    :class:`~lightning_revrnn.errors.FusedPathError` naming the fix. While :func:`counting` is active,
-    calls are counted per stage (:data:`CALLS`), and the kernels inductor generated for each compiled
-    graph of the stage (:data:`KERNELS`, counted at compile time)."""
+    :class:`~lightning_revrnn.core.errors.FusedPathError` naming the fix. With a ``counter``, every call is
+    counted there (:class:`StageCounter`)."""
 
-    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+    def __init__(self, name: str, fn: Callable[..., Any], counter: StageCounter | None = None) -> None:
         self.name = name
         self.fn = fn
+        self.counter = counter
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -175,8 +176,8 @@ class CompiledStage:
             if self._compiled is None:
                 _raise_recompile_limit()
                 self._compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
-            if _COUNTING:
-                return self._counted_call(args)
+            if self.counter is not None:
+                return self.counter.run(self.name, self._compiled, args)
             return self._compiled(*args)
         except Exception as exc:
             if type(exc).__name__ == "FailOnRecompileLimitHit":
@@ -192,53 +193,14 @@ class CompiledStage:
                 "(the eager path computes the same exact algorithm), or install the compiler toolchain."
             ) from exc
 
-    def _counted_call(self, args: tuple[Any, ...]) -> Any:
-        from torch._inductor import metrics
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        leaves, spec = torch.utils._pytree.tree_flatten(args)  # a stage may take lists of tensors (the backward)
-        signature = (self.name, str(spec), *[
-            (tuple(a.shape), a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in leaves
-        ])
-        before, _GEMM_NODES.count = metrics.generated_kernel_count, 0
-        with _disable_current_modes():  # dynamo runs nothing compiled under a dispatch mode (an op counter)
-            out = self._compiled(*args)  # type: ignore[misc]
-        if metrics.generated_kernel_count != before or _GEMM_NODES.count:
-            _GRAPH_KERNELS[signature] = metrics.generated_kernel_count - before + _GEMM_NODES.count
-        CALLS[self.name] += 1
-        KERNELS[self.name] += _GRAPH_KERNELS.get(signature, 0)
-        return out
-
-
-class _GemmNodes:
-    """A post-grad pass that counts the GEMM nodes of the graph being compiled: inductor calls them as extern
-    kernels (ATen), which ``generated_kernel_count`` leaves out."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        aten = torch.ops.aten
-        gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
-        self.count += sum(1 for node in graph.nodes if node.op == "call_function" and node.target in gemms)
-
-
-_GEMM_NODES = _GemmNodes()
-
 
 def _raise_recompile_limit() -> None:
+    """Raise dynamo's per-function recompile limit to :data:`RECOMPILE_LIMIT` (on the first compile, not on
+    import): every layer shape, forget limit and keep-mask variant of a stage is one entry of one function."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name) and getattr(config, name) < RECOMPILE_LIMIT:
             setattr(config, name, RECOMPILE_LIMIT)
-
-
-@functools.lru_cache(maxsize=None)
-def _stage(name: str, *constants: Any) -> CompiledStage:
-    fn = _FUNCTIONS[name]
-    bound = functools.partial(fn, **dict(zip(_CONSTANTS.get(name, ()), constants))) if constants else fn
-    label = name if not constants else f"{name}{constants}"
-    return CompiledStage(label, bound)
 
 
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
@@ -253,88 +215,128 @@ _CONSTANTS = {
 }
 
 
-def gru_gate_stage(max_forget_bits: int | None, forgets: bool) -> CompiledStage:
-    """The compiled RevGRU gate stage ``(w, xp, other, keep) -> (z, r, g, r∘other, z*, z*/2^R_Z, add,
-    to_fixed(add))`` (``z*`` None without forgetting)."""
-    return _stage("gru_gates", max_forget_bits, forgets)
+class Stages:
+    """The compiled stages one backend calls, compiled on first use, each (stage, constants) once.
 
+    ``counter``: count every call and the kernels it ran (a benchmark's :class:`StageCounter`)."""
 
-def lstm_gate_stage(max_forget_bits: int | None, forgets: bool) -> CompiledStage:
-    """The compiled RevLSTM gate stage ``(w, xp, other, keep) -> (σ block, g, f*, p*, f*/2^R_Z, p*/2^R_Z,
-    i∘g, to_fixed(i∘g), o held)`` (``f*``, ``p*`` None without forgetting)."""
-    return _stage("lstm_gates", max_forget_bits, forgets)
+    def __init__(self, counter: StageCounter | None = None) -> None:
+        self.counter = counter
+        self._stages: dict[tuple[Any, ...], CompiledStage] = {}
 
+    def get(self, name: str, *constants: Any) -> CompiledStage:
+        """Stage ``name`` with its constants (``_CONSTANTS``) bound."""
+        key = (name, *constants)
+        stage = self._stages.get(key)
+        if stage is None:
+            fn = _FUNCTIONS[name]
+            bound = functools.partial(fn, **dict(zip(_CONSTANTS.get(name, ()), constants))) if constants else fn
+            label = name if not constants else f"{name}{constants}"
+            stage = self._stages[key] = CompiledStage(label, bound, self.counter)
+        return stage
 
-def step_backward_stage(cell_type: str, forget_slope: float, forgets: bool) -> CompiledStage:
-    """The compiled written-out backward of one whole step, ``cell_type`` ``"gru"`` or ``"lstm"``:
-    ``(w, records, d_state, d_output, keep) -> (d_state before the step, d_pre (B, 2·rows))`` (see
-    :func:`~lightning_revrnn.step_backward.step_backward`)."""
-    return _stage(f"{cell_type}_backward", forget_slope, forgets)
+    def gru_gates(self, max_forget_bits: int | None, forgets: bool) -> CompiledStage:
+        """``(w, xp, other, keep) -> (z, r, g, r∘other, z*, z*/2^R_Z, add, to_fixed(add))`` (``z*`` None without
+        forgetting)."""
+        return self.get("gru_gates", max_forget_bits, forgets)
 
+    def lstm_gates(self, max_forget_bits: int | None, forgets: bool) -> CompiledStage:
+        """``(w, xp, other, keep) -> (σ block, g, f*, p*, f*/2^R_Z, p*/2^R_Z, i∘g, to_fixed(i∘g), o held)``
+        (``f*``, ``p*`` None without forgetting)."""
+        return self.get("lstm_gates", max_forget_bits, forgets)
 
-def lstm_h_term() -> CompiledStage:
-    """The compiled ``(o, c) -> (o∘tanh(c), to_fixed(o∘tanh(c)))``."""
-    return _stage("lstm_h_term")
+    def step_backward(self, cell_type: str, forget_slope: float, forgets: bool) -> CompiledStage:
+        """A whole step's written-out backward, ``cell_type`` ``"gru"`` or ``"lstm"``: ``(w, records, d_state,
+        d_output, keep) -> (d_state before the step, d_pre (B, 2·rows))``."""
+        return self.get(f"{cell_type}_backward", forget_slope, forgets)
 
+    def lstm_h_term(self) -> CompiledStage:
+        """``(o, c) -> (o∘tanh(c), to_fixed(o∘tanh(c)))``."""
+        return self.get("lstm_h_term")
 
-def multiply_add(retain: bool) -> CompiledStage:
-    """The compiled integer forward stage: ``(h, z, word, add) -> (h, h_float, word)``, with ``retain``
-    ``(h, z, word, add, log2_units) -> (h, h_float, word, log2_units)``."""
-    return _stage("multiply_add_logged" if retain else "multiply_add")
+    def multiply_add(self, retain: bool) -> CompiledStage:
+        """``(h, z, word, add) -> (h, h_float, word)``; retaining, ``(h, z, word, add, log2_units) -> (h,
+        h_float, word, log2_units)``."""
+        return self.get("multiply_add_logged" if retain else "multiply_add")
 
+    def subtract_divide(self) -> CompiledStage:
+        """``(h, add, z, word) -> (h, h_float, word)``."""
+        return self.get("subtract_divide")
 
-def subtract_divide() -> CompiledStage:
-    """The compiled integer reverse stage ``(h, add, z, word) -> (h, h_float, word)``."""
-    return _stage("subtract_divide")
+    def add_term(self) -> CompiledStage:
+        """No forgetting: ``(h, add) -> (h, h_float)``."""
+        return self.get("add_term")
 
-
-def add_term() -> CompiledStage:
-    """The compiled no-forgetting forward stage ``(h, add) -> (h, h_float)``."""
-    return _stage("add_term")
-
-
-def subtract_term() -> CompiledStage:
-    """The compiled no-forgetting reverse stage ``(h, add) -> (h, h_float)``."""
-    return _stage("subtract_term")
+    def subtract_term(self) -> CompiledStage:
+        """No forgetting: ``(h, add) -> (h, h_float)``."""
+        return self.get("subtract_term")
 
 
 # ----------------------------------------------------------------------------------------- counting
-#: While :func:`counting` is active: compiled-stage calls per stage, and the kernels they ran.
-CALLS: Counter[str] = Counter()
-KERNELS: Counter[str] = Counter()
-_GRAPH_KERNELS: dict[tuple[Any, ...], int] = {}
-_COUNTING = False
+class _GemmNodes:
+    """A post-grad pass that counts the GEMM nodes of the graph being compiled: inductor calls them as extern
+    kernels (ATen), which ``generated_kernel_count`` leaves out."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+        self.count += sum(1 for node in graph.nodes if node.op == "call_function" and node.target in gemms)
 
 
-@contextlib.contextmanager
-def counting() -> Iterator[tuple[Counter[str], Counter[str]]]:
-    """Count compiled-stage calls and the inductor kernels they ran (``(CALLS, KERNELS)``, reset on entry).
+class StageCounter:
+    """Counts compiled-stage calls and the kernels they ran: ``calls`` and ``kernels`` per stage.
 
     Compiled kernels do not pass through the ATen dispatcher, so an op counter cannot see them. A stage's
     kernel count is what inductor generated for its graph (``torch._inductor.metrics.generated_kernel_count``
-    during the compile); a graph compiled before counting began is compiled again (``torch._dynamo.reset``)
-    so that every graph's count is known, with inductor's graph cache off. The GEMMs inside a graph are
-    extern (ATen) kernels that ``generated_kernel_count`` leaves out: they are counted from the post-grad
-    graph (one per ``mm``/``addmm``/``bmm`` node). The stages run with any dispatch mode (an op counter)
-    disabled, since dynamo runs nothing compiled under one: an op counter sees only the eager ops around
-    the stages, and ``CALLS``/``KERNELS`` hold the rest.
-    """
-    global _COUNTING
-    torch._dynamo.reset()
-    _stage.cache_clear()  # fresh stage objects: every graph compiles (and is counted) again
-    _GRAPH_KERNELS.clear()
-    CALLS.clear()
-    KERNELS.clear()
-    _COUNTING = True
-    # No cached graphs (a cache hit generates no kernel, so it would count none); the GEMM pass sees each graph.
-    patch = torch._inductor.config.patch(
-        fx_graph_cache=False, autotune_local_cache=False, post_grad_custom_post_pass=_GEMM_NODES
-    )
-    try:
-        with patch:
-            yield CALLS, KERNELS
-    finally:
-        _COUNTING = False
-        torch._dynamo.reset()  # the counting graphs were compiled under the patched config
-        _stage.cache_clear()
+    during the compile) plus its GEMMs (extern ATen kernels, counted from the post-grad graph). So that every
+    graph compiles (and is counted) while counting, :meth:`recording` resets dynamo on entry and exit and turns
+    inductor's graph caches off; run the counted step inside it, with a backend built on this counter
+    (``FusedBackend(counter)``). The stages run with any dispatch mode (an op counter) disabled, since dynamo
+    runs nothing compiled under one.
 
+    Example::
+
+        >>> counter = StageCounter()
+        >>> counter.calls, counter.kernels
+        (Counter(), Counter())
+    """
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.kernels: Counter[str] = Counter()
+        self._graph_kernels: dict[tuple[Any, ...], int] = {}
+        self._gemm_nodes = _GemmNodes()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[StageCounter]:
+        """Count inside: fresh compiles (dynamo reset), inductor's caches off, the GEMM pass installed."""
+        torch._dynamo.reset()
+        patch = torch._inductor.config.patch(
+            fx_graph_cache=False, autotune_local_cache=False, post_grad_custom_post_pass=self._gemm_nodes
+        )
+        try:
+            with patch:
+                yield self
+        finally:
+            torch._dynamo.reset()  # the counted graphs were compiled under the patched config
+
+    def run(self, name: str, compiled: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """Call ``compiled(*args)`` and count it under ``name``."""
+        from torch._inductor import metrics
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        leaves, spec = torch.utils._pytree.tree_flatten(args)  # a stage may take lists of tensors (the backward)
+        signature = (name, str(spec), *[
+            (tuple(a.shape), a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in leaves
+        ])
+        before, self._gemm_nodes.count = metrics.generated_kernel_count, 0
+        with _disable_current_modes():  # dynamo runs nothing compiled under a dispatch mode (an op counter)
+            out = compiled(*args)
+        if metrics.generated_kernel_count != before or self._gemm_nodes.count:
+            self._graph_kernels[signature] = metrics.generated_kernel_count - before + self._gemm_nodes.count
+        self.calls[name] += 1
+        self.kernels[name] += self._graph_kernels.get(signature, 0)
+        return out

@@ -1,11 +1,9 @@
 """The fused path's written-out backward of one step, as pure functions compiled into one stage per cell type.
 
-The same equations as the eager cells' ``_half_backward`` (:mod:`lightning_revrnn.cells`), read from the
-fused path's records (a RevGRU's holds ``z`` and ``r`` as tensors of their own, see
-:func:`~lightning_revrnn.gates.gru_gates_split`): a RevGRU group's ``(other, r∘other, z, r, g, z*/2^R_Z,
-h_old)``; a RevLSTM group's is the eager one, ``(other, σ([f; i; o; p]), g, f*/2^R_Z, p*/2^R_Z, o held,
-h_old, c_old, c_new)``.
-:func:`step_backward` runs both groups of a step (group 2 first, as the eager ``backward_step``) and first
+The same equations as the eager cells' ``half_backward`` (:mod:`lightning_revrnn.core.cells`), read from the
+same named records (:mod:`lightning_revrnn.core.records`; the fused RevGRU record holds ``z`` and ``r`` as
+tensors of their own and no ``zr`` block, see :func:`~lightning_revrnn.core.gates.gru_gates_split`).
+:func:`step_backward` runs both groups of a step (group 2 first, as the cells' ``backward_step``) and first
 adds the step's output gradient into the state gradient, so a whole step's backward is one compiled graph:
 its GEMMs stay GEMMs (extern kernels), the elementwise work around them fuses into a few loops.
 
@@ -17,22 +15,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_revrnn.gates import masked
+from lightning_revrnn.core.cell_base import add_output_gradient
+from lightning_revrnn.core.gates import masked
+from lightning_revrnn.core.records import GRURecord, LSTMRecord, Record
 
 #: One group's backward: ``(w, record, d_new own halves, keep) -> (d_old own halves, d_pre (B, rows), d_other)``.
-HalfBackward = Callable[[Tensor, Sequence[Tensor], list[Tensor], "Tensor | None"], tuple[list[Tensor], Tensor, Tensor]]
+HalfBackward = Callable[[Tensor, Record, list[Tensor], "Tensor | None"], tuple[list[Tensor], Tensor, Tensor]]
 
 
 def gru_half_backward(
-    w: Tensor, record: Sequence[Tensor], d_new: list[Tensor], keep: Tensor | None, forget_slope: float, forgets: bool
+    w: Tensor, record: Record, d_new: list[Tensor], keep: Tensor | None, forget_slope: float, forgets: bool
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """A RevGRU group's gradients (of the old h, of the gate pre-activations ``(B, 3n)``, of the other half):
     ``h_new = zs·h_old + (1 − zs)·g`` with ``zs`` the rounded limited ``z`` straight through (no forgetting:
     ``h_new = h_old + (1 − z)·g``)."""
-    other, _, z, r, g, zs, h_old = record
+    assert isinstance(record, GRURecord)
+    other, z, r, g, zs, h_old = record.other, record.z, record.r, record.g, record.z_used, record.h_old
     n = other.shape[1]
     (d_h,) = d_new
     if forgets:
@@ -49,11 +49,12 @@ def gru_half_backward(
 
 
 def lstm_half_backward(
-    w: Tensor, record: Sequence[Tensor], d_new: list[Tensor], keep: Tensor | None, forget_slope: float, forgets: bool
+    w: Tensor, record: Record, d_new: list[Tensor], keep: Tensor | None, forget_slope: float, forgets: bool
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """A RevLSTM group's gradients (of the old h and c, of the gate pre-activations ``(B, 5n)``, of the other
     half): ``h_new = ps·h_old + o·tanh(c_new)``, ``c_new = fs·c_old + i·g`` (``fs = ps = 1`` without
     forgetting, where ``f`` and ``p`` get no gradient)."""
+    assert isinstance(record, LSTMRecord)
     other, sig, g, fs, ps, o_held, h_old, c_old, c_new = record
     f, i, o, p = sig.split(other.shape[1], 1)
     d_h, d_c = d_new
@@ -71,21 +72,8 @@ def lstm_half_backward(
     return [d_h * ps, d_c * fs], d_pre, d_pre @ w
 
 
-def add_output_gradient(d_state: list[Tensor], d_output: Tensor) -> list[Tensor]:
-    """The state gradient with the step's output gradient added: ``d_output`` is ``(B, H)`` for the output
-    ``h = [h1; h2]``, or ``(B, S)`` (``S < H/2``) for the stored units, the first ``S`` units of ``h1``."""
-    d_state = list(d_state)
-    n = d_state[0].shape[1]
-    if d_output.shape[1] == 2 * n:
-        d_state[0] = d_state[0] + d_output[:, :n]
-        d_state[1] = d_state[1] + d_output[:, n:]
-    else:
-        d_state[0] = d_state[0] + F.pad(d_output, (0, n - d_output.shape[1]))
-    return d_state
-
-
 def step_backward(
-    half_backward: HalfBackward, halves_per_group: int, w: Sequence[Tensor], records: Sequence[Sequence[Tensor]],
+    half_backward: HalfBackward, halves_per_group: int, w: Sequence[Tensor], records: Sequence[Record],
     d_state: list[Tensor], d_output: Tensor, keep: Tensor | None,
 ) -> tuple[list[Tensor], Tensor]:
     """One step's backward: (the gradient of the state before the step, of the step's input pre-activations

@@ -13,142 +13,33 @@ Batches follow the DataModules' contract: ``{"inputs": (T, B) ids, "targets": (T
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal, cast
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.cli import OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
-from torch.func import functional_call
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
-from lightning_revrnn.dropout import locked_mask
-from lightning_revrnn.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
-from lightning_revrnn.sweep import StepHead, StepStem
+from lightning_revrnn.core.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
+from lightning_revrnn.lm.head import DecoderHead
+from lightning_revrnn.shared import BASELINES, BaselineRNN, EmbeddingStem, detach_state, plateau_schedule
 
 RnnType = Literal["revgru", "revlstm", "nfrevgru", "nfrevlstm", "gru", "lstm"]
 REVERSIBLE: dict[str, type[ReversibleRNN]] = {
     "revgru": RevGRU, "revlstm": RevLSTM, "nfrevgru": NFRevGRU, "nfrevlstm": NFRevLSTM,
 }
-BASELINES: dict[str, type[nn.GRU] | type[nn.LSTM]] = {"gru": nn.GRU, "lstm": nn.LSTM}
 Batch = dict[str, Any]
 
 
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
     """The paper's optimiser: SGD, learning rate 20, weight decay 1.2e-6."""
     return torch.optim.SGD(params, lr=20.0, weight_decay=1.2e-6)
-
-
-def detach_state(state: Any) -> Any:
-    """Detach a nested state (tensor, list or tuple of them) for truncated BPTT."""
-    if isinstance(state, Tensor):
-        return state.detach()
-    if isinstance(state, (list, tuple)):
-        return type(state)(detach_state(s) for s in state)
-    return state
-
-
-class EmbeddingStem(StepStem):
-    """Embedding lookup with word-level embedding dropout (one keep/drop decision per vocabulary word
-    per window, as AWD-LSTM's embedded dropout, applied by gathering the word mask per token)."""
-
-    def __init__(self, embedding: nn.Embedding, dropout: float) -> None:
-        super().__init__()
-        self.embedding = embedding
-        self.dropout = dropout
-        self.word_mask: Tensor | None = None
-
-    def sample(self, training: bool) -> None:
-        """Draw this window's word mask (none in evaluation)."""
-        w = self.embedding.weight
-        self.word_mask = locked_mask((w.shape[0], 1), self.dropout, w) if training else None
-
-    @override
-    def forward(self, inputs: Tensor) -> Tensor:
-        x = self.embedding(inputs)
-        return x if self.word_mask is None else x * self.word_mask[inputs]
-
-    @override
-    def accumulate_grads(
-        self, inputs: Tensor, output: Tensor, d_output: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
-    ) -> None:
-        """The embedding weight's gradient by ``index_add_`` of the chunk's rows into its accumulator (no
-        dense ``V × E`` gradient per chunk); any other target by autograd."""
-        weight, emb = self.embedding.weight, self.embedding
-        plain = emb.padding_idx is None and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse
-        rest = []
-        for tensor, acc in targets:
-            if tensor is weight and plain:
-                rows = d_output if self.word_mask is None else d_output * self.word_mask[inputs]
-                acc.index_add_(0, inputs.reshape(-1), rows.reshape(-1, rows.shape[-1]).to(acc.dtype))
-            else:
-                rest.append((tensor, acc))
-        super().accumulate_grads(inputs, output, d_output, rest)
-
-
-class DecoderHead(StepHead):
-    """Locked output dropout, (tied) decoder and summed cross-entropy of a chunk of steps (-100 ignored)."""
-
-    def __init__(self, decoder: nn.Linear, dropout: float) -> None:
-        super().__init__()
-        self.decoder = decoder
-        self.dropout = dropout
-        self.targets: Tensor | None = None
-        self.mask: Tensor | None = None
-
-    def prepare(self, targets: Tensor, training: bool) -> None:
-        """Set this window's targets ``(T, B)`` and output dropout mask."""
-        self.targets = targets
-        w = self.decoder.weight
-        self.mask = locked_mask((targets.shape[1], w.shape[1]), self.dropout, w) if training else None
-
-    def logits(self, output: Tensor) -> Tensor:
-        """Decoder logits of outputs ``(..., B, emb)`` after output dropout."""
-        return self.decoder(output if self.mask is None else output * self.mask)
-
-    @override
-    def forward(self, output: Tensor, start: int) -> Tensor:
-        assert self.targets is not None, "DecoderHead.prepare() sets the targets first"
-        targets = self.targets[start : start + output.shape[0]]
-        logits = self.logits(output)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-
-
-class BaselineRNN(nn.Module):
-    """``nn.GRU``/``nn.LSTM`` layers (cuDNN where available) with the reversible models' regularisation:
-    locked dropout on the input and between layers, DropConnect on the hidden-to-hidden weights."""
-
-    def __init__(
-        self, kind: str, input_size: int, sizes: list[int], input_dropout: float, dropout: float,
-        dropconnect: float,
-    ) -> None:
-        super().__init__()
-        ins = [input_size, *sizes[:-1]]
-        self.layers = nn.ModuleList(BASELINES[kind](i, h) for i, h in zip(ins, sizes))
-        self.is_lstm = kind == "lstm"
-        self.input_dropout, self.dropout, self.dropconnect = input_dropout, dropout, dropconnect
-
-    def forward(self, x: Tensor, hx: list[Any] | None = None) -> tuple[Tensor, list[Any]]:
-        finals = []
-        for l, layer in enumerate(self.layers):
-            p = self.input_dropout if l == 0 else self.dropout
-            mask = locked_mask((x.shape[1], x.shape[2]), p, x) if self.training else None
-            x = x if mask is None else x * mask
-            h = None if hx is None else hx[l]
-            if self.training and self.dropconnect > 0:
-                w = cast(Tensor, layer.weight_hh_l0)
-                dropped = w * cast(Tensor, locked_mask(tuple(w.shape), self.dropconnect, w))  # p > 0: a mask
-                x, h_n = functional_call(layer, {**dict(layer.named_parameters()), "weight_hh_l0": dropped}, (x, h))
-            else:
-                x, h_n = layer(x, h)
-            finals.append(h_n)
-        return x, finals
 
 
 class LanguageModel(pl.LightningModule):
@@ -165,7 +56,7 @@ class LanguageModel(pl.LightningModule):
             the hidden-to-hidden weights. Defaults are the paper's.
         mode: reversible training mode, ``"reverse"`` or ``"store"``.
         fused: reversible models run their exact half-steps as ``torch.compile`` stages (see
-            :class:`~lightning_revrnn.rnn.ReversibleRNN`); the baselines ignore it.
+            :class:`~lightning_revrnn.core.rnn.ReversibleRNN`); the baselines ignore it.
         optimizer: a factory from parameters to a torch optimiser (default: SGD, lr 20, wd 1.2e-6).
         lr_factor: multiply the learning rate by this when validation perplexity stalls (÷4).
         seed: dropout masks are drawn from ``(seed, global step, rank)``, so a resumed run sees the masks
@@ -372,13 +263,3 @@ class LanguageModel(pl.LightningModule):
     def memory_stats(self) -> dict[str, Any] | None:
         """The reversible RNN's accounting for the last training window; None for the baselines."""
         return self.rnn.memory_stats() if isinstance(self.rnn, ReversibleRNN) else None
-
-
-def plateau_schedule(optimizer: torch.optim.Optimizer, factor: float) -> OptimizerLRScheduler:
-    """The paper's schedule: the learning rate times ``factor`` after an epoch whose ``val_ppl`` did not
-    improve (checked once per epoch; skipped while no validation has run)."""
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=0)
-    return {
-        "optimizer": optimizer,
-        "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl", "interval": "epoch", "strict": False},
-    }

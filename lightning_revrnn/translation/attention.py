@@ -5,7 +5,7 @@ attentional output ``tanh(W_c [context; h])`` ``(C, B, H)``: score ``hᵀ W_a s`
 memory's size ``D``, so the memory itself is never projected), source padding masked in the softmax, no
 input feeding (spec section 5).
 
-:class:`AttentionHead` is the :class:`~lightning_revrnn.sweep.StepHead` of a reversible decoder: attention,
+:class:`AttentionHead` is the :class:`~lightning_revrnn.core.sweep.StepHead` of a reversible decoder: attention,
 output dropout, the generator (``Linear`` to the target vocabulary) and the cross-entropy summed over the
 real target tokens of a chunk, so no ``T × B × vocab`` logits tensor ever exists. It builds the memory from
 
@@ -26,7 +26,7 @@ weight is the looked-up rows, not a dense ``V × E`` tensor.
 Memory of a reversible head (``block_bytes`` set): the generator and cross-entropy run a block of rows at a
 time (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy`), and in the reverse sweep
 (:meth:`AttentionHead.accumulate_grads`) and the sweep's forward the attention runs a block of source
-positions at a time (:mod:`lightning_revrnn.attention_blocks`), with the generator's, the embedding's and the
+positions at a time (:mod:`lightning_revrnn.translation.attention_blocks`), with the generator's, the embedding's and the
 stored units' gradients added straight into the sweep's accumulators. So the head's working set is bounded by
 ``block_bytes`` (plus ``C × B × S`` attention weights and ``C × B × (H + D)`` activations), not by
 ``C × B × vocab`` or ``S × B × D``. ``mode="store"`` (the gradient reference) differentiates the same head with
@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_revrnn.attention_blocks import MemoryBlocks, attend, attend_backward
+from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, attend_backward
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_accumulate
-from lightning_revrnn.dropout import locked_mask
-from lightning_revrnn.sweep import CHUNK, StepHead, add_gradients
+from lightning_revrnn.core.dropout import locked_mask
+from lightning_revrnn.core.protocol import CHUNK, StepHead, add_gradients
 
 #: Target positions the loss ignores (``F.cross_entropy``'s ``ignore_index``).
 IGNORE = -100
@@ -211,7 +211,7 @@ class AttentionHead(StepHead):
     def accumulate_grads(
         self, output: Tensor, start: int, d_value: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
     ) -> Tensor | None:
-        """Reverse sweep (:func:`~lightning_revrnn.sweep.head_gradient`): the gradient of ``forward(output,
+        """Reverse sweep (:func:`~lightning_revrnn.core.sweep.head_gradient`): the gradient of ``forward(output,
         start) · d_value`` with respect to ``output`` (a leaf requiring grad), adding the gradient of every
         ``(tensor, accumulator)`` target into its accumulator. The generator's weight and bias gradients go
         straight into theirs, block of rows by block (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy_accumulate`),

@@ -27,5 +27,5 @@ class DecoderState:
 
 
 def reorder_state(state: DecoderState, rows: Tensor) -> DecoderState:
-    """The decoding functions' ``ReorderFn`` (:mod:`lightning_revrnn.decoding`)."""
+    """The decoding functions' ``ReorderFn`` (:mod:`lightning_revrnn.translation.decoding`)."""
     return state.select(rows)

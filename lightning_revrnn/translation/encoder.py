@@ -21,9 +21,9 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from typing_extensions import override
 
-from lightning_revrnn.dropout import locked_mask
-from lightning_revrnn.lm import BaselineRNN
-from lightning_revrnn.rnn import ReversibleRNN, RevGRU, RevLSTM
+from lightning_revrnn.core.dropout import locked_mask
+from lightning_revrnn.shared import BaselineRNN
+from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
 
 #: Whether the core's ReversibleRNN takes ``stored_units`` (stores the first units of the top ``h1`` and
 #: returns only those instead of the ``(T, B, H)`` outputs). Without it the encoder returns its whole
@@ -97,11 +97,11 @@ def _ratio(a: float, b: float) -> float:
 
 
 class RevGRUEncoder(StoredUnitsAccounting, RevGRU):
-    """A :class:`~lightning_revrnn.rnn.RevGRU` encoder whose accounting includes its stored attention units."""
+    """A :class:`~lightning_revrnn.core.rnn.RevGRU` encoder whose accounting includes its stored attention units."""
 
 
 class RevLSTMEncoder(StoredUnitsAccounting, RevLSTM):
-    """A :class:`~lightning_revrnn.rnn.RevLSTM` encoder whose accounting includes its stored attention units."""
+    """A :class:`~lightning_revrnn.core.rnn.RevLSTM` encoder whose accounting includes its stored attention units."""
 
 
 ENCODERS: dict[str, type[StoredUnitsAccounting]] = {"revgru": RevGRUEncoder, "revlstm": RevLSTMEncoder}

@@ -3,7 +3,7 @@ LightningModule for RevGRU / RevLSTM and the ``nn.GRU`` / ``nn.LSTM`` baselines.
 
 Reversible models: the source embedding runs inside the encoder's sweep (:class:`~lightning_revrnn.lm.EmbeddingStem`),
 the decoder starts from the encoder's final state with gradient (chaining), and its
-:class:`~lightning_revrnn.attention.AttentionHead` computes attention, generator and cross-entropy a chunk
+:class:`~lightning_revrnn.translation.attention.AttentionHead` computes attention, generator and cross-entropy a chunk
 of target steps at a time inside the decoder's sweep. The decoder's reverse sweep returns the gradient of
 the stored encoder units (the head's declared context), which autograd hands to the encoder's reverse
 sweep; the source embeddings in the memory are recomputed from the tokens, so they cost nothing between
@@ -27,17 +27,17 @@ from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_revrnn.attention import AttentionHead, LuongAttention
+from lightning_revrnn.translation.attention import AttentionHead, LuongAttention
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
-from lightning_revrnn.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
+from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
 from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationBatch, TranslationVocabulary
-from lightning_revrnn.decoder_state import DecoderState, reorder_state
-from lightning_revrnn.decoding import beam_search, greedy_search
-from lightning_revrnn.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
-from lightning_revrnn.lm import BaselineRNN, EmbeddingStem, plateau_schedule
-from lightning_revrnn.prediction_file import PredictionFile
-from lightning_revrnn.rnn import ReversibleRNN, RevGRU, RevLSTM
-from lightning_revrnn.token_metrics import TokenCrossEntropy
+from lightning_revrnn.translation.decoder_state import DecoderState, reorder_state
+from lightning_revrnn.translation.decoding import beam_search, greedy_search
+from lightning_revrnn.translation.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
+from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, plateau_schedule
+from lightning_revrnn.translation.prediction_file import PredictionFile
+from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
+from lightning_revrnn.translation.token_metrics import TokenCrossEntropy
 
 RnnType = Literal["revgru", "revlstm", "gru", "lstm"]
 ContextType = Literal["slice", "emb", "emb+slice", "hidden"]
@@ -70,7 +70,7 @@ class TranslationModel(pl.LightningModule):
             attention memory (the paper's 0.4 everywhere).
         mode: reversible training mode, ``"reverse"`` or ``"store"`` (the gradient reference).
         fused: reversible encoder and decoder run their exact half-steps as ``torch.compile`` stages (see
-            :class:`~lightning_revrnn.rnn.ReversibleRNN`); the baselines ignore it.
+            :class:`~lightning_revrnn.core.rnn.ReversibleRNN`); the baselines ignore it.
         optimizer: a factory from parameters to an optimiser. Default: the paper's SGD, lr 1 (LSTM),
             0.5 (RevLSTM), 0.2 (GRU, RevGRU). Clip gradients with ``Trainer(gradient_clip_val=5)``.
         lr_factor: multiply the learning rate by this when validation perplexity does not improve.

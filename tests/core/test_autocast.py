@@ -108,7 +108,7 @@ def test_stem_autocast_mismatch_is_caught() -> None:
     first layer's projection would differ and the reconstruction check would fire. Simulate it by turning
     the stem's precision off after forward."""
     from lightning_revrnn import ReconstructionError
-    from lightning_revrnn.sweep import AutocastState
+    from lightning_revrnn.core.numerics import AutocastState
 
     torch.manual_seed(4)
     rnn = RevGRU(6, 8)
@@ -117,8 +117,8 @@ def test_stem_autocast_mismatch_is_caught() -> None:
     with torch.autocast(KIND, dtype=BF16):
         out, _ = rnn(x, stem=stem)
     window = rnn.last_window
-    assert window is not None and window.autocast.enabled
-    window.autocast = AutocastState(KIND, False, BF16)
+    assert window is not None and window.plan.autocast.enabled
+    object.__setattr__(window.plan, "autocast", AutocastState(KIND, False, BF16))  # tamper with the frozen plan
     with pytest.raises(ReconstructionError):
         (out.float() ** 2).sum().backward()
 

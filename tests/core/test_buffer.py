@@ -14,15 +14,18 @@ import torch
 from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
-from lightning_revrnn.buffer import InformationBuffer, check_period, row_index_dtype
-from lightning_revrnn.fixed_point import (
+from lightning_revrnn.core.buffer import InformationBuffer, check_period, row_index_dtype
+from lightning_revrnn.core.fixed_point import (
     FORGET_ONE,
     forget_floor,
     limit_forget,
     quantize_forget,
     reversible_multiply,
 )
-from lightning_revrnn.sweep import Window, forward_window
+from lightning_revrnn.core.backend import EAGER
+from lightning_revrnn.core.forward import run_forward
+from lightning_revrnn.core.numerics import AutocastState
+from lightning_revrnn.core.window import WindowPlan
 
 
 def _run(buf: InformationBuffer, h: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -253,16 +256,15 @@ def test_module_forward_reads_each_buffer_once_per_window(cls: type) -> None:
     out, _ = rnn(x)
     buffers = rnn.last_window.buffers
     assert [b.syncs for b in buffers] == [1, 1] and not any(b.pending for b in buffers)
-    assert rnn.memory_stats()["drains"] > 0
+    assert rnn.memory_stats().drains > 0
     out.sum().backward()
     assert all(b.is_empty() and b.syncs == 1 for b in buffers)
-    window = Window(cells=list(rnn.cells), input_masks=[None] * 2, hidden_masks=[None] * 2, retain=False)
-    window.start(2, x.device)
+    window = WindowPlan.build(list(rnn.cells), EAGER, [None] * 2, [None] * 2, False, AutocastState.capture(x.device))
     state = [[torch.zeros(2, c.half_size, dtype=torch.int64) for _ in range(c.state_halves)] for c in rnn.cells]
     with torch.no_grad():
-        forward_window(window, x, state, [[s.float() for s in st] for st in state])
-    assert [b.syncs for b in window.buffers] == [0, 0]
-    assert all(b.multiplications == 48 * c.multiplications_per_step for b, c in zip(window.buffers, rnn.cells))
+        result = run_forward(window, x, state, [[s.float() for s in st] for st in state], [])
+    assert [b.syncs for b in result.buffers] == [0, 0]
+    assert all(b.multiplications == 48 * c.multiplications_per_step for b, c in zip(result.buffers, rnn.cells))
 
 
 # ----------------------------------------------------------------------------------- accounting
@@ -291,14 +293,14 @@ def test_accounting_by_hand_with_drains(second_forgets: bool) -> None:
     assert buf.drained_counts == [drained, drained]
     assert all(p.shape == (drained, n) and bool((p == 2**31 - 1).all()) for p in buf.planes)  # 2^32-1 - 2^31
     assert torch.equal(buf.word[0], torch.full((n,), 2**36 - 1))  # 2^58-1 drained to 2^26-1, then ×2^10 + 1023
-    stats = buf.stats(normal_bits=1000).as_dict()
+    stats = buf.stats(normal_bits=1000)
     planes = 2 * drained * n * 32  # two drains, 32 bits per unit of each drained example
     indices = 0 if second_forgets else 2 * 8  # one uint8 row index per partial drain (batch ≤ 256)
     words = B * n * 64
-    assert stats["used_bits"] == planes + indices + words + M  # + one flag bit per multiplication
-    assert stats["used_bits"] == (778 if second_forgets else 602)
-    assert stats["optimal_bits"] == 10 * n * M * (2 if second_forgets else 1)  # Σ -log2(z*/1024)
-    assert stats["drains"] == 2 * drained and stats["multiplications"] == M
+    assert stats.used_bits == planes + indices + words + M  # + one flag bit per multiplication
+    assert stats.used_bits == (778 if second_forgets else 602)
+    assert stats.optimal == 10 * n * M * (2 if second_forgets else 1)  # Σ -log2(z*/1024)
+    assert stats.drains == 2 * drained and stats.multiplications == M
     assert torch.equal(_reverse(buf, h, [z] * M), torch.full((B, n), -1, dtype=torch.int64)) and buf.is_empty()
 
 
@@ -312,12 +314,12 @@ def test_accounting_by_hand_single_unit() -> None:
     stats = rnn.memory_stats()
     zq = round(0.5625 * FORGET_ONE)
     assert zq == 576
-    assert stats["normal_bits"] == 32 * 1 * 1 * 2  # 32 · T · B · H
-    assert stats["optimal_bits"] == pytest.approx(2 * math.log2(FORGET_ONE / zq))  # two multiplications
-    assert stats["used_bits"] == 64 + 2  # one 64-bit word, one flag bit per multiplication
-    assert stats["actual_ratio"] == pytest.approx(64 / 66)
-    assert stats["multiplications"] == 2 and stats["drains"] == 0
-    assert stats["layers"][0]["used_bits"] == stats["used_bits"]
+    assert stats.normal_bits == 32 * 1 * 1 * 2  # 32 · T · B · H
+    assert stats.optimal == pytest.approx(2 * math.log2(FORGET_ONE / zq))  # two multiplications
+    assert stats.used_bits == 64 + 2  # one 64-bit word, one flag bit per multiplication
+    assert stats.actual_ratio == pytest.approx(64 / 66)
+    assert stats.multiplications == 2 and stats.drains == 0
+    assert stats.layers[0].used_bits == stats.used_bits
 
 
 def _bias_for(z_star: int, k: int | None) -> float:
@@ -344,10 +346,10 @@ def test_accounting_by_hand_gru_chosen_forget_values() -> None:
             rnn.cells[0].bias[g * rows : g * rows + n] = torch.tensor([_bias_for(z, k) for z in zs])
     rnn(torch.zeros(3, 1, 1, requires_grad=True))
     stats = rnn.memory_stats()
-    assert stats["optimal_bits"] == 18.0
-    assert stats["used_bits"] == 134 and stats["drains"] == 0 and stats["multiplications"] == 6
-    assert stats["normal_bits"] == 32 * 3 * 1 * 4
-    assert stats["efficiency"] == 18 / 134 and stats["actual_ratio"] == 384 / 134
+    assert stats.optimal == 18.0
+    assert stats.used_bits == 134 and stats.drains == 0 and stats.multiplications == 6
+    assert stats.normal_bits == 32 * 3 * 1 * 4
+    assert stats.efficiency == 18 / 134 and stats.actual_ratio == 384 / 134
 
 
 def test_accounting_by_hand_lstm_chosen_forget_values() -> None:
@@ -367,10 +369,10 @@ def test_accounting_by_hand_lstm_chosen_forget_values() -> None:
             rnn.cells[0].bias[base + 3 * n : base + 4 * n] = torch.tensor([_bias_for(z, k) for z in ps])
     rnn(torch.zeros(2, 1, 1, requires_grad=True))
     stats = rnn.memory_stats()
-    assert stats["optimal_bits"] == 22.0
-    assert stats["used_bits"] == 136 and stats["drains"] == 0 and stats["multiplications"] == 8
-    assert stats["normal_bits"] == 512
-    assert stats["efficiency"] == 22 / 136
+    assert stats.optimal == 22.0
+    assert stats.used_bits == 136 and stats.drains == 0 and stats.multiplications == 8
+    assert stats.normal_bits == 512
+    assert stats.efficiency == 22 / 136
 
 
 def test_accounting_totals_are_the_sum_of_the_layers() -> None:
@@ -382,14 +384,14 @@ def test_accounting_totals_are_the_sum_of_the_layers() -> None:
     T, B = 30, 3
     rnn(torch.randn(T, B, 4, requires_grad=True))
     stats = rnn.memory_stats()
-    assert stats["drains"] > 0
-    for layer, (cell, s) in enumerate(zip(rnn.cells, stats["layers"])):
-        assert s["normal_bits"] == 32 * T * B * cell.hidden_size * 2, layer  # h and c
-        assert s["multiplications"] == 4 * T
-        assert 0 < s["optimal_bits"] <= 4 * T * B * cell.half_size * 10  # at most 10 bits per multiplication
+    assert stats.drains > 0
+    for layer, (cell, s) in enumerate(zip(rnn.cells, stats.layers)):
+        assert s.normal_bits == 32 * T * B * cell.hidden_size * 2, layer  # h and c
+        assert s.multiplications == 4 * T
+        assert 0 < s.optimal <= 4 * T * B * cell.half_size * 10  # at most 10 bits per multiplication
         # Every unit forgets ~8.4 bits per multiplication (z* ≈ 3), so the buffer is nearly optimal: every
         # plane row is full (an example drains only past 32 bits); the extra is mostly the final words.
-        assert 0.85 < s["efficiency"] <= 1.0
+        assert 0.85 < s.efficiency <= 1.0
     for key in ("normal_bits", "used_bits", "drains", "multiplications"):
-        assert stats[key] == sum(s[key] for s in stats["layers"]), key
-    assert stats["efficiency"] == pytest.approx(stats["optimal_bits"] / stats["used_bits"])
+        assert getattr(stats, key) == sum(getattr(s, key) for s in stats.layers), key
+    assert stats.efficiency == pytest.approx(stats.optimal / stats.used_bits)

@@ -14,8 +14,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, RevGRU, RevLSTM
-from lightning_revrnn.fixed_point import to_fixed, to_float
-from lightning_revrnn.sweep import CHUNK, Window
+from lightning_revrnn.core.fixed_point import to_fixed, to_float
+from lightning_revrnn.core.backend import EAGER, Backend
+from lightning_revrnn.core.numerics import AutocastState
+from lightning_revrnn.core.protocol import CHUNK
+from lightning_revrnn.core.window import WindowPlan
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
 FORGET_BITS = (1, 2, 3, 5, None)
@@ -88,16 +91,17 @@ def flatten_state(h_n, rnn):
     return [per_kind[k][l] for l in range(rnn.num_layers) for k in range(len(kinds))]
 
 
-def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=False):
-    """Run the window forward with ``forward_step``, record all states, reverse with ``reverse_step``.
+def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=False, backend: Backend = EAGER):
+    """Run the window forward with ``forward_step``, record all states, reverse with ``reverse_step`` (both on
+    ``backend``).
 
     Returns (recorded outputs of the top layer, recorded final int states, drains per layer). Asserts exact reconstruction
     at every step and layer and empty buffers at the end.
     """
     cells = list(rnn.cells)
     T, B = x.shape[0], x.shape[1]
-    window = Window(cells=cells, input_masks=input_masks, hidden_masks=hidden_masks, head=None, retain=True)
-    window.start(B, x.device)
+    window = WindowPlan.build(cells, backend, input_masks, hidden_masks, True, AutocastState.capture(x.device))
+    buffers = window.new_buffers(B, x.device)
     n = rnn.state_count
     state = [[to_fixed(h) for h in c.split_state([hx[k][l] for k in range(n)])] for l, c in enumerate(cells)]
     recorded = [[list(s) for s in state]]  # recorded[t][l]: layer l's int halves after t steps
@@ -114,7 +118,7 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
                 outs = []
                 for t in range(t0, t1):
                     state_f = [to_float(s) for s in state[l]]
-                    state[l], state_f = cell.forward_step(weights[l], xp[t - t0], state[l], state_f, window.buffers[l])
+                    state[l], state_f = cell.forward_step(backend, weights[l], xp[t - t0], state[l], state_f, buffers[l])
                     outs.append(cell.output(state_f))
                     if len(recorded) <= t + 1:
                         recorded.append([])
@@ -123,14 +127,14 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
             outputs.append(inp)
     finals = [list(s) for s in state]
 
-    for l, (buf, cell) in enumerate(zip(window.buffers, cells)):
+    for l, (buf, cell) in enumerate(zip(buffers, cells)):
         assert buf.multiplications == T * cell.multiplications_per_step
         if not cell.forgets:
             assert not buf.planes and not bool(buf.word.any()), "a no-forgetting cell touched its buffer"
 
-    drains = [len(b.drained_before) for b in window.buffers]
+    drains = [len(b.drained_before) for b in buffers]
     if expect_drains:
-        assert all(d > 0 for d in drains) and all(b.planes for b in window.buffers), drains
+        assert all(d > 0 for d in drains) and all(b.planes for b in buffers), drains
 
     # Backwards, chunk by chunk; within a chunk each layer from the top, step by step (any order of
     # layers works: each has its own buffer and its inputs are recorded).
@@ -141,11 +145,12 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
             with torch.no_grad():
                 xp = window.projection(l, inputs[l, t0])
             for t in range(t1 - 1, t0 - 1, -1):
-                state[l], _ = cell.reverse_step(weights[l], xp[t - t0], state[l], window.buffers[l])
+                floats = [to_float(h) for h in state[l]]
+                state[l], _ = cell.reverse_step(backend, weights[l], xp[t - t0], state[l], floats, buffers[l])
                 for k, (got, want) in enumerate(zip(state[l], recorded[t][l])):
                     assert got.dtype == torch.int64
                     assert torch.equal(got, want), f"layer {l}, half {k}: state before step {t} not reconstructed"
-    for l, buf in enumerate(window.buffers):
+    for l, buf in enumerate(buffers):
         assert buf.is_empty(), f"buffer of layer {l} not empty after the reverse walk"
         assert not buf.planes and not buf.drained_before and buf.multiplications == 0
     return torch.cat(outputs), finals, drains
@@ -232,9 +237,9 @@ def test_reverse_mode_matches_store_end_to_end(cfg):
     assert len(fin_r) == len(fin_s)
     for a, b in zip(fin_r, fin_s):
         assert a.dtype == torch.float32 and torch.equal(a, b)
-    assert stats_r["drains"] == stats_s["drains"]
+    assert stats_r.drains == stats_s.drains
     if not rnn.cells[0].forgets:
-        assert stats_r["drains"] == 0 and stats_r["used_bits"] == 0
+        assert stats_r.drains == 0 and stats_r.used_bits == 0
 
 
 @pytest.mark.parametrize(
@@ -250,8 +255,8 @@ def test_long_window_drains_and_reverses(cls, bits, T):
     torch.manual_seed(5)
     out, h_n = rnn(x)
     stats = rnn.memory_stats()
-    assert stats["drains"] > 0, stats
-    assert all(layer["drains"] > 0 for layer in stats["layers"])
+    assert stats.drains > 0, stats
+    assert all(layer.drains > 0 for layer in stats.layers)
     out.sum().backward()  # must not raise ReconstructionError
     assert all(buf.is_empty() for buf in rnn.last_window.buffers)
     rnn.mode = "store"
@@ -270,7 +275,7 @@ def test_no_forgetting_cells_need_no_buffer(cls):
     x = torch.randn(257, 2, 3, requires_grad=True)
     out, _ = rnn(x)
     stats = rnn.memory_stats()
-    assert stats["drains"] == 0 and stats["multiplications"] == 0 and stats["used_bits"] == 0
+    assert stats.drains == 0 and stats.multiplications == 0 and stats.used_bits == 0
     out.sum().backward()
     for buf in rnn.last_window.buffers:
         assert buf.is_empty()

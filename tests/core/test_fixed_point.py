@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_revrnn.errors import FixedPointOverflowError
-from lightning_revrnn.fixed_point import (
+from lightning_revrnn.core.errors import FixedPointOverflowError
+from lightning_revrnn.core.fixed_point import (
     FORGET_ONE,
     R_H,
     check_range,

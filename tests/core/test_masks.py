@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM, StepHead, StepStem
-from lightning_revrnn.buffer import InformationBuffer
-from lightning_revrnn.cells import RevGRUCell, RevLSTMCell
-from lightning_revrnn.fixed_point import FORGET_ONE, R_Z, to_fixed, to_float
+from lightning_revrnn.core.buffer import InformationBuffer
+from lightning_revrnn.core.backend import EAGER
+from lightning_revrnn.core.cells import RevGRUCell, RevLSTMCell
+from lightning_revrnn.core.fixed_point import FORGET_ONE, R_Z, to_fixed, to_float
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
 IDS = lambda v: getattr(v, "__name__", str(v))  # noqa: E731
@@ -242,7 +243,7 @@ def _filled(cell_cls, B: int, seed: int):
     w = list(cell.weight_hh.split(cell.hidden_rows, 0))
     with torch.no_grad():
         for _ in range(6):
-            state, state_f = cell.forward_step(w, cell.project_input(torch.randn(B, 3)), state, state_f, buf)
+            state, state_f = cell.forward_step(EAGER, w, cell.project_input(torch.randn(B, 3)), state, state_f, buf)
     return cell, buf, w, state, state_f
 
 
@@ -255,14 +256,14 @@ def test_masked_rows_keep_state_and_buffer_words(cell_cls):
     assert bool(word[~keep[:, 0]].any()), "the test needs non-empty words in the masked rows"
     xp = cell.project_input(torch.randn(B, 3))
     with torch.no_grad():
-        after, _ = cell.forward_step(w, xp, state, state_f, buf, keep)
+        after, _ = cell.forward_step(EAGER, w, xp, state, state_f, buf, keep)
     masked, kept = ~keep[:, 0], keep[:, 0]
     assert torch.equal(buf.word[masked], word[masked])
     assert not torch.equal(buf.word[kept], word[kept])
     for a, b in zip(after, before):
         assert torch.equal(a[masked], b[masked]) and not torch.equal(a[kept], b[kept])
     # The reverse step with the same mask undoes it: state and words as before, bit for bit.
-    restored, _ = cell.reverse_step(w, xp, after, buf, keep)
+    restored, _ = cell.reverse_step(EAGER, w, xp, after, [to_float(h) for h in after], buf, keep)
     assert torch.equal(buf.word, word)
     for r, b in zip(restored, before):
         assert torch.equal(r, b)
@@ -277,7 +278,7 @@ def test_fully_masked_step_adds_no_optimal_bits(cell_cls):
     before = buf.stats(0)
     keep = torch.zeros(B, 1, dtype=torch.bool)
     with torch.no_grad():
-        cell.forward_step(w, cell.project_input(torch.randn(B, 3)), state, state_f, buf, keep)
+        cell.forward_step(EAGER, w, cell.project_input(torch.randn(B, 3)), state, state_f, buf, keep)
     after = buf.stats(0)
     assert after.multiplications == before.multiplications + cell.multiplications_per_step
     assert abs(float(after.optimal_bits) - float(before.optimal_bits)) < 1e-6
@@ -295,8 +296,8 @@ def test_padded_memory_stats_optimal_bits_equal_the_unpadded_prefix():
     ref = rnn.memory_stats()
     rnn(x, keep=right_padded([7, 7], 12))
     padded = rnn.memory_stats()
-    assert padded["optimal_bits"] == pytest.approx(ref["optimal_bits"], abs=1e-6)
-    assert padded["normal_bits"] == ref["normal_bits"] * 12 // 7
+    assert padded.optimal == pytest.approx(ref.optimal, abs=1e-6)
+    assert padded.normal_bits == ref.normal_bits * 12 // 7
 
 
 # ---------------------------------------------------------------------------------------- errors

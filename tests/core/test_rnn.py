@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, RevGRU, RevGRUCell, RevLSTM
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
-from lightning_revrnn.sweep import _mix, state_checksum
+from lightning_revrnn.core.window import _mix, state_checksum
 
 BASELINE = {RevGRU: nn.GRU, NFRevGRU: nn.GRU, RevLSTM: nn.LSTM, NFRevLSTM: nn.LSTM}
 
@@ -230,7 +230,7 @@ def test_tied_weight_one_accumulator_and_index_add() -> None:
         model.head.prepare(targets, True)
         total, _ = model.window_loss(tokens, None)
         if mode == "reverse":
-            extras = model.rnn.last_window.extras
+            extras = model.rnn.last_window.plan.extras
             assert sum(e is model.embedding.weight for e in extras) == 1  # one V×E accumulator
         with OpCounter() as ops:
             total.backward()

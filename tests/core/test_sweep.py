@@ -18,9 +18,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM, StepHead
-from lightning_revrnn.dropout import SeededMask
-from lightning_revrnn.fixed_point import to_fixed, to_float
-from lightning_revrnn.sweep import CHUNK, Window, forward_window
+from lightning_revrnn.core.dropout import SeededMask
+from lightning_revrnn.core.fixed_point import to_fixed, to_float
+from lightning_revrnn.core.backend import EAGER
+from lightning_revrnn.core.forward import run_forward
+from lightning_revrnn.core.numerics import AutocastState
+from lightning_revrnn.core.protocol import CHUNK
+from lightning_revrnn.core.window import WindowPlan
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
 IDS = lambda v: getattr(v, "__name__", str(v))  # noqa: E731
@@ -134,7 +138,7 @@ def test_reverse_gradients_equal_store_per_layer_sizes(cls):
     x = torch.randn(120, 2, 2)
     compare_modes(rnn, x, make_hx(rnn, 2, scale=1.0))
     if rnn.cells[0].forgets:
-        assert rnn.memory_stats()["drains"] > 0
+        assert rnn.memory_stats().drains > 0
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -186,15 +190,15 @@ def manual_two_windows(rnn, x, T):
     (each window owns a fresh buffer). Eval, no dropout. Returns (outputs, final int states)."""
     cells = list(rnn.cells)
     L, B = len(cells), x.shape[1]
-    window = Window(cells=cells, input_masks=[None] * L, hidden_masks=[None] * L, head=None, retain=False)
+    window = WindowPlan.build(cells, EAGER, [None] * L, [None] * L, False, AutocastState.capture(x.device))
     state = [[torch.zeros(B, c.half_size, dtype=torch.int64) for _ in range(c.state_halves)] for c in cells]
     outs = []
     with torch.no_grad():
         for chunk in (x[:T], x[T:]):
-            window.start(B, x.device)
             state_f = [[to_float(s) for s in st_] for st_ in state]
-            state, _, res = forward_window(window, chunk, state, state_f)
-            outs += res
+            result = run_forward(window, chunk, state, state_f, [])
+            state = result.state
+            outs += result.primary
     return torch.stack(outs), state
 
 

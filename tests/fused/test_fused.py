@@ -17,11 +17,11 @@ import torch
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM
 from lightning_revrnn import fused as stages
-from lightning_revrnn.buffer import InformationBuffer
-from lightning_revrnn.errors import FusedPathError
-from lightning_revrnn.fixed_point import FORGET_ONE, reversible_divide, reversible_multiply, to_float
-from tests.test_masks import right_padded
-from tests.test_reversal import build, independent_roundtrip, sample_masks
+from lightning_revrnn.core.buffer import InformationBuffer
+from lightning_revrnn.core.errors import FusedPathError
+from lightning_revrnn.core.fixed_point import FORGET_ONE, reversible_divide, reversible_multiply, to_float
+from test_masks import right_padded
+from test_cells import build, independent_roundtrip, sample_masks
 
 compile_marker = pytest.mark.compile
 B, N = 3, 8  # the integer stages' shape, shared by every test here

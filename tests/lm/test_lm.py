@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from lightning_revrnn.datamodules import CopyTasksDataModule, SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
 from lightning_revrnn.memory import saved_tensor_bytes
-from lightning_revrnn.sweep import CHUNK
+from lightning_revrnn.core.protocol import CHUNK
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),

@@ -1,4 +1,4 @@
-"""BLEU (lightning_revrnn.bleu): multi-bleu.perl's formula against sacreBLEU and against counts worked out by
+"""BLEU (lightning_revrnn.translation.bleu): multi-bleu.perl's formula against sacreBLEU and against counts worked out by
 hand, the zero-match and brevity cases, and the two torchmetrics metrics against ``sacrebleu.corpus_bleu``,
 accumulated over updates and summed (not averaged) over simulated DDP ranks."""
 
@@ -13,7 +13,7 @@ import sacrebleu
 import torch
 from torch import Tensor
 
-from lightning_revrnn.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize, multi_bleu
+from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize, multi_bleu
 
 # Lower-cased, Moses-tokenised German (as the Multi30K tok/ files): hypotheses and their references.
 HYPOTHESES = [

@@ -1,4 +1,4 @@
-"""Greedy and beam search (lightning_revrnn.decoding) on small table models whose every output can be scored
+"""Greedy and beam search (lightning_revrnn.translation.decoding) on small table models whose every output can be scored
 exactly: beam 1 equals greedy, batch independence, the exact best output when the beam holds every
 hypothesis, the length penalty, the state reordering, max_len and argument errors."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_revrnn.decoding import beam_search, greedy_search
+from lightning_revrnn.translation.decoding import beam_search, greedy_search
 
 EOS = 3
 

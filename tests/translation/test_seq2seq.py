@@ -12,10 +12,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_revrnn.decoder_state import reorder_state
-from lightning_revrnn.decoding import beam_search, greedy_search
-from lightning_revrnn.encoder import STORED_UNIT_BITS
-from lightning_revrnn.seq2seq import TranslationModel
+from lightning_revrnn.translation.decoder_state import reorder_state
+from lightning_revrnn.translation.decoding import beam_search, greedy_search
+from lightning_revrnn.translation.encoder import STORED_UNIT_BITS
+from lightning_revrnn.translation.model import TranslationModel
 
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
@@ -173,7 +173,7 @@ def test_encoder_accounting_adds_the_stored_slice() -> None:
     model = tiny_model("revgru", context="emb+slice").train()
     batch = padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13)
     model.summed_loss(batch).backward()
-    encoder = model.memory_stats()["encoder"]  # type: ignore[index]
+    encoder = model.memory_stats().encoder  # type: ignore[index]
     S, B = batch.src.shape
     assert encoder["stored_bits"] == STORED_UNIT_BITS * 3 * S * B
     buffered = encoder["used_bits"] - encoder["stored_bits"]

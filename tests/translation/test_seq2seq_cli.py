@@ -14,7 +14,7 @@ import yaml
 
 from lightning_revrnn.cli import main
 from lightning_revrnn.datamodules.bucketing import evaluation_plan
-from lightning_revrnn.seq2seq import TranslationModel
+from lightning_revrnn.translation.model import TranslationModel
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),

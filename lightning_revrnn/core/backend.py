@@ -1,0 +1,108 @@
+"""The seam between the time loops and the arithmetic of one step: a :class:`Backend`.
+
+The forward loop and the reverse sweep (:mod:`lightning_revrnn.core.forward`, :mod:`lightning_revrnn.core.sweep`)
+never compute a gate themselves: they ask a backend for one group's exact half-step forward, its reverse
+(which returns a named record, :mod:`lightning_revrnn.core.records`) and a whole step's backward from the two
+records. The backend is chosen once per window (:func:`backend_for`), never per step.
+
+* :class:`EagerBackend` runs the cells' own equations (:mod:`lightning_revrnn.core.cells`): the reference,
+  differentiable (``mode="store"`` trains through it), the CPU default.
+* ``FusedBackend`` (:mod:`lightning_revrnn.fused`) runs the same equations as a few compiled kernels and is
+  tested against the reference. It runs only where no autograd records.
+
+A backend must keep reconstruction exact: every float that feeds rounding in a half-step's reverse must be
+computed by the same code, on the same shapes, as in its forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+
+from torch import Tensor
+
+from lightning_revrnn.core.buffer import InformationBuffer
+from lightning_revrnn.core.cell_base import Halves, ReversibleCell
+from lightning_revrnn.core.records import Record
+
+
+class Backend(ABC):
+    """How a cell's exact half-steps and a step's backward are computed.
+
+    Every method takes the cell (its kind, sizes, forget limit) and tensors only; a backend holds no
+    per-window state. ``w``: the group's hidden weights ``(rows, H/2)``; ``xp``: its input pre-activations
+    ``(B, rows)``; ``other``: the other half (float); ``own``/``own_f``: the group's own int halves and their
+    float values; ``keep``: ``(B, 1)`` bool or None; ``stored``/``stored_old``: stored units of ``h1``.
+    """
+
+    #: A short name for messages and benchmarks.
+    name: str
+
+    @abstractmethod
+    def half_forward(
+        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
+        buf: InformationBuffer, keep: Tensor | None, stored: int,
+    ) -> Halves:
+        """One group's update: its new int halves and their float values."""
+
+    @abstractmethod
+    def half_reverse(
+        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
+        buf: InformationBuffer, keep: Tensor | None, stored_old: Tensor | None,
+    ) -> tuple[list[Tensor], Record]:
+        """Undo one group's update exactly: its old int halves, and the record its backward reads."""
+
+    @abstractmethod
+    def step_backward(
+        self, cell: ReversibleCell, w: list[Tensor], records: list[Record], d_state: list[Tensor],
+        d_output: Tensor, keep: Tensor | None,
+    ) -> tuple[list[Tensor], Tensor]:
+        """One step's gradients: of the state before it (from ``d_state`` after it plus the step's output
+        gradient ``d_output``) and of its input pre-activations ``(B, 2·rows)``."""
+
+
+class EagerBackend(Backend):
+    """The reference: the cells' own equations in eager PyTorch (differentiable, any device).
+
+    Example::
+
+        >>> backend_for(fused=True, differentiable=True).name  # autograd records: only the reference can
+        'eager'
+    """
+
+    name = "eager"
+
+    def half_forward(
+        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
+        buf: InformationBuffer, keep: Tensor | None, stored: int,
+    ) -> Halves:
+        return cell.half_forward(w, xp, other, own, own_f, buf, keep, stored)
+
+    def half_reverse(
+        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
+        buf: InformationBuffer, keep: Tensor | None, stored_old: Tensor | None,
+    ) -> tuple[list[Tensor], Record]:
+        return cell.half_reverse(w, xp, other, own, own_f, buf, keep, stored_old)
+
+    def step_backward(
+        self, cell: ReversibleCell, w: list[Tensor], records: list[Record], d_state: list[Tensor],
+        d_output: Tensor, keep: Tensor | None,
+    ) -> tuple[list[Tensor], Tensor]:
+        return cell.backward_step(w, records, d_state, d_output, keep)
+
+
+EAGER = EagerBackend()
+
+
+def backend_for(fused: bool | Backend, differentiable: bool) -> Backend:
+    """The backend for one window: the reference when ``fused`` is False or autograd must record the window
+    (``differentiable``: ``mode="store"`` training; the reference is the only differentiable backend), else
+    ``fused`` itself when it is a backend, or the fused backend.
+
+    The fused backend is imported here, on first use, so that importing the core never imports it."""
+    if not fused or differentiable:
+        return EAGER
+    if isinstance(fused, Backend):
+        return fused
+    module = importlib.import_module("lightning_revrnn.fused")
+    return module.default_backend()  # type: ignore[no-any-return]  # a FusedBackend

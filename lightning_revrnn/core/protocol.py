@@ -1,0 +1,108 @@
+"""What the reverse sweep runs besides the cells: a per-step input :class:`StepStem` and an output
+:class:`StepHead`, each called a chunk of :data:`CHUNK` steps at a time, in forward and again in the reverse
+sweep, so no ``T × B × features`` input and no ``T × B × vocab`` output lives from forward to backward.
+
+A head or stem holds no per-batch state: what it reads for one batch (targets, dropout masks, an attention
+memory) is bound explicitly, e.g. ``rnn(tokens, head=head.bind(targets), stem=stem.bind())``, and the bound
+object is what the sweep calls, in forward and in backward alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+def add_gradients(targets: Sequence[tuple[Tensor, Tensor]], grads: Sequence[Tensor | None]) -> None:
+    """Add each gradient (dense or sparse) into its ``(tensor, accumulator)`` target's accumulator; None: the
+    target was not reached."""
+    for (_, acc), grad in zip(targets, grads):
+        if grad is not None:
+            acc.add_(grad)
+
+
+class StepHead(nn.Module, metaclass=ABCMeta):
+    """An output head run inside the sweep, e.g. decoder + cross-entropy, a chunk of steps at a time.
+
+    Subclasses implement :meth:`forward`: given the top layer's outputs ``(C, B, H)`` for steps
+    ``start .. start+C-1`` of the window, return the scalar sum of the head over those steps (it must be a
+    sum over steps: the sequence module returns the total over the window). The head only ever sees
+    ``CHUNK`` steps at once, so no ``T × batch × vocab`` tensor exists. In ``mode="reverse"`` it runs in
+    forward (for the value), then once per chunk in the reverse sweep (:meth:`accumulate_grads`: the
+    gradient flowing into the RNN and its own parameters' and context's gradients, in one call). Anything
+    it needs per window (targets, a dropout mask) must be set before the call and stay until backward.
+
+    With a keep mask (padding) the head still receives every step; at a masked step the output is the
+    example's unchanged state, so a head must mask its own loss there (the sequence module cannot).
+
+    It runs under the caller's autocast (its values do not feed the reconstruction), so a decoder GEMM
+    follows ``precision="bf16-mixed"``. A tensor it reads that is neither its parameter nor listed by
+    :meth:`context` gets no gradient in ``mode="reverse"``: forward raises instead of training silently
+    wrong (see :func:`check_declared_inputs`).
+    """
+
+    @abstractmethod
+    def forward(self, output: Tensor, start: int) -> Tensor:
+        """The scalar sum of the head over steps ``start .. start + len(output) - 1``."""
+
+    def context(self) -> Sequence[Tensor]:
+        """Tensors the head reads that are not its parameters (an attention memory, an encoder output).
+
+        ``mode="reverse"`` passes those that require grad through the sweep as inputs, so they receive the
+        same gradient as in ``mode="store"`` (summed over the window). Return the very tensors the head
+        reads (not copies), set before the call and unchanged until backward. Default: none.
+        """
+        return ()
+
+    def accumulate_grads(
+        self, output: Tensor, start: int, d_value: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
+    ) -> Tensor | None:
+        """Reverse sweep, once per chunk: the gradient of ``forward(output, start) · d_value`` with respect to
+        ``output`` (a leaf requiring grad; None if the value does not depend on it), adding the gradient of
+        each ``(tensor, accumulator)`` target (the head's parameters and context) into its accumulator. Runs
+        under the autocast recorded in forward. Default: one ``autograd.grad`` call; override for a cheaper
+        form (:class:`~lightning_revrnn.translation.attention.AttentionHead` adds its generator's gradient block by block)."""
+        grads = torch.autograd.grad(self(output, start), [output, *[t for t, _ in targets]], d_value, allow_unused=True)
+        add_gradients(targets, grads[1:])
+        return grads[0]
+
+
+#: Steps per chunk of first-layer input projections (one GEMM per chunk instead of one per step).
+CHUNK = 16
+
+
+class StepStem(nn.Module, metaclass=ABCMeta):
+    """A per-step input stem run inside the sweep, e.g. embedding lookup + locked dropout of step ``t``.
+
+    With a stem the sequence module's input is whatever the stem reads (token ids ``(T, B)``, say) and
+    :meth:`forward` maps a chunk of steps of it (leading dims ``(T', B)``) to the first layer's input
+    ``(T', B, input_size)``, elementwise in time. In
+    ``mode="reverse"`` the stem runs again for each step of the reverse sweep, so the ``T × B × input``
+    tensor it produces is never held between forward and backward. It must be deterministic within a
+    window (sample any dropout mask before the call).
+
+    It runs under the caller's autocast; its output is cast to float32 before the first layer's
+    projection, and the reverse sweep re-enters the autocast state recorded in forward, so the projection
+    is recomputed bit for bit. Tensors it reads that are not its parameters go in :meth:`context`.
+    """
+
+    @abstractmethod
+    def forward(self, inputs: Tensor) -> Tensor:
+        """The first layer's input ``(T', B, input_size)`` for ``inputs`` of leading dims ``(T', B)``."""
+
+    def context(self) -> Sequence[Tensor]:
+        """Tensors the stem reads that are not its parameters; as :meth:`StepHead.context`. Default: none."""
+        return ()
+
+    def accumulate_grads(
+        self, inputs: Tensor, output: Tensor, d_output: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
+    ) -> None:
+        """Reverse sweep: add the gradient of ``(output · d_output).sum()`` with respect to each target
+        tensor into its accumulator. ``output`` is this module's (float32) output for ``inputs``, one chunk
+        of steps, with its graph. Override for a cheaper form (:class:`~lightning_revrnn.lm.EmbeddingStem`
+        adds its rows by ``index_add_`` instead of a dense ``V × E`` gradient per chunk)."""
+        if targets:
+            grads = torch.autograd.grad(output, [t for t, _ in targets], d_output, allow_unused=True)
+            add_gradients(targets, grads)

@@ -1,0 +1,108 @@
+"""Building blocks both model families use: the embedding stem run inside the reverse sweep, the ``nn.GRU`` /
+``nn.LSTM`` baseline stack with the same regularisation, the paper's learning-rate schedule and a detach for
+carried states. Neither :mod:`lightning_revrnn.lm` nor :mod:`lightning_revrnn.translation` owns them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+from pytorch_lightning.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
+from torch.func import functional_call
+from typing_extensions import override
+
+from lightning_revrnn.core.dropout import locked_mask
+from lightning_revrnn.core.protocol import StepStem
+
+#: The baselines' recurrent layers (cuDNN where available).
+BASELINES: dict[str, type[nn.GRU] | type[nn.LSTM]] = {"gru": nn.GRU, "lstm": nn.LSTM}
+
+
+def detach_state(state: Any) -> Any:
+    """Detach a nested state (tensor, list or tuple of them) for truncated BPTT."""
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, (list, tuple)):
+        return type(state)(detach_state(s) for s in state)
+    return state
+
+
+class EmbeddingStem(StepStem):
+    """Embedding lookup with word-level embedding dropout (one keep/drop decision per vocabulary word
+    per window, as AWD-LSTM's embedded dropout, applied by gathering the word mask per token)."""
+
+    def __init__(self, embedding: nn.Embedding, dropout: float) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.dropout = dropout
+        self.word_mask: Tensor | None = None
+
+    def sample(self, training: bool) -> None:
+        """Draw this window's word mask (none in evaluation)."""
+        w = self.embedding.weight
+        self.word_mask = locked_mask((w.shape[0], 1), self.dropout, w) if training else None
+
+    @override
+    def forward(self, inputs: Tensor) -> Tensor:
+        x = self.embedding(inputs)
+        return x if self.word_mask is None else x * self.word_mask[inputs]
+
+    @override
+    def accumulate_grads(
+        self, inputs: Tensor, output: Tensor, d_output: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
+    ) -> None:
+        """The embedding weight's gradient by ``index_add_`` of the chunk's rows into its accumulator (no
+        dense ``V × E`` gradient per chunk); any other target by autograd."""
+        weight, emb = self.embedding.weight, self.embedding
+        plain = emb.padding_idx is None and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse
+        rest = []
+        for tensor, acc in targets:
+            if tensor is weight and plain:
+                rows = d_output if self.word_mask is None else d_output * self.word_mask[inputs]
+                acc.index_add_(0, inputs.reshape(-1), rows.reshape(-1, rows.shape[-1]).to(acc.dtype))
+            else:
+                rest.append((tensor, acc))
+        super().accumulate_grads(inputs, output, d_output, rest)
+
+
+class BaselineRNN(nn.Module):
+    """``nn.GRU``/``nn.LSTM`` layers (cuDNN where available) with the reversible models' regularisation:
+    locked dropout on the input and between layers, DropConnect on the hidden-to-hidden weights."""
+
+    def __init__(
+        self, kind: str, input_size: int, sizes: list[int], input_dropout: float, dropout: float,
+        dropconnect: float,
+    ) -> None:
+        super().__init__()
+        ins = [input_size, *sizes[:-1]]
+        self.layers = nn.ModuleList(BASELINES[kind](i, h) for i, h in zip(ins, sizes))
+        self.is_lstm = kind == "lstm"
+        self.input_dropout, self.dropout, self.dropconnect = input_dropout, dropout, dropconnect
+
+    def forward(self, x: Tensor, hx: list[Any] | None = None) -> tuple[Tensor, list[Any]]:
+        finals = []
+        for l, layer in enumerate(self.layers):
+            p = self.input_dropout if l == 0 else self.dropout
+            mask = locked_mask((x.shape[1], x.shape[2]), p, x) if self.training else None
+            x = x if mask is None else x * mask
+            h = None if hx is None else hx[l]
+            if self.training and self.dropconnect > 0:
+                w = cast(Tensor, layer.weight_hh_l0)
+                dropped = w * cast(Tensor, locked_mask(tuple(w.shape), self.dropconnect, w))  # p > 0: a mask
+                x, h_n = functional_call(layer, {**dict(layer.named_parameters()), "weight_hh_l0": dropped}, (x, h))
+            else:
+                x, h_n = layer(x, h)
+            finals.append(h_n)
+        return x, finals
+
+
+def plateau_schedule(optimizer: torch.optim.Optimizer, factor: float) -> OptimizerLRScheduler:
+    """The paper's schedule: the learning rate times ``factor`` after an epoch whose ``val_ppl`` did not
+    improve (checked once per epoch; skipped while no validation has run)."""
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=0)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl", "interval": "epoch", "strict": False},
+    }
