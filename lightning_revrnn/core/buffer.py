@@ -1,44 +1,17 @@
 """The information buffer: where a layer keeps the bits that forgetting destroys (spec sections 3-4).
 
-Each layer owns one int64 *word* per (batch, hidden/2) unit, shared by all of that layer's
-multiplications, as in the reference. A word must stay below ``2^(63 - R_Z)`` before a multiplication.
-Where the reference pushes a whole int64 snapshot whenever any unit nears that limit and restarts every
-unit from zero, this buffer *drains* words example by example: the low 32 bits of an example's words
-move into an int32 plane row and the high bits stay in place.
+Each layer owns one int64 *word* per (batch, hidden/2) unit, shared by all of its multiplications; a word must
+stay below ``2^(63 - R_Z)`` before a multiplication. Instead of snapshotting every word when one nears the
+limit (the reference code), the buffer *drains* example by example: at every check point (every
+:func:`check_period` multiplications) each example whose largest word has more than ``DRAIN_BITS`` bits moves
+the low 32 bits of its words into an int32 plane row. The rule reads one example's own words only, so an
+example computes bit for bit the same alone, in a batch or on any DDP rank.
 
-**Drains are decided per example.** The rule is a function of one example's own words only, so no
-example's trajectory (the drains change the low bits a multiplication injects into ``h``) depends on its
-batchmates: with the same float gates, an example computes bit for bit the same alone, in a batch, or on
-any DDP rank. The rule: at every *check point* (before multiplication ``m`` with ``m % period == 0``,
-``period = 1 + (WORD_LIMIT_BITS - DRAIN_BITS) // k``, :func:`check_period`), every example whose largest
-word has more than ``DRAIN_BITS`` bits drains. Why it never overflows: after a check point every word has
-at most 32 bits (more than 32: minus 32 leaves at most ``63 - 32``); a multiplication adds at most ``k``
-bits, so the ``period - 1`` multiplications until the next check point start from at most
-``32 + (period - 1)·k ≤ 53 = WORD_LIMIT_BITS`` bits. A drained plane row is always full (its word had more
-than 32 bits).
-
-**Synchronisations.** The forward decides every drain on the device and never waits for it. The host
-keeps an upper bound on every word's bit length (``+k`` per multiplication) and skips a check point while
-that bound is at most 32 (no example can drain: free). Otherwise the check point runs on the device:
-``drained = word.amax(1) > 2^32 - 1`` per example, the *dense* plane of all ``B`` rows, and
-``word ← where(drained, word >> 32, word)``; the record (check point, dense plane, drained mask) waits in a
-pending list, and the bound drops to 32 (every word has at most 32 bits now; the host cannot know which
-examples drained, and need not). :meth:`InformationBuffer.finish`, once at the end of a window's forward,
-reads how many examples drained at each pending check point (one host read for the whole window) and
-compacts: the drained rows of each dense plane go to the stored plane, with their row indices (built on
-the device) when only part of the batch drained, and a check point where none drained leaves no record. So
-a layer's forward synchronises at most once per window (``syncs``; none without ``retain``, which records
-nothing), whatever its length, and the reverse sweep never does. The cost is transient memory: until
-``finish`` each check point that ran on the device holds a dense int32 plane and a bool mask,
-``B·(2·H + 1)`` bytes, instead of only the drained rows (at ``k = 3`` one check point per 8
-multiplications: ``B·H/4`` bytes per multiplication, an eighth of the float32 state a step would store,
-``h`` for a RevGRU, ``h`` and ``c`` for a RevLSTM; all freed by ``finish``). What lives from ``finish`` to the reverse sweep is exactly what the
-drains decided, the same planes, row indices and words as a host that read every check point, so the
-kept memory and :meth:`InformationBuffer.stats` do not depend on when the host looked.
-
-The reverse sweep replays each drain for exactly the examples that drained (a drain is recorded by the
-index of the multiplication it preceded and its rows), so the buffer shrinks back to empty (every word
-zero, no plane left) after a full sweep.
+The forward decides drains on the device and never waits: check points queue dense planes and masks
+(:class:`PendingDrain`), and :meth:`InformationBuffer.finish` compacts them with one host read per window.
+The reverse sweep replays each drain for exactly the examples that drained, so the buffer is empty again
+(every word zero, no plane) after a full sweep. docs/design.md has the proof that no word overflows and the
+memory this costs.
 """
 
 from __future__ import annotations
@@ -111,6 +84,16 @@ class InformationBuffer:
     :meth:`stats`, :meth:`tensors`) calls :meth:`finish` first, so none ever sees a half-compacted buffer;
     after :meth:`finish` has run they read no device value. ``syncs`` counts the host reads of the forward
     (at most one per :meth:`finish` with pending records).
+
+    Example::
+
+        >>> from lightning_revrnn.core.fixed_point import to_fixed
+        >>> buf = InformationBuffer((2, 3), torch.device("cpu"), max_forget_bits=3, retain=True)
+        >>> h = to_fixed(torch.randn(2, 3))
+        >>> z = torch.full((2, 3), 700)  # z* = 700/1024: about 0.55 bits forgotten per unit
+        >>> back = buf.divide(buf.multiply(h, z), z)
+        >>> torch.equal(back, h), buf.is_empty()
+        (True, True)
     """
 
     def __init__(

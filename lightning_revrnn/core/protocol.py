@@ -31,8 +31,9 @@ class StepHead(nn.Module, metaclass=ABCMeta):
     sum over steps: the sequence module returns the total over the window). The head only ever sees
     ``CHUNK`` steps at once, so no ``T × batch × vocab`` tensor exists. In ``mode="reverse"`` it runs in
     forward (for the value), then once per chunk in the reverse sweep (:meth:`accumulate_grads`: the
-    gradient flowing into the RNN and its own parameters' and context's gradients, in one call). Anything
-    it needs per window (targets, a dropout mask) must be set before the call and stay until backward.
+    gradient flowing into the RNN and its own parameters' and context's gradients, in one call). What it
+    reads for one batch (targets, a dropout mask) it receives when it is built or bound for that batch
+    (``head.bind(targets)`` returning a head), never as attributes set on a shared module.
 
     With a keep mask (padding) the head still receives every step; at a masked step the output is the
     example's unchanged state, so a head must mask its own loss there (the sequence module cannot).
@@ -40,7 +41,22 @@ class StepHead(nn.Module, metaclass=ABCMeta):
     It runs under the caller's autocast (its values do not feed the reconstruction), so a decoder GEMM
     follows ``precision="bf16-mixed"``. A tensor it reads that is neither its parameter nor listed by
     :meth:`context` gets no gradient in ``mode="reverse"``: forward raises instead of training silently
-    wrong (see :func:`check_declared_inputs`).
+    wrong (see :func:`~lightning_revrnn.core.graph_checks.check_declared_inputs`).
+
+    Example::
+
+        >>> import torch.nn.functional as F
+        >>> from lightning_revrnn import RevGRU
+        >>> class SumOfSquares(StepHead):  # per-batch targets given at construction: no state to reset
+        ...     def __init__(self, targets: Tensor) -> None:
+        ...         super().__init__()
+        ...         self.targets = targets
+        ...     def forward(self, output: Tensor, start: int) -> Tensor:
+        ...         return F.mse_loss(output, self.targets[start : start + len(output)], reduction="sum")
+        >>> rnn = RevGRU(3, 4)
+        >>> x = torch.randn(20, 2, 3, requires_grad=True)
+        >>> loss, h_n = rnn(x, head=SumOfSquares(torch.zeros(20, 2, 4)))
+        >>> loss.backward()  # the head runs again, a chunk at a time, inside the reverse sweep
     """
 
     @abstractmethod
@@ -81,11 +97,25 @@ class StepStem(nn.Module, metaclass=ABCMeta):
     ``(T', B, input_size)``, elementwise in time. In
     ``mode="reverse"`` the stem runs again for each step of the reverse sweep, so the ``T × B × input``
     tensor it produces is never held between forward and backward. It must be deterministic within a
-    window (sample any dropout mask before the call).
+    window: a dropout mask is drawn when the stem is bound for the batch, not inside :meth:`forward`.
 
     It runs under the caller's autocast; its output is cast to float32 before the first layer's
     projection, and the reverse sweep re-enters the autocast state recorded in forward, so the projection
     is recomputed bit for bit. Tensors it reads that are not its parameters go in :meth:`context`.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_revrnn import RevGRU
+        >>> class Embed(StepStem):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.embedding = nn.Embedding(10, 3)
+        ...     def forward(self, inputs: Tensor) -> Tensor:
+        ...         return self.embedding(inputs)
+        >>> out, h_n = RevGRU(3, 4)(torch.randint(0, 10, (20, 2)), stem=Embed())  # token ids in
+        >>> out.shape
+        torch.Size([20, 2, 4])
     """
 
     @abstractmethod
@@ -101,7 +131,7 @@ class StepStem(nn.Module, metaclass=ABCMeta):
     ) -> None:
         """Reverse sweep: add the gradient of ``(output · d_output).sum()`` with respect to each target
         tensor into its accumulator. ``output`` is this module's (float32) output for ``inputs``, one chunk
-        of steps, with its graph. Override for a cheaper form (:class:`~lightning_revrnn.lm.EmbeddingStem`
+        of steps, with its graph. Override for a cheaper form (:class:`~lightning_revrnn.shared.EmbeddingStem`
         adds its rows by ``index_add_`` instead of a dense ``V × E`` gradient per chunk)."""
         if targets:
             grads = torch.autograd.grad(output, [t for t, _ in targets], d_output, allow_unused=True)

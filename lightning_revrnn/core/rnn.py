@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.backend import Backend, backend_for
+from lightning_revrnn.core.carry import ExactCarry
 from lightning_revrnn.core.cell_base import ReversibleCell
 from lightning_revrnn.core.cells import NFRevGRUCell, NFRevLSTMCell, RevGRUCell, RevLSTMCell
 from lightning_revrnn.core.dropout import SeededMask, locked_mask
@@ -26,8 +27,6 @@ Mode = Literal["reverse", "store"]
 MODES = ("reverse", "store")
 #: A state: one tensor ``(L, B, H)`` when all layers have the same size, else a list of ``(B, H_l)``.
 State = Union[Tensor, list[Tensor]]
-#: Exact final states kept for carrying (the last few forwards; see :meth:`ReversibleRNN.exact_state`).
-EXACT_CACHE_SIZE = 4
 
 
 class ReversibleRNN(nn.Module):
@@ -58,32 +57,29 @@ class ReversibleRNN(nn.Module):
             follow slightly different trajectories. Each new shape compiles once (seconds). Settable later
             as ``rnn.fused`` (between windows, not between a forward and its backward).
 
-    ``out, h_n = rnn(x, hx=None)``, with the dtypes ``nn.GRU``/``nn.LSTM`` would return: under autocast
-    where those modules autocast, their dtype (CUDA: float16 whatever the autocast dtype, as cuDNN's RNN;
-    CPU, LSTM types only: the autocast dtype), else ``x``'s floating dtype (float32 with a stem). Inside,
-    the cells always compute in exact float32 fixed point, autocast off.
+    ``out, h_n = rnn(x, hx=None, head=None, stem=None, keep=None)``: as ``nn.GRU``/``nn.LSTM`` (the same result
+    dtypes under autocast; inside, the cells always compute in exact float32 fixed point). ``h_n`` carries
+    exactly into the next window when passed back as ``hx`` (:mod:`~lightning_revrnn.core.carry`); for a state
+    that must outlive the module (a checkpoint) use :meth:`exact_state`. With ``head`` (a bound
+    :class:`~lightning_revrnn.core.protocol.StepHead`) the first return value is the head's sum over the
+    window; with ``stem`` (a bound :class:`~lightning_revrnn.core.protocol.StepStem`) ``x`` is what the stem
+    reads per step (e.g. token ids ``(T, B)``). ``keep`` (bool ``(T, B)``, or ``(B, T)`` with
+    ``batch_first``) marks the steps each example really takes: elsewhere its state and buffer stay bit for
+    bit as they were and no gradient flows; with right padding ``h_n`` is each example's state after its last
+    real step (a head must mask its own loss at padded steps). :meth:`memory_stats` gives the last training
+    window's accounting.
 
-    Exact carry: the fixed-point state does not always fit in float32 (beyond ±1 it has more bits), so the
-    module keeps the exact final state (float64) of its last few forwards. When ``hx`` is a returned
-    ``h_n`` (or ``h_n.detach()``, or a view of it), each element that still holds the rounding of the exact
-    value continues from the exact value (elementwise, no host sync); elements the caller reset or changed
-    in place use ``hx`` as given. So ``out2, h2 = rnn(x2, h_n.detach())`` continues bit for bit. A copy
-    (``clone()``, ``.to(...)``) carries its float32 value: for a state that must outlive the module's
-    memory (a checkpoint, another device) use :meth:`exact_state`, whose float64 result is used as is.
+    Example::
 
-    With ``head`` (a :class:`StepHead`), the first return value is the head's sum over steps instead of
-    the outputs. With ``stem`` (a :class:`StepStem`), ``x`` is what the stem reads per step (e.g. token
-    ids ``(T, B)``) instead of features. Stem and head run under the caller's autocast.
-
-    Padding: ``keep`` (bool, ``(T, B)``, or ``(B, T)`` with ``batch_first``) marks the steps each example
-    really takes; where it is False that example's state and information buffer stay bit for bit as they
-    were (in every mode, with or without head/stem), and that step sends no gradient into parameters or
-    the input. With right padding the final state ``h_n`` of an example is its state after its last real
-    step, as a seq2seq encoder needs. A masked step's output (and what a head receives) is that unchanged
-    state, the output of the example's previous real step (the initial ``h`` before any); a head must mask
-    its own loss at padded steps. ``memory_stats()`` counts a masked step as a step: ``normal_bits`` and
-    ``multiplications`` include it (the padded batch as ``nn.GRU`` would store it), ``optimal_bits`` adds
-    0 for it (``z* = 1``), and ``used_bits`` reflects what the buffer really holds.
+        >>> import torch
+        >>> rnn = RevGRU(input_size=8, hidden_size=16, num_layers=2)
+        >>> x = torch.randn(35, 4, 8, requires_grad=True)  # (time, batch, features)
+        >>> out, h_n = rnn(x)
+        >>> out.shape, h_n.shape
+        (torch.Size([35, 4, 16]), torch.Size([2, 4, 16]))
+        >>> out.sum().backward()  # the reverse sweep: states reconstructed, not stored
+        >>> rnn.memory_stats().actual_ratio > 1
+        True
     """
 
     cell_class: type[ReversibleCell]
@@ -137,7 +133,7 @@ class ReversibleRNN(nn.Module):
         self.fused = fused
         self._stats: MemoryAccounting | None = None
         self._last_window: weakref.ref[WindowRecord] | None = None
-        self._exact: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._carry = ExactCarry()
 
     @property
     def mode(self) -> Mode:
@@ -175,7 +171,7 @@ class ReversibleRNN(nn.Module):
 
     def __getstate__(self) -> dict[str, object]:
         # The weak reference to the last window cannot be pickled (ddp_spawn, torch.save of the module).
-        return {**super().__getstate__(), "_last_window": None, "_exact": []}
+        return {**super().__getstate__(), "_last_window": None, "_carry": ExactCarry()}
 
     @property
     def cell_list(self) -> list[ReversibleCell]:
@@ -244,7 +240,7 @@ class ReversibleRNN(nn.Module):
             primary = primary.to(dtype)
             primary = primary.transpose(0, 1) if self.batch_first else primary
         h_n = self._pack_state([f.to(dtype) for f in finals])
-        self._keep_exact(h_n, final_exact)
+        self._carry.remember(self._flat_state(h_n), final_exact)
         return primary, h_n
 
     def _result_dtype(self, x: Tensor, stem: StepStem | None) -> torch.dtype:
@@ -270,7 +266,7 @@ class ReversibleRNN(nn.Module):
         few forwards; elsewhere its own value is returned. Passing the result as ``hx`` continues bit for
         bit, also after a restart (save it in a checkpoint instead of ``h_n``)."""
         flat = self._flat_state(state)
-        return self._pack_state([t.detach() for t in self._resolve_exact(flat)])
+        return self._pack_state([t.detach() for t in self._carry.resolve(flat)])
 
     def _flat_state(self, state: State | tuple[State, State]) -> list[Tensor]:
         """Per-layer ``(B, H_l)`` tensors in the sweep's order (h, or h and c per layer), unchecked."""
@@ -278,32 +274,6 @@ class ReversibleRNN(nn.Module):
         kinds = list(cast(tuple[State, State], state)) if n == 2 else [cast(State, state)]
         per_kind = [list(k.unbind(0)) if isinstance(k, Tensor) else list(k) for k in kinds]
         return [per_kind[k][l] for l in range(len(per_kind[0])) for k in range(n)]
-
-    def _keep_exact(self, h_n: State | tuple[State, State], exact: list[Tensor]) -> None:
-        """Remember the exact final state with the returned tensors themselves (detached views): holding
-        them keeps their storage alive, so no other tensor can appear at their address while kept."""
-        held = [t.detach() for t in self._flat_state(h_n)]
-        self._exact = [*self._exact[-(EXACT_CACHE_SIZE - 1) :], (held, exact)]
-
-    def _resolve_exact(self, flat: list[Tensor]) -> list[Tensor]:
-        """Float64 initial states: exact where ``flat`` is (a view of) a kept final state and an element
-        still holds the rounding of the exact value (with ``flat``'s gradient, straight through), the given
-        value elsewhere. A copy is not matched: equal rounding alone does not prove it is the same state."""
-        resolved = []
-        for i, t in enumerate(flat):
-            given = t if t.dtype == torch.float64 else t.double()
-            match = None
-            for held, exact in reversed(self._exact):
-                h = held[i] if i < len(held) else None
-                if h is not None and h.data_ptr() == t.data_ptr() and h.shape == t.shape and h.dtype == t.dtype:
-                    match = exact[i]
-                    break
-            if match is None or t.dtype == torch.float64:
-                resolved.append(given)
-                continue
-            value = torch.where(match.float().to(t.dtype) == t.detach(), match, given.detach())
-            resolved.append(straight_through(value, given))
-        return resolved
 
     # ------------------------------------------------------------------------------------ accounting
     def memory_stats(self) -> MemoryAccounting:
@@ -380,7 +350,7 @@ class ReversibleRNN(nn.Module):
         if n == 2 and len(parts) != 2:
             raise ValueError("RevLSTM expects hx = (h, c).")
         per_kind = [self._layers_of(p, batch) for p in parts]
-        return self._resolve_exact([per_kind[k][l] for l in range(self.num_layers) for k in range(n)])
+        return self._carry.resolve([per_kind[k][l] for l in range(self.num_layers) for k in range(n)])
 
     def _layers_of(self, s: State, batch: int) -> list[Tensor]:
         layers = list(s.unbind(0)) if isinstance(s, Tensor) and s.dim() == 3 else s
