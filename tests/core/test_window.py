@@ -44,7 +44,7 @@ def test_the_plan_is_frozen_and_survives_its_window_unchanged() -> None:
     record = rnn.last_window
     assert record is not None
     plan = record.plan
-    snapshot = dataclasses.astuple(plan) if False else tuple(getattr(plan, f.name) for f in dataclasses.fields(plan))
+    snapshot = tuple(getattr(plan, f.name) for f in dataclasses.fields(plan))
     assert len(plan.extras) == 2  # the tied weight once, the decoder bias
     assert plan.extras[0] is embedding.weight
     with pytest.raises(dataclasses.FrozenInstanceError):
