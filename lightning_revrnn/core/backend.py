@@ -27,7 +27,8 @@ from lightning_revrnn.core.records import Record
 
 
 class Backend(ABC):
-    """How a cell's exact half-steps and a step's backward are computed.
+    """How a cell's exact half-steps and a step's backward are computed; a step forward or in reverse is two
+    half-steps (:meth:`forward_step`, :meth:`reverse_step`), the same for every backend.
 
     Every method takes the cell (its kind, sizes, forget limit) and tensors only; a backend holds no
     per-window state. ``w``: the group's hidden weights ``(rows, H/2)``; ``xp``: its input pre-activations
@@ -59,6 +60,50 @@ class Backend(ABC):
     ) -> tuple[list[Tensor], Tensor]:
         """One step's gradients: of the state before it (from ``d_state`` after it plus the step's output
         gradient ``d_output``) and of its input pre-activations ``(B, 2·rows)``."""
+
+    # ------------------------------------------------------------------ a step: two half-steps
+    def forward_step(
+        self, cell: ReversibleCell, w: list[Tensor], xp: Tensor, state: list[Tensor], state_f: list[Tensor],
+        buf: InformationBuffer, keep: Tensor | None = None, stored: int = 0,
+    ) -> Halves:
+        """One exact step: group 1 from ``h2``, then group 2 from the new ``h1``. Rows where ``keep``
+        (``(B, 1)`` bool, None: all) is False keep their state and buffer words bit for bit. The first
+        ``stored`` units of ``h1`` are stored units (:func:`~lightning_revrnn.core.cell_base.store_units`)."""
+        state, state_f = list(state), list(state_f)
+        xps = xp.split(cell.hidden_rows, -1)
+        for g in (0, 1):
+            idx = cell.own(g)
+            new, new_f = self.half_forward(
+                cell, w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, keep,
+                stored if g == 0 else 0,
+            )
+            for i, v, f in zip(idx, new, new_f):
+                state[i], state_f[i] = v, f
+        return state, state_f
+
+    def reverse_step(
+        self, cell: ReversibleCell, w: list[Tensor], xp: Tensor, state: list[Tensor], floats: list[Tensor],
+        buf: InformationBuffer, keep: Tensor | None = None, stored_old: Tensor | None = None,
+    ) -> tuple[list[Tensor], list[Record]]:
+        """Reconstruct the state before a step exactly: group 2 (which read the new ``h1``), then group 1
+        (which read the restored ``h2``). ``floats``: the float32 values of ``state``'s halves. Returns the
+        int halves before the step and the two groups' records (group 1 first); the floats before the step
+        are ``cell.floats_before(records)``. ``stored_old``: the stored units of ``h1`` before the step."""
+        old = list(state)
+        xps = xp.split(cell.hidden_rows, -1)
+        records: list[Record] = []
+        other = floats[0]  # group 2 read h1 after the step
+        for g in (1, 0):
+            idx = cell.own(g)
+            own, own_f = [old[i] for i in idx], [floats[i] for i in idx]
+            prev, record = self.half_reverse(
+                cell, w[g], xps[g], other, own, own_f, buf, keep, stored_old if g == 0 else None
+            )
+            records.insert(0, record)
+            for i, v in zip(idx, prev):
+                old[i] = v
+            other = record.h_old  # group 1 read h2 before the step
+        return old, records
 
 
 class EagerBackend(Backend):

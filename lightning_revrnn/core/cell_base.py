@@ -5,15 +5,15 @@ halves of ``H/2`` units that are updated alternately (spec section 2): group 1 r
 and updates its own half, then group 2 reads the new ``h1``. A state is a list of int64 half tensors,
 ``[h1, h2]`` for GRU types and ``[h1, h2, c1, c2]`` for LSTM types.
 
-The half-steps themselves come from a :class:`~lightning_revrnn.core.backend.Backend`: the cells' own
-equations (:mod:`lightning_revrnn.core.cells`, the reference) or a fast backend computing the same ones.
+A :class:`~lightning_revrnn.core.backend.Backend` runs a step as two half-steps: the cells' own equations
+(:mod:`lightning_revrnn.core.cells`, the reference) or a fast backend computing the same ones.
 """
 
 from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +23,13 @@ from lightning_revrnn.core.buffer import InformationBuffer
 from lightning_revrnn.core.fixed_point import FORGET_ONE, to_fixed
 from lightning_revrnn.core.records import LSTMRecord, Record
 
-if TYPE_CHECKING:
-    from lightning_revrnn.core.backend import Backend
-
 MAX_FORGET_BITS_CHOICES = (1, 2, 3, 5, None)
 #: One group's new (or old) int halves and their float values.
 Halves = tuple[list[Tensor], list[Tensor]]
 
 
 class ReversibleCell(nn.Module):
-    """Base of the four cells: parameters, state layout, and a step as two half-steps of a backend.
+    """Base of the four cells: parameters, state layout, and the reference backward of a step.
 
     Parameters: ``weight_ih`` (``2·rows × input_size``) and ``bias`` (``2·rows``) map the input to both
     groups' gate pre-activations (group 1 first); ``weight_hh`` (``2·rows × H/2``) holds each group's map
@@ -166,49 +163,6 @@ class ReversibleCell(nn.Module):
         hidden-weight gradient is formed from."""
 
     # ------------------------------------------------------------------------------------------ steps
-    def forward_step(
-        self, backend: Backend, w: list[Tensor], xp: Tensor, state: list[Tensor], state_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None = None, stored: int = 0,
-    ) -> Halves:
-        """One exact step: group 1 from ``h2``, then group 2 from the new ``h1``. Rows where ``keep``
-        (``(B, 1)`` bool, None: all) is False keep their state and buffer words bit for bit. The first
-        ``stored`` units of ``h1`` are stored units (:func:`store_units`)."""
-        state, state_f = list(state), list(state_f)
-        xps = xp.split(self.hidden_rows, -1)
-        for g in (0, 1):
-            idx = self.own(g)
-            new, new_f = backend.half_forward(
-                self, w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, keep,
-                stored if g == 0 else 0,
-            )
-            for i, v, f in zip(idx, new, new_f):
-                state[i], state_f[i] = v, f
-        return state, state_f
-
-    def reverse_step(
-        self, backend: Backend, w: list[Tensor], xp: Tensor, state: list[Tensor], floats: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None = None, stored_old: Tensor | None = None,
-    ) -> tuple[list[Tensor], list[Record]]:
-        """Reconstruct the state before a step exactly: group 2 (which read the new ``h1``), then group 1
-        (which read the restored ``h2``). ``floats``: the float32 values of ``state``'s halves. Returns the
-        int halves before the step and the two groups' records (group 1 first); the floats before the step
-        are :meth:`floats_before` of them. ``stored_old``: the stored units of ``h1`` before the step."""
-        old = list(state)
-        xps = xp.split(self.hidden_rows, -1)
-        records: list[Record] = []
-        other = floats[0]  # group 2 read h1 after the step
-        for g in (1, 0):
-            idx = self.own(g)
-            own, own_f = [old[i] for i in idx], [floats[i] for i in idx]
-            prev, record = backend.half_reverse(
-                self, w[g], xps[g], other, own, own_f, buf, keep, stored_old if g == 0 else None
-            )
-            records.insert(0, record)
-            for i, v in zip(idx, prev):
-                old[i] = v
-            other = record.h_old  # group 1 read h2 before the step
-        return old, records
-
     def backward_step(
         self, w: list[Tensor], records: list[Record], d_state: list[Tensor], d_output: Tensor,
         keep: Tensor | None = None,

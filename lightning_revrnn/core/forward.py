@@ -92,8 +92,8 @@ def _chunks(
             guard.observe(f"layer {l}: input pre-activations", xp)
             outs = []
             for t in range(t0, t1):
-                state[l], state_f[l] = cell.forward_step(
-                    plan.backend, weights[l], xp[t - t0], state[l], state_f[l], buffers[l], plan.step_keep(t),
+                state[l], state_f[l] = plan.backend.forward_step(
+                    cell, weights[l], xp[t - t0], state[l], state_f[l], buffers[l], plan.step_keep(t),
                     plan.stored(l),
                 )
                 outs.append(cell.output(state_f[l]))

@@ -245,8 +245,8 @@ def _reverse_steps(
     for i in reversed(range(xp.shape[0])):
         outputs.append(floats[:2])
         stored_old = record.stored_before(t0 + i) if stored else None
-        state[l], records[i] = cell.reverse_step(
-            plan.backend, w, xp[i], state[l], floats, buf, plan.step_keep(t0 + i), stored_old
+        state[l], records[i] = plan.backend.reverse_step(
+            cell, w, xp[i], state[l], floats, buf, plan.step_keep(t0 + i), stored_old
         )
         floats = cell.floats_before(records[i])
     return records, torch.cat([torch.stack(half[::-1]) for half in zip(*outputs)], -1)

@@ -1,7 +1,7 @@
 """Property tests: reverse-mode reconstruction of hidden states is bit-exact (spec sections 2-3).
 
 The core check does not trust the library's own runtime checksum: it runs a window forward step by step
-with the cells' ``forward_step`` (fresh buffers), records every layer's integer state after every step,
+with the backend's ``forward_step`` (fresh buffers), records every layer's integer state after every step,
 then walks the window backwards with ``reverse_step`` and compares each reconstructed state with the
 recorded one (``torch.equal``), and finally checks that every buffer is empty again.
 """
@@ -118,7 +118,7 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
                 outs = []
                 for t in range(t0, t1):
                     state_f = [to_float(s) for s in state[l]]
-                    state[l], state_f = cell.forward_step(backend, weights[l], xp[t - t0], state[l], state_f, buffers[l])
+                    state[l], state_f = backend.forward_step(cell, weights[l], xp[t - t0], state[l], state_f, buffers[l])
                     outs.append(cell.output(state_f))
                     if len(recorded) <= t + 1:
                         recorded.append([])
@@ -146,7 +146,7 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
                 xp = window.projection(l, inputs[l, t0])
             for t in range(t1 - 1, t0 - 1, -1):
                 floats = [to_float(h) for h in state[l]]
-                state[l], _ = cell.reverse_step(backend, weights[l], xp[t - t0], state[l], floats, buffers[l])
+                state[l], _ = backend.reverse_step(cell, weights[l], xp[t - t0], state[l], floats, buffers[l])
                 for k, (got, want) in enumerate(zip(state[l], recorded[t][l])):
                     assert got.dtype == torch.int64
                     assert torch.equal(got, want), f"layer {l}, half {k}: state before step {t} not reconstructed"

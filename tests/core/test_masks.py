@@ -243,7 +243,7 @@ def _filled(cell_cls, B: int, seed: int):
     w = list(cell.weight_hh.split(cell.hidden_rows, 0))
     with torch.no_grad():
         for _ in range(6):
-            state, state_f = cell.forward_step(EAGER, w, cell.project_input(torch.randn(B, 3)), state, state_f, buf)
+            state, state_f = EAGER.forward_step(cell, w, cell.project_input(torch.randn(B, 3)), state, state_f, buf)
     return cell, buf, w, state, state_f
 
 
@@ -256,14 +256,14 @@ def test_masked_rows_keep_state_and_buffer_words(cell_cls):
     assert bool(word[~keep[:, 0]].any()), "the test needs non-empty words in the masked rows"
     xp = cell.project_input(torch.randn(B, 3))
     with torch.no_grad():
-        after, _ = cell.forward_step(EAGER, w, xp, state, state_f, buf, keep)
+        after, _ = EAGER.forward_step(cell, w, xp, state, state_f, buf, keep)
     masked, kept = ~keep[:, 0], keep[:, 0]
     assert torch.equal(buf.word[masked], word[masked])
     assert not torch.equal(buf.word[kept], word[kept])
     for a, b in zip(after, before):
         assert torch.equal(a[masked], b[masked]) and not torch.equal(a[kept], b[kept])
     # The reverse step with the same mask undoes it: state and words as before, bit for bit.
-    restored, _ = cell.reverse_step(EAGER, w, xp, after, [to_float(h) for h in after], buf, keep)
+    restored, _ = EAGER.reverse_step(cell, w, xp, after, [to_float(h) for h in after], buf, keep)
     assert torch.equal(buf.word, word)
     for r, b in zip(restored, before):
         assert torch.equal(r, b)
@@ -278,7 +278,7 @@ def test_fully_masked_step_adds_no_optimal_bits(cell_cls):
     before = buf.stats(0)
     keep = torch.zeros(B, 1, dtype=torch.bool)
     with torch.no_grad():
-        cell.forward_step(EAGER, w, cell.project_input(torch.randn(B, 3)), state, state_f, buf, keep)
+        EAGER.forward_step(cell, w, cell.project_input(torch.randn(B, 3)), state, state_f, buf, keep)
     after = buf.stats(0)
     assert after.multiplications == before.multiplications + cell.multiplications_per_step
     assert abs(float(after.optimal_bits) - float(before.optimal_bits)) < 1e-6

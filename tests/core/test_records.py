@@ -19,8 +19,8 @@ def _records(cell_cls: type) -> list:
     w = list(cell.weight_hh.detach().split(cell.hidden_rows, 0))
     xp = cell.project_input(torch.randn(2, 3)).detach()
     with torch.no_grad():
-        after, after_f = cell.forward_step(EAGER, w, xp, state, [to_float(s) for s in state], buf)
-        before, records = cell.reverse_step(EAGER, w, xp, after, after_f, buf)
+        after, after_f = EAGER.forward_step(cell, w, xp, state, [to_float(s) for s in state], buf)
+        before, records = EAGER.reverse_step(cell, w, xp, after, after_f, buf)
     assert all(torch.equal(a, b) for a, b in zip(before, state))
     return records
 
