@@ -17,6 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI (``.ci/run`` sets HYPOTHESIS_PROFILE=ci) draws the same examples on every run, so a red CI is reproducible;
+# a developer's run keeps hypothesis's random search.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # Test helpers are imported by module name from any test folder: the shared ones at tests/ (ddp_script,
 # seq2seq_helpers) and the core's (test_masks, test_cells), which the fused backend's tests reuse.
