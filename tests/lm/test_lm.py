@@ -158,10 +158,11 @@ def test_carried_state_equals_explicit_run(rnn: str) -> None:
     assert all(t.grad_fn is None and not t.requires_grad for t in carried)
 
     model.eval()
+    embed = model.stem.bind(training=False)
     with torch.no_grad():
-        _, h0 = model.rnn(model.stem(b[0]["inputs"]))
-        _, h1 = model.rnn(model.stem(b[1]["inputs"]), h0)
-        _, h01 = model.rnn(model.stem(torch.cat([b[0]["inputs"], b[1]["inputs"]])))
+        _, h0 = model.rnn(embed(b[0]["inputs"]))
+        _, h1 = model.rnn(embed(b[1]["inputs"]), h0)
+        _, h01 = model.rnn(embed(torch.cat([b[0]["inputs"], b[1]["inputs"]])))
     if rnn in REVERSIBLE:  # the model carries the exact (float64) state; h_n is its float32 rounding
         h0, h1, h01 = (model.rnn.exact_state(h) for h in (h0, h1, h01))
         for got, want in zip(after_first, flat(h0), strict=True):
@@ -183,9 +184,9 @@ def test_carried_state_equals_explicit_run(rnn: str) -> None:
             # Windows of CHUNK steps each start on a chunk boundary: the same GEMMs on the same shapes.
             tokens = torch.cat([batch["inputs"] for batch in b[:4]])[: 2 * CHUNK]
             with torch.no_grad():
-                _, first = model.rnn(model.stem(tokens[:CHUNK]))
-                _, split = model.rnn(model.stem(tokens[CHUNK:]), first)
-                _, whole = model.rnn(model.stem(tokens))
+                _, first = model.rnn(embed(tokens[:CHUNK]))
+                _, split = model.rnn(embed(tokens[CHUNK:]), first)
+                _, whole = model.rnn(embed(tokens))
             for got, want in zip(flat(model.rnn.exact_state(split)), flat(model.rnn.exact_state(whole)), strict=True):
                 assert torch.equal(got, want)
     else:
@@ -194,7 +195,7 @@ def test_carried_state_equals_explicit_run(rnn: str) -> None:
             torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
     # the carried state is not the state of the second window alone
     with torch.no_grad():
-        _, alone = model.rnn(model.stem(b[1]["inputs"]))
+        _, alone = model.rnn(embed(b[1]["inputs"]))
     assert not all(torch.equal(a, c) for a, c in zip(flat(alone), carried))
 
 
@@ -424,7 +425,6 @@ def _perplexity_by_hand(model: LanguageModel, items: list[dict[str, Any]]) -> fl
         for item in items:
             if item["reset"]:
                 hx = None
-            model.stem.sample(False)
             out, hx = model.rnn(model.embedding(item["inputs"]), hx)
             logits = model.decoder(out)
             targets = item["targets"]

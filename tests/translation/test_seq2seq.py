@@ -91,8 +91,9 @@ def test_attention_gradient_reaches_the_stored_slice() -> None:
     batch = padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13)
     stored, h_n = model.encode(batch.src, batch.src_keep)
     assert stored is not None and stored.shape == (7, 4, 3)
-    model.head.prepare(stored, batch.src, batch.src_keep, batch.tgt_out, batch.tgt_keep, True)
-    loss, _ = model.decoder(batch.tgt_in, h_n * 0, head=model.head, stem=model.tgt_stem, keep=batch.tgt_keep)
+    head = model.head.bind(stored, batch.src, batch.src_keep, batch.tgt_out, batch.tgt_keep, True)
+    stem = model.tgt_stem.bind(training=True)
+    loss, _ = model.decoder(batch.tgt_in, h_n * 0, head=head, stem=stem, keep=batch.tgt_keep)
     loss.backward()
     assert float(model.encoder.cells[0].weight_ih.grad.abs().sum()) > 0
 
@@ -152,10 +153,9 @@ def test_decoding_steps_carry_the_exact_state(rnn: str) -> None:
     batch = padded_batch([5, 5], [6, 6], 13)
     state = model.initial_decoder_state(batch.src, batch.src_keep)
     with torch.no_grad():
-        stored, h_n = model.encode(batch.src, batch.src_keep)
-        model.head.prepare(stored, batch.src, batch.src_keep, batch.tgt_out, batch.tgt_keep, False)
+        _, h_n = model.encode(batch.src, batch.src_keep)
         # teacher forcing, all steps at once, no head: the decoder outputs
-        outputs, _ = model.decoder(batch.tgt_in, h_n, stem=model.tgt_stem)
+        outputs, _ = model.decoder(batch.tgt_in, h_n, stem=model.tgt_stem.bind(training=False))
         want = model.head.log_probs(outputs, state.memory, state.memory_keep)
         for t in range(batch.tgt_in.shape[0]):
             log_probs, state = model.decode_step(batch.tgt_in[t], state)
