@@ -78,8 +78,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from lightning_revrnn.lm import Batch, LanguageModel
+from lightning_revrnn.lm.model import Batch, LanguageModel
+from lightning_revrnn.lm.head import BoundDecoderHead
 from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
+from lightning_revrnn.shared import BoundEmbeddingStem
 
 try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.lm_step``
     from opcount import count_step
@@ -142,7 +144,7 @@ class CheckpointedLM(LanguageModel):
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}.")
         self.chunk = chunk
-        self._rng: RngState | None = None
+        self._window: tuple[RngState, BoundEmbeddingStem, BoundDecoderHead] | None = None  # the last one's
 
     # nn.GRU keeps per layer h_n (1, B, H); nn.LSTM a tuple (h_n, c_n). Checkpoint inputs must be top-level
     # tensors (nested ones would be held without passing through saved-tensor hooks), hence the flat form.
@@ -152,28 +154,32 @@ class CheckpointedLM(LanguageModel):
     def _unflatten(self, flat: Sequence[Tensor]) -> list[Any]:
         return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)] if self.rnn.is_lstm else list(flat)
 
-    def _chunk_step(self, rng: RngState, tokens: Tensor, targets: Tensor, *flat_hx: Tensor) -> tuple[Tensor, ...]:
-        """One chunk, from token ids to the summed loss; redraws the RNN's masks from ``rng`` (identical
-        in every chunk and in the recomputation)."""
+    def _chunk_step(
+        self, rng: RngState, stem: BoundEmbeddingStem, head: BoundDecoderHead, tokens: Tensor, targets: Tensor,
+        *flat_hx: Tensor,
+    ) -> tuple[Tensor, ...]:
+        """One chunk, from token ids to the summed loss, with the window's bound stem and head (their masks);
+        redraws the RNN's masks from ``rng`` (identical in every chunk and in the recomputation)."""
         with torch.random.fork_rng(devices=rng.devices):
             rng.restore()
-            out, h_n = self.rnn(self.stem(tokens), self._unflatten(flat_hx) if flat_hx else None)
-            logits = self.head.logits(out)
+            out, h_n = self.rnn(stem(tokens), self._unflatten(flat_hx) if flat_hx else None)
+            logits = head.logits(out)
             total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         return (total, *self._flatten(h_n))
 
     @override
-    def window_loss(self, tokens: Tensor, hx: Any) -> tuple[Tensor, Any]:
-        targets = self.head.targets
-        assert targets is not None
+    def window_loss(
+        self, tokens: Tensor, hx: Any, stem: BoundEmbeddingStem, head: BoundDecoderHead
+    ) -> tuple[Tensor, Any]:
+        targets = head.targets
         devices = [tokens.device] if tokens.device.type == "cuda" else []
-        self._rng = RngState.capture(devices)  # where the plain step's BaselineRNN draws its masks
+        self._window = (RngState.capture(devices), stem, head)  # the RNG: where the plain step's RNN draws masks
         flat = [] if hx is None else self._flatten(hx)
         total: Tensor | None = None
         for start in range(0, tokens.shape[0], self.chunk):
             end = start + self.chunk
             part, *flat = checkpoint(
-                partial(self._chunk_step, self._rng), tokens[start:end], targets[start:end], *flat,
+                partial(self._chunk_step, *self._window), tokens[start:end], targets[start:end], *flat,
                 use_reentrant=False, preserve_rng_state=False,
             )
             total = part if total is None else total + part
@@ -183,10 +189,10 @@ class CheckpointedLM(LanguageModel):
     def recompute_probe(self, batch: Batch) -> int:
         """Bytes autograd saves when the first (largest) chunk of the last window runs once with grad: what
         backward re-materialises per chunk. Token ids and targets (already held) are not counted."""
-        assert self._rng is not None, "run training_step first"
+        assert self._window is not None, "run training_step first"
         tokens, targets = batch["inputs"], batch["targets"]
         with torch.enable_grad(), saved_tensor_bytes(exclude=[*self.parameters(), tokens, targets]) as saved:
-            result = self._chunk_step(self._rng, tokens[: self.chunk], targets[: self.chunk])
+            result = self._chunk_step(*self._window, tokens[: self.chunk], targets[: self.chunk])
         del result
         return saved.total
 

@@ -91,7 +91,6 @@ def trained_accounting(ckpt: str, batches: int) -> dict[str, dict[str, float]] |
     for _, batch in zip(range(batches), data.train_dataloader()):
         with torch.enable_grad():
             model.summed_loss(batch)
-        model.head.release()
         for side, stats in (model.memory_summary() or {}).items():
             for key, value in stats.items():
                 ratios.setdefault(side, {}).setdefault(key, []).append(value)

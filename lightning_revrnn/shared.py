@@ -29,20 +29,46 @@ def detach_state(state: Any) -> Any:
     return state
 
 
-class EmbeddingStem(StepStem):
+class EmbeddingStem(nn.Module):
     """Embedding lookup with word-level embedding dropout (one keep/drop decision per vocabulary word
-    per window, as AWD-LSTM's embedded dropout, applied by gathering the word mask per token)."""
+    per window, as AWD-LSTM's embedded dropout, applied by gathering the word mask per token).
+
+    It holds no per-batch state: :meth:`bind` draws one window's word mask and returns the
+    :class:`BoundEmbeddingStem` (a :class:`~lightning_revrnn.core.protocol.StepStem`) that reads it, which is what
+    the sequence module runs. The bound stem shares this stem's embedding (the same parameters, not copies).
+
+    Example (with a :class:`~lightning_revrnn.lm.DecoderHead` ``head``, as in the language model)::
+
+        stem = EmbeddingStem(nn.Embedding(10_000, 650), dropout=0.1)
+        # training: bind anew for every window; the stem's mask is drawn first, then the head's
+        window_stem = stem.bind(training=True)
+        window_head = head.bind(targets, training=True)
+        loss_sum, h_n = rnn(tokens, hx, head=window_head, stem=window_stem)
+        # evaluation: no mask, the plain lookup ``(T, B, 650)``
+        out, h_n = rnn(stem.bind(training=False)(tokens), hx)
+    """
 
     def __init__(self, embedding: nn.Embedding, dropout: float) -> None:
         super().__init__()
         self.embedding = embedding
         self.dropout = dropout
-        self.word_mask: Tensor | None = None
 
-    def sample(self, training: bool) -> None:
-        """Draw this window's word mask (none in evaluation)."""
+    def bind(self, training: bool) -> BoundEmbeddingStem:
+        """The stem of one window: its word mask drawn now from the global RNG (none in evaluation)."""
         w = self.embedding.weight
-        self.word_mask = locked_mask((w.shape[0], 1), self.dropout, w) if training else None
+        word_mask = locked_mask((w.shape[0], 1), self.dropout, w) if training else None
+        return BoundEmbeddingStem(self.embedding, word_mask)
+
+
+class BoundEmbeddingStem(StepStem):
+    """:class:`EmbeddingStem` bound to one window's word mask ``(V, 1)`` (None: no embedding dropout), made by
+    :meth:`EmbeddingStem.bind`. Its embedding is the unbound stem's (same parameters). The mask lives as long
+    as this object, i.e. as long as the window's graph that holds it: nothing to clear after backward."""
+
+    def __init__(self, embedding: nn.Embedding, word_mask: Tensor | None) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.word_mask = word_mask
 
     @override
     def forward(self, inputs: Tensor) -> Tensor:

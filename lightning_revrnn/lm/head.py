@@ -11,21 +11,50 @@ from lightning_revrnn.core.dropout import locked_mask
 from lightning_revrnn.core.protocol import StepHead
 
 
-class DecoderHead(StepHead):
-    """Locked output dropout, (tied) decoder and summed cross-entropy of a chunk of steps (-100 ignored)."""
+class DecoderHead(nn.Module):
+    """Locked output dropout, (tied) decoder and summed cross-entropy of a chunk of steps (-100 ignored).
+
+    It holds no per-batch state: :meth:`bind` takes one window's targets, draws its output dropout mask and
+    returns the :class:`BoundDecoderHead` (a :class:`~lightning_revrnn.core.protocol.StepHead`) that reads them,
+    which is what the sequence module runs. The bound head shares this head's decoder (the same parameters, so
+    a decoder weight tied to the embedding stays one tensor).
+
+    Example::
+
+        embedding = nn.Embedding(10_000, 650)
+        decoder = nn.Linear(650, 10_000)
+        decoder.weight = embedding.weight  # tied
+        stem, head = EmbeddingStem(embedding, dropout=0.1), DecoderHead(decoder, dropout=0.4)
+        # training: bind anew for every window (the language model binds the stem first, then the head)
+        window_stem = stem.bind(training=True)
+        window_head = head.bind(targets, training=True)
+        loss_sum, h_n = rnn(tokens, hx, head=window_head, stem=window_stem)
+        # evaluation: no dropout; the logits of outputs computed outside the sweep
+        logits = head.bind(targets, training=False).logits(out)
+    """
 
     def __init__(self, decoder: nn.Linear, dropout: float) -> None:
         super().__init__()
         self.decoder = decoder
         self.dropout = dropout
-        self.targets: Tensor | None = None
-        self.mask: Tensor | None = None
 
-    def prepare(self, targets: Tensor, training: bool) -> None:
-        """Set this window's targets ``(T, B)`` and output dropout mask."""
-        self.targets = targets
+    def bind(self, targets: Tensor, training: bool) -> BoundDecoderHead:
+        """The head of one window with targets ``(T, B)``: its output dropout mask drawn now from the global RNG
+        (none in evaluation)."""
         w = self.decoder.weight
-        self.mask = locked_mask((targets.shape[1], w.shape[1]), self.dropout, w) if training else None
+        mask = locked_mask((targets.shape[1], w.shape[1]), self.dropout, w) if training else None
+        return BoundDecoderHead(self.decoder, targets, mask)
+
+
+class BoundDecoderHead(StepHead):
+    """:class:`DecoderHead` bound to one window's targets ``(T, B)`` and output dropout mask ``(B, emb)``
+    (None: no dropout). Its decoder is the unbound head's (same parameters)."""
+
+    def __init__(self, decoder: nn.Linear, targets: Tensor, mask: Tensor | None) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.targets = targets
+        self.mask = mask
 
     def logits(self, output: Tensor) -> Tensor:
         """Decoder logits of outputs ``(..., B, emb)`` after output dropout."""
@@ -33,7 +62,6 @@ class DecoderHead(StepHead):
 
     @override
     def forward(self, output: Tensor, start: int) -> Tensor:
-        assert self.targets is not None, "DecoderHead.prepare() sets the targets first"
         targets = self.targets[start : start + output.shape[0]]
         logits = self.logits(output)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")

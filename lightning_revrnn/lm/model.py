@@ -27,8 +27,10 @@ from torchmetrics.text import Perplexity
 from typing_extensions import override
 
 from lightning_revrnn.core.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
-from lightning_revrnn.lm.head import DecoderHead
-from lightning_revrnn.shared import BASELINES, BaselineRNN, EmbeddingStem, detach_state, plateau_schedule
+from lightning_revrnn.lm.head import BoundDecoderHead, DecoderHead
+from lightning_revrnn.shared import (
+    BASELINES, BaselineRNN, BoundEmbeddingStem, EmbeddingStem, detach_state, plateau_schedule,
+)
 
 RnnType = Literal["revgru", "revlstm", "nfrevgru", "nfrevlstm", "gru", "lstm"]
 REVERSIBLE: dict[str, type[ReversibleRNN]] = {
@@ -137,9 +139,9 @@ class LanguageModel(pl.LightningModule):
         devices = [tokens.device] if tokens.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._step_seed())
-            self.stem.sample(True)
-            self.head.prepare(targets, True)
-            total, h_n = self.window_loss(tokens, hx)
+            stem = self.stem.bind(training=True)  # stem first, then head: the masks' draw order
+            head = self.head.bind(targets, training=True)
+            total, h_n = self.window_loss(tokens, hx, stem, head)
         count = (targets != -100).sum().clamp_min(1)
         loss = total / count
         self._hidden["train"] = self._carried(h_n)
@@ -174,22 +176,23 @@ class LanguageModel(pl.LightningModule):
                 "embedding and decoder under autocast while the recurrence stays exact."
             )
 
-    def window_loss(self, tokens: Tensor, hx: Any) -> tuple[Tensor, Any]:
-        """Summed cross-entropy of one training window and its final state (masks and targets already set
-        on the stem and head). Reversible models run stem and head inside the reverse sweep."""
+    def window_loss(
+        self, tokens: Tensor, hx: Any, stem: BoundEmbeddingStem, head: BoundDecoderHead
+    ) -> tuple[Tensor, Any]:
+        """Summed cross-entropy of one training window and its final state, with the window's bound stem and
+        head (their masks and targets). Reversible models run stem and head inside the reverse sweep."""
         if self.reversible:
-            return self.rnn(tokens, hx, head=self.head, stem=self.stem)
-        out, h_n = self.rnn(self.stem(tokens), hx)
-        return self.head(out, 0), h_n
+            return self.rnn(tokens, hx, head=head, stem=stem)
+        out, h_n = self.rnn(stem(tokens), hx)
+        return head(out, 0), h_n
 
     def _evaluate(self, stage: str, batch: Batch, metric: Perplexity) -> None:
         tokens, targets = batch["inputs"], batch["targets"]
         hx = self._carry(stage, batch)
-        self.stem.sample(False)
-        self.head.prepare(targets, False)
-        out, h_n = self.rnn(self.stem(tokens), hx)
+        stem, head = self.stem.bind(training=False), self.head.bind(targets, training=False)
+        out, h_n = self.rnn(stem(tokens), hx)
         self._hidden[stage] = self._carried(h_n)
-        metric.update(self.head.logits(out).transpose(0, 1), targets.t())
+        metric.update(head.logits(out).transpose(0, 1), targets.t())
         self.log(f"{stage}_ppl", metric, prog_bar=True)
 
     @override

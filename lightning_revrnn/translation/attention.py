@@ -5,16 +5,18 @@ attentional output ``tanh(W_c [context; h])`` ``(C, B, H)``: score ``hᵀ W_a s`
 memory's size ``D``, so the memory itself is never projected), source padding masked in the softmax, no
 input feeding (spec section 5).
 
-:class:`AttentionHead` is the :class:`~lightning_revrnn.core.sweep.StepHead` of a reversible decoder: attention,
-output dropout, the generator (``Linear`` to the target vocabulary) and the cross-entropy summed over the
-real target tokens of a chunk, so no ``T × B × vocab`` logits tensor ever exists. It builds the memory from
+:class:`AttentionHead` holds the output layer of a decoder: attention, output dropout, the generator (``Linear``
+to the target vocabulary) and the cross-entropy summed over the real target tokens of a chunk, so no
+``T × B × vocab`` logits tensor ever exists. :meth:`AttentionHead.bind` binds it to one window and returns a
+:class:`BoundAttentionHead`, the :class:`~lightning_revrnn.core.protocol.StepHead` the decoder runs. It builds the
+memory from
 
 * the stored encoder units (``slice``: the first ``slice_dim`` units of the encoder's top ``h1``;
-  ``hidden``: the whole top state), a tensor declared in :meth:`AttentionHead.context` so the decoder's
+  ``hidden``: the whole top state), a tensor declared in :meth:`BoundAttentionHead.context` so the decoder's
   reverse sweep returns its gradient to the encoder, and/or
 * the source word embeddings (``emb``), recomputed from the source tokens inside every call, so nothing of
   size ``S × B × E`` lives from forward to backward. The head reads the source embedding weight through an
-  alias (a view made in :meth:`AttentionHead.prepare`, declared in :meth:`AttentionHead.context`), not as
+  alias (a view made in :meth:`AttentionHead.bind`, declared in :meth:`BoundAttentionHead.context`), not as
   its own parameter: the encoder's sweep reads the same weight, and a head *parameter* that the stored
   units' history also reaches would make the decoder sweep's per-chunk ``autograd.grad`` run the
   encoder's backward inside the decoder's (the reverse sweep supports one backward per forward). Through a
@@ -25,7 +27,7 @@ weight is the looked-up rows, not a dense ``V × E`` tensor.
 
 Memory of a reversible head (``block_bytes`` set): the generator and cross-entropy run a block of rows at a
 time (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy`), and in the reverse sweep
-(:meth:`AttentionHead.accumulate_grads`) and the sweep's forward the attention runs a block of source
+(:meth:`BoundAttentionHead.accumulate_grads`) and the sweep's forward the attention runs a block of source
 positions at a time (:mod:`lightning_revrnn.translation.attention_blocks`), with the generator's, the embedding's and the
 stored units' gradients added straight into the sweep's accumulators. So the head's working set is bounded by
 ``block_bytes`` (plus ``C × B × S`` attention weights and ``C × B × (H + D)`` activations), not by
@@ -34,7 +36,7 @@ autograd over the whole memory: the same arithmetic up to rounding (the loss agr
 float tolerance; bit for bit only where the source fits one block).
 
 The baselines (``nn.GRU``/``nn.LSTM`` decoders, ``block_bytes=None``) call the same head on their outputs chunk
-by chunk in plain autograd (:meth:`AttentionHead.chunked`), with the plain ``nn.Linear`` + ``F.cross_entropy``.
+by chunk in plain autograd (:meth:`BoundAttentionHead.chunked`), with the plain ``nn.Linear`` + ``F.cross_entropy``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class LuongAttention(nn.Module):
         return torch.tanh(self.output(torch.cat([context, h], -1)))
 
 
-class AttentionHead(StepHead):
+class AttentionHead(nn.Module):
     """Attention, output dropout, generator and summed cross-entropy of a chunk of decoder steps.
 
     Args:
@@ -94,8 +96,20 @@ class AttentionHead(StepHead):
             then bounded by the budget, not by ``chunk × batch × vocab``); None: the plain
             ``F.cross_entropy(generator(·))`` (the baselines: what a user would write).
 
-    Call :meth:`prepare` before each decoder forward; its tensors stay set until backward (the reverse sweep
-    runs the head again).
+    It holds no per-batch state: :meth:`bind` takes one window's memory sources and targets, draws its dropout
+    masks and returns the :class:`BoundAttentionHead` (a :class:`~lightning_revrnn.core.protocol.StepHead`) that
+    reads them, which is what the decoder runs (and, with a reversible decoder, runs again in its reverse
+    sweep). The bound head shares this head's attention and generator (the same parameters); it lives as long
+    as the window's graph, so nothing needs releasing after backward. Decoding reads no window: it builds the
+    memory once (:meth:`build_memory`) and steps :meth:`log_probs`.
+
+    Example::
+
+        head = AttentionHead(LuongAttention(H, E + D_s), nn.Linear(H, V_tgt), src_embedding, dropout=0.4)
+        stored, h_n = encode(src, src_keep)  # the stored encoder units (S, B, D_s), with their graph
+        bound = head.bind(stored, src, src_keep, tgt_out, tgt_keep, training=True)
+        loss_sum, _ = decoder(tgt_in, h_n, head=bound, stem=tgt_stem.bind(training=True), keep=tgt_keep)
+        loss_sum.backward()  # the bound head goes with the graph
     """
 
     def __init__(
@@ -108,44 +122,27 @@ class AttentionHead(StepHead):
         self._src_embedding = (src_embedding,)  # a tuple: not a registered submodule
         self.dropout = dropout
         self.block_bytes = block_bytes
-        self.stored: Tensor | None = None
-        self.src: Tensor | None = None
-        self.src_keep: Tensor | None = None
-        self.embedding_weight: Tensor | None = None
-        self.targets: Tensor | None = None
-        self.memory_mask: Tensor | None = None
-        self.output_mask: Tensor | None = None
 
-    def prepare(
+    def bind(
         self, stored: Tensor | None, src: Tensor, src_keep: Tensor, tgt_out: Tensor, tgt_keep: Tensor, training: bool
-    ) -> None:
-        """Set one window's memory sources, targets and dropout masks.
+    ) -> BoundAttentionHead:
+        """The head of one window: its memory sources, targets and dropout masks.
 
         ``stored``: the stored encoder units ``(S, B, D_s)`` (with their graph to the encoder) or None;
         ``src``/``src_keep``: source ids and padding mask ``(S, B)``; ``tgt_out``/``tgt_keep``: the targets
-        and real-token mask ``(T, B)``. Masks are drawn here from the global RNG (none in evaluation).
+        and real-token mask ``(T, B)``. Masks are drawn now from the global RNG, the memory's then the
+        output's (none in evaluation).
         """
-        self.stored, self.src, self.src_keep = stored, src, src_keep
         embedding = self._src_embedding[0]
-        self.embedding_weight = None if embedding is None else SparseGradAlias.apply(embedding.weight)
-        self.targets = tgt_out.masked_fill(~tgt_keep, IGNORE)
+        embedding_weight = None if embedding is None else SparseGradAlias.apply(embedding.weight)
+        targets = tgt_out.masked_fill(~tgt_keep, IGNORE)
         hidden = self.attention.output.out_features
         memory_size = self.attention.query.out_features
         batch = src.shape[1]
         like = self.generator.weight
-        self.memory_mask = locked_mask((batch, memory_size), self.dropout, like) if training else None
-        self.output_mask = locked_mask((batch, hidden), self.dropout, like) if training else None
-
-    def release(self) -> None:
-        """Drop the window's tensors (after backward, or after an evaluation forward)."""
-        self.stored = self.src = self.src_keep = self.embedding_weight = None
-        self.targets = self.memory_mask = self.output_mask = None
-
-    def memory(self) -> Tensor:
-        """The attention memory ``(S, B, D)`` of this window (embeddings recomputed now), after memory dropout."""
-        assert self.src is not None, "AttentionHead.prepare() sets the window first"
-        memory = self.build_memory(self.src, self.stored, self.embedding_weight)
-        return memory if self.memory_mask is None else memory * self.memory_mask
+        memory_mask = locked_mask((batch, memory_size), self.dropout, like) if training else None
+        output_mask = locked_mask((batch, hidden), self.dropout, like) if training else None
+        return BoundAttentionHead(self, stored, src, src_keep, embedding_weight, targets, memory_mask, output_mask)
 
     def build_memory(self, src: Tensor, stored: Tensor | None, embedding_weight: Tensor | None = None) -> Tensor:
         """The memory ``(S, B, D)`` before dropout: the embeddings of ``src`` ``(S, B)`` (contexts with
@@ -168,15 +165,37 @@ class AttentionHead(StepHead):
         logits = self.generator(self.attention(output, memory, memory_keep))
         return logits.float().log_softmax(-1)
 
+
+class BoundAttentionHead(StepHead):
+    """:class:`AttentionHead` bound to one window (made by :meth:`AttentionHead.bind`): the stored units
+    ``(S, B, D_s)`` or None, the source ids and padding mask ``(S, B)``, the source embedding weight's alias or
+    None, the targets ``(T, B)`` (padding set to ``IGNORE``) and the memory and output dropout masks ``(B, D)``,
+    ``(B, H)`` (None: no dropout). Its attention and generator are the unbound head's (same parameters)."""
+
+    def __init__(
+        self, head: AttentionHead, stored: Tensor | None, src: Tensor, src_keep: Tensor,
+        embedding_weight: Tensor | None, targets: Tensor, memory_mask: Tensor | None, output_mask: Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.attention = head.attention
+        self.generator = head.generator
+        self._head = (head,)  # a tuple: not a registered submodule (its parameters are the two above)
+        self.block_bytes = head.block_bytes
+        self.stored, self.src, self.src_keep, self.embedding_weight = stored, src, src_keep, embedding_weight
+        self.targets, self.memory_mask, self.output_mask = targets, memory_mask, output_mask
+
+    def memory(self) -> Tensor:
+        """The attention memory ``(S, B, D)`` of this window (embeddings recomputed now), after memory dropout."""
+        memory = self._head[0].build_memory(self.src, self.stored, self.embedding_weight)
+        return memory if self.memory_mask is None else memory * self.memory_mask
+
     def attentional(self, output: Tensor) -> Tensor:
         """The attentional output ``(C, B, H)`` of decoder outputs ``(C, B, H)``, after output dropout."""
-        assert self.src_keep is not None, "AttentionHead.prepare() sets the window first"
         out = self.attention(output, self.memory(), self.src_keep)
         return out if self.output_mask is None else out * self.output_mask
 
     def memory_blocks(self) -> MemoryBlocks:
         """This window's memory as blocks of source positions within ``block_bytes`` (reversible heads)."""
-        assert self.src is not None and self.src_keep is not None, "AttentionHead.prepare() sets the window first"
         assert self.block_bytes is not None
         return MemoryBlocks.with_budget(self.src, self.src_keep, self.embedding_weight, self.stored, self.block_bytes)
 
@@ -194,7 +213,6 @@ class AttentionHead(StepHead):
 
     @override
     def forward(self, output: Tensor, start: int) -> Tensor:
-        assert self.targets is not None, "AttentionHead.prepare() sets the window first"
         targets = self.targets[start : start + output.shape[0]].flatten()
         if self.block_bytes is not None and not torch.is_grad_enabled():  # the sweep's forward, evaluation
             _, context = attend(self.masked_query(output), self.memory_blocks())
@@ -219,7 +237,6 @@ class AttentionHead(StepHead):
         dropout and the context get theirs from autograd, as before."""
         if self.block_bytes is None:  # the plain head: autograd for everything
             return super().accumulate_grads(output, start, d_value, targets)
-        assert self.targets is not None, "AttentionHead.prepare() sets the window first"
         flat_targets = self.targets[start : start + output.shape[0]].flatten()
         memory = self.memory_blocks()
         query = self.masked_query(output)  # graph: output, W_a

@@ -9,7 +9,7 @@ multiplied by the mask by the caller); :func:`attend_backward` takes the context
 query's and adds the memory's straight into the gradient accumulators of the embedding weight (rows by
 ``index_add_``) and of the stored units. Only ``C × B × S`` tensors (scores, weights: small) and one block of
 the memory exist at a time. No graph is recorded: the reverse sweep's head calls these between its autograd
-parts (:meth:`~lightning_revrnn.translation.attention.AttentionHead.accumulate_grads`); ``mode="store"`` and the baselines
+parts (:meth:`~lightning_revrnn.translation.attention.BoundAttentionHead.accumulate_grads`); ``mode="store"`` and the baselines
 use :class:`~lightning_revrnn.translation.attention.LuongAttention` on the whole memory, the same arithmetic up to rounding.
 """
 

@@ -228,10 +228,11 @@ class TranslationModel(pl.LightningModule):
     # ------------------------------------------------------------------------------------- forward pass
     def encode(self, src: Tensor, src_keep: Tensor) -> tuple[Tensor | None, Any]:
         """The stored attention units ``(S, B, D_s)`` (None for ``context="emb"``) and the encoder's final state."""
+        stem = self.src_stem.bind(training=self.training)
         if self.reversible:
-            outputs, h_n = self.encoder(src, stem=self.src_stem, keep=src_keep)
+            outputs, h_n = self.encoder(src, stem=stem, keep=src_keep)
         else:
-            outputs, h_n = self.encoder(self.src_stem(src), src_keep)
+            outputs, h_n = self.encoder(stem(src), src_keep)
         units = self.stored_units
         return (stored_units_of(outputs, units) if units else None), h_n
 
@@ -240,12 +241,13 @@ class TranslationModel(pl.LightningModule):
         or evaluation, as the module's mode; dropout masks are drawn from the global RNG)."""
         self._require_built()
         stored, h_n = self.encode(batch.src, batch.src_keep)
-        self.head.prepare(stored, batch.src, batch.src_keep, batch.tgt_out, batch.tgt_keep, self.training)
+        head = self.head.bind(stored, batch.src, batch.src_keep, batch.tgt_out, batch.tgt_keep, self.training)
+        stem = self.tgt_stem.bind(training=self.training)
         if self.reversible:
-            total, _ = self.decoder(batch.tgt_in, h_n, head=self.head, stem=self.tgt_stem, keep=batch.tgt_keep)
+            total, _ = self.decoder(batch.tgt_in, h_n, head=head, stem=stem, keep=batch.tgt_keep)
             return cast(Tensor, total)
-        outputs, _ = self.decoder(self.tgt_stem(batch.tgt_in), h_n)
-        return self.head.chunked(outputs)
+        outputs, _ = self.decoder(stem(batch.tgt_in), h_n)
+        return head.chunked(outputs)
 
     def _step_seed(self) -> int:
         return zlib.crc32(f"{self.hparams['dropout_seed']}:{self.global_step}:{self.global_rank}".encode())
@@ -268,16 +270,11 @@ class TranslationModel(pl.LightningModule):
         self.log("train_ppl", local.exp(), batch_size=int(count))
         return loss
 
-    @override
-    def on_after_backward(self) -> None:
-        self.head.release()  # the reverse sweeps are done with the window's memory and targets
-
     # ------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, stage: str, batch: TranslationBatch) -> list[str]:
         """Teacher-forced loss into ``{stage}_loss``/``{stage}_ppl``; returns the tokenised translations
         (greedy for validation, beam search for test)."""
         total = self.summed_loss(batch)
-        self.head.release()
         count = batch.tgt_keep.sum()
         size = len(batch.references)
         for name in ("loss", "ppl"):
@@ -370,12 +367,13 @@ class TranslationModel(pl.LightningModule):
         ``(N,)``, and the new state (reversible: the exact final state, so beams continue bit for bit).
         PAD and BOS get log-probability ``-inf``: a translation never contains them."""
         x = tokens[None]
+        stem = self.tgt_stem.bind(training=False)
         if self.reversible:
             decoder = cast(ReversibleRNN, self.decoder)
-            out, h_n = decoder(x, state.hidden, stem=self.tgt_stem)
+            out, h_n = decoder(x, state.hidden, stem=stem)
             hidden = decoder.exact_state(h_n)
         else:
-            out, hidden = self.decoder(self.tgt_stem(x), state.hidden)
+            out, hidden = self.decoder(stem(x), state.hidden)
         log_probs = self.head.log_probs(out, state.memory, state.memory_keep)[0]
         log_probs[:, [PAD, BOS]] = float("-inf")  # never generated (the searches leave this to the model)
         return log_probs, DecoderState(hidden, state.memory, state.memory_keep)

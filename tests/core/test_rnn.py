@@ -226,9 +226,8 @@ def test_tied_weight_one_accumulator_and_index_add() -> None:
         model.rnn.mode = mode
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        model.stem.sample(True)
-        model.head.prepare(targets, True)
-        total, _ = model.window_loss(tokens, None)
+        stem, head = model.stem.bind(training=True), model.head.bind(targets, training=True)
+        total, _ = model.window_loss(tokens, None, stem, head)
         if mode == "reverse":
             extras = model.rnn.last_window.plan.extras
             assert sum(e is model.embedding.weight for e in extras) == 1  # one V×E accumulator

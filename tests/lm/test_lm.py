@@ -22,6 +22,8 @@ from lightning_revrnn.lm import LanguageModel
 from lightning_revrnn.memory import saved_tensor_bytes
 from lightning_revrnn.core.protocol import CHUNK
 
+from module_state import assert_same_state, module_state  # tests/ (conftest puts it on the path)
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*IterableDataset.*has `__len__` defined.*"),
@@ -158,10 +160,11 @@ def test_carried_state_equals_explicit_run(rnn: str) -> None:
     assert all(t.grad_fn is None and not t.requires_grad for t in carried)
 
     model.eval()
+    embed = model.stem.bind(training=False)
     with torch.no_grad():
-        _, h0 = model.rnn(model.stem(b[0]["inputs"]))
-        _, h1 = model.rnn(model.stem(b[1]["inputs"]), h0)
-        _, h01 = model.rnn(model.stem(torch.cat([b[0]["inputs"], b[1]["inputs"]])))
+        _, h0 = model.rnn(embed(b[0]["inputs"]))
+        _, h1 = model.rnn(embed(b[1]["inputs"]), h0)
+        _, h01 = model.rnn(embed(torch.cat([b[0]["inputs"], b[1]["inputs"]])))
     if rnn in REVERSIBLE:  # the model carries the exact (float64) state; h_n is its float32 rounding
         h0, h1, h01 = (model.rnn.exact_state(h) for h in (h0, h1, h01))
         for got, want in zip(after_first, flat(h0), strict=True):
@@ -183,9 +186,9 @@ def test_carried_state_equals_explicit_run(rnn: str) -> None:
             # Windows of CHUNK steps each start on a chunk boundary: the same GEMMs on the same shapes.
             tokens = torch.cat([batch["inputs"] for batch in b[:4]])[: 2 * CHUNK]
             with torch.no_grad():
-                _, first = model.rnn(model.stem(tokens[:CHUNK]))
-                _, split = model.rnn(model.stem(tokens[CHUNK:]), first)
-                _, whole = model.rnn(model.stem(tokens))
+                _, first = model.rnn(embed(tokens[:CHUNK]))
+                _, split = model.rnn(embed(tokens[CHUNK:]), first)
+                _, whole = model.rnn(embed(tokens))
             for got, want in zip(flat(model.rnn.exact_state(split)), flat(model.rnn.exact_state(whole)), strict=True):
                 assert torch.equal(got, want)
     else:
@@ -194,7 +197,7 @@ def test_carried_state_equals_explicit_run(rnn: str) -> None:
             torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
     # the carried state is not the state of the second window alone
     with torch.no_grad():
-        _, alone = model.rnn(model.stem(b[1]["inputs"]))
+        _, alone = model.rnn(embed(b[1]["inputs"]))
     assert not all(torch.equal(a, c) for a, c in zip(flat(alone), carried))
 
 
@@ -283,6 +286,61 @@ def test_reverse_and_store_modes_agree_with_dropout(rnn: str) -> None:
 def test_store_mode_constructor_argument() -> None:
     model = make_model("revgru", mode="store")
     assert model.rnn.mode == "store" and model.hparams.mode == "store"
+
+
+# ------------------------------------------------------------------------------- bound stem and head
+@pytest.mark.parametrize("rnn", ["revgru", "gru"])
+def test_bind_leaves_nothing_on_the_stem_and_head(rnn: str) -> None:
+    """A window's masks and targets live on the bound stem and head only: binding, a training step with its
+    backward and an evaluation step leave the model's stem and head (and their submodules) as they were."""
+    model = make_model(rnn, dropout_emb=0.2, dropout_output=0.3)
+    before = {"stem": module_state(model.stem), "head": module_state(model.head)}
+    b = batches(make_data())[0]
+    stem, head = model.stem.bind(training=True), model.head.bind(b["targets"], training=True)
+    assert stem.word_mask is not None and head.mask is not None and head.targets is b["targets"]
+    model.train()
+    model.training_step(b, 0).backward()
+    model.eval()
+    with torch.no_grad():
+        model.validation_step(b, 0)
+    model.train()  # back to the mode it was built in
+    assert_same_state(before["stem"], module_state(model.stem))
+    assert_same_state(before["head"], module_state(model.head))
+    # the bound modules hold the model's own parameters (the tied weight once), not copies
+    assert [id(p) for p in stem.parameters()] == [id(model.embedding.weight)]
+    assert [id(p) for p in head.parameters()] == [id(model.embedding.weight), id(model.decoder.bias)]
+
+
+def test_two_bound_heads_coexist() -> None:
+    """Two windows bound at once (different targets and masks), run forward one after the other and
+    backpropagated in the other order, each get the loss and gradients they get alone."""
+    model = make_model("revgru", num_layers=2, dropout_emb=0.2, dropout_output=0.3).train()
+    b = batches(make_data())[0]
+    tokens, targets = b["inputs"], b["targets"]
+    other = torch.roll(targets, 1, dims=0)
+    params = list(model.parameters())
+
+    def bound(t: Tensor, seed: int) -> tuple[Any, Any]:
+        torch.manual_seed(seed)
+        return model.stem.bind(training=True), model.head.bind(t, training=True)
+
+    def forward(stem: Any, head: Any) -> Tensor:
+        torch.manual_seed(7)  # the RNN's own masks, the same for every run
+        return model.window_loss(tokens, None, stem, head)[0]
+
+    alone = []
+    for t, seed in ((targets, 1), (other, 2)):
+        loss = forward(*bound(t, seed))
+        alone.append((loss.detach(), torch.autograd.grad(loss, params)))
+    first, second = bound(targets, 1), bound(other, 2)
+    assert not torch.equal(first[1].mask, second[1].mask)
+    losses = [forward(*first), forward(*second)]
+    grads = [torch.autograd.grad(losses[1], params), torch.autograd.grad(losses[0], params)][::-1]
+    for (want_loss, want_grads), loss, got in zip(alone, losses, grads, strict=True):
+        assert torch.equal(loss.detach(), want_loss)
+        for a, w in zip(got, want_grads, strict=True):
+            assert torch.equal(a, w)
+    assert not torch.equal(alone[0][0], alone[1][0])
 
 
 # ------------------------------------------------------------------------ accumulation and clipping
@@ -424,7 +482,6 @@ def _perplexity_by_hand(model: LanguageModel, items: list[dict[str, Any]]) -> fl
         for item in items:
             if item["reset"]:
                 hx = None
-            model.stem.sample(False)
             out, hx = model.rnn(model.embedding(item["inputs"]), hx)
             logits = model.decoder(out)
             targets = item["targets"]

@@ -20,6 +20,7 @@ from lightning_revrnn.translation.model import TranslationModel
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
+from module_state import assert_same_state, module_state  # noqa: E402
 from seq2seq_helpers import grads_of, padded_batch, synthetic_data, tiny_model  # noqa: E402
 
 pytestmark = [
@@ -91,10 +92,52 @@ def test_attention_gradient_reaches_the_stored_slice() -> None:
     batch = padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13)
     stored, h_n = model.encode(batch.src, batch.src_keep)
     assert stored is not None and stored.shape == (7, 4, 3)
-    model.head.prepare(stored, batch.src, batch.src_keep, batch.tgt_out, batch.tgt_keep, True)
-    loss, _ = model.decoder(batch.tgt_in, h_n * 0, head=model.head, stem=model.tgt_stem, keep=batch.tgt_keep)
+    head = model.head.bind(stored, batch.src, batch.src_keep, batch.tgt_out, batch.tgt_keep, True)
+    stem = model.tgt_stem.bind(training=True)
+    loss, _ = model.decoder(batch.tgt_in, h_n * 0, head=head, stem=stem, keep=batch.tgt_keep)
     loss.backward()
     assert float(model.encoder.cells[0].weight_ih.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("rnn", ["revgru", "gru"])
+def test_bind_leaves_nothing_on_the_head_and_stems(rnn: str) -> None:
+    """A window's memory sources, targets and masks live on the bound head only: a training step with its
+    backward and an evaluation loss leave the model's head and stems as they were (nothing to release), and
+    the bound head's parameters are the head's own."""
+    model = tiny_model(rnn, dropout=0.3).train()
+    modules = {"head": model.head, "src_stem": model.src_stem, "tgt_stem": model.tgt_stem}
+    before = {name: module_state(m) for name, m in modules.items()}
+    batch = padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13)
+    model.summed_loss(batch).backward()
+    model.eval()
+    with torch.no_grad():
+        model.summed_loss(batch)
+    model.train()
+    for name, module in modules.items():
+        assert_same_state(before[name], module_state(module))
+    stored, _ = model.encode(batch.src, batch.src_keep)
+    bound = model.head.bind(stored, batch.src, batch.src_keep, batch.tgt_out, batch.tgt_keep, True)
+    assert [id(p) for p in bound.parameters()] == [id(p) for p in model.head.parameters()]
+    assert bound.memory_mask is not None and bound.output_mask is not None
+
+
+def test_two_bound_windows_coexist() -> None:
+    """Two windows run forward one after the other and backpropagated in the other order (each decoder's
+    reverse sweep runs its own bound head after the other window was bound) get the gradients they get alone."""
+    model = tiny_model("revgru", dropout=0.3).train()
+    params = list(model.parameters())
+    batches = [padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13, seed=0), padded_batch(SRC_LENGTHS, LONG_TGT_LENGTHS, 13, seed=1)]
+
+    def loss_of(i: int) -> Tensor:
+        torch.manual_seed(i)
+        return model.summed_loss(batches[i])
+
+    alone = [torch.autograd.grad(loss_of(i), params, allow_unused=True) for i in (0, 1)]
+    losses = [loss_of(0), loss_of(1)]
+    together = [torch.autograd.grad(losses[i], params, allow_unused=True) for i in (1, 0)][::-1]
+    for got, want in zip(together, alone, strict=True):
+        for a, w in zip(got, want, strict=True):
+            assert (a is None and w is None) or torch.equal(a, w)
 
 
 @pytest.mark.parametrize("rnn", ALL_RNNS)
@@ -152,10 +195,9 @@ def test_decoding_steps_carry_the_exact_state(rnn: str) -> None:
     batch = padded_batch([5, 5], [6, 6], 13)
     state = model.initial_decoder_state(batch.src, batch.src_keep)
     with torch.no_grad():
-        stored, h_n = model.encode(batch.src, batch.src_keep)
-        model.head.prepare(stored, batch.src, batch.src_keep, batch.tgt_out, batch.tgt_keep, False)
+        _, h_n = model.encode(batch.src, batch.src_keep)
         # teacher forcing, all steps at once, no head: the decoder outputs
-        outputs, _ = model.decoder(batch.tgt_in, h_n, stem=model.tgt_stem)
+        outputs, _ = model.decoder(batch.tgt_in, h_n, stem=model.tgt_stem.bind(training=False))
         want = model.head.log_probs(outputs, state.memory, state.memory_keep)
         for t in range(batch.tgt_in.shape[0]):
             log_probs, state = model.decode_step(batch.tgt_in[t], state)
