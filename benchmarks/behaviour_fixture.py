@@ -36,12 +36,8 @@ def _run_head_stem(rnn: nn.Module, tokens: Tensor, targets: Tensor, keep: Tensor
     decoder.weight = embedding.weight
     stem, head = EmbeddingStem(embedding, 0.1), DecoderHead(decoder, 0.2)
     torch.manual_seed(4)
-    if hasattr(stem, "bind"):  # the restructured API: per-batch values bound explicitly
-        bound_stem, bound_head = stem.bind(training=True), head.bind(targets, training=True)
-    else:
-        stem.sample(True)
-        head.prepare(targets, True)
-        bound_stem, bound_head = stem, head
+    bound_stem = stem.bind(training=True)  # the stem's mask first, then the head's: the LM's draw order
+    bound_head = head.bind(targets, training=True)
     loss, h_n = rnn(tokens, None, head=bound_head, stem=bound_stem, keep=keep)
     return loss, h_n, [embedding.weight, decoder.bias]
 

@@ -79,7 +79,7 @@ class StepHead(nn.Module, metaclass=ABCMeta):
         ``output`` (a leaf requiring grad; None if the value does not depend on it), adding the gradient of
         each ``(tensor, accumulator)`` target (the head's parameters and context) into its accumulator. Runs
         under the autocast recorded in forward. Default: one ``autograd.grad`` call; override for a cheaper
-        form (:class:`~lightning_revrnn.translation.attention.AttentionHead` adds its generator's gradient block by block)."""
+        form (the translation model's bound attention head adds its generator's gradient block by block)."""
         grads = torch.autograd.grad(self(output, start), [output, *[t for t, _ in targets]], d_value, allow_unused=True)
         add_gradients(targets, grads[1:])
         return grads[0]
@@ -131,7 +131,7 @@ class StepStem(nn.Module, metaclass=ABCMeta):
     ) -> None:
         """Reverse sweep: add the gradient of ``(output · d_output).sum()`` with respect to each target
         tensor into its accumulator. ``output`` is this module's (float32) output for ``inputs``, one chunk
-        of steps, with its graph. Override for a cheaper form (:class:`~lightning_revrnn.shared.EmbeddingStem`
+        of steps, with its graph. Override for a cheaper form (the bound :class:`~lightning_revrnn.shared.EmbeddingStem`
         adds its rows by ``index_add_`` instead of a dense ``V × E`` gradient per chunk)."""
         if targets:
             grads = torch.autograd.grad(output, [t for t, _ in targets], d_output, allow_unused=True)
