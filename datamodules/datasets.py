@@ -15,7 +15,6 @@ it back on resume; the next pass of that epoch then starts at the first window n
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from collections.abc import Callable, Iterator
 from typing import Any, TypedDict, cast
 

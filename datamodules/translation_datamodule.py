@@ -97,7 +97,7 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         return len(self._vocab("tgt_vocab"))
 
     def _vocab(self, name: str) -> TranslationVocabulary:
-        vocab = getattr(self, name)
+        vocab: TranslationVocabulary | None = getattr(self, name)
         if vocab is None:
             raise RuntimeError(f"{type(self).__name__}.{name} is built from the training split in setup(); "
                                "call setup() first")
