@@ -172,7 +172,7 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         return training_batches_taken(self.trainer)
 
     @override
-    def train_dataloader(self) -> DataLoader[Any]:
+    def train_dataloader(self) -> TranslationTrainLoader:
         """Bucketed training batches; resumable mid-epoch from a checkpoint."""
         return TranslationTrainLoader(self.train_dataset(), self.num_workers, self._training_batches_taken)
 
