@@ -35,7 +35,7 @@ lint-ruff: $(STAMP)
 	$(PY) -m ruff check .
 
 lint-format: $(STAMP)
-	$(PY) -m ruff format --check .
+	$(PY) -m ruff format --check --output-format concise .
 
 lint-mypy: lint-mypy-strict lint-mypy-lenient
 
