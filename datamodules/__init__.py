@@ -16,6 +16,7 @@ from .errors import ChecksumMismatchError, CorpusFormatError, DataError, Missing
 from .streams import TokenStreamDataModule
 from .synthetic import MarkovSource, SyntheticLMDataModule, markov_entropy_rate
 from .tasks import CopyTasksDataModule
+from .text import PTB_SPEC, WIKITEXT2_SPEC, PTBDataModule, TextCorpusDataModule, WikiText2DataModule
 from .translation import (
     BOS,
     IWSLT2016_SPEC,
@@ -32,7 +33,6 @@ from .translation import (
     TranslationVocabulary,
 )
 from .translation import EOS as TRANSLATION_EOS
-from .text import PTB_SPEC, WIKITEXT2_SPEC, PTBDataModule, TextCorpusDataModule, WikiText2DataModule
 
 __all__ = [
     "BOS",

@@ -81,7 +81,7 @@ def rank_rows(batch: Tensor, rank: int, world_size: int) -> Tensor:
     return batch[rank * m // world_size : (rank + 1) * m // world_size]
 
 
-class TranslationBatchDataset(_EpochAware, IterableDataset):  # type: ignore[type-arg]
+class TranslationBatchDataset(_EpochAware, IterableDataset[TranslationBatch]):
     """This rank's :class:`TranslationBatch` es of one pass over a split, following ``plan_fn(epoch)``.
 
     A pass is a pure function of its epoch, so its position (epoch, batches used) is its whole state: the
@@ -142,7 +142,7 @@ class TranslationBatchDataset(_EpochAware, IterableDataset):  # type: ignore[typ
             yield collate(self.pairs, rank_rows(plan[k], self.rank, self.world_size))
 
 
-class TranslationTrainLoader(DataLoader):  # type: ignore[type-arg]
+class TranslationTrainLoader(DataLoader[TranslationBatch]):
     """The training loader: counts the batches it hands out and saves/restores the position in checkpoints
     (like :class:`~.datasets.ResumableLoader`), with or without workers."""
 

@@ -15,7 +15,6 @@ it back on resume; the next pass of that epoch then starts at the first window n
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from collections.abc import Callable, Iterator
 from typing import Any, TypedDict, cast
 
@@ -167,7 +166,7 @@ class _EpochAware(ABC):
         self._resume_at = (int(state["epoch"]), int(state["windows"]))
 
 
-class StreamWindowDataset(_EpochAware, IterableDataset):  # type: ignore[type-arg]
+class StreamWindowDataset(_EpochAware, IterableDataset[Batch]):
     """Consecutive BPTT windows over parallel token streams ``(L, B)``.
 
     Window ``k`` covers positions ``[p, p+T)``: ``inputs = streams[p:p+T]``, ``targets = streams[p+1:p+1+T]``;
@@ -243,7 +242,7 @@ class StreamWindowDataset(_EpochAware, IterableDataset):  # type: ignore[type-ar
             pos += length
 
 
-class IndependentBatchDataset(_EpochAware, IterableDataset):  # type: ignore[type-arg]
+class IndependentBatchDataset(_EpochAware, IterableDataset[Batch]):
     """Independent fixed-length batches (``reset=True`` on every item), e.g. synthetic tasks.
 
     ``make_epoch(epoch)`` returns ``(inputs, targets)`` of shape ``(N, T, B_global)``; this dataset yields the
@@ -291,7 +290,7 @@ class IndependentBatchDataset(_EpochAware, IterableDataset):  # type: ignore[typ
 ResumableDataset = StreamWindowDataset | IndependentBatchDataset
 
 
-class ResumableLoader(DataLoader):  # type: ignore[type-arg]
+class ResumableLoader(DataLoader[Batch]):
     """``DataLoader(dataset, batch_size=None)`` whose position Lightning saves in checkpoints and restores.
 
     Lightning's fit loop calls :meth:`state_dict` of every training loader that has one when it saves a

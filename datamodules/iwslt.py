@@ -16,6 +16,7 @@ lower-cased once, then cached (:mod:`.iwslt_text`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -126,7 +127,9 @@ def _archive_members(data: bytes, path: Path, source: TrainingSource) -> tuple[b
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
             for info in tar:
                 lang = wanted.get(info.name.rsplit("/", 1)[-1])
-                extracted = tar.extractfile(info) if lang is not None and info.isfile() else None
+                if lang is None or not info.isfile():
+                    continue
+                extracted = tar.extractfile(info)
                 if extracted is not None:
                     found[lang] = extracted.read()
     except (tarfile.TarError, EOFError, OSError) as err:
@@ -184,10 +187,8 @@ class IWSLT2016DataModule(TranslationDataModule):
         if not local.is_file() or all((self.data_dir / n).is_file() for n in self.spec.files.values()):
             return
         archive = ArchiveMirror(local.resolve().as_uri(), "tgz", {n: f"de-en/{n}" for n in self.spec.files.values()})
-        try:
+        with contextlib.suppress(MissingDataError):
             ensure_files(replace(self.spec, mirrors=(archive,)), self.data_dir, download=True)
-        except MissingDataError:
-            pass
 
     def training_source(self) -> TrainingSource | None:
         """The first form of the training text that is complete in ``data_dir`` (``None``: none is)."""

@@ -133,7 +133,7 @@ class TokenStreamDataModule(pl.LightningDataModule, metaclass=ABCMeta):
     def _training_windows_taken(self) -> int | None:
         return training_batches_taken(self.trainer)
 
-    def train_dataloader(self) -> DataLoader[Any]:
+    def train_dataloader(self) -> ResumableLoader:
         """Training windows (``batch_size/W`` streams, fixed or variable BPTT).
 
         Resumable: the position in the epoch goes into checkpoints, so a fit resumed from a mid-epoch checkpoint

@@ -115,7 +115,7 @@ class CopyTasksDataModule(pl.LightningDataModule):
             )
         raise ValueError(f"unknown split {split!r}; expected 'train', 'valid' or 'test'")
 
-    def train_dataloader(self) -> DataLoader[Any]:
+    def train_dataloader(self) -> ResumableLoader:
         """Training batches (regenerated each epoch); resumable mid-epoch from a checkpoint."""
         return ResumableLoader(self.dataset("train"), self._training_batches_taken)
 

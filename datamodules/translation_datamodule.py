@@ -97,7 +97,7 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         return len(self._vocab("tgt_vocab"))
 
     def _vocab(self, name: str) -> TranslationVocabulary:
-        vocab = getattr(self, name)
+        vocab: TranslationVocabulary | None = getattr(self, name)
         if vocab is None:
             raise RuntimeError(f"{type(self).__name__}.{name} is built from the training split in setup(); "
                                "call setup() first")
@@ -172,7 +172,7 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         return training_batches_taken(self.trainer)
 
     @override
-    def train_dataloader(self) -> DataLoader[Any]:
+    def train_dataloader(self) -> TranslationTrainLoader:
         """Bucketed training batches; resumable mid-epoch from a checkpoint."""
         return TranslationTrainLoader(self.train_dataset(), self.num_workers, self._training_batches_taken)
 

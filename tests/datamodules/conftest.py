@@ -10,9 +10,9 @@ import pytest
 if str(Path(__file__).parent) not in sys.path:  # lets test files import dm_helpers under any --import-mode
     sys.path.insert(0, str(Path(__file__).parent))
 
-from dm_helpers import small_text, write_corpus  # noqa: E402
+from dm_helpers import small_text, write_corpus
 
-from lightning_revrnn.datamodules import PTBDataModule  # noqa: E402
+from lightning_revrnn.datamodules import PTBDataModule
 
 
 @pytest.fixture

@@ -46,14 +46,14 @@ def write_corpus(folder: Path, texts: dict[str, bytes], spec: CorpusSpec = PTB_S
     return dataclasses.replace(spec, sha256=hashes)
 
 
-WORDS = "the cat sat on a mat and dog ran to big red house N <unk>".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "big", "red", "house", "N", "<unk>"]
 
 
 def small_text(lines: int, seed: int, words: list[str] = WORDS) -> bytes:
     """A deterministic PTB-style text (leading space, words, newline per line)."""
     out = []
     state = seed * 7919 + 1
-    for i in range(lines):
+    for _line in range(lines):
         n = 3 + (state % 9)
         line = []
         for _ in range(n):

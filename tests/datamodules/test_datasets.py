@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -25,7 +27,7 @@ def test_fixed_windows_contract_and_continuity() -> None:
         assert it["inputs"].dtype == it["targets"].dtype == torch.long
         assert it["inputs"].shape == it["targets"].shape and it["inputs"].shape[1] == 3
         assert torch.equal(it["targets"][:-1], it["inputs"][1:])  # targets[t] = inputs[t+1]
-    for prev, nxt in zip(items, items[1:]):
+    for prev, nxt in itertools.pairwise(items):
         assert torch.equal(prev["targets"][-1], nxt["inputs"][0])  # the next window continues the streams
     rebuilt = torch.cat([it["inputs"] for it in items] + [items[-1]["targets"][-1:]])
     assert torch.equal(rebuilt, streams)

@@ -39,7 +39,7 @@ def _spec_for(spec: CorpusSpec, texts: dict[str, bytes] = TEXTS) -> CorpusSpec:
 
 
 PTB_ARCHIVE = PTB_SPEC.mirror_urls()[0]  # the canonical tgz
-PTB_GITHUB = {name: url for name, url in zip(sorted(PTB_SPEC.files.values()), PTB_SPEC.mirror_urls()[1:])}
+PTB_GITHUB = dict(zip(sorted(PTB_SPEC.files.values()), PTB_SPEC.mirror_urls()[1:]))
 WT2_REHOST, *WT2_EXAMPLE_FILES, WT2_S3 = WIKITEXT2_SPEC.mirror_urls()  # zip, 3 plain files (test/train/valid), zip
 
 
@@ -73,7 +73,7 @@ class _Response(io.BytesIO):
         super().__init__(data)
         self.fail_at = fail_at
 
-    def read(self, n: int | None = -1) -> bytes:  # type: ignore[override]
+    def read(self, n: int | None = -1) -> bytes:
         if self.fail_at is not None:
             if self.tell() >= self.fail_at:
                 raise ConnectionResetError("connection reset by peer")

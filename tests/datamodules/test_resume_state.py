@@ -97,7 +97,7 @@ def test_resuming_with_other_settings_is_refused() -> None:
     state = ds.state_dict()
     for other in (StreamWindowDataset(streams, 8, True, 4), StreamWindowDataset(streams, 7, True, 5),
                   StreamWindowDataset(streams, 7, False, 4), StreamWindowDataset(streams[:40], 7, True, 4)):
-        with pytest.raises(ValueError, match="Cannot resume StreamWindowDataset mid-epoch.*same data"):
+        with pytest.raises(ValueError, match=r"Cannot resume StreamWindowDataset mid-epoch.*same data"):
             other.load_state_dict(state)
 
 

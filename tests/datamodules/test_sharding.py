@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed
-
 from dm_helpers import fake_trainer
+
 from lightning_revrnn.datamodules import PTBDataModule, SyntheticLMDataModule, batchify
 from lightning_revrnn.datamodules.distributed import rank_and_world_size, shard_range
 from lightning_revrnn.datamodules.streams import TokenStreamDataModule

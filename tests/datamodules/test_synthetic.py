@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -82,9 +83,9 @@ def test_synthetic_batch_contract() -> None:
     windows = list(dm.train_dataloader())
     assert windows[0]["inputs"].shape == (35, 16) and windows[0]["reset"]
     assert not any(w["reset"] for w in windows[1:])
-    for prev, nxt in zip(windows, windows[1:]):
+    for prev, nxt in itertools.pairwise(windows):
         assert torch.equal(prev["targets"][-1], nxt["inputs"][0])
     assert all(torch.equal(w["targets"][:-1], w["inputs"][1:]) for w in windows)
-    assert list(dm.val_dataloader())[0]["inputs"].shape == (35, 16)
+    assert next(iter(dm.val_dataloader()))["inputs"].shape == (35, 16)
     with pytest.raises(RuntimeError, match="not loaded"):
         dm.test_dataloader()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def ptb() -> PTBDataModule:
 def test_ptb_sizes_and_vocab(ptb: PTBDataModule) -> None:
     assert ptb.vocab_size == 10_000 and ptb.vocab is not None
     assert [ptb.token_ids(s).numel() for s in ("train", "valid", "test")] == [929_589, 73_760, 82_430]
-    assert ptb.vocab[ptb.eos_index] == EOS == ptb.vocab[ptb.vocab.index(EOS)]
+    assert ptb.eos_index is not None and ptb.vocab[ptb.eos_index] == EOS == ptb.vocab[ptb.vocab.index(EOS)]
     assert "<unk>" in ptb.vocab
     assert int(ptb.token_ids("train").max()) < ptb.vocab_size
 
@@ -57,7 +58,7 @@ def test_ptb_batch_contract(ptb: PTBDataModule) -> None:
         assert w["inputs"].shape == w["targets"].shape and w["inputs"].shape[1] == 20
         assert w["inputs"].dtype == torch.long and torch.equal(w["targets"][:-1], w["inputs"][1:])
     assert all(w["inputs"].shape[0] == 70 for w in windows[:-1])
-    for prev, nxt in zip(windows, windows[1:]):
+    for prev, nxt in itertools.pairwise(windows):
         assert torch.equal(prev["targets"][-1], nxt["inputs"][0])
     # stream j is the j-th contiguous chunk of the corpus
     ids = ptb.token_ids("train")

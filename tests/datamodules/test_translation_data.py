@@ -64,9 +64,10 @@ def _synthetic(**kwargs: Any) -> SyntheticTranslationDataModule:
     return SyntheticTranslationDataModule(**settings)
 
 
-def _check_batch(batch: TranslationBatch, src_vocab: TranslationVocabulary, tgt_vocab: TranslationVocabulary,
-                 ) -> None:
-    """Every invariant of the batch contract, row by row."""
+def _check_batch(batch: TranslationBatch, dm: TranslationDataModule) -> None:
+    """Every invariant of the batch contract, row by row (``dm``: the set-up DataModule that made the batch)."""
+    src_vocab, tgt_vocab = dm.src_vocab, dm.tgt_vocab
+    assert src_vocab is not None and tgt_vocab is not None
     size = len(batch)
     assert batch.src.dtype == batch.tgt_in.dtype == batch.tgt_out.dtype == torch.long
     assert batch.src_keep.dtype == batch.tgt_keep.dtype == torch.bool
@@ -144,6 +145,7 @@ def test_multi30k_counts_vocabulary_and_lines(multi30k: Multi30KDataModule) -> N
     en_words = Counter(w for line in (MULTI30K_TOK / "train.lc.norm.tok.en").read_text(encoding="utf-8")
                        .splitlines() for w in line.split())
     assert multi30k.src_vocab_size == len(en_words) + 4  # every training word, plus the specials
+    assert multi30k.src_vocab is not None
     counts = [en_words[t] for t in multi30k.src_vocab.tokens[4:]]
     assert counts == sorted(counts, reverse=True)
     rebuilt = TranslationVocabulary.build(s.split() for s in multi30k.pairs("train").text.sources)
@@ -154,10 +156,10 @@ def test_multi30k_batches_keep_the_contract(multi30k: Multi30KDataModule) -> Non
     train = list(multi30k.train_dataloader())
     assert len(train) == 29_000 // 64 and {len(b) for b in train} == {64}
     for batch in train[:5]:
-        _check_batch(batch, multi30k.src_vocab, multi30k.tgt_vocab)
+        _check_batch(batch, multi30k)
     valid = list(multi30k.val_dataloader())
     for batch in valid:
-        _check_batch(batch, multi30k.src_vocab, multi30k.tgt_vocab)
+        _check_batch(batch, multi30k)
     texts = multi30k.pairs("valid").text
     seen = [i for b in valid for i in b.indices]
     assert sorted(seen) == list(range(1_014))  # every pair once
@@ -255,7 +257,7 @@ def test_max_len_drops_long_training_pairs_only() -> None:
     dm.setup("test")
     assert dm.pairs("train").text.sources == [words(3), words(5)] and dm.train_pairs_dropped == 2
     assert len(dm.pairs("valid")) == len(dm.pairs("test")) == 1  # never filtered
-    assert "w5" not in dm.src_vocab and "w4" in dm.src_vocab  # vocabulary of the kept pairs
+    assert dm.src_vocab is not None and "w5" not in dm.src_vocab and "w4" in dm.src_vocab  # vocab of the kept pairs
     assert dm.pairs("valid").src_ids.tolist().count(UNK) == 4
 
 
@@ -394,9 +396,9 @@ def _iwslt(folder: Path, **kwargs: Any) -> IWSLT2016DataModule:
 def test_iwslt_pipeline_on_a_local_archive(iwslt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (iwslt_dir / "en-de.tgz").write_bytes(_archive("en-de"))
     dm = _iwslt(iwslt_dir, download=False)
-    with pytest.warns(UserWarning, match="no published checksum"):
+    with pytest.warns(UserWarning, match="no published checksum"):  # once, when prepare_data reads the archive
         dm.prepare_data()
-        dm.setup("fit")
+    dm.setup("fit")
     dm.setup("test")
     train = dm.pairs("train").text
     assert train.sources == EXPECTED_EN and train.targets == EXPECTED_DE  # tags, blank and unpaired lines gone
@@ -409,7 +411,7 @@ def test_iwslt_pipeline_on_a_local_archive(iwslt_dir: Path, monkeypatch: pytest.
     assert len(h_and_m) == 1 and "ceo of h & m ," in h_and_m[0]  # "H&amp;M": entity decoded, "&" not escaped
     assert all(s == s.lower() for s in valid.sources + valid.targets)
     for batch in dm.train_dataloader():
-        _check_batch(batch, dm.src_vocab, dm.tgt_vocab)
+        _check_batch(batch, dm)
     cached = sorted(p.name.split(".")[0] for p in (iwslt_dir / "tokenized").iterdir())
     assert cached == ["test", "test", "train", "train", "valid", "valid"]
 
@@ -496,12 +498,11 @@ def test_iwslt_dev_test_files_come_from_a_local_archive(iwslt_dir: Path, monkeyp
     assert len(dm.pairs("test")) == 1_305 and dm.pairs("train").text.targets == EXPECTED_DE
 
 
+@pytest.mark.filterwarnings("ignore:.* has no published checksum:UserWarning")
 def test_iwslt_unaligned_files_are_refused(iwslt_dir: Path) -> None:
     (iwslt_dir / "en-de.tgz").write_bytes(_archive("en-de", {"en-de/train.tags.en-de.de": b"nur eine zeile\n"}))
     with pytest.raises(CorpusFormatError, match=r"train\.tags\.en-de\.en has 12 lines but .*de has 1"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _iwslt(iwslt_dir, download=False).setup("fit")
+        _iwslt(iwslt_dir, download=False).setup("fit")
 
 
 # ------------------------------------------------------------------------------------------------ synthetic
@@ -527,7 +528,7 @@ def test_synthetic_task_rule_and_determinism() -> None:
     other.setup("fit")
     assert other.pairs("train").text != texts["train"] and other.mapping != dm.mapping
     for batch in dm.val_dataloader():
-        _check_batch(batch, dm.src_vocab, dm.tgt_vocab)
+        _check_batch(batch, dm)
     with pytest.raises(ValueError, match="distinct sentences"):
         _synthetic(vocab=2, min_len=1, max_len=2, train_size=10, val_size=5, test_size=5).setup("test")
 
@@ -572,8 +573,9 @@ def test_with_a_trainer_epochs_differ_and_predict_keeps_file_order(tmp_path: Pat
     dataset.set_epoch(1)
     assert epochs[1] == [b.indices for b in dataset]
     assert predicted is not None
-    assert [i for b in predicted for i in sorted(b)] == list(range(30))  # type: ignore[union-attr]
+    assert [i for b in predicted for i in sorted(b)] == list(range(30))
     checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    assert dm.tgt_vocab is not None
     assert checkpoint["SyntheticTranslationDataModule"]["tgt_vocab"]["tokens"] == dm.tgt_vocab.tokens
     position = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert (position["epoch"], position["windows"], position["finished"]) == (1, 15, True)
