@@ -173,13 +173,13 @@ def test_encoder_accounting_adds_the_stored_slice() -> None:
     model = tiny_model("revgru", context="emb+slice").train()
     batch = padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13)
     model.summed_loss(batch).backward()
-    encoder = model.memory_stats().encoder  # type: ignore[index]
+    encoder = model.memory_stats().encoder  # type: ignore[union-attr]
     S, B = batch.src.shape
-    assert encoder["stored_bits"] == STORED_UNIT_BITS * 3 * S * B
-    buffered = encoder["used_bits"] - encoder["stored_bits"]
+    assert encoder.stored_bits == STORED_UNIT_BITS * 3 * S * B
+    buffered = encoder.used_bits - encoder.stored_bits
     assert buffered > 0
-    assert encoder["actual_ratio"] == pytest.approx(encoder["normal_bits"] / encoder["used_bits"])
-    assert encoder["layers"][-1]["stored_bits"] == encoder["stored_bits"]
+    assert encoder.actual_ratio == pytest.approx(encoder.normal_bits / encoder.used_bits)
+    assert encoder.layers[-1].stored_bits == encoder.stored_bits
     summary = model.memory_summary()
     assert summary is not None and set(summary) == {"encoder", "decoder"}
     assert summary["decoder"]["actual_ratio"] > summary["encoder"]["actual_ratio"] > 1
