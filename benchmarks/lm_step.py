@@ -78,7 +78,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from lightning_revrnn.lm import Batch, LanguageModel
+from lightning_revrnn.lm.model import Batch, LanguageModel
 from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
 
 try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.lm_step``
