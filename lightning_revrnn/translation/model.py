@@ -33,7 +33,7 @@ from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
 from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationBatch, TranslationVocabulary
-from lightning_revrnn.translation.decoder_state import DecoderState, reorder_state
+from lightning_revrnn.translation.decoder_state import DecoderState
 from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
 from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, plateau_schedule
@@ -352,8 +352,8 @@ class TranslationModel(pl.LightningModule):
             state = self.initial_decoder_state(src, src_keep)
             common = dict(batch=src.shape[1], bos=BOS, eos=EOS, max_len=self.max_decode_len)
             if beam == 1:
-                return greedy_search(self.decode_step, state, reorder_state, **common)
-            return beam_search(self.decode_step, state, reorder_state, beam=beam,
+                return greedy_search(self.decode_step, state, DecoderState.select, **common)
+            return beam_search(self.decode_step, state, DecoderState.select, beam=beam,
                                length_penalty=self.length_penalty, **common)
         finally:
             self.train(was_training)
