@@ -1,7 +1,7 @@
 """Attention seq2seq translation with a reversible encoder and decoder (spec sections 5-6): one
 LightningModule for RevGRU / RevLSTM and the ``nn.GRU`` / ``nn.LSTM`` baselines.
 
-Reversible models: the source embedding runs inside the encoder's sweep (:class:`~lightning_revrnn.lm.EmbeddingStem`),
+Reversible models: the source embedding runs inside the encoder's sweep (:class:`~lightning_revrnn.shared.EmbeddingStem`),
 the decoder starts from the encoder's final state with gradient (chaining), and its
 :class:`~lightning_revrnn.translation.attention.AttentionHead` computes attention, generator and cross-entropy a chunk
 of target steps at a time inside the decoder's sweep. The decoder's reverse sweep returns the gradient of
