@@ -370,8 +370,9 @@ def measure_saved(model: LanguageModel, batch: Batch, row: Row) -> None:
     row.saved_bytes = saved.total
     row.loss = float(loss.detach())
     if row.config.variant == "rev":
-        stats = model.memory_stats()
-        assert stats is not None
+        accounting = model.memory_stats()
+        assert accounting is not None
+        stats = accounting.as_dict()
         row.stats = {**{k: stats[k] for k in STAT_KEYS}, "layers": stats["layers"]}
     if isinstance(model, CheckpointedLM):
         row.recompute_bytes = model.recompute_probe(batch)

@@ -420,7 +420,7 @@ def accounting_of(model: TranslationModel) -> dict[str, dict[str, Any]] | None:
     if stats is None:
         return None
     keys = (*STAT_KEYS, "stored_bits")
-    return {side: {k: s[k] for k in keys if k in s} for side, s in stats.items()}
+    return {side: {k: s[k] for k in keys} for side, s in stats.as_dict().items()}
 
 
 def measure_memory(subject: Subject, device: torch.device, row: Row) -> None:

@@ -291,7 +291,7 @@ def measure_counts(model: nn.Module, x: Tensor, short_len: int, row: Row) -> Non
 
 def reversible_stats(model: nn.Module) -> dict[str, Any]:
     """The paper's accounting of the last forward (totals and per layer)."""
-    stats = model.memory_stats()
+    stats = model.memory_stats().as_dict()
     return {**{k: stats[k] for k in STAT_KEYS}, "layers": stats["layers"]}
 
 

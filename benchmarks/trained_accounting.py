@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model.train()
         for batch in batches:
             model.training_step(batch, 0)  # forward only; the graph is dropped
-            stats.append(model.memory_stats())
+            stats.append(model.memory_stats().as_dict())
         row = {"max_forget_bits": k, **{key: statistics.median(s[key] for s in stats) for key in KEYS}}
         rows.append(row)
         print(f"k={str(k):>4}  actual {row['actual_ratio']:6.2f}x  optimal {row['optimal_ratio']:6.2f}x  "

@@ -16,13 +16,16 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_revrnn.memory import MemoryTrace, StepMemory, profiler_busy
+from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.rnn import ReversibleRNN
 
 PREFIX = "memory/"
 #: Measured bytes, reduced over ranks by max (the largest rank is what must fit on a device).
 MEASURED = ("peak_bytes", "grad_bytes", "peak_excl_grad_bytes", "saved_bytes")
-#: Accounting fields summed over windows and ranks; ratios are recomputed from the sums.
-SUMMED = ("normal_bits", "used_bits", "optimal_bits", "stored_bits", "drains", "windows")
+#: Accounting fields summed over windows and ranks (then a window count); the ratios are those of the sums.
+SUMMED = ("normal_bits", "used_bits", "optimal_bits", "stored_bits", "drains", "multiplications")
+#: Accounting keys logged, per module and layer and in total.
+LOGGED = ("normal_bits", "used_bits", "optimal_bits", "stored_bits", "drains", "windows", "actual_ratio", "optimal_ratio")
 DEFAULT_EVERY_N_STEPS = 50
 
 
@@ -95,7 +98,7 @@ class MemoryReport(Callback):
         self._measured: StepMemory | None = None
         self._modules: list[tuple[str, ReversibleRNN]] = []
         self._handles: list[RemovableHandle] = []
-        self._windows: dict[str, list[dict[str, Any]]] = {}
+        self._windows: dict[str, list[MemoryAccounting]] = {}
         self._micro_batches = 0
         self._warned_busy = False
 
@@ -195,15 +198,15 @@ class MemoryReport(Callback):
             windows = self._windows.get(name, [])
             rows.append((f"{name}/", _summed(windows)))
             for l in range(module.num_layers):
-                rows.append((f"{name}/layer{l}/", _summed([w["layers"][l] for w in windows])))
+                rows.append((f"{name}/layer{l}/", _summed([w.layers[l] for w in windows])))
         values = torch.tensor([r for _, r in rows], dtype=torch.float64, device=device)
         values = trainer.strategy.reduce(values, reduce_op="sum").cpu().tolist()
         totals = [sum(values[i][j] for i, (prefix, _) in enumerate(rows) if "/layer" not in prefix)
-                  for j in range(len(SUMMED))]
-        out = _with_ratios("", totals) if totals[SUMMED.index("windows")] else {}
+                  for j in range(len(SUMMED) + 1)]
+        out = _logged("", totals) if totals[-1] else {}
         for (prefix, _), row in zip(rows, values):
-            if row[SUMMED.index("windows")]:
-                out.update(_with_ratios(prefix, row))
+            if row[-1]:
+                out.update(_logged(prefix, row))
         return out
 
     # ---------------------------------------------------------------------------------------- summary
@@ -287,17 +290,14 @@ def _requires_grad(output: Any) -> bool:
     return isinstance(first, Tensor) and first.requires_grad
 
 
-def _summed(windows: list[dict[str, Any]]) -> list[float]:
-    """SUMMED fields over the windows (``windows``: their count)."""
-    return [float(len(windows)) if k == "windows" else float(sum(w[k] for w in windows)) for k in SUMMED]
+def _summed(windows: list[MemoryAccounting]) -> list[float]:
+    """The SUMMED fields of the windows' total, then their count."""
+    total = MemoryAccounting.total(windows)
+    return [*(float(getattr(total, k)) for k in SUMMED), float(len(windows))]
 
 
-def _with_ratios(prefix: str, row: list[float]) -> dict[str, float]:
-    fields = dict(zip(SUMMED, row))
-    fields["actual_ratio"] = _ratio(fields["normal_bits"], fields["used_bits"])
-    fields["optimal_ratio"] = _ratio(fields["normal_bits"], fields["optimal_bits"])
-    return {f"{PREFIX}{prefix}{k}": v for k, v in fields.items()}
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else float("inf")
+def _logged(prefix: str, row: list[float]) -> dict[str, float]:
+    """The LOGGED keys of a reduced row (:func:`_summed`'s layout): its sums, window count and ratios."""
+    summed = MemoryAccounting(**dict(zip(SUMMED, row)))  # type: ignore[arg-type]  # sums over ranks, as floats
+    fields = {**summed.as_dict(), "windows": row[-1]}
+    return {f"{PREFIX}{prefix}{k}": fields[k] for k in LOGGED}  # type: ignore[misc]  # numbers

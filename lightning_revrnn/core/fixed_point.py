@@ -39,26 +39,8 @@ def bits_per_multiply(max_forget_bits: int | None) -> int:
     return R_Z if max_forget_bits is None else max_forget_bits
 
 
-def limit_forget(z: Tensor, max_forget_bits: int | None) -> Tensor:
-    """``z = (1 - 2^-k)·σ + 2^-k`` so that at most ``k`` bits are forgotten per multiplication."""
-    if max_forget_bits is None:
-        return z
-    floor = 2.0**-max_forget_bits
-    return z * (1.0 - floor) + floor
-
-
-def quantize_forget(z: Tensor, max_forget_bits: int | None) -> tuple[Tensor, Tensor]:
-    """Round forget values in ``(0, 1]`` to ``z* = round(z · 2^R_Z)``, clamped to the allowed range.
-
-    Returns ``(z*, z*/2^R_Z)``: int64, and the exact float value (NaN where ``z`` was NaN, so a
-    :class:`RangeGuard` sees it; the int is then meaningless).
-    """
-    zq = torch.round(z * FORGET_ONE).clamp_(forget_floor(max_forget_bits), FORGET_ONE)
-    return zq.to(torch.int64), zq.div_(FORGET_ONE)
-
-
 def to_fixed(x: Tensor) -> Tensor:
-    """Round a float tensor to fixed point (int64, ``R_H`` fractional bits). No range check: see :func:`check_range`."""
+    """Round a float tensor to fixed point (int64, ``R_H`` fractional bits). No range check: see :class:`RangeGuard`."""
     return torch.round(x * _SCALE).to(torch.int64)
 
 
@@ -67,16 +49,6 @@ def to_float(h: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     if dtype == torch.get_default_dtype():
         return torch.mul(h, _INV_SCALE)  # one op: the int is converted to ``dtype``, then scaled exactly
     return h.to(dtype) * _INV_SCALE
-
-
-def check_range(x: Tensor, what: str) -> None:
-    """Raise :class:`FixedPointOverflowError` if ``x`` holds a non-finite value or one beyond ±2^30."""
-    peak = x.detach().abs().amax() if x.numel() else x.new_zeros(())
-    if not bool(peak < MAX_ABS_VALUE):
-        raise FixedPointOverflowError(
-            f"{what} holds {float(peak)!r}, outside the fixed-point range ±2^30 (or not finite). "
-            "Fix: pass a finite initial state of moderate size; for NaN/inf, lower the learning rate or clip gradients."
-        )
 
 
 def straight_through(exact: Tensor, surrogate: Tensor) -> Tensor:

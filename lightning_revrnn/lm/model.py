@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
+from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.lm.head import BoundDecoderHead, DecoderHead
 from lightning_revrnn.shared import (
@@ -263,6 +264,6 @@ class LanguageModel(pl.LightningModule):
             self._hidden["train"] = apply_to_collection(self._hidden["train"], Tensor, lambda t: t.to(self.device))
 
     # -------------------------------------------------------------------------------------- accounting
-    def memory_stats(self) -> dict[str, Any] | None:
+    def memory_stats(self) -> MemoryAccounting | None:
         """The reversible RNN's accounting for the last training window; None for the baselines."""
         return self.rnn.memory_stats() if isinstance(self.rnn, ReversibleRNN) else None

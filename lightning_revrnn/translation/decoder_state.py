@@ -21,11 +21,7 @@ class DecoderState:
     memory_keep: Tensor
 
     def select(self, rows: Tensor) -> DecoderState:
-        """The state of rows ``rows`` (beam reordering / expansion)."""
+        """The state of rows ``rows`` (beam reordering / expansion): ``DecoderState.select`` is the decoding
+        functions' ``ReorderFn`` (:mod:`lightning_revrnn.translation.decoding`)."""
         pick = lambda t: t.index_select(1, rows)  # noqa: E731
         return DecoderState(apply_to_collection(self.hidden, Tensor, pick), pick(self.memory), pick(self.memory_keep))
-
-
-def reorder_state(state: DecoderState, rows: Tensor) -> DecoderState:
-    """The decoding functions' ``ReorderFn`` (:mod:`lightning_revrnn.translation.decoding`)."""
-    return state.select(rows)

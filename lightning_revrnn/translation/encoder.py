@@ -3,17 +3,16 @@
 
 The attention memory of a reversible encoder is a *stored* slice of its top layer's ``h1`` per step (spec
 section 5): those units are not reconstructed but kept, 32 bits per unit and step, on top of the
-information buffer. :class:`StoredUnitsAccounting` adds them to ``memory_stats()`` (``stored_bits``, also
-counted in ``used_bits`` and ``optimal_bits``), so :class:`~lightning_revrnn.callbacks.MemoryReport`
-reports the encoder with them. The core's ``ReversibleRNN(stored_units=...)`` stores a slice itself
-(:data:`CORE_STORES_UNITS`: returning only those units, the rest of the top state is never kept) and counts
-its ``stored_bits``; the accounting here then adds only what the core does not store: the whole top state of
-``context="hidden"`` (the core stores at most half of it, so that encoder returns its full outputs).
+information buffer. The core's ``ReversibleRNN(stored_units=...)`` stores such a slice itself (returning
+only those units: the rest of the top state is never kept) and counts it as ``stored_bits``.
+:class:`StoredUnitsAccounting` adds what the core does not store: the whole top state of
+``context="hidden"`` (the core stores at most half of it, so that encoder returns its full outputs), so
+that :class:`~lightning_revrnn.callbacks.MemoryReport` reports the encoder with every unit it stores.
 """
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,34 +20,31 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from typing_extensions import override
 
+from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.dropout import locked_mask
 from lightning_revrnn.shared import BaselineRNN
 from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
 
-#: Whether the core's ReversibleRNN takes ``stored_units`` (stores the first units of the top ``h1`` and
-#: returns only those instead of the ``(T, B, H)`` outputs). Without it the encoder returns its whole
-#: outputs and :func:`stored_units_of` slices them: the same values and gradients, without the saving.
-CORE_STORES_UNITS = "stored_units" in inspect.signature(ReversibleRNN.__init__).parameters
 #: Bits per stored unit and step (float32).
 STORED_UNIT_BITS = 32
 
 
 def stored_units_of(outputs: Tensor, units: int) -> Tensor:
-    """The stored attention units ``(S, B, units)`` from an encoder's first return value: the core's stored
-    units as they are, or the first ``units`` features of the whole outputs ``(S, B, H)`` (the first units of
-    the top layer's ``h1``: a cell's output is ``[h1; h2]``)."""
+    """The stored attention units ``(S, B, units)`` from an encoder's first return value: the reversible
+    encoder's stored units (or whole outputs, for ``context="hidden"``) as they are, or the first ``units``
+    features of a baseline's outputs ``(S, B, H)``."""
     return outputs if outputs.shape[-1] == units else outputs[..., :units]
 
 
 class StoredUnitsAccounting(ReversibleRNN):
-    """Adds the attention units stored per step to the paper's accounting of a reversible encoder.
+    """Adds the attention units the core does not store to the paper's accounting of a reversible encoder.
 
     ``attention_units`` (set by :func:`reversible_encoder`): units of the top layer stored every step (the
     slice, or the whole top state for ``context="hidden"``). Each training forward records its ``T × B``
     steps (padded ones included, as ``normal_bits`` counts them); :meth:`memory_stats` adds
-    ``32 · units · T · B`` bits as ``stored_bits`` to ``used_bits`` and ``optimal_bits`` (spec section 4)
-    and to the top layer's entry, and recomputes the ratios, for the units the core's accounting does not
-    already count (:attr:`units_stored_outside_the_core`).
+    ``32 · units · T · B`` bits as ``stored_bits`` to ``used_bits`` and ``optimal_bits`` (spec section 4),
+    of the total and of the top layer, for the units the core's accounting does not already count
+    (:attr:`units_stored_outside_the_core`).
     """
 
     attention_units: int = 0
@@ -56,11 +52,10 @@ class StoredUnitsAccounting(ReversibleRNN):
 
     @property
     def units_stored_outside_the_core(self) -> int:
-        """Attention units per step the core's own accounting does not count: all of them without the core's
-        ``stored_units``, else those beyond it (the whole state for ``context="hidden"``, whose outputs the
-        encoder returns instead of storing units, since ``stored_units`` stops at half the state)."""
-        core = int(getattr(self, "stored_units", 0)) if CORE_STORES_UNITS else 0
-        return self.attention_units - core
+        """Attention units per step the core's own ``stored_units`` does not count: none for a slice, the
+        whole state for ``context="hidden"`` (whose outputs the encoder returns instead of storing units,
+        since ``stored_units`` stops at half the state)."""
+        return self.attention_units - self.stored_units
 
     @override
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -70,30 +65,19 @@ class StoredUnitsAccounting(ReversibleRNN):
         return result
 
     @override
-    def memory_stats(self) -> dict[str, object]:
+    def memory_stats(self) -> MemoryAccounting:
         stats = super().memory_stats()
         stored = STORED_UNIT_BITS * self.units_stored_outside_the_core * self._stored_steps
         if stored == 0:
             return stats
-        layers = [dict(layer) for layer in stats["layers"]]  # type: ignore[attr-defined]
-        layers[-1] = with_stored_bits(layers[-1], stored)
-        layers[:-1] = [with_stored_bits(layer, 0) for layer in layers[:-1]]
-        return {**with_stored_bits(stats, stored), "layers": layers}
+        *lower, top = stats.layers
+        return replace(with_stored_bits(stats, stored), layers=(*lower, with_stored_bits(top, stored)))
 
 
-def with_stored_bits(stats: dict[str, Any], stored: int) -> dict[str, Any]:
-    """``stats`` with ``stored`` bits added to its stored, used and optimal bits, and the ratios recomputed."""
-    used, optimal = stats["used_bits"] + stored, stats["optimal_bits"] + stored
-    normal = stats["normal_bits"]
-    return {
-        **stats, "stored_bits": stats.get("stored_bits", 0) + stored, "used_bits": used, "optimal_bits": optimal,
-        "actual_ratio": _ratio(normal, used), "optimal_ratio": _ratio(normal, optimal),
-        "efficiency": _ratio(optimal, used),
-    }
-
-
-def _ratio(a: float, b: float) -> float:
-    return float(a) / float(b) if b else float("inf")
+def with_stored_bits(stats: MemoryAccounting, stored: int) -> MemoryAccounting:
+    """``stats`` with ``stored`` bits added to its stored, used and optimal bits."""
+    return replace(stats, stored_bits=stats.stored_bits + stored, used_bits=stats.used_bits + stored,
+                   optimal_bits=stats.optimal_bits + stored)
 
 
 class RevGRUEncoder(StoredUnitsAccounting, RevGRU):
@@ -111,9 +95,8 @@ def reversible_encoder(rnn: str, stored_units: int, core_units: int, **kwargs: A
     """A reversible encoder storing ``stored_units`` top-layer units per step for attention.
 
     ``core_units``: the units to ask the core to store itself (``stored_units`` for a slice, 0 for the
-    whole state, which the outputs already are); used only where the core supports it."""
-    extra = {"stored_units": core_units} if CORE_STORES_UNITS and core_units else {}
-    encoder = ENCODERS[rnn](**kwargs, **extra)
+    whole state, which the outputs already are)."""
+    encoder = ENCODERS[rnn](**kwargs, stored_units=core_units)
     encoder.attention_units = stored_units
     return encoder
 

@@ -1,7 +1,7 @@
 """Attention seq2seq translation with a reversible encoder and decoder (spec sections 5-6): one
 LightningModule for RevGRU / RevLSTM and the ``nn.GRU`` / ``nn.LSTM`` baselines.
 
-Reversible models: the source embedding runs inside the encoder's sweep (:class:`~lightning_revrnn.lm.EmbeddingStem`),
+Reversible models: the source embedding runs inside the encoder's sweep (:class:`~lightning_revrnn.shared.EmbeddingStem`),
 the decoder starts from the encoder's final state with gradient (chaining), and its
 :class:`~lightning_revrnn.translation.attention.AttentionHead` computes attention, generator and cross-entropy a chunk
 of target steps at a time inside the decoder's sweep. The decoder's reverse sweep returns the gradient of
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
@@ -29,9 +30,10 @@ from typing_extensions import override
 
 from lightning_revrnn.translation.attention import AttentionHead, LuongAttention
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
+from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
 from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationBatch, TranslationVocabulary
-from lightning_revrnn.translation.decoder_state import DecoderState, reorder_state
+from lightning_revrnn.translation.decoder_state import DecoderState
 from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
 from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, plateau_schedule
@@ -347,8 +349,8 @@ class TranslationModel(pl.LightningModule):
             state = self.initial_decoder_state(src, src_keep)
             common = dict(batch=src.shape[1], bos=BOS, eos=EOS, max_len=self.max_decode_len)
             if beam == 1:
-                return greedy_search(self.decode_step, state, reorder_state, **common)
-            return beam_search(self.decode_step, state, reorder_state, beam=beam,
+                return greedy_search(self.decode_step, state, DecoderState.select, **common)
+            return beam_search(self.decode_step, state, DecoderState.select, beam=beam,
                                length_penalty=self.length_penalty, **common)
         finally:
             self.train(was_training)
@@ -404,13 +406,12 @@ class TranslationModel(pl.LightningModule):
                                   TranslationVocabulary.from_state_dict(saved["tgt"]), saved["tgt_lang"])
 
     # -------------------------------------------------------------------------------------- accounting
-    def memory_stats(self) -> dict[str, Any] | None:
-        """The paper's accounting of the last training window, ``{"encoder": ..., "decoder": ...}`` (each as
-        ``ReversibleRNN.memory_stats()``; the encoder's includes its stored attention units); None for
-        the baselines."""
+    def memory_stats(self) -> TranslationAccounting | None:
+        """The paper's accounting of the last training window, per side (the encoder's includes its stored
+        attention units); None for the baselines."""
         if not self.reversible:
             return None
-        return {"encoder": self.encoder.memory_stats(), "decoder": self.decoder.memory_stats()}
+        return TranslationAccounting(self.encoder.memory_stats(), self.decoder.memory_stats())
 
     def memory_summary(self) -> dict[str, dict[str, float]] | None:
         """Per side, the paper's ratios of the last training window: ``actual_ratio`` (normal / used bits)
@@ -418,8 +419,23 @@ class TranslationModel(pl.LightningModule):
         stats = self.memory_stats()
         if stats is None:
             return None
-        keys = ("actual_ratio", "optimal_ratio")
-        return {side: {k: float(s[k]) for k in keys} for side, s in stats.items()}
+        return {side: {"actual_ratio": s.actual_ratio, "optimal_ratio": s.optimal_ratio} for side, s in stats.sides()}
+
+
+@dataclass(frozen=True)
+class TranslationAccounting:
+    """The paper's accounting of a reversible translation model's last training window, per side."""
+
+    encoder: MemoryAccounting
+    decoder: MemoryAccounting
+
+    def sides(self) -> tuple[tuple[str, MemoryAccounting], tuple[str, MemoryAccounting]]:
+        """``(("encoder", ...), ("decoder", ...))``."""
+        return ("encoder", self.encoder), ("decoder", self.decoder)
+
+    def as_dict(self) -> dict[str, dict[str, object]]:
+        """``{"encoder": ..., "decoder": ...}``, each :meth:`MemoryAccounting.as_dict`, for logs and JSON."""
+        return {side: s.as_dict() for side, s in self.sides()}
 
 
 def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, beam: int, max_decode_len: int) -> None:

@@ -87,7 +87,7 @@ def test_reversible_model_logs_measurement_and_accounting(runs: dict[str, Any]) 
     stats = model.rnn.memory_stats()
     assert m["memory/windows"] == m["memory/rnn/windows"] == m["memory/rnn/layer1/windows"] == 1
     for f in ("normal_bits", "used_bits", "optimal_bits", "drains"):
-        assert m[f"memory/{f}"] == m[f"memory/rnn/{f}"] == pytest.approx(float(stats[f]))
+        assert m[f"memory/{f}"] == m[f"memory/rnn/{f}"] == pytest.approx(float(getattr(stats, f)))
         assert m[f"memory/{f}"] == pytest.approx(m[f"memory/rnn/layer0/{f}"] + m[f"memory/rnn/layer1/{f}"])
     assert m["memory/normal_bits"] == 32 * BPTT * 8 * (24 + 16)  # T · B · (H of each layer) · 32 bits
     assert m["memory/actual_ratio"] == pytest.approx(m["memory/normal_bits"] / m["memory/used_bits"])
@@ -273,10 +273,10 @@ def test_peaks_reduced_by_max_and_bits_by_sum() -> None:
     accounting = report._reduce_accounting(trainer, torch.device("cpu"))
     assert trainer.strategy.ops == ["max", "sum"]
     stats = module.memory_stats()
-    assert accounting["memory/normal_bits"] == accounting["memory/enc/normal_bits"] == 4 * stats["normal_bits"]
-    assert accounting["memory/enc/layer1/used_bits"] == 4 * stats["layers"][1]["used_bits"]
+    assert accounting["memory/normal_bits"] == accounting["memory/enc/normal_bits"] == 4 * stats.normal_bits
+    assert accounting["memory/enc/layer1/used_bits"] == 4 * stats.layers[1].used_bits
     assert accounting["memory/windows"] == 4
-    assert accounting["memory/actual_ratio"] == pytest.approx(stats["actual_ratio"])
+    assert accounting["memory/actual_ratio"] == pytest.approx(stats.actual_ratio)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA

@@ -15,13 +15,8 @@ from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
 from lightning_revrnn.core.buffer import InformationBuffer, check_period, row_index_dtype
-from lightning_revrnn.core.fixed_point import (
-    FORGET_ONE,
-    forget_floor,
-    limit_forget,
-    quantize_forget,
-    reversible_multiply,
-)
+from lightning_revrnn.core.fixed_point import FORGET_ONE, forget_floor, reversible_multiply
+from lightning_revrnn.core.gates import forget_scaled, round_forget
 from lightning_revrnn.core.backend import EAGER
 from lightning_revrnn.core.forward import run_forward
 from lightning_revrnn.core.numerics import AutocastState
@@ -48,7 +43,7 @@ def test_many_multiplications_drain_and_reverse_to_empty(k: int | None) -> None:
     torch.manual_seed(0)
     buf = InformationBuffer((3, 5), torch.get_default_device(), k, retain=True)
     h0 = torch.randint(-(2**30), 2**30, (3, 5), dtype=torch.int64)
-    zs = [quantize_forget(limit_forget(torch.rand(3, 5) * 0.2, k), k)[0] for _ in range(200)]
+    zs = [round_forget(forget_scaled(torch.rand(3, 5) * 0.2, k), k)[0] for _ in range(200)]
     h = _run(buf, h0, zs)[-1]
     assert buf.planes, "200 multiplications forgetting >2 bits each must drain"
     assert all(p.dtype == torch.int32 and p.shape[1] == 5 for p in buf.planes)

@@ -13,15 +13,14 @@ from lightning_revrnn.core.errors import FixedPointOverflowError
 from lightning_revrnn.core.fixed_point import (
     FORGET_ONE,
     R_H,
-    check_range,
+    RangeGuard,
     forget_floor,
-    limit_forget,
-    quantize_forget,
     reversible_divide,
     reversible_multiply,
     to_fixed,
     to_float,
 )
+from lightning_revrnn.core.gates import forget_scaled, round_forget
 
 ints = st.integers(min_value=-(2**50), max_value=2**50)
 forgets = st.integers(min_value=1, max_value=FORGET_ONE)
@@ -61,19 +60,23 @@ def test_to_fixed_round_trip_is_exact_on_the_grid() -> None:
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, None])
 def test_forget_limit_bounds_bits_per_step(k: int | None) -> None:
-    z = limit_forget(torch.sigmoid(torch.linspace(-30, 30, 2001)), k)
-    zq, value = quantize_forget(z, k)
+    scaled = forget_scaled(torch.sigmoid(torch.linspace(-30, 30, 2001)), k)
+    zq, value = round_forget(scaled, k)
     assert torch.equal(value, zq.to(value.dtype) / FORGET_ONE)
     assert int(zq.min()) >= forget_floor(k) and int(zq.max()) <= FORGET_ONE
     if k is not None:
-        assert float(z.min()) >= 2.0**-k - 1e-7
+        assert float(scaled.min()) / FORGET_ONE >= 2.0**-k - 1e-7
         assert max(math.log2(FORGET_ONE / int(v)) for v in zq.unique()) <= k
     else:
         assert int(zq.min()) == 1  # sigmoid(-30) rounds to 0 and is set to 1: at most 10 bits
 
 
-def test_check_range_rejects_nan_inf_and_huge_values() -> None:
-    check_range(torch.tensor([1.0, -5.0]), "ok")
+def test_range_guard_rejects_nan_inf_and_huge_values() -> None:
+    guard = RangeGuard()
+    guard.observe("ok", torch.tensor([1.0, -5.0]))
+    guard.check()
     for bad in (float("nan"), float("inf"), 2.0**31):
-        with pytest.raises(FixedPointOverflowError, match="fixed-point range"):
-            check_range(torch.tensor([0.0, bad]), "state")
+        guard.observe("ok", torch.tensor([1.0, -5.0]))
+        guard.observe("state", torch.tensor([0.0, bad]))
+        with pytest.raises(FixedPointOverflowError, match="state holds .* fixed-point range"):
+            guard.check()

@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_revrnn import MemoryAccounting
 from lightning_revrnn.datamodules import CopyTasksDataModule, SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
 from lightning_revrnn.memory import saved_tensor_bytes
@@ -37,7 +38,6 @@ REVERSIBLE = ["revgru", "revlstm", "nfrevgru", "nfrevlstm"]
 BASELINES = ["gru", "lstm"]
 VOCAB = 16
 NO_DROPOUT = dict(dropout_emb=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, dropconnect=0.0)
-ACCOUNTING_KEYS = {"normal_bits", "used_bits", "optimal_bits", "actual_ratio", "optimal_ratio", "drains", "layers"}
 
 
 def make_model(rnn: str = "revgru", num_layers: int = 1, vocab: int = VOCAB, seed: int = 0, **kwargs: Any) -> LanguageModel:
@@ -107,15 +107,14 @@ def test_fit_every_rnn_type(rnn: str, num_layers: int) -> None:
         assert torch.isfinite(val_ppl) and val_ppl > 1
     stats = model.memory_stats()
     if rnn in REVERSIBLE:
-        assert stats is not None and ACCOUNTING_KEYS <= set(stats)
-        assert len(stats["layers"]) == num_layers
-        assert all(ACCOUNTING_KEYS - {"layers"} <= set(layer) for layer in stats["layers"])
-        assert stats["normal_bits"] > 0
+        assert isinstance(stats, MemoryAccounting)
+        assert len(stats.layers) == num_layers
+        assert stats.normal_bits > 0
         if rnn.startswith("nf"):
-            assert stats["used_bits"] == 0  # additive coupling only: nothing to buffer
+            assert stats.used_bits == 0  # additive coupling only: nothing to buffer
         else:
-            assert stats["used_bits"] > 0
-            assert stats["actual_ratio"] == pytest.approx(stats["normal_bits"] / stats["used_bits"])
+            assert stats.used_bits > 0
+            assert stats.actual_ratio == pytest.approx(stats.normal_bits / stats.used_bits)
     else:
         assert stats is None
 

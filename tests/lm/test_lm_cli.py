@@ -26,7 +26,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:pytorch_lightning.cli"),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SYNTHETIC = ROOT / "configs" / "synthetic-revgru.yaml"
 DATA_DIR = Path(os.environ.get("REVRNN_DATA_DIR", "/work/shared/data"))

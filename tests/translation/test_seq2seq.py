@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_revrnn.translation.decoder_state import reorder_state
+from lightning_revrnn.translation.decoder_state import DecoderState
 from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.encoder import STORED_UNIT_BITS
 from lightning_revrnn.translation.model import TranslationModel
@@ -176,9 +176,9 @@ def test_beam_one_equals_greedy_on_the_model(rnn: str) -> None:
     common = dict(batch=4, bos=2, eos=3, max_len=12)
     with torch.no_grad():
         greedy = greedy_search(model.decode_step, model.initial_decoder_state(batch.src, batch.src_keep),
-                               reorder_state, **common)
+                               DecoderState.select, **common)
         beam1 = beam_search(model.decode_step, model.initial_decoder_state(batch.src, batch.src_keep),
-                            reorder_state, beam=1, **common)
+                            DecoderState.select, beam=1, **common)
     assert beam1 == greedy
     assert model.translate(batch.src, batch.src_keep, beam=1) == greedy
     assert len(greedy) == 4 and all(len(ids) <= 12 for ids in greedy)
@@ -204,7 +204,7 @@ def test_decoding_steps_carry_the_exact_state(rnn: str) -> None:
             torch.testing.assert_close(log_probs[:, 4:], want[t][:, 4:], rtol=1e-5, atol=1e-5)
             assert bool((log_probs[:, [0, 2]] == float("-inf")).all())  # PAD and BOS are never generated
             assert all(h.dtype == torch.float64 for h in _flat(state.hidden))
-        swapped = reorder_state(state, torch.tensor([1, 0]))
+        swapped = state.select(torch.tensor([1, 0]))
         for a, b in zip(_flat(swapped.hidden), _flat(state.hidden)):
             assert torch.equal(a[:, 0], b[:, 1])
 
@@ -215,13 +215,13 @@ def test_encoder_accounting_adds_the_stored_slice() -> None:
     model = tiny_model("revgru", context="emb+slice").train()
     batch = padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13)
     model.summed_loss(batch).backward()
-    encoder = model.memory_stats().encoder  # type: ignore[index]
+    encoder = model.memory_stats().encoder  # type: ignore[union-attr]
     S, B = batch.src.shape
-    assert encoder["stored_bits"] == STORED_UNIT_BITS * 3 * S * B
-    buffered = encoder["used_bits"] - encoder["stored_bits"]
+    assert encoder.stored_bits == STORED_UNIT_BITS * 3 * S * B
+    buffered = encoder.used_bits - encoder.stored_bits
     assert buffered > 0
-    assert encoder["actual_ratio"] == pytest.approx(encoder["normal_bits"] / encoder["used_bits"])
-    assert encoder["layers"][-1]["stored_bits"] == encoder["stored_bits"]
+    assert encoder.actual_ratio == pytest.approx(encoder.normal_bits / encoder.used_bits)
+    assert encoder.layers[-1].stored_bits == encoder.stored_bits
     summary = model.memory_summary()
     assert summary is not None and set(summary) == {"encoder", "decoder"}
     assert summary["decoder"]["actual_ratio"] > summary["encoder"]["actual_ratio"] > 1

@@ -26,7 +26,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*could not find the monitored key.*"),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "multi30k-revgru.yaml"
 DATA_DIR = Path(os.environ.get("REVRNN_DATA_DIR", "/work/shared/data"))
 TINY = ["--model.hidden_size", "16", "--model.embedding_size", "8", "--model.slice_dim", "4",
