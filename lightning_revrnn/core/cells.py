@@ -32,8 +32,8 @@ from lightning_revrnn.core.records import GRURecord, LSTMRecord, Record
 
 def rounded_forget(z: Tensor, max_forget_bits: int | None) -> tuple[Tensor, Tensor]:
     """k-limited forget value rounded to ``R_Z`` bits: (int ``z*``, float ``z*/2^R_Z`` carrying the gradient
-    of the limited ``z``, straight through the rounding). ``z·(1-2^-k)·2^R_Z + 2^(R_Z-k)`` rounds exactly like
-    ``limit_forget(z)·2^R_Z`` (scaling by a power of two is exact)."""
+    of the limited ``z``, straight through the rounding). The limit is ``(1 - 2^-k)·z + 2^-k``, so that at most
+    ``k`` bits are forgotten per multiplication (:func:`~lightning_revrnn.core.gates.forget_scaled`)."""
     scaled = forget_scaled(z, max_forget_bits)
     zq, value = round_forget(scaled, max_forget_bits)
     if scaled.requires_grad:

@@ -16,7 +16,8 @@ from lightning_revrnn.core.fixed_point import FORGET_ONE, forget_floor
 
 
 def forget_scale(max_forget_bits: int | None) -> tuple[float, float]:
-    """``(scale, offset)`` with ``z·scale + offset = limit_forget(z)·2^R_Z`` (exact constants)."""
+    """``(scale, offset)`` with ``z·scale + offset = ((1 - 2^-k)·z + 2^-k)·2^R_Z``, the k-limited forget value in
+    units of ``2^-R_Z`` (exact constants)."""
     if max_forget_bits is None:
         return float(FORGET_ONE), 0.0
     floor = 2.0**-max_forget_bits
@@ -24,7 +25,7 @@ def forget_scale(max_forget_bits: int | None) -> tuple[float, float]:
 
 
 def forget_scaled(z: Tensor, max_forget_bits: int | None) -> Tensor:
-    """``limit_forget(z)·2^R_Z`` (float), the value :func:`round_forget` rounds."""
+    """The k-limited forget value ``((1 - 2^-k)·z + 2^-k)·2^R_Z`` (float), the value :func:`round_forget` rounds."""
     scale, offset = forget_scale(max_forget_bits)
     return z * scale + offset
 
