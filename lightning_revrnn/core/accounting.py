@@ -47,7 +47,7 @@ class MemoryAccounting:
         """The sum of ``parts`` (layers, or an encoder and a decoder), which it keeps as :attr:`layers`."""
         parts = tuple(parts)
         summed = {f.name: sum(getattr(p, f.name) for p in parts) for f in fields(cls) if f.name != "layers"}
-        return cls(**summed, layers=parts)  # type: ignore[arg-type]  # the numeric fields, summed
+        return cls(**summed, layers=parts)
 
     @property
     def optimal(self) -> float:

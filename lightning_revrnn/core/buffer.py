@@ -277,7 +277,8 @@ class InformationBuffer:
         return [*self._planes, *[r for r in self._drained_rows if r is not None], self.word]
 
     def stats(self, normal_bits: int, stored_bits: int = 0) -> MemoryAccounting:
-        """The window's accounting (after :meth:`finish`, which this calls); see :class:`~lightning_revrnn.core.accounting.MemoryAccounting`.
+        """The window's accounting (after :meth:`finish`, which this calls); see
+        :class:`~lightning_revrnn.core.accounting.MemoryAccounting`.
         ``stored_bits``: the layer's stored units, added to ``used_bits`` and ``optimal_bits``."""
         self.finish()
         units = self.word.numel()

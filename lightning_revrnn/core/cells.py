@@ -54,7 +54,8 @@ class RevGRUCell(ReversibleCell):
         [z2; r2] = σ(W2 [x; h1])    g2 = tanh(U2 [x; r2 ∘ h1])    h2 ← z2 ∘ h2 + (1 − z2) ∘ g2
 
     with ``z`` limited to forget at most ``max_forget_bits`` per step and rounded to ``R_Z`` bits. Gate rows
-    per group: ``z``, ``r`` (from ``W``) then ``g`` (from ``U``). Records: :class:`~lightning_revrnn.core.records.GRURecord`.
+    per group: ``z``, ``r`` (from ``W``) then ``g`` (from ``U``). Records:
+    :class:`~lightning_revrnn.core.records.GRURecord`.
 
     Example::
 
@@ -73,8 +74,8 @@ class RevGRUCell(ReversibleCell):
     def _update(self, z: Tensor, g: Tensor, keep: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor]:
         """(int ``z*`` or None without forgetting, the factor on the old h, the additive term); the
         identity update where ``keep`` is False (see :func:`~lightning_revrnn.core.gates.hold`)."""
-        zq, zs = rounded_forget(z, self.max_forget_bits)
-        (zq,), (zs,), (add,) = hold(keep, [zq], [zs], [torch.addcmul(g, zs, g, value=-1.0)])  # (1 − z)·g
+        rounded, zs = rounded_forget(z, self.max_forget_bits)
+        (zq,), (zs,), (add,) = hold(keep, [rounded], [zs], [torch.addcmul(g, zs, g, value=-1.0)])  # (1 − z)·g
         return zq, zs, add
 
     def half_forward(
@@ -182,8 +183,7 @@ class RevLSTMCell(ReversibleCell):
         ``o∘tanh(c)``, exactly 0."""
         n = self.half_size
         fpq, fps = rounded_forget(torch.cat([f, p], 1), self.max_forget_bits)  # both forget gates in one pass
-        fq, pq, fs, ps = fpq[:, :n], fpq[:, n:], fps[:, :n], fps[:, n:]
-        (fq, pq), (fs, ps), (add_c, o) = hold(keep, [fq, pq], [fs, ps], [i * g, o])
+        (fq, pq), (fs, ps), (add_c, o) = hold(keep, [fpq[:, :n], fpq[:, n:]], [fps[:, :n], fps[:, n:]], [i * g, o])
         return fq, pq, fs, ps, add_c, o
 
     def half_forward(
@@ -192,7 +192,8 @@ class RevLSTMCell(ReversibleCell):
     ) -> Halves:
         h, c = own
         sig, g = self._gates(w, xp, other)
-        fq, pq, fs, ps, add_c, o = self._update(*sig.split(self.half_size, 1), g, keep)
+        f, i, o, p = sig.split(self.half_size, 1)
+        fq, pq, fs, ps, add_c, o = self._update(f, i, o, p, g, keep)
         c = (c if fq is None else buf.multiply(c, fq)) + to_fixed(add_c.detach())
         c_f = straight_through(to_float(c), fs * own_f[1] + add_c)
         add_h = o * torch.tanh(c_f)
@@ -207,7 +208,8 @@ class RevLSTMCell(ReversibleCell):
     ) -> tuple[list[Tensor], Record]:
         h, c = own
         sig, g = self._gates(w, xp, other)
-        fq, pq, fs, ps, add_c, o_held = self._update(*sig.split(self.half_size, 1), g, keep)
+        f, i, o, p = sig.split(self.half_size, 1)
+        fq, pq, fs, ps, add_c, o_held = self._update(f, i, o, p, g, keep)
         pq = unbuffered(pq, 0 if stored_old is None else stored_old.shape[1])
         c_new = own_f[1]
         h = h - to_fixed(o_held * torch.tanh(c_new))

@@ -62,7 +62,8 @@ def reversible_multiply(h: Tensor, z: Tensor, word: Tensor) -> tuple[Tensor, Ten
     """``h* ← h*·z*/2^R_Z`` exactly invertibly; the lost low bits go into ``word`` (all int64, ``word ≥ 0``).
 
     ``word ← word·2^R_Z + (h* mod 2^R_Z)``; ``h* ← ⌊h*/2^R_Z⌋·z* + (word mod z*)``; ``word ← ⌊word/z*⌋``.
-    The caller guarantees ``word < 2^(63 - R_Z)`` beforehand (see :class:`~lightning_revrnn.core.buffer.InformationBuffer`).
+    The caller guarantees ``word < 2^(63 - R_Z)`` beforehand (see
+    :class:`~lightning_revrnn.core.buffer.InformationBuffer`).
     """
     word = torch.add(h & _LOW_MASK, word, alpha=FORGET_ONE)
     quotient = torch.div(word, z, rounding_mode="floor")

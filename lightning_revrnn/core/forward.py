@@ -64,10 +64,7 @@ def run_forward(
         results = _chunks(plan, x, state, state_f, buffers, guard, out, checksums)
         finals, final_exact = _finals(plan, state, state_f, guard)
     _end_of_window_read(guard, buffers)
-    if plan.head is not None:
-        primary = torch.stack(results).sum()
-    else:
-        primary = out if out is not None else torch.cat(results)
+    primary = torch.stack(results).sum() if plan.head is not None else out if out is not None else torch.cat(results)
     return WindowResult(primary, state, finals, final_exact, buffers, stored_initial)
 
 

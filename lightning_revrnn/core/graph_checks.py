@@ -11,6 +11,7 @@ from torch.func import functional_call
 from lightning_revrnn.core.numerics import AutocastState
 from lightning_revrnn.core.protocol import StepHead, StepStem
 
+
 def trainable(module: nn.Module | None) -> list[Tensor]:
     """Parameters of an optional head or stem that take gradients, in a fixed order."""
     return [] if module is None else [p for p in module.parameters() if p.requires_grad]
@@ -57,7 +58,7 @@ def _raise_if_parameter_feeds_context(head: StepHead, context: list[Tensor]) -> 
     reverse sweep) once per chunk, which it refuses (one backward per forward)."""
     params = {id(p) for p in trainable(head)}
     for tensor in context:
-        stack, seen = [tensor.grad_fn], set()
+        stack, seen = [tensor.grad_fn], set[int]()
         while stack and len(seen) < CONTEXT_WALK_LIMIT:
             node = stack.pop()
             if node is None or id(node) in seen:

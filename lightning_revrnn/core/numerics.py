@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 @dataclass(frozen=True)
 class AutocastState:
     """The caller's autocast for one device type, recorded in forward and re-entered by the reverse sweep
@@ -38,9 +39,9 @@ def matmul_precision_state() -> tuple[str, ...]:
     backends = torch.backends
     try:
         return (
-            str(backends.fp32_precision),  # type: ignore[attr-defined]
-            str(backends.cuda.matmul.fp32_precision),  # type: ignore[attr-defined]
-            str(backends.mkldnn.matmul.fp32_precision),  # type: ignore[attr-defined]
+            str(backends.fp32_precision),  # type: ignore[attr-defined]  # newer than torch's stubs
+            str(backends.cuda.matmul.fp32_precision),
+            str(backends.mkldnn.matmul.fp32_precision),  # type: ignore[attr-defined]  # newer than torch's stubs
         )
     except AttributeError:  # a torch without the per-backend API
         return (torch.get_float32_matmul_precision(),)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+
 def add_gradients(targets: Sequence[tuple[Tensor, Tensor]], grads: Sequence[Tensor | None]) -> None:
     """Add each gradient (dense or sparse) into its ``(tensor, accumulator)`` target's accumulator; None: the
     target was not reached."""

@@ -8,7 +8,7 @@ Every backend's ``half_reverse`` returns one and its ``step_backward`` reads it 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -45,4 +45,5 @@ class LSTMRecord(NamedTuple):
     c_new: Tensor  #: the own ``c`` after the update
 
 
-Record = Union[GRURecord, LSTMRecord]
+#: What any reverse half-step returns.
+Record = GRURecord | LSTMRecord

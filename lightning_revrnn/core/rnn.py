@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import ClassVar, Literal, Union, cast
+from typing import ClassVar, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from lightning_revrnn.core.window import WindowPlan
 Mode = Literal["reverse", "store"]
 MODES = ("reverse", "store")
 #: A state: one tensor ``(L, B, H)`` when all layers have the same size, else a list of ``(B, H_l)``.
-State = Union[Tensor, list[Tensor]]
+State = Tensor | list[Tensor]
 
 
 class ReversibleRNN(nn.Module):
@@ -171,7 +171,8 @@ class ReversibleRNN(nn.Module):
 
     def __getstate__(self) -> dict[str, object]:
         # The weak reference to the last window cannot be pickled (ddp_spawn, torch.save of the module).
-        return {**super().__getstate__(), "_last_window": None, "_carry": ExactCarry()}
+        state = super().__getstate__()  # type: ignore[no-untyped-call]  # nn.Module's is unannotated
+        return {**state, "_last_window": None, "_carry": ExactCarry()}
 
     @property
     def cell_list(self) -> list[ReversibleCell]:
@@ -184,7 +185,8 @@ class ReversibleRNN(nn.Module):
         return self.cell_list[0].halves_per_group
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, batch_first={self.batch_first}" + (", fused=True" if self.fused is not False else "")
+        fused = ", fused=True" if self.fused is not False else ""
+        return f"mode={self.mode!r}, batch_first={self.batch_first}{fused}"
 
     # ------------------------------------------------------------------------------------- forward
     def forward(
@@ -223,7 +225,8 @@ class ReversibleRNN(nn.Module):
         )
         if reverse:
             check_declared_inputs(head, stem, plan.autocast, x, self.hidden_sizes[-1])
-            res = ReverseSweep.apply(plan, self.state_count, x, *init, *params, *plan.extras)
+            args = (plan, self.state_count, x, *init, *params, *plan.extras)
+            res = ReverseSweep.apply(*args)  # type: ignore[no-untyped-call]  # Function.apply is unannotated
             primary, finals, record = res[0], list(res[1:-1]), res[-1]
             buffers, final_exact = record.buffers, record.final_exact
             self._last_window = weakref.ref(record)  # the graph owns the record until backward frees it
@@ -406,7 +409,7 @@ class RevLSTM(ReversibleRNN):
     """Reversible LSTM (:class:`~lightning_revrnn.core.cells.RevLSTMCell` layers). ``hx``/``h_n``: (h, c)."""
 
     cell_class = RevLSTMCell
-    autocast_results = {"cuda": torch.float16, "cpu": None}
+    autocast_results: ClassVar[dict[str, torch.dtype | None]] = {"cuda": torch.float16, "cpu": None}
 
 
 class NFRevGRU(ReversibleRNN):
@@ -419,4 +422,4 @@ class NFRevLSTM(ReversibleRNN):
     """No-forgetting RevLSTM: exactly invertible by additive coupling alone (no buffer)."""
 
     cell_class = NFRevLSTMCell
-    autocast_results = {"cuda": torch.float16, "cpu": None}
+    autocast_results: ClassVar[dict[str, torch.dtype | None]] = {"cuda": torch.float16, "cpu": None}

@@ -75,7 +75,8 @@ class WindowPlan:
         if self.stem is None:
             return inputs[t0:t1]
         with self.autocast.enter():
-            return self.stem(inputs[t0:t1]).float()
+            x: Tensor = self.stem(inputs[t0:t1])
+        return x.float()
 
     def head_value(self, output: Tensor, start: int) -> Tensor:
         """The head on ``output`` (steps ``start..``), under the caller's autocast."""

@@ -96,7 +96,7 @@ def test_cells_are_exact_float32_under_autocast() -> None:
     ref, _ = rnn(x)
     torch.manual_seed(3)
     with torch.autocast(KIND, dtype=BF16):
-        out, h_n = rnn(x)
+        out, _h_n = rnn(x)
         expected = nn.GRU(4, 8)(x)[0].dtype  # float32 on the CPU, float16 on CUDA (cuDNN)
     assert out.dtype == expected and torch.equal(out, ref.to(expected))
     (out ** 2).sum().backward()

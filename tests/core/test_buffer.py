@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
+from lightning_revrnn.core.backend import EAGER
 from lightning_revrnn.core.buffer import InformationBuffer, check_period, row_index_dtype
 from lightning_revrnn.core.fixed_point import FORGET_ONE, forget_floor, reversible_multiply
-from lightning_revrnn.core.gates import forget_scaled, round_forget
-from lightning_revrnn.core.backend import EAGER
 from lightning_revrnn.core.forward import run_forward
+from lightning_revrnn.core.gates import forget_scaled, round_forget
 from lightning_revrnn.core.numerics import AutocastState
 from lightning_revrnn.core.window import WindowPlan
 
@@ -47,7 +47,7 @@ def test_many_multiplications_drain_and_reverse_to_empty(k: int | None) -> None:
     h = _run(buf, h0, zs)[-1]
     assert buf.planes, "200 multiplications forgetting >2 bits each must drain"
     assert all(p.dtype == torch.int32 and p.shape[1] == 5 for p in buf.planes)
-    assert 0 <= int(buf.word.min()) and int(buf.word.max()) < 2**63
+    assert int(buf.word.min()) >= 0 and int(buf.word.max()) < 2**63
     assert buf.syncs == 1  # reading the records finished the forward: one read for all its check points
     assert torch.equal(_reverse(buf, h, zs), h0)
     assert buf.is_empty()
@@ -103,7 +103,8 @@ def test_drain_decisions_of_an_example_do_not_depend_on_its_batchmates() -> None
         assert torch.equal(_reverse(alone, hs_alone[-1], [z[b : b + 1] for z in zs]), h0[b : b + 1])
     assert sum(1 for idx in batch.drained_rows if idx is not None) > 0, "some drains must take part of the batch"
     assert all(idx.dtype == torch.uint8 for idx in batch.drained_rows if idx is not None)  # batch ≤ 256
-    assert (row_index_dtype(256), row_index_dtype(257), row_index_dtype(2**16)) == (torch.uint8, torch.int16, torch.int32)
+    dtypes = (row_index_dtype(256), row_index_dtype(257), row_index_dtype(2**16))
+    assert dtypes == (torch.uint8, torch.int16, torch.int32)
     assert torch.equal(_reverse(batch, hs_batch[-1], zs), h0) and batch.is_empty()
 
 
@@ -172,7 +173,7 @@ def _forget_values(kind: str, B: int, n: int, M: int, k: int | None) -> tuple[to
 
 
 @pytest.mark.parametrize("kind", ["partial", "all", "none"])
-@pytest.mark.parametrize("k,B", [(1, 1), (3, 5), (None, 7), (2, 300)])
+@pytest.mark.parametrize(("k", "B"), [(1, 1), (3, 5), (None, 7), (2, 300)])
 def test_device_decided_drains_equal_the_plain_rule(kind: str, k: int | None, B: int) -> None:
     """h after every multiplication, the words, and after finish() the drain records (check point, rows,
     counts, row index dtype) and planes equal the reference's bit for bit; one sync; exact reversal."""

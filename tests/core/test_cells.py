@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, RevGRU, RevLSTM
-from lightning_revrnn.core.fixed_point import to_fixed, to_float
 from lightning_revrnn.core.backend import EAGER, Backend
+from lightning_revrnn.core.fixed_point import to_fixed, to_float
 from lightning_revrnn.core.numerics import AutocastState
 from lightning_revrnn.core.protocol import CHUNK
 from lightning_revrnn.core.window import WindowPlan
@@ -95,8 +95,8 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
     """Run the window forward with ``forward_step``, record all states, reverse with ``reverse_step`` (both on
     ``backend``).
 
-    Returns (recorded outputs of the top layer, recorded final int states, drains per layer). Asserts exact reconstruction
-    at every step and layer and empty buffers at the end.
+    Returns (recorded outputs of the top layer, recorded final int states, drains per layer). Asserts exact
+    reconstruction at every step and layer and empty buffers at the end.
     """
     cells = list(rnn.cells)
     T, B = x.shape[0], x.shape[1]
@@ -118,7 +118,9 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
                 outs = []
                 for t in range(t0, t1):
                     state_f = [to_float(s) for s in state[l]]
-                    state[l], state_f = backend.forward_step(cell, weights[l], xp[t - t0], state[l], state_f, buffers[l])
+                    state[l], state_f = backend.forward_step(
+                        cell, weights[l], xp[t - t0], state[l], state_f, buffers[l]
+                    )
                     outs.append(cell.output(state_f))
                     if len(recorded) <= t + 1:
                         recorded.append([])
@@ -127,7 +129,7 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
             outputs.append(inp)
     finals = [list(s) for s in state]
 
-    for l, (buf, cell) in enumerate(zip(buffers, cells)):
+    for buf, cell in zip(buffers, cells):
         assert buf.multiplications == T * cell.multiplications_per_step
         if not cell.forgets:
             assert not buf.planes and not bool(buf.word.any()), "a no-forgetting cell touched its buffer"
@@ -243,7 +245,7 @@ def test_reverse_mode_matches_store_end_to_end(cfg):
 
 
 @pytest.mark.parametrize(
-    "cls,bits,T",
+    ("cls", "bits", "T"),
     [(RevGRU, None, 301), (RevLSTM, None, 200), (RevGRU, 5, 300), (RevLSTM, 3, 250)],
     ids=lambda v: getattr(v, "__name__", str(v)),
 )

@@ -78,5 +78,5 @@ def test_range_guard_rejects_nan_inf_and_huge_values() -> None:
     for bad in (float("nan"), float("inf"), 2.0**31):
         guard.observe("ok", torch.tensor([1.0, -5.0]))
         guard.observe("state", torch.tensor([0.0, bad]))
-        with pytest.raises(FixedPointOverflowError, match="state holds .* fixed-point range"):
+        with pytest.raises(FixedPointOverflowError, match=r"state holds .* fixed-point range"):
             guard.check()

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM, StepHead, StepStem
-from lightning_revrnn.core.buffer import InformationBuffer
 from lightning_revrnn.core.backend import EAGER
+from lightning_revrnn.core.buffer import InformationBuffer
 from lightning_revrnn.core.cells import RevGRUCell, RevLSTMCell
 from lightning_revrnn.core.fixed_point import FORGET_ONE, R_Z, to_fixed, to_float
 
@@ -304,12 +304,12 @@ def test_padded_memory_stats_optimal_bits_equal_the_unpadded_prefix():
 def test_wrong_mask_dtype_shape_and_device_raise_with_a_fix():
     rnn = RevGRU(3, 4)
     x = torch.randn(5, 2, 3)
-    with pytest.raises(ValueError, match="bool tensor.*Fix"):
+    with pytest.raises(ValueError, match=r"bool tensor.*Fix"):
         rnn(x, keep=torch.ones(5, 2))
     with pytest.raises(ValueError, match=r"\(5, 2\).*Fix"):
         rnn(x, keep=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool tensor"):
         rnn(x, keep=[[True, True]] * 5)
     if x.device.type == "cpu" and torch.cuda.is_available():
-        with pytest.raises(ValueError, match="Fix: keep.to"):
+        with pytest.raises(ValueError, match=r"Fix: keep\.to"):
             rnn(x, keep=torch.ones(5, 2, dtype=torch.bool, device="cuda"))

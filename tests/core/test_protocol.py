@@ -120,7 +120,8 @@ def test_undeclared_head_input_raises() -> None:
     head.targets = torch.randint(0, 5, (7, 2))
     head.memory = nn.Linear(3, 6)(torch.randn(4, 2, 3))  # an encoder output, not declared
     x = torch.randn(7, 2, 3)
-    with pytest.raises(RuntimeError, match=r"StepHead AttentionHead reads a tensor .*context\(\) \(its graph reaches a leaf of shape \(6, 3\)"):
+    expected = r"StepHead AttentionHead reads a tensor .*context\(\) \(its graph reaches a leaf of shape \(6, 3\)"
+    with pytest.raises(RuntimeError, match=expected):
         rnn(x, head=head)
     # Store mode is ordinary autograd: the same head is fine there.
     rnn.mode = "store"
@@ -137,7 +138,8 @@ def test_undeclared_stem_input_raises() -> None:
     rnn = RevLSTM(4, 6)
     stem = ConditionedStem(3, 4, declare=False)
     stem.condition = torch.randn(2, 4, requires_grad=True)
-    with pytest.raises(RuntimeError, match=r"StepStem ConditionedStem reads a tensor .*leaf of shape \(2, 4\).*Fix: return that tensor"):
+    expected = r"StepStem ConditionedStem reads a tensor .*leaf of shape \(2, 4\).*Fix: return that tensor"
+    with pytest.raises(RuntimeError, match=expected):
         rnn(torch.randn(5, 2, 3), stem=stem)
 
 

@@ -228,7 +228,7 @@ MUTATIONS = [
 ]
 
 
-@pytest.mark.parametrize("cls,k,mutation", MUTATIONS)
+@pytest.mark.parametrize(("cls", "k", "mutation"), MUTATIONS)
 def test_a_misread_spec_fails_the_comparison(cls: type, k: int | None, mutation: str) -> None:
     """z and r swapped (f and i for the LSTM), group 2 reading the old h1, or the forget limit dropped:
     each must move the reference well beyond the tolerance, so the comparison above would catch it."""

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, RevGRU, RevGRUCell, RevLSTM
+from lightning_revrnn.core.window import _mix, state_checksum
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
-from lightning_revrnn.core.window import _mix, state_checksum
 
 BASELINE = {RevGRU: nn.GRU, NFRevGRU: nn.GRU, RevLSTM: nn.LSTM, NFRevLSTM: nn.LSTM}
 
@@ -242,7 +242,7 @@ def test_tied_weight_one_accumulator_and_index_add() -> None:
 
 @pytest.fixture
 def quiet_trainer() -> Iterator[dict[str, object]]:
-    yield dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    return dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False)
 
 

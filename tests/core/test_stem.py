@@ -53,7 +53,7 @@ def test_stem_and_head_reverse_equals_store(cls: type) -> None:
         torch.manual_seed(1)
         loss, h_n = rnn(tokens, head=head, stem=stem)
         results[mode] = (loss.detach(), h_n, torch.autograd.grad(loss, params))
-    (ls, hs, gs), (lr, hr, gr) = results["store"], results["reverse"]
+    (ls, _hs, gs), (lr, _hr, gr) = results["store"], results["reverse"]
     assert torch.equal(ls, lr)
     for a, b in zip(gs, gr):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_masks import compare_modes, fixed_point_hx, pack, right_padded, unpack
 
 from lightning_revrnn import NFRevGRU, RevGRU, RevLSTM, StepHead
 from lightning_revrnn.core.buffer import InformationBuffer
 from lightning_revrnn.core.cells import RevGRUCell, RevLSTMCell
 from lightning_revrnn.core.fixed_point import to_fixed, to_float
-from test_masks import compare_modes, fixed_point_hx, pack, right_padded, unpack
 
 CLASSES = (RevGRU, RevLSTM, NFRevGRU)
 IDS = lambda v: getattr(v, "__name__", str(v))  # noqa: E731
@@ -31,7 +31,7 @@ def test_stored_units_reverse_gradients_equal_store_with_padding(cls, layers):
     T, B, S = 37, 4, 3  # three chunks, the last one short
     rnn = cls(5, 8, num_layers=layers, stored_units=S, dropout=0.2 if layers == 2 else 0.0)
     x = torch.randn(T, B, 5)
-    rev, sto = compare_modes(rnn, x, fixed_point_hx(rnn, B), right_padded([T, 30, 17, 1], T))
+    rev, _sto = compare_modes(rnn, x, fixed_point_hx(rnn, B), right_padded([T, 30, 17, 1], T))
     assert rev[0].shape == (T, B, S)
 
 

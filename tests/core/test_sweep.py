@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM, StepHead
+from lightning_revrnn.core.backend import EAGER
 from lightning_revrnn.core.dropout import SeededMask
 from lightning_revrnn.core.fixed_point import to_fixed, to_float
-from lightning_revrnn.core.backend import EAGER
 from lightning_revrnn.core.forward import run_forward
 from lightning_revrnn.core.numerics import AutocastState
 from lightning_revrnn.core.protocol import CHUNK
@@ -403,7 +403,7 @@ def float_reference(cell, x, h0, in_mask, hh_mask, kind):
     return torch.stack(outs), halves
 
 
-@pytest.mark.parametrize("cls,kind", [(RevGRU, "gru"), (RevLSTM, "lstm")], ids=["RevGRU", "RevLSTM"])
+@pytest.mark.parametrize(("cls", "kind"), [(RevGRU, "gru"), (RevLSTM, "lstm")], ids=["RevGRU", "RevLSTM"])
 @pytest.mark.parametrize("bits", [3, None], ids=str)
 def test_reverse_gradients_follow_the_spec_equations(cls, kind, bits):
     torch.manual_seed(12)
