@@ -21,7 +21,7 @@ test: $(STAMP)
 
 # The fused path's tests (torch.compile; a few minutes, left out of `make test`).
 test-compile: $(STAMP)
-	$(BIN)/python -m pytest -q -m compile tests/test_fused.py
+	$(BIN)/python -m pytest -q -m compile tests/fused/test_fused.py
 
 demo: $(STAMP)
 	$(BIN)/python -m lightning_revrnn.demo
