@@ -80,7 +80,8 @@ from typing_extensions import override
 
 from lightning_revrnn import ReversibleRNN
 from lightning_revrnn.fused import FusedBackend, StageCounter
-from lightning_revrnn.lm import Batch, LanguageModel
+from lightning_revrnn.lm import LanguageModel
+from lightning_revrnn.lm.model import Batch
 from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
 
 try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.lm_step``
