@@ -1,10 +1,11 @@
-"""The fused path (``fused=True``): compiled stages checked against the eager reference.
+"""The fused backend (``fused=True``, :class:`~lightning_revrnn.fused.FusedBackend`): compiled stages checked
+against the eager reference backend.
 
 Integer stages: bit for bit against :func:`reversible_multiply` / :func:`reversible_divide` (inductor's
 int64 floor division and remainder included). Whole windows: every forward state rebuilt bit for bit by
-the fused reverse sweep (the independent stepwise harness of ``test_reversal``), padding, stored units, and
-gradients against ``mode="store"`` to a tolerance (the fused gates may round a forget value differently
-from the eager ones, so the two trajectories are close, not equal).
+the fused reverse sweep (the independent stepwise harness of ``tests/core/test_cells.py`` on the fused
+backend), padding, stored units, and gradients against ``mode="store"`` to a tolerance (the fused gates may
+round a forget value differently from the eager ones, so the two trajectories are close, not equal).
 
 Every test that compiles is marked ``compile`` and left out of the default run (``make test-compile`` or
 ``pytest -m compile``). They share small shapes so that each stage compiles a few times in all.
@@ -30,7 +31,7 @@ compile_marker = pytest.mark.compile
 B, N = 3, 8  # the integer stages' shape, shared by every test here
 #: The backend ``fused=True`` modules use: the tests that call it directly share its compiled stages with them.
 FUSED = default_backend()
-stages = FUSED.stages
+stages = FUSED.stages  # its Stages: the integer stages are tested through them
 
 
 # ------------------------------------------------------------------------------ integer stages
@@ -143,7 +144,7 @@ def assert_ran_stages(backend: FusedBackend, cell, multiplications: int) -> None
 @compile_marker
 @pytest.mark.parametrize("cls", [RevGRU, RevLSTM, NFRevGRU, NFRevLSTM], ids=lambda c: c.__name__)
 def test_fused_reverse_rebuilds_every_state_bit_for_bit(cls):
-    """The stepwise harness of test_reversal with the fused cells: every layer's state after every step
+    """The stepwise harness of test_cells on the fused backend: every layer's state after every step
     of a 2-layer window with dropouts is rebuilt bit for bit, and the buffers end empty."""
     cfg = dict(cls=cls, input_size=5, hidden=2 * N, layers=2, bits=3 if cls in (RevGRU, RevLSTM) else None,
                dropout=0.3, input_dropout=0.3, dropconnect=0.5, T=37, batch=B, weight_scale=4.0, state_scale=1.0,
