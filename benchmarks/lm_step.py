@@ -78,8 +78,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from lightning_revrnn.lm.model import Batch, LanguageModel
+from lightning_revrnn import ReversibleRNN
+from lightning_revrnn.fused import FusedBackend, StageCounter
 from lightning_revrnn.lm.head import BoundDecoderHead
+from lightning_revrnn.lm.model import Batch, LanguageModel
 from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
 from lightning_revrnn.shared import BoundEmbeddingStem
 
@@ -398,9 +400,24 @@ def measure_cpu_peak(model: LanguageModel, batch: Batch, row: Row) -> None:
 
 
 def measure_counts(model: LanguageModel, batch: Batch, row: Row) -> None:
-    """Op and sync counts of one step: forward = ``training_step``, reverse = ``backward()``."""
-    counts = count_step(lambda: model.training_step(batch, 0), row.config.seq_len, row.config.layers,
-                        fused=row.config.fused)
+    """Op and sync counts of one step: forward = ``training_step``, reverse = ``backward()``. A ``--fused`` row's
+    step runs on a fused backend injected for it with a :class:`~lightning_revrnn.fused.StageCounter`, which
+    counts its compiled kernels (the model's own backend is put back after)."""
+
+    def step() -> Tensor:
+        return model.training_step(batch, 0)
+
+    if not row.config.fused:
+        counts = count_step(step, row.config.seq_len, row.config.layers)
+    else:
+        rnn = model.rnn
+        assert isinstance(rnn, ReversibleRNN)
+        stages, own = StageCounter(), rnn.fused
+        rnn.fused = FusedBackend(stages)
+        try:
+            counts = count_step(step, row.config.seq_len, row.config.layers, stage_counter=stages)
+        finally:
+            rnn.fused = own
     model.zero_grad(set_to_none=True)
     row.counts = counts.to_json()
 

@@ -44,11 +44,14 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:  # the fused backend is imported only where a step is counted on it
+    from lightning_revrnn.fused import StageCounter
 
 aten = torch.ops.aten
 
@@ -83,8 +86,9 @@ class PhaseCounts:
 
     ops: Counter[str] = field(default_factory=Counter)
     allocations: int = 0
-    #: Kernels run by the fused path's compiled stages (``lightning_revrnn.fused``), which bypass the
-    #: dispatcher: inductor-generated kernels plus the GEMMs each graph calls as extern kernels.
+    #: Kernels run by the fused backend's compiled stages (``lightning_revrnn.fused``), which bypass the
+    #: dispatcher: inductor-generated kernels plus the GEMMs each graph calls as extern kernels, as counted by
+    #: the counter's :class:`~lightning_revrnn.fused.StageCounter` (0 without one).
     kernels: int = 0
     syncs: Counter[str] = field(default_factory=Counter)
     sync_sites: Counter[str] = field(default_factory=Counter)
@@ -133,12 +137,17 @@ class OpCounter(TorchDispatchMode):
 
     The mode follows the step into the autograd engine (its thread-local state travels with backward), so
     a custom ``autograd.Function``'s backward is counted under the phase ``backward()`` was called in.
+
+    ``stage_counter``: the :class:`~lightning_revrnn.fused.StageCounter` of the fused backend the step runs
+    on (``FusedBackend(stage_counter)``); each phase adds the compiled kernels it counted meanwhile to
+    :attr:`PhaseCounts.kernels`.
     """
 
-    def __init__(self, record_sites: bool = False) -> None:
+    def __init__(self, record_sites: bool = False, stage_counter: StageCounter | None = None) -> None:
         super().__init__()
         #: Also count every op by the line that called it (:attr:`PhaseCounts.op_sites`; slow: a stack walk per op).
         self.record_sites = record_sites
+        self.stage_counter = stage_counter
         self.phases: dict[str, PhaseCounts] = {}
         self._phase = "other"
         self._host_read_depth = 0  # > 0 inside a wrapped Tensor method: its inner copies are that one sync
@@ -155,15 +164,17 @@ class OpCounter(TorchDispatchMode):
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[PhaseCounts]:
         """Count what runs inside under ``name`` (phases may repeat: counts add up)."""
-        from lightning_revrnn import fused
-
         previous, self._phase = self._phase, name
-        kernels = sum(fused.KERNELS.values())
+        kernels = self._stage_kernels()
         try:
             yield self.current
         finally:
-            self.current.kernels += sum(fused.KERNELS.values()) - kernels
+            self.current.kernels += self._stage_kernels() - kernels
             self._phase = previous
+
+    def _stage_kernels(self) -> int:
+        """The compiled kernels the stage counter has counted so far (0 without one)."""
+        return 0 if self.stage_counter is None else sum(self.stage_counter.kernels.values())
 
     # ------------------------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -325,16 +336,16 @@ class StepCounts:
 
 def count_step(forward: Callable[[], Tensor], steps: int, layers: int,
                to_loss: Callable[[Tensor], Tensor] | None = None, record_sites: bool = False,
-               fused: bool = False) -> StepCounts:
+               stage_counter: StageCounter | None = None) -> StepCounts:
     """Run one training step under an :class:`OpCounter`: ``forward()`` in phase ``forward``, then the
     backward of ``to_loss(output)`` (default: the output itself, which must then be a scalar; the loss
     reduction is not counted) in phase ``reverse``. ``steps`` (T) and ``layers`` normalise the counts;
-    ``record_sites`` as :class:`OpCounter`'s. ``fused``: the model uses the fused path; its compiled
-    stages are counted as kernels (``lightning_revrnn.fused.counting``, which recompiles every stage)."""
-    from lightning_revrnn import fused as fused_path
-
-    context = fused_path.counting() if fused else contextlib.nullcontext()
-    with context, OpCounter(record_sites) as counter:
+    ``record_sites`` as :class:`OpCounter`'s. ``stage_counter``: the model runs on ``FusedBackend(stage_counter)``
+    (inject it: ``rnn.fused = FusedBackend(stage_counter)``); the step runs inside
+    :meth:`StageCounter.recording` (which recompiles every stage) and its compiled stages are counted as
+    kernels."""
+    context = stage_counter.recording() if stage_counter is not None else contextlib.nullcontext()
+    with context, OpCounter(record_sites, stage_counter) as counter:
         with counter.phase("forward"):
             out = forward()
         loss = out if to_loss is None else to_loss(out)
@@ -362,15 +373,18 @@ def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bi
     """One counted ``mode="reverse"`` step of a small model, every op by the line that ran it. ``summary``,
     when given, receives the per step per layer figures (for ``--json``)."""
     from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM
-    from lightning_revrnn import fused as fused_path
+    from lightning_revrnn.fused import FusedBackend, StageCounter
 
     torch.manual_seed(0)
     cls = {"gru": RevGRU, "lstm": RevLSTM, "nfgru": NFRevGRU, "nflstm": NFRevLSTM}[cell]
     bits = None if cell.startswith("nf") else bits  # no forgetting: no forget limit
-    rnn = cls(hidden, hidden, layers, max_forget_bits=bits, fused=fused)
+    rnn = cls(hidden, hidden, layers, max_forget_bits=bits)
+    stages = StageCounter() if fused else None
+    if stages is not None:
+        rnn.fused = FusedBackend(stages)  # the fused backend, its stages counted
     x = torch.randn(steps, batch, hidden, requires_grad=True)
     counts = count_step(lambda: rnn(x)[0], steps, layers, to_loss=lambda out: out.sum(), record_sites=True,
-                        fused=fused)
+                        stage_counter=stages)
     scale = steps * layers
     if summary is not None:
         for name, phase in (("forward", counts.forward), ("reverse", counts.reverse)):
@@ -378,15 +392,15 @@ def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bi
             summary[f"{name}_ops"] = phase.total_ops / scale
             summary[f"{name}_kernels"] = phase.kernels / scale
             summary[f"{name}_syncs_per_window"] = phase.total_syncs
-        summary["stages"] = {name: {"calls_per_step_layer": fused_path.CALLS[name] / scale,
-                                    "kernels_per_call": n / max(fused_path.CALLS[name], 1)}
-                             for name, n in fused_path.KERNELS.items()} if fused else {}
+        summary["stages"] = {name: {"calls_per_step_layer": stages.calls[name] / scale,
+                                    "kernels_per_call": n / max(stages.calls[name], 1)}
+                             for name, n in stages.kernels.items()} if stages is not None else {}
     lines = [f"{cls.__name__}{' fused' if fused else ''} T={steps} L={layers} H={hidden} B={batch} k={bits}: ops "
              f"(+ compiled kernels) per step per layer (views, no-ops and allocations left out; benchmarks/opcount.py)"]
-    if fused:
+    if stages is not None:
         lines.append("compiled stages, calls and kernels per step per layer (forward + reverse): " + ", ".join(
-            f"{name} {fused_path.CALLS[name] / scale:.2f} x {n / max(fused_path.CALLS[name], 1):.0f}"
-            for name, n in fused_path.KERNELS.items()))
+            f"{name} {stages.calls[name] / scale:.2f} x {n / max(stages.calls[name], 1):.0f}"
+            for name, n in stages.kernels.items()))
     for name, phase in (("forward", counts.forward), ("reverse", counts.reverse)):
         lines.append(f"{name}: {phase.ops_and_kernels / scale:.2f} ops + kernels ({phase.total_ops / scale:.2f} ops, "
                      f"{phase.kernels / scale:.2f} compiled kernels), {phase.allocations / scale:.2f} allocations, "

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lightning_revrnn import RevGRU, RevLSTM
+from lightning_revrnn.fused import StageCounter
 
 
 def _load_opcount() -> ModuleType:
@@ -74,6 +75,24 @@ def test_backward_is_counted_in_its_phase() -> None:
     assert dict(counts.forward.ops) == {"aten.mul.Tensor": 1, "aten.exp.default": 1}
     assert counts.reverse.total_ops > 0 and "aten.mul.Tensor" in counts.reverse.ops
     assert w.grad is not None
+
+
+def test_stage_counter_kernels_are_counted_in_their_phase() -> None:
+    """With a fused backend's StageCounter, each phase adds the compiled kernels counted while it ran, and the
+    step runs inside the counter's recording (inductor's graph cache off, so every stage compiles and counts)."""
+    stages = StageCounter()
+    w = torch.randn(5, requires_grad=True)
+    w.register_hook(lambda grad: stages.kernels.update(backward_stage=2))  # runs inside backward()
+
+    def forward() -> torch.Tensor:
+        assert not torch._inductor.config.fx_graph_cache
+        stages.kernels["gates"] += 3
+        return (w * 2).exp()
+
+    counts = opcount.count_step(forward, steps=1, layers=1, to_loss=lambda y: y.sum(), stage_counter=stages)
+    assert counts.forward.kernels == 3 and counts.reverse.kernels == 2
+    assert counts.forward.ops_and_kernels == counts.forward.total_ops + 3
+    assert opcount.count_step(lambda: (w * 2).sum(), steps=1, layers=1).forward.kernels == 0  # no counter: none
 
 
 @pytest.mark.parametrize("cls", [RevGRU, RevLSTM])

@@ -1,10 +1,11 @@
-"""The fused path (``fused=True``): compiled stages checked against the eager reference.
+"""The fused backend (``fused=True``, :class:`~lightning_revrnn.fused.FusedBackend`): compiled stages checked
+against the eager reference backend.
 
 Integer stages: bit for bit against :func:`reversible_multiply` / :func:`reversible_divide` (inductor's
 int64 floor division and remainder included). Whole windows: every forward state rebuilt bit for bit by
-the fused reverse sweep (the independent stepwise harness of ``test_reversal``), padding, stored units, and
-gradients against ``mode="store"`` to a tolerance (the fused gates may round a forget value differently
-from the eager ones, so the two trajectories are close, not equal).
+the fused reverse sweep (the independent stepwise harness of ``tests/core/test_cells.py`` on the fused
+backend), padding, stored units, and gradients against ``mode="store"`` to a tolerance (the fused gates may
+round a forget value differently from the eager ones, so the two trajectories are close, not equal).
 
 Every test that compiles is marked ``compile`` and left out of the default run (``make test-compile`` or
 ``pytest -m compile``). They share small shapes so that each stage compiles a few times in all.
@@ -16,15 +17,21 @@ import pytest
 import torch
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM
-from lightning_revrnn import fused as stages
+from lightning_revrnn.core.backend import EAGER, EagerBackend, backend_for
 from lightning_revrnn.core.buffer import InformationBuffer
+from lightning_revrnn.core.cell_base import add_output_gradient
 from lightning_revrnn.core.errors import FusedPathError
 from lightning_revrnn.core.fixed_point import FORGET_ONE, reversible_divide, reversible_multiply, to_float
+from lightning_revrnn.core.records import GRURecord
+from lightning_revrnn.fused import FusedBackend, StageCounter, default_backend
 from test_masks import right_padded
 from test_cells import build, independent_roundtrip, sample_masks
 
 compile_marker = pytest.mark.compile
 B, N = 3, 8  # the integer stages' shape, shared by every test here
+#: The backend ``fused=True`` modules use: the tests that call it directly share its compiled stages with them.
+FUSED = default_backend()
+stages = FUSED.stages  # its Stages: the integer stages are tested through them
 
 
 # ------------------------------------------------------------------------------ integer stages
@@ -86,10 +93,12 @@ def test_compiled_floor_division_and_remainder_follow_torch():
 
 
 @compile_marker
-def test_buffer_fused_multiply_and_divide_round_trip_with_drains():
-    """The buffer's fused multiply/divide with check points between them: many multiplications at the
-    smallest ``z*`` drain words, and dividing in reverse order restores every ``h`` and empties the buffer;
-    the fused and eager buffers hold the same words, drains and accounting."""
+def test_buffer_round_trip_through_the_fused_hooks_with_drains():
+    """The fused backend's multiply and divide through the buffer's hooks (``begin_multiply``/``end_multiply``
+    around its integer stage, then ``begin_divide``/``end_divide``) with check points between them: many
+    multiplications at the smallest ``z*`` drain words, and dividing in reverse order restores every ``h`` and
+    empties the buffer; the fused and the reference buffer (:meth:`InformationBuffer.multiply`) hold the same
+    words, drains and accounting."""
     g = torch.Generator().manual_seed(3)
     fused_buf = InformationBuffer((B, N), torch.device("cpu"), None, retain=True)
     eager_buf = InformationBuffer((B, N), torch.device("cpu"), None, retain=True)
@@ -98,33 +107,54 @@ def test_buffer_fused_multiply_and_divide_round_trip_with_drains():
     for _ in range(20):
         z = torch.randint(1, 4, (B, N), generator=g)
         add = torch.randint(-(2**20), 2**20, (B, N), generator=g)
-        new, _ = fused_buf.fused_multiply(h, z, add)
-        assert torch.equal(new, eager_buf.multiply(h, z) + add)
+        new, new_f = FUSED._apply(fused_buf, h, z, add)
+        assert torch.equal(new, eager_buf.multiply(h, z) + add) and torch.equal(new_f, to_float(new))
         assert torch.equal(fused_buf.word, eager_buf.word)
+        assert fused_buf.multiplications == eager_buf.multiplications and len(fused_buf.pending) == len(eager_buf.pending)
         steps.append((h, z, add))
         h = new
     assert fused_buf.drained_before == eager_buf.drained_before and fused_buf.drained_before
+    assert fused_buf.drained_counts == eager_buf.drained_counts
+    for a, b in zip(fused_buf.planes, eager_buf.planes, strict=True):
+        assert torch.equal(a, b)
     torch.testing.assert_close(float(fused_buf.stats(1).optimal_bits), float(eager_buf.stats(1).optimal_bits))
     for old, z, add in reversed(steps):
-        h, h_f = fused_buf.fused_divide(h, add, z)
+        h, h_f = FUSED._undo(fused_buf, h, z, add)
         assert torch.equal(h, old) and torch.equal(h_f, to_float(old))
     assert fused_buf.is_empty()
 
 
 # --------------------------------------------------------------------------------- whole windows
+def counted_backend() -> FusedBackend:
+    """A fresh fused backend whose stage calls are counted (it shares the compiled graphs of :data:`FUSED`)."""
+    return FusedBackend(StageCounter())
+
+
+def assert_ran_stages(backend: FusedBackend, cell, multiplications: int) -> None:
+    """The harness ran on ``backend``'s stages (not the eager cells): every buffered multiplication went
+    through an integer stage and was undone by one."""
+    calls = backend.stages.counter.calls
+    assert calls[f"{cell.kind}_gates{(cell.max_forget_bits, cell.forgets)}"] > 0, calls
+    if cell.forgets:
+        assert calls["multiply_add_logged"] == calls["subtract_divide"] == multiplications, calls
+    else:
+        assert calls["add_term"] == calls["subtract_term"] > 0 and not calls["multiply_add_logged"], calls
+
+
 @compile_marker
 @pytest.mark.parametrize("cls", [RevGRU, RevLSTM, NFRevGRU, NFRevLSTM], ids=lambda c: c.__name__)
 def test_fused_reverse_rebuilds_every_state_bit_for_bit(cls):
-    """The stepwise harness of test_reversal with the fused cells: every layer's state after every step
+    """The stepwise harness of test_cells on the fused backend: every layer's state after every step
     of a 2-layer window with dropouts is rebuilt bit for bit, and the buffers end empty."""
     cfg = dict(cls=cls, input_size=5, hidden=2 * N, layers=2, bits=3 if cls in (RevGRU, RevLSTM) else None,
                dropout=0.3, input_dropout=0.3, dropconnect=0.5, T=37, batch=B, weight_scale=4.0, state_scale=1.0,
                seed=11)
     rnn, x, hx = build(cfg)
-    rnn.fused = True
     input_masks, hidden_masks = sample_masks(rnn, x, 5)
+    backend = counted_backend()
     with torch.no_grad():  # the stages run where no autograd records, as in the module
-        independent_roundtrip(rnn, x, hx, input_masks, hidden_masks)
+        independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, backend=backend)
+    assert_ran_stages(backend, rnn.cells[0], multiplications=2 * 37 * rnn.cells[0].multiplications_per_step)
 
 
 @compile_marker
@@ -134,10 +164,11 @@ def test_fused_reverse_with_drains_rebuilds_every_state():
     cfg = dict(cls=RevLSTM, input_size=5, hidden=2 * N, layers=1, bits=None, dropout=0.0, input_dropout=0.0,
                dropconnect=0.0, T=40, batch=B, weight_scale=4.0, state_scale=1.0, seed=3)
     rnn, x, hx = build(cfg)
-    rnn.fused = True
+    backend = counted_backend()
     with torch.no_grad():
-        _, _, drains = independent_roundtrip(rnn, x, hx, [None], [None], expect_drains=True)
+        _, _, drains = independent_roundtrip(rnn, x, hx, [None], [None], expect_drains=True, backend=backend)
     assert drains[0] > 0
+    assert_ran_stages(backend, rnn.cells[0], multiplications=40 * rnn.cells[0].multiplications_per_step)
 
 
 def gradients(rnn, x, keep=None):
@@ -218,15 +249,13 @@ def test_fused_evaluation_matches_fused_training_forward():
 
 # ----------------------------------------------------------------------------------- no compiling
 def _fused_forward_raises(monkeypatch, fake_compile, match: str) -> None:
-    """A fused RevGRU forward with ``torch.compile`` replaced by ``fake_compile`` raises FusedPathError matching ``match``."""
+    """A RevGRU forward on a fresh fused backend with ``torch.compile`` replaced by ``fake_compile`` raises
+    FusedPathError matching ``match`` (a fresh backend: its stages compile now, and the shared default backend's
+    compiled stages are left alone)."""
     monkeypatch.setattr(torch, "compile", fake_compile)
-    stages._stage.cache_clear()
-    try:
-        rnn = RevGRU(5, 2 * N, 1, fused=True)
-        with pytest.raises(FusedPathError, match=match):
-            rnn(torch.randn(3, B, 5, requires_grad=True))
-    finally:
-        stages._stage.cache_clear()
+    rnn = RevGRU(5, 2 * N, 1, fused=FusedBackend())
+    with pytest.raises(FusedPathError, match=match):
+        rnn(torch.randn(3, B, 5, requires_grad=True))
 
 
 def test_failed_compile_names_the_fix(monkeypatch):
@@ -254,36 +283,101 @@ def test_recompile_limit_names_batch_sizes_as_the_fix(monkeypatch):
     _fused_forward_raises(monkeypatch, compile_that_hits_the_limit, "distinct shapes.*drop_last=True")
 
 
-def test_fused_switch_reaches_the_cells_and_store_mode_stays_eager():
-    """``fused`` is plumbed to every cell, settable later, and ``mode="store"`` (autograd recording) does
-    not use the stages."""
+class SpyBackend(EagerBackend):
+    """The reference backend, counting which of its methods a window called."""
+
+    name = "spy"
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {"half_forward": 0, "half_reverse": 0, "step_backward": 0}
+
+    def half_forward(self, *args, **kwargs):
+        self.calls["half_forward"] += 1
+        return super().half_forward(*args, **kwargs)
+
+    def half_reverse(self, *args, **kwargs):
+        self.calls["half_reverse"] += 1
+        return super().half_reverse(*args, **kwargs)
+
+    def step_backward(self, *args, **kwargs):
+        self.calls["step_backward"] += 1
+        return super().step_backward(*args, **kwargs)
+
+
+def test_fused_switch_and_store_mode_stays_eager():
+    """``fused`` is settable later (True/False or a backend), and the backend is chosen once per window: the
+    fused one (or the injected one) only where autograd records nothing; ``mode="store"`` training (autograd
+    recording) gets the eager reference."""
+    assert backend_for(False, differentiable=False) is EAGER
+    assert backend_for(True, differentiable=True) is EAGER  # grad recording: eager
+    assert backend_for(True, differentiable=False) is default_backend()
+    injected = FusedBackend()
+    assert backend_for(injected, differentiable=False) is injected
+    assert backend_for(injected, differentiable=True) is EAGER
+
     rnn = RevLSTM(5, [2 * N, 4], 2)
-    assert not any(c.fused for c in rnn.cells)
+    assert rnn.fused is False and "fused=True" not in repr(rnn)
     rnn.fused = True
-    assert all(c.fused for c in rnn.cells) and "fused=True" in repr(rnn)
-    assert not rnn.cells[0].uses_fused()  # grad enabled: eager
-    with torch.no_grad():
-        assert rnn.cells[0].uses_fused()
+    assert rnn.fused is True and "fused=True" in repr(rnn)
     with pytest.raises(TypeError, match="fused must be True or False"):
         rnn.fused = 1
 
+    # Which backend a window's plan gets: an injected backend runs every half-step where nothing records.
+    spy = SpyBackend()
+    rnn.fused = spy
+    x = torch.randn(6, B, 5)
+    rnn.mode = "store"
+    rnn(x.clone().requires_grad_())[0].sum().backward()  # autograd records the window: the reference
+    assert spy.calls == {"half_forward": 0, "half_reverse": 0, "step_backward": 0}
+    with torch.no_grad():  # evaluation: the injected backend
+        rnn(x)
+    assert spy.calls == {"half_forward": 2 * 2 * 6, "half_reverse": 0, "step_backward": 0}
+    rnn.mode = "reverse"  # training by reversal: the forward, reverse and backward all on the injected backend
+    out, _ = rnn(x.clone().requires_grad_())
+    assert rnn.last_window is not None and rnn.last_window.plan.backend is spy
+    out.sum().backward()
+    assert spy.calls == {"half_forward": 2 * 2 * 6 * 2, "half_reverse": 2 * 2 * 6, "step_backward": 2 * 6}
+
 
 # ---------------------------------------------------------------------------------- backward stage
-def fused_record(cell, record):
-    """The fused path's record from the eager one: a RevGRU's ``σ([z; r])`` split into ``z, r``."""
-    if cell.halves_per_group == 2:
-        return record
-    other, r_other, zr, g, zs, h_old = record
-    return (other, r_other, zr[:, : cell.half_size], zr[:, cell.half_size :], g, zs, h_old)
+def reference_record(record):
+    """A fused record as the reference backward reads it: a RevGRU's ``σ([z; r])`` as one block (the fused
+    gates return ``z`` and ``r`` apart, ``zr`` None)."""
+    if isinstance(record, GRURecord) and record.zr is None:
+        return record._replace(zr=torch.cat([record.z, record.r], 1))
+    return record
+
+
+def fused_form(record):
+    """A reference record in the form the fused reverse returns: a RevGRU's ``z``, ``r`` apart and
+    contiguous, ``zr`` None (the reference's are views of ``zr``)."""
+    if isinstance(record, GRURecord):
+        return record._replace(z=record.z.contiguous(), r=record.r.contiguous(), zr=None)
+    return record
+
+
+def step_records(backend, cell, w, xp, state, keep, stored):
+    """One step forward and back on ``backend`` from ``state`` (int halves; its first ``stored`` units of
+    ``h1`` stored): the two groups' records. The reverse rebuilds ``state`` bit for bit."""
+    buf = InformationBuffer((B, cell.half_size), torch.device("cpu"), cell.max_forget_bits, retain=True)
+    after, after_f = cell.forward_step(backend, w, xp, state, [to_float(s) for s in state], buf, keep, stored)
+    stored_old = state[0][:, :stored] if stored else None
+    before, records = cell.reverse_step(backend, w, xp, after, after_f, buf, keep, stored_old)
+    for got, want in zip(before, state, strict=True):
+        assert torch.equal(got, want)
+    assert buf.is_empty()
+    return records
 
 
 @compile_marker
 @pytest.mark.parametrize("cls", [RevGRU, RevLSTM, NFRevGRU, NFRevLSTM], ids=lambda c: c.__name__)
 @pytest.mark.parametrize(("masked", "stored"), [(False, 0), (True, 3)], ids=["outputs", "keep+stored"])
 def test_backward_stage_matches_eager_backward(cls, masked, stored):
-    """The compiled step backward against the eager ``backward_step`` on the same records, state gradient and
-    output gradient (added first, as the eager sweep does; ``(B, S)`` for stored units): floats, so to a
-    tolerance."""
+    """The compiled step backward against the reference ``cell.backward_step`` on the same records, state
+    gradient and output gradient (``(B, S)`` for stored units), floats, so to a tolerance: on the records the
+    fused reverse hands it (a RevGRU's ``σ([z; r])`` joined for the reference), and on the reference's own
+    records (in the fused form). Each backend's records come from its own step forward and back from the
+    same state."""
     torch.manual_seed(5)
     cell = cls(5, 2 * N, 1, max_forget_bits=3 if cls in (RevGRU, RevLSTM) else None).cells[0]
     n = cell.half_size
@@ -291,22 +385,23 @@ def test_backward_stage_matches_eager_backward(cls, masked, stored):
     xp = cell.project_input(torch.randn(B, 5)).detach() * 3
     state = [torch.randint(-(2**23), 2**23, (B, n)) for _ in range(cell.state_halves)]
     keep = torch.tensor([[True], [False], [True]]) if masked else None
-    buf = InformationBuffer((B, n), torch.device("cpu"), cell.max_forget_bits, retain=True)
+    grads = [torch.randn(B, n) for _ in range(cell.state_halves)]
+    d_output = torch.randn(B, stored or 2 * n)
     with torch.no_grad():
-        after, _ = cell.forward_step(w, xp, state, [to_float(s) for s in state], buf, keep)
-        _, records = cell.reverse_step(w, xp, after, buf, keep)
-        grads = [torch.randn(B, n) for _ in range(cell.state_halves)]
-        d_output = torch.randn(B, stored or 2 * n)
-        want = list(grads)
-        if stored:
-            want[0] = want[0] + torch.nn.functional.pad(d_output, (0, n - stored))
-        else:
-            want[0], want[1] = want[0] + d_output[:, :n], want[1] + d_output[:, n:]
-        want, want_pre = cell.backward_step(w, records, want, keep)
-        cell.fused = True
-        got, got_pre = cell.fused_backward_step(w, [fused_record(cell, r) for r in records], grads, d_output, keep)
-    torch.testing.assert_close(got_pre, want_pre, atol=1e-5, rtol=1e-4)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    if masked:  # a masked row passes its state gradient through and gives its gates none
-        assert torch.equal(got_pre[1], torch.zeros_like(got_pre[1]))
+        fused_records = step_records(FUSED, cell, w, xp, state, keep, stored)
+        eager_records = step_records(EAGER, cell, w, xp, state, keep, stored)
+        if cell.kind == "gru":  # the fused gates return z and r apart
+            assert all(r.zr is None and r.z.is_contiguous() for r in fused_records)
+        for records, want_records in (
+            (fused_records, [reference_record(r) for r in fused_records]),
+            ([fused_form(r) for r in eager_records], eager_records),
+        ):
+            got, got_pre = FUSED.step_backward(cell, w, records, grads, d_output, keep)
+            want, want_pre = cell.backward_step(w, want_records, grads, d_output, keep)
+            torch.testing.assert_close(got_pre, want_pre, atol=1e-5, rtol=1e-4)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+            if masked:  # a masked row passes its state gradient (plus its output gradient) through, its gates get none
+                assert torch.equal(got_pre[1], torch.zeros_like(got_pre[1]))
+                for a, d in zip(got, add_output_gradient(grads, d_output), strict=True):
+                    torch.testing.assert_close(a[1], d[1])
