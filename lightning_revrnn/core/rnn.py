@@ -131,7 +131,7 @@ class ReversibleRNN(nn.Module):
         ins = [input_size, *sizes[:-1]]
         self.cells = nn.ModuleList(self.cell_class(i, h, max_forget_bits) for i, h in zip(ins, sizes))
         self.fused = fused
-        self._stats: MemoryAccounting | None = None
+        self._stats: tuple[MemoryAccounting, ...] | None = None
         self._last_window: weakref.ref[WindowRecord] | None = None
         self._carry = ExactCarry()
 
@@ -235,7 +235,7 @@ class ReversibleRNN(nn.Module):
             primary, finals, buffers, final_exact = result.primary, result.finals, result.buffers, result.final_exact
             self._last_window = None
         if needs_grad:
-            self._stats = MemoryAccounting.total(
+            self._stats = tuple(  # per layer; summed when read, so the forward adds no op for it
                 buf.stats(32 * T * B * c.hidden_size * c.halves_per_group, stored_bits=32 * T * B * plan.stored(l))
                 for l, (buf, c) in enumerate(zip(buffers, self.cell_list))
             )
@@ -285,7 +285,7 @@ class ReversibleRNN(nn.Module):
         ``RuntimeError`` before the first forward with gradients."""
         if self._stats is None:
             raise RuntimeError("memory_stats() describes the last training window: run a forward with grad first.")
-        return self._stats
+        return MemoryAccounting.total(self._stats)
 
     # ------------------------------------------------------------------------------------ validation
     def _check_input(self, x: Tensor, stem: StepStem | None) -> Tensor:
