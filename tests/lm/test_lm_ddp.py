@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*self.log\\(\\).*trainer. reference is not registered.*"),
 ]
 
-SCRIPT = Path(__file__).with_name("ddp_script.py")
+SCRIPT = Path(__file__).resolve().parent.parent / "ddp_script.py"  # shared with the other DDP tests
 def _one_step(folder: Path, rnn: str, devices: int, **kwargs: Any) -> None:
     spawn_end = [EndProcessGroup()] if kwargs.get("strategy") == "ddp_spawn" else []
     trainer = pl.Trainer(
