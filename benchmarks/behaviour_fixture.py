@@ -34,7 +34,7 @@ def _run_head_stem(rnn: nn.Module, tokens: Tensor, targets: Tensor, keep: Tensor
     embedding = nn.Embedding(V, E)
     decoder = nn.Linear(E, V)
     decoder.weight = embedding.weight
-    stem, head = EmbeddingStem(embedding, 0.1), DecoderHead(decoder, 0.2)
+    stem, head = EmbeddingStem(embedding, 0.1), DecoderHead(decoder, 0.2, block_bytes=None)
     torch.manual_seed(4)
     bound_stem = stem.bind(training=True)  # the stem's mask first, then the head's: the LM's draw order
     bound_head = head.bind(targets, training=True)

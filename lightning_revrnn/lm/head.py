@@ -1,14 +1,28 @@
 """The language model's output head: locked output dropout, the tied decoder and the summed cross-entropy,
-run a chunk of steps at a time inside the reverse sweep."""
+run a chunk of steps at a time inside the reverse sweep.
+
+With a byte budget (``block_bytes``, the reversible models' default) the decoder and cross-entropy run a block
+of rows at a time (:mod:`lightning_revrnn.chunked_loss`): no ``C × B × vocab`` logits tensor exists, and in the
+reverse sweep the decoder's weight and bias gradients are added straight into the sweep's accumulators (the
+tied embedding's included), so no ``vocab × emb`` gradient temporary exists either. ``block_bytes=None`` is
+the plain ``nn.Linear`` + ``F.cross_entropy`` (the baselines: what a user would write).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_accumulate
 from lightning_revrnn.core.dropout import locked_mask
-from lightning_revrnn.core.protocol import StepHead
+from lightning_revrnn.core.protocol import StepHead, add_gradients
+
+#: Target positions the loss ignores (``F.cross_entropy``'s ``ignore_index``).
+IGNORE = -100
 
 
 class DecoderHead(nn.Module):
@@ -33,35 +47,71 @@ class DecoderHead(nn.Module):
         logits = head.bind(targets, training=False).logits(out)
     """
 
-    def __init__(self, decoder: nn.Linear, dropout: float) -> None:
+    def __init__(self, decoder: nn.Linear, dropout: float, block_bytes: int | None = DEFAULT_BLOCK_BYTES) -> None:
         super().__init__()
         self.decoder = decoder
         self.dropout = dropout
+        self.block_bytes = block_bytes
 
     def bind(self, targets: Tensor, training: bool) -> BoundDecoderHead:
         """The head of one window with targets ``(T, B)``: its output dropout mask drawn now from the global RNG
         (none in evaluation)."""
         w = self.decoder.weight
         mask = locked_mask((targets.shape[1], w.shape[1]), self.dropout, w) if training else None
-        return BoundDecoderHead(self.decoder, targets, mask)
+        return BoundDecoderHead(self.decoder, targets, mask, self.block_bytes)
 
 
 class BoundDecoderHead(StepHead):
     """:class:`DecoderHead` bound to one window's targets ``(T, B)`` and output dropout mask ``(B, emb)``
-    (None: no dropout). Its decoder is the unbound head's (same parameters)."""
+    (None: no dropout). Its decoder is the unbound head's (same parameters); ``block_bytes``: the budget of the
+    blockwise decoder + cross-entropy (None: plain)."""
 
-    def __init__(self, decoder: nn.Linear, targets: Tensor, mask: Tensor | None) -> None:
+    def __init__(
+        self, decoder: nn.Linear, targets: Tensor, mask: Tensor | None, block_bytes: int | None = DEFAULT_BLOCK_BYTES
+    ) -> None:
         super().__init__()
         self.decoder = decoder
         self.targets = targets
         self.mask = mask
+        self.block_bytes = block_bytes
+
+    def dropped(self, output: Tensor) -> Tensor:
+        """Outputs ``(..., B, emb)`` after output dropout."""
+        return output if self.mask is None else output * self.mask
 
     def logits(self, output: Tensor) -> Tensor:
-        """Decoder logits of outputs ``(..., B, emb)`` after output dropout."""
-        return self.decoder(output if self.mask is None else output * self.mask)
+        """Decoder logits of outputs ``(..., B, emb)`` after output dropout (evaluation metrics)."""
+        logits: Tensor = self.decoder(self.dropped(output))
+        return logits
 
     @override
     def forward(self, output: Tensor, start: int) -> Tensor:
-        targets = self.targets[start : start + output.shape[0]]
-        logits = self.logits(output)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        targets = self.targets[start : start + output.shape[0]].flatten()
+        if self.block_bytes is None:
+            logits = self.logits(output).flatten(0, 1)
+            return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+        x = self.dropped(output).flatten(0, 1)
+        return linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets, IGNORE, self.block_bytes)
+
+    @override
+    def accumulate_grads(
+        self, output: Tensor, start: int, d_value: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
+    ) -> Tensor | None:
+        """Reverse sweep, once per chunk: the gradient of ``forward(output, start) · d_value`` with respect to
+        ``output``. The decoder's weight and bias gradients go straight into their accumulators, a block of rows
+        at a time (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy_accumulate`): no ``C × B × vocab``
+        logits and no ``vocab × emb`` gradient per chunk."""
+        if self.block_bytes is None:
+            return super().accumulate_grads(output, start, d_value, targets)
+        flat_targets = self.targets[start : start + output.shape[0]].flatten()
+        x = self.dropped(output).flatten(0, 1)  # graph: output (and the dropout mask)
+        weight, bias = self.decoder.weight, self.decoder.bias
+        own = {id(t): acc for t, acc in targets}
+        _, d_x = linear_cross_entropy_accumulate(
+            x, weight, bias, flat_targets, d_value, own.get(id(weight)), None if bias is None else own.get(id(bias)),
+            IGNORE, self.block_bytes,
+        )
+        rest = [(t, acc) for t, acc in targets if t is not weight and t is not bias]
+        grads = torch.autograd.grad(x, [output, *[t for t, _ in rest]], d_x.to(x.dtype), allow_unused=True)
+        add_gradients(rest, grads[1:])
+        return grads[0]

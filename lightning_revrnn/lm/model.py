@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
+from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.lm.head import BoundDecoderHead, DecoderHead
 from lightning_revrnn.shared import (
     BASELINES, BaselineRNN, BoundEmbeddingStem, EmbeddingStem, detach_state, plateau_schedule,
@@ -64,6 +65,9 @@ class LanguageModel(pl.LightningModule):
         lr_factor: multiply the learning rate by this when validation perplexity stalls (÷4).
         seed: dropout masks are drawn from ``(seed, global step, rank)``, so a resumed run sees the masks
             an uninterrupted one would.
+        head_block_bytes: reversible models: byte budget of the decoder + cross-entropy row blocks inside the
+            reverse sweep (:mod:`lightning_revrnn.chunked_loss`; the step's peak follows it, not ``C × B ×
+            vocab``); the baselines use the plain ``nn.Linear`` + ``F.cross_entropy``.
 
     Logged: ``train_loss``, ``train_ppl`` (per step), ``val_ppl``, ``test_ppl`` (per epoch, torchmetrics).
     """
@@ -86,6 +90,7 @@ class LanguageModel(pl.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_factor: float = 0.25,
         seed: int = 0,
+        head_block_bytes: int = DEFAULT_BLOCK_BYTES,
     ) -> None:
         super().__init__()
         if rnn not in REVERSIBLE and rnn not in BASELINES:
@@ -120,7 +125,8 @@ class LanguageModel(pl.LightningModule):
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
         self.stem = EmbeddingStem(self.embedding, hp["dropout_emb"])
-        self.head = DecoderHead(self.decoder, hp["dropout_output"])
+        block_bytes = hp.get("head_block_bytes", DEFAULT_BLOCK_BYTES) if self.reversible else None
+        self.head = DecoderHead(self.decoder, hp["dropout_output"], block_bytes)
         self.has_vocabulary = True
 
     # ------------------------------------------------------------------------------------------- steps

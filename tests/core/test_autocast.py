@@ -125,11 +125,20 @@ def test_stem_autocast_mismatch_is_caught() -> None:
 
 @pytest.mark.skipif(KIND != "cpu", reason="a CPU Trainer")
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_language_model_bf16_mixed_runs_the_decoder_in_bf16() -> None:
+def test_language_model_bf16_mixed_runs_the_decoder_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reversible LM's decoder GEMM (blockwise, inside the sweep) follows the caller's autocast."""
+    import lightning_revrnn.chunked_loss as chunked
+
     torch.manual_seed(5)
     model = LanguageModel(40, emb_size=8, hidden_size=12, dropout_emb=0.1)
     seen: list[torch.dtype] = []
-    model.decoder.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    logits = chunked._logits
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        seen.append(torch.addmm(bias, x, weight.t()).dtype if bias is not None else (x @ weight.t()).dtype)
+        return logits(x, weight, bias)
+
+    monkeypatch.setattr(chunked, "_logits", spy)
     data = SyntheticLMDataModule(vocab_size=40, train_tokens=600, val_tokens=100, test_tokens=100, batch_size=2,
                                  eval_batch_size=2, bptt=20)
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=2, limit_val_batches=0,
