@@ -78,6 +78,19 @@ class Vocabulary(Sequence[str]):
 
     Built from the training tokens sorted by descending frequency, ties broken by the token itself, so that
     every process builds the identical list. :data:`EOS` is always included.
+
+    Closed: :meth:`encode` raises :class:`~.errors.UnknownTokenError` for a token it does not hold (the word-level
+    corpora map rare words to ``<unk>`` themselves).
+
+    Example::
+
+        >>> vocab = Vocabulary.build(tokenize("the cat\\nthe dog\\n"))
+        >>> vocab.itos  # most frequent first; ties ("<eos>" and "the", "cat" and "dog") by the token
+        ['<eos>', 'the', 'cat', 'dog']
+        >>> vocab.encode(["the", "dog", "<eos>"])
+        tensor([1, 3, 0])
+        >>> len(vocab), vocab.eos_index, "bird" in vocab
+        (4, 0, False)
     """
 
     def __init__(self, tokens: Iterable[str]) -> None:

@@ -173,6 +173,23 @@ class StreamWindowDataset(_EpochAware, IterableDataset[Batch]):
     the next window starts at ``p+T``, so a hidden state can carry over. ``reset`` is ``True`` on the first
     window of each pass. With ``variable_bptt`` the lengths are drawn from a generator seeded with
     ``seed + epoch``: identical on every rank, reproducible across runs, different across epochs.
+
+    Args:
+        streams: ``(L, B)`` int64 token ids, one column per stream (:func:`~.corpus.batchify` cuts them).
+        bptt: window length (with ``variable_bptt``: the base length drawn 95% of the time).
+        variable_bptt: draw each window's length as AWD-LSTM does (:func:`window_lengths`).
+        seed: seeds the variable lengths (with the epoch).
+        epoch_fn: the current epoch (e.g. the trainer's); default: a counter of passes.
+
+    Example::
+
+        >>> streams = torch.arange(20).view(2, 10).t()  # two streams 0..9 and 10..19, time-major (10, 2)
+        >>> ds = StreamWindowDataset(streams, bptt=4)
+        >>> [(tuple(w["inputs"].shape), w["reset"]) for w in ds]  # 9 predicted positions: 4 + 4 + 1
+        [((4, 2), True), ((4, 2), False), ((1, 2), False)]
+        >>> window = next(iter(ds))
+        >>> window["inputs"][:, 0].tolist(), window["targets"][:, 0].tolist()  # targets: the next tokens
+        ([0, 1, 2, 3], [1, 2, 3, 4])
     """
 
     def __init__(
@@ -247,6 +264,24 @@ class IndependentBatchDataset(_EpochAware, IterableDataset[Batch]):
 
     ``make_epoch(epoch)`` returns ``(inputs, targets)`` of shape ``(N, T, B_global)``; this dataset yields the
     columns ``[lo, hi)`` of each of the ``N`` batches (a rank's shard).
+
+    Args:
+        make_epoch: ``epoch -> (inputs, targets)``, each ``(N, T, B_global)``; a pure function of the epoch
+            (resume regenerates the epoch and skips the batches already used).
+        num_batches: ``N``.
+        columns: ``(lo, hi)``, this rank's columns of every batch.
+        epoch_fn: the current epoch (e.g. the trainer's); default: a counter of passes.
+
+    Example::
+
+        >>> def make_epoch(epoch):  # 3 batches of 5 steps, 4 columns over all ranks
+        ...     inputs = torch.full((3, 5, 4), epoch)
+        ...     return inputs, inputs + 1
+        >>> ds = IndependentBatchDataset(make_epoch, num_batches=3, columns=(2, 4))  # rank 1 of 2
+        >>> [tuple(b["inputs"].shape) for b in ds]
+        [(5, 2), (5, 2), (5, 2)]
+        >>> next(iter(ds))["inputs"].unique().tolist()  # the second pass is epoch 1
+        [1]
     """
 
     def __init__(
@@ -297,6 +332,24 @@ class ResumableLoader(DataLoader[Batch]):
     checkpoint, and :meth:`load_state_dict` before the first ``iter()`` on resume (and then no longer warns
     that the loader cannot resume mid-epoch). The loader reads one window ahead of training (Lightning
     prefetches), so the position saved is ``consumed_fn()`` (windows training has taken) when given.
+
+    Args:
+        dataset: a :class:`StreamWindowDataset` or :class:`IndependentBatchDataset`.
+        consumed_fn: windows of the current pass the consumer has used (``None``: every window yielded).
+
+    Example::
+
+        >>> streams = torch.arange(40).view(4, 10).t()  # (10, 4): 9 positions, windows at 0, 3 and 6
+        >>> loader = ResumableLoader(StreamWindowDataset(streams, bptt=3))
+        >>> windows = iter(loader)
+        >>> _ = next(windows), next(windows)
+        >>> state = loader.state_dict()  # what Lightning puts in a checkpoint
+        >>> state["epoch"], state["windows"], state["finished"]
+        (0, 2, False)
+        >>> resumed = ResumableLoader(StreamWindowDataset(streams, bptt=3))  # a restarted run
+        >>> resumed.load_state_dict(state)
+        >>> [w["inputs"][0, 0].item() for w in resumed]  # continues with the third window
+        [6]
     """
 
     def __init__(self, dataset: ResumableDataset, consumed_fn: Callable[[], int | None] | None = None) -> None:

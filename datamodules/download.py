@@ -40,7 +40,17 @@ FETCH_ERRORS = (OSError, urllib.error.URLError, tarfile.TarError, zipfile.BadZip
 
 @dataclass(frozen=True)
 class ArchiveMirror:
-    """One archive (``.tgz`` or ``.zip``) that holds every file of a corpus."""
+    """One archive (``.tgz`` or ``.zip``) that holds every file of a corpus.
+
+    Example::
+
+        >>> mirror = ArchiveMirror(
+        ...     url="https://example.org/simple-examples.tgz", archive="tgz",
+        ...     members={"ptb.train.txt": "./simple-examples/data/ptb.train.txt"},
+        ... )
+        >>> mirror.urls(["ptb.train.txt", "ptb.valid.txt"])  # one download serves every file
+        ['https://example.org/simple-examples.tgz']
+    """
 
     url: str
     """Archive URL."""
@@ -56,7 +66,14 @@ class ArchiveMirror:
 
 @dataclass(frozen=True)
 class FileMirror:
-    """A mirror serving each file of a corpus as a plain (uncompressed) file at its own URL."""
+    """A mirror serving each file of a corpus as a plain (uncompressed) file at its own URL.
+
+    Example::
+
+        >>> mirror = FileMirror({"train.txt": "https://example.org/train", "test.txt": "https://example.org/test"})
+        >>> mirror.urls(["train.txt", "valid.txt"])  # only the files it serves
+        ['https://example.org/train']
+    """
 
     file_urls: Mapping[str, str]
     """File name to the URL of its copy."""
@@ -71,7 +88,26 @@ Mirror = ArchiveMirror | FileMirror
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """Where a corpus comes from and what its files must hash to."""
+    """Where a corpus comes from and what its files must hash to.
+
+    :func:`ensure_files` takes a spec and a folder: it verifies the files present and downloads the missing
+    ones from :attr:`mirrors`, in order (the text corpora set one as their DataModule's ``spec``).
+
+    Example::
+
+        >>> import tempfile
+        >>> spec = CorpusSpec(
+        ...     name="Tiny", subdir="tiny", files={"train": "train.txt"},
+        ...     sha256={"train.txt": sha256_bytes(b"a b c\\n")},
+        ...     mirrors=(FileMirror({"train.txt": "https://example.org/tiny/train.txt"}),),
+        ... )
+        >>> spec.mirror_urls()
+        ['https://example.org/tiny/train.txt']
+        >>> with tempfile.TemporaryDirectory() as folder:  # the file is present: verified, nothing downloaded
+        ...     _ = (Path(folder) / "train.txt").write_bytes(b"a b c\\n")
+        ...     print(ensure_files(spec, Path(folder), download=False)["train"].name)
+        train.txt
+    """
 
     name: str
     """Human-readable name, e.g. ``"PTB"``."""

@@ -150,6 +150,29 @@ class IWSLT2016DataModule(TranslationDataModule):
     docstring) and tokenises everything once into a cache: ``data_dir/tokenized/`` when writable, else
     ``~/.cache/lightning-revrnn/iwslt2016-de-en/tokenized/``. Missing training text raises an error naming the
     files, the URLs and where to put them.
+
+    Args:
+        data_dir: the folder of the files (default: see above).
+        batch_size: sentence pairs per batch over all ranks.
+        min_freq: fewest training occurrences a word needs for an id of its own (else UNK).
+        max_vocab: most ids per language, the four specials included (``None``: no limit).
+        max_len: longest training sentence kept, in tokens (evaluation keeps every pair).
+        num_workers: ``DataLoader`` workers.
+        seed: seeds the per-epoch bucketing and shuffling (with the epoch).
+        download: fetch missing files in :meth:`prepare_data`.
+
+    Example (the data lines need the corpus in ``$REVRNN_DATA_DIR/iwslt2016-de-en`` or a download)::
+
+        >>> dm = IWSLT2016DataModule(batch_size=64, max_vocab=50000, max_len=50)
+        >>> dm.spec.files["test.de"]
+        'IWSLT16.TED.tst2014.de-en.de.xml'
+        >>> dm.prepare_data()  # doctest: +SKIP
+        >>> dm.setup("fit")  # doctest: +SKIP
+        >>> len(dm.pairs("valid")), dm.tgt_vocab_size <= 50000  # doctest: +SKIP
+        (993, True)
+        >>> batch = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+        >>> len(batch), batch.src.shape[0] <= 50  # doctest: +SKIP
+        (64, True)
     """
 
     spec = IWSLT2016_SPEC

@@ -19,7 +19,14 @@ from .vocabulary import BOS, EOS, PAD, TranslationVocabulary
 
 @dataclass(frozen=True)
 class ParallelText:
-    """Aligned sentence pairs of one split: ``sources[i]`` translates to ``targets[i]``."""
+    """Aligned sentence pairs of one split: ``sources[i]`` translates to ``targets[i]``.
+
+    Example::
+
+        >>> text = ParallelText(["a small house", "a very small old house"], ["ein kleines haus", "ein altes haus"])
+        >>> len(text), len(text.within(max_len=3))  # the pairs with both sides at most 3 tokens long
+        (2, 1)
+    """
 
     sources: list[str]
     """Source sentences, tokenised and space-joined."""
@@ -101,7 +108,21 @@ class TranslationBatch:
     """One padded batch of sentence pairs, time-major. Lightning moves its tensors to the device.
 
     Rows are ordered by descending source length (ties: the order the batch plan gave), as packed sequences
-    want; :attr:`indices` says which pair of the split each row is.
+    want; :attr:`indices` says which pair of the split each row is. The translation DataModules' loaders yield
+    them (built by :func:`collate`).
+
+    Example::
+
+        >>> text = ParallelText(["a", "a b c"], ["x", "y z"])
+        >>> src_vocab = TranslationVocabulary.build(s.split() for s in text.sources)
+        >>> tgt_vocab = TranslationVocabulary.build(t.split() for t in text.targets)  # x=4, y=5, z=6
+        >>> batch = collate(EncodedPairs.encode(text, src_vocab, tgt_vocab), [0, 1])
+        >>> len(batch), batch.src.shape, batch.indices  # the longer source first
+        (2, torch.Size([3, 2]), [1, 0])
+        >>> batch.tgt_in[:, 0].tolist(), batch.tgt_out[:, 0].tolist()  # BOS y z / y z EOS
+        ([2, 5, 6], [5, 6, 3])
+        >>> batch.tgt_keep[:, 1].tolist(), batch.references
+        ([True, True, False], ['y z', 'x'])
     """
 
     src: Tensor

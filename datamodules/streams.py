@@ -41,6 +41,27 @@ class TokenStreamDataModule(pl.LightningDataModule, metaclass=ABCMeta):
     Subclasses implement :meth:`load_splits`, which sets :attr:`vocab` and returns the 1-D id tensors of the
     requested splits. Items follow the batch contract of :mod:`.datasets`; ``reset`` is ``True`` on the
     first window of every pass over a split.
+
+    Args:
+        batch_size: training streams over all ranks (divisible by the world size).
+        eval_batch_size: validation/test streams over all ranks.
+        bptt: window length (validation and test always use it fixed).
+        variable_bptt: AWD-LSTM's random window lengths on the training split.
+        seed: seeds the variable lengths (with the epoch).
+
+    Example::
+
+        >>> class Digits(TokenStreamDataModule):  # every split: the digits 0..9 over and over
+        ...     def load_splits(self, splits):
+        ...         self.vocab = Vocabulary(str(i) for i in range(10))
+        ...         return {split: torch.arange(101) % 10 for split in splits}
+        >>> dm = Digits(batch_size=4, eval_batch_size=2, bptt=5)
+        >>> dm.setup("fit")  # no Trainer: rank 0 of 1
+        >>> dm.vocab_size, dm.streams("train").shape  # 101 tokens cut into 4 streams of 25
+        (10, torch.Size([25, 4]))
+        >>> window = next(iter(dm.train_dataloader()))
+        >>> window["inputs"].shape, window["reset"]
+        (torch.Size([5, 4]), True)
     """
 
     def __init__(

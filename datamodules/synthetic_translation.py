@@ -33,7 +33,21 @@ def _word(prefix: str, i: int, vocab: int) -> str:
 
 class SyntheticTranslationDataModule(TranslationDataModule):
     """The reversed word-substitution task (module docstring): ``train_size`` / ``val_size`` / ``test_size``
-    pairs, ``vocab`` words per language, sentences of ``min_len..max_len`` words, from ``seed``."""
+    pairs, ``vocab`` words per language, sentences of ``min_len..max_len`` words, from ``seed``.
+
+    Example::
+
+        >>> dm = SyntheticTranslationDataModule(vocab=6, min_len=2, max_len=4, train_size=50, val_size=5,
+        ...                                     test_size=5, batch_size=8)
+        >>> dm.setup("fit")
+        >>> dm.src_vocab_size, dm.tgt_vocab_size  # 6 words and the 4 specials per language
+        (10, 10)
+        >>> dm.translate("s0 s1") == f"{dm.mapping['s1']} {dm.mapping['s0']}"  # mapped, in reverse order
+        True
+        >>> batch = next(iter(dm.train_dataloader()))  # a TranslationBatch, time-major
+        >>> len(batch), batch.src.shape[0] <= 4
+        (8, True)
+    """
 
     src_lang = "en"
     tgt_lang = "de"

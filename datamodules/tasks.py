@@ -45,6 +45,27 @@ class CopyTasksDataModule(pl.LightningDataModule):
 
     ``batch_size`` is global and must be divisible by the world size; each rank gets its columns of the same
     generated batches. The vocabulary is ``["0", ..., "V-1"]`` (no ``<eos>``).
+
+    Args:
+        task: ``"repeat"`` or ``"remember"`` (module docstring).
+        vocab_size: tokens ``V``.
+        seq_len: steps per sequence.
+        batch_size: sequences per batch over all ranks.
+        train_batches: batches per training epoch (regenerated each epoch).
+        val_batches: batches of the fixed validation split (and of the test split).
+        seed: seeds every split (training: with the epoch).
+
+    Example::
+
+        >>> dm = CopyTasksDataModule(task="remember", vocab_size=8, seq_len=6, batch_size=4, train_batches=3)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> batch["inputs"].shape, len(dm.train_dataloader())
+        (torch.Size([6, 4]), 3)
+        >>> torch.equal(batch["targets"][-1], batch["inputs"][0])  # the last step recalls the first token
+        True
+        >>> (batch["targets"][:-1] == IGNORE_INDEX).all().item()  # no target elsewhere
+        True
     """
 
     def __init__(

@@ -88,6 +88,27 @@ class TextCorpusDataModule(TokenStreamDataModule):
     ``$XDG_CACHE_HOME/lightning-revrnn/<subdir>`` (``~/.cache/...``). :meth:`prepare_data` verifies present
     files and downloads missing ones; :meth:`setup` reads (and re-verifies) the files it needs. The vocabulary
     is built from the training split (plus ``<eos>``) and is closed.
+
+    Args:
+        data_dir: the folder holding the split files (default: see above).
+        batch_size: training streams over all ranks (``eval_batch_size``, ``bptt``, ``variable_bptt`` and
+            ``seed`` as in :class:`~.streams.TokenStreamDataModule`).
+        download: fetch missing files in :meth:`prepare_data` (False: a missing file is an error).
+
+    Example (a corpus of one's own: three files, no hashes, no mirror)::
+
+        >>> import tempfile
+        >>> class Tiny(TextCorpusDataModule):
+        ...     spec = CorpusSpec(name="Tiny", subdir="tiny", sha256={},
+        ...                       files={split: f"{split}.txt" for split in ("train", "valid", "test")})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     for split in ("train", "valid", "test"):
+        ...         _ = (Path(folder) / f"{split}.txt").write_text("the cat sat\\nthe dog sat\\n" * 5)
+        ...     dm = Tiny(folder, batch_size=2, eval_batch_size=2, bptt=4)
+        ...     dm.prepare_data()  # verifies the files present: nothing to download
+        ...     dm.setup("fit")
+        >>> dm.vocab.itos, dm.token_ids("train").numel()  # 10 lines of 3 words and <eos>
+        (['<eos>', 'sat', 'the', 'cat', 'dog'], 40)
     """
 
     spec: CorpusSpec
@@ -143,7 +164,18 @@ class TextCorpusDataModule(TokenStreamDataModule):
 
 
 class PTBDataModule(TextCorpusDataModule):
-    """Penn Treebank (Mikolov): 929,589 / 73,760 / 82,430 tokens incl. ``<eos>``, vocabulary 10,000."""
+    """Penn Treebank (Mikolov): 929,589 / 73,760 / 82,430 tokens incl. ``<eos>``, vocabulary 10,000.
+
+    Example (the data lines need the corpus in ``$REVRNN_DATA_DIR/ptb`` or a download)::
+
+        >>> dm = PTBDataModule(batch_size=20, eval_batch_size=10, bptt=70)
+        >>> dm.path("train").name
+        'ptb.train.txt'
+        >>> dm.prepare_data()  # doctest: +SKIP
+        >>> dm.setup("fit")  # doctest: +SKIP
+        >>> dm.vocab_size, dm.streams("train").shape  # doctest: +SKIP
+        (10000, torch.Size([46479, 20]))
+    """
 
     spec = PTB_SPEC
 
@@ -163,7 +195,18 @@ class PTBDataModule(TextCorpusDataModule):
 
 
 class WikiText2DataModule(TextCorpusDataModule):
-    """WikiText-2 (v1, tokenised): 2,088,628 / 217,646 / 245,569 tokens incl. ``<eos>``, vocabulary 33,278."""
+    """WikiText-2 (v1, tokenised): 2,088,628 / 217,646 / 245,569 tokens incl. ``<eos>``, vocabulary 33,278.
+
+    Example (the data lines need the corpus in ``$REVRNN_DATA_DIR/wikitext-2`` or a download)::
+
+        >>> dm = WikiText2DataModule(batch_size=80, eval_batch_size=10, bptt=70, variable_bptt=True)
+        >>> dm.path("valid").name
+        'wiki.valid.tokens'
+        >>> dm.prepare_data()  # doctest: +SKIP
+        >>> dm.setup("fit")  # doctest: +SKIP
+        >>> dm.vocab_size, dm.streams("valid").shape  # doctest: +SKIP
+        (33278, torch.Size([21764, 10]))
+    """
 
     spec = WIKITEXT2_SPEC
 

@@ -23,6 +23,16 @@ class TranslationVocabulary:
 
     Open vocabulary: :meth:`encode` maps a word it does not hold to :data:`UNK` (evaluation sentences contain
     words never seen in training). :meth:`decode` turns a model's output ids back into words.
+
+    Example::
+
+        >>> vocab = TranslationVocabulary.build([["ein", "hund"], ["ein", "haus"]])
+        >>> vocab.tokens  # the specials, then by frequency (ties: alphabetical)
+        ['<pad>', '<unk>', '<s>', '</s>', 'ein', 'haus', 'hund']
+        >>> vocab.encode(["ein", "katze"])  # an unseen word is UNK
+        [4, 1]
+        >>> vocab.decode([BOS, 4, 6, EOS, PAD])
+        ['ein', 'hund']
     """
 
     def __init__(self, tokens: Sequence[str]) -> None:

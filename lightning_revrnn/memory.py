@@ -125,15 +125,24 @@ class MemoryTrace:
     Mark each forward with :meth:`begin_forward` / :meth:`end_forward` to learn what it saves for backward.
     Profilers cannot nest: check :func:`profiler_busy` first (``start`` raises if one runs).
 
+    Args:
+        device: the device whose allocations are measured (``"cuda"`` means the current CUDA device).
+
     Example::
 
-        trace = MemoryTrace(torch.device("cpu"))
-        trace.start()
-        trace.begin_forward()
-        loss = model(x).sum()
-        trace.end_forward()
-        loss.backward()
-        print(trace.stop(model.parameters()))
+        >>> from torch import nn
+        >>> model, x = nn.Linear(100, 100), torch.randn(8, 100)
+        >>> trace = MemoryTrace(torch.device("cpu"))
+        >>> trace.start()
+        >>> trace.begin_forward()
+        >>> loss = torch.tanh(model(x)).sum()
+        >>> trace.end_forward()
+        >>> loss.backward()
+        >>> step = trace.stop(model.parameters())
+        >>> step.saved_bytes, step.saved_storages  # tanh's (8, 100) float32 output; x and the weight existed
+        (3200, 1)
+        >>> step.grad_bytes  # the weight's and the bias's new .grad: (100 * 100 + 100) * 4
+        40400
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -273,9 +282,12 @@ def saved_tensor_bytes(exclude: Iterable[Tensor] = (), device: torch.device | st
 
     Example::
 
-        with saved_tensor_bytes(model.parameters()) as saved:
-            loss = model(x).sum()
-        print(saved.total)
+        >>> from torch import nn
+        >>> model, x = nn.Linear(100, 100), torch.randn(8, 100)
+        >>> with saved_tensor_bytes(model.parameters()) as saved:
+        ...     loss = torch.tanh(model(x)).sum()
+        >>> saved.total, saved.storages  # only tanh's output (8 x 100 float32) is new and saved
+        (3200, 1)
     """
     result = SavedBytes()
     excluded = {(t.device, t.untyped_storage().data_ptr()) for t in exclude}

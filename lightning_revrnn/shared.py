@@ -37,15 +37,27 @@ class EmbeddingStem(nn.Module):
     :class:`BoundEmbeddingStem` (a :class:`~lightning_revrnn.core.protocol.StepStem`) that reads it, which is what
     the sequence module runs. The bound stem shares this stem's embedding (the same parameters, not copies).
 
-    Example (with a :class:`~lightning_revrnn.lm.DecoderHead` ``head``, as in the language model)::
+    Args:
+        embedding: the lookup (its weight may be tied to a decoder's).
+        dropout: probability of dropping a vocabulary word for a whole window.
 
-        stem = EmbeddingStem(nn.Embedding(10_000, 650), dropout=0.1)
-        # training: bind anew for every window; the stem's mask is drawn first, then the head's
-        window_stem = stem.bind(training=True)
-        window_head = head.bind(targets, training=True)
-        loss_sum, h_n = rnn(tokens, hx, head=window_head, stem=window_stem)
-        # evaluation: no mask, the plain lookup ``(T, B, 650)``
-        out, h_n = rnn(stem.bind(training=False)(tokens), hx)
+    Example (with a :class:`~lightning_revrnn.lm.DecoderHead`, as in the language model)::
+
+        >>> from lightning_revrnn import DecoderHead, RevGRU
+        >>> stem = EmbeddingStem(nn.Embedding(10, 4), dropout=0.1)
+        >>> head = DecoderHead(nn.Linear(4, 10), dropout=0.4)
+        >>> rnn = RevGRU(input_size=4, hidden_size=4)
+        >>> tokens, targets = torch.randint(0, 10, (6, 2)), torch.randint(0, 10, (6, 2))
+        >>> # training: bind anew for every window; the stem's mask is drawn first, then the head's
+        >>> window_stem = stem.bind(training=True)
+        >>> window_head = head.bind(targets, training=True)
+        >>> loss_sum, h_n = rnn(tokens, None, head=window_head, stem=window_stem)
+        >>> loss_sum.backward()  # the lookup is redone inside the reverse sweep
+        >>> stem.embedding.weight.grad.shape
+        torch.Size([10, 4])
+        >>> # evaluation: no mask, the plain lookup (T, B, 4)
+        >>> stem.bind(training=False)(tokens).shape
+        torch.Size([6, 2, 4])
     """
 
     def __init__(self, embedding: nn.Embedding, dropout: float) -> None:
@@ -95,7 +107,27 @@ class BoundEmbeddingStem(StepStem):
 
 class BaselineRNN(nn.Module):
     """``nn.GRU``/``nn.LSTM`` layers (cuDNN where available) with the reversible models' regularisation:
-    locked dropout on the input and between layers, DropConnect on the hidden-to-hidden weights."""
+    locked dropout on the input and between layers, DropConnect on the hidden-to-hidden weights. The baseline
+    the reversible models are compared with: it stores every state for backward.
+
+    Args:
+        kind: ``"gru"`` or ``"lstm"``.
+        input_size: features of ``x``.
+        sizes: hidden size of each layer.
+        input_dropout: locked dropout on the input of the first layer (one mask per window).
+        dropout: locked dropout between layers.
+        dropconnect: DropConnect on each layer's hidden-to-hidden weights (one mask per window).
+
+    ``out, finals = rnn(x, hx=None)``: ``x`` is ``(T, B, F)``; ``finals`` (and ``hx``) hold one state per
+    layer, as that layer's ``nn.GRU``/``nn.LSTM`` returns it.
+
+    Example::
+
+        >>> rnn = BaselineRNN("lstm", input_size=3, sizes=[4, 6], input_dropout=0.1, dropout=0.2, dropconnect=0.3)
+        >>> out, finals = rnn(torch.randn(5, 2, 3))
+        >>> out.shape, len(finals), finals[1][0].shape  # per layer nn.LSTM's (h, c), h: (1, B, H_l)
+        (torch.Size([5, 2, 6]), 2, torch.Size([1, 2, 6]))
+    """
 
     def __init__(
         self, kind: str, input_size: int, sizes: list[int], input_dropout: float, dropout: float,

@@ -34,6 +34,31 @@ class Backend(ABC):
     per-window state. ``w``: the group's hidden weights ``(rows, H/2)``; ``xp``: its input pre-activations
     ``(B, rows)``; ``other``: the other half (float); ``own``/``own_f``: the group's own int halves and their
     float values; ``keep``: ``(B, 1)`` bool or None; ``stored``/``stored_old``: stored units of ``h1``.
+
+    A sequence module takes a backend instance as ``fused=`` (:func:`backend_for` runs it where no autograd
+    records: the forward of ``mode="reverse"`` training, its reverse sweep, evaluation). Subclass
+    :class:`EagerBackend` to wrap the reference, as benchmarks do to count the work.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_revrnn import RevGRU
+        >>> class CountingBackend(EagerBackend):  # the reference arithmetic, counting half-steps forward
+        ...     name = "counting"
+        ...     def __init__(self) -> None:
+        ...         self.half_steps = 0
+        ...     def half_forward(self, cell, *args):
+        ...         self.half_steps += 1
+        ...         return super().half_forward(cell, *args)
+        >>> backend = CountingBackend()
+        >>> rnn = RevGRU(3, 4, fused=backend)
+        >>> out, h_n = rnn(torch.randn(5, 2, 3))  # reverse-mode training: the forward runs on the backend
+        >>> backend.half_steps  # 5 steps x 2 groups
+        10
+        >>> rnn.mode = "store"  # autograd records the forward: the reference (EagerBackend) runs it instead
+        >>> out, h_n = rnn(torch.randn(5, 2, 3))
+        >>> backend.half_steps
+        10
     """
 
     #: A short name for messages and benchmarks.

@@ -35,6 +35,23 @@ class ReversibleCell(nn.Module):
     groups' gate pre-activations (group 1 first); ``weight_hh`` (``2·rows × H/2``) holds each group's map
     from the other half. Subclasses define one group's equations: :meth:`half_forward`, :meth:`half_reverse`
     and :meth:`half_backward` (the reference backend runs them).
+
+    Args:
+        input_size: features of the layer's input.
+        hidden_size: units of ``h`` (even: two halves of ``H/2``).
+        max_forget_bits: at most this many bits forgotten per unit and step: 1, 2, 3, 5 or None (≤ R_Z).
+
+    Example::
+
+        >>> from lightning_revrnn.core.cells import RevLSTMCell
+        >>> cell = RevLSTMCell(input_size=3, hidden_size=4)
+        >>> cell.state_halves, cell.own(0), cell.own(1)  # [h1, h2, c1, c2]: group 1 owns h1 and c1
+        (4, [0, 2], [1, 3])
+        >>> halves = cell.split_state([torch.zeros(2, 4), torch.ones(2, 4)])  # [h, c] -> halves of H/2
+        >>> [tuple(t.shape) for t in halves]
+        [(2, 2), (2, 2), (2, 2), (2, 2)]
+        >>> torch.equal(cell.join_state(halves)[1], torch.ones(2, 4))
+        True
     """
 
     #: ``"gru"`` or ``"lstm"``: which equations (and record type) a backend runs for this cell.

@@ -400,26 +400,60 @@ def straight_through_init(ints: Tensor, given: Tensor) -> Tensor:
 
 
 class RevGRU(ReversibleRNN):
-    """Reversible GRU (:class:`~lightning_revrnn.core.cells.RevGRUCell` layers). ``hx``/``h_n``: h."""
+    """Reversible GRU (:class:`~lightning_revrnn.core.cells.RevGRUCell` layers). ``hx``/``h_n``: h.
+
+    Example::
+
+        >>> rnn = RevGRU(input_size=3, hidden_size=4, num_layers=2, batch_first=True)
+        >>> out, h_n = rnn(torch.randn(2, 5, 3))  # (batch, time, features)
+        >>> out.shape, h_n.shape  # h_n stays (layers, batch, hidden), as nn.GRU's
+        (torch.Size([2, 5, 4]), torch.Size([2, 2, 4]))
+    """
 
     cell_class = RevGRUCell
 
 
 class RevLSTM(ReversibleRNN):
-    """Reversible LSTM (:class:`~lightning_revrnn.core.cells.RevLSTMCell` layers). ``hx``/``h_n``: (h, c)."""
+    """Reversible LSTM (:class:`~lightning_revrnn.core.cells.RevLSTMCell` layers). ``hx``/``h_n``: (h, c).
+
+    Example::
+
+        >>> rnn = RevLSTM(input_size=3, hidden_size=4, num_layers=2)
+        >>> out, (h_n, c_n) = rnn(torch.randn(5, 2, 3))  # as nn.LSTM: the final (h, c)
+        >>> out.shape, h_n.shape, c_n.shape
+        (torch.Size([5, 2, 4]), torch.Size([2, 2, 4]), torch.Size([2, 2, 4]))
+    """
 
     cell_class = RevLSTMCell
     autocast_results: ClassVar[dict[str, torch.dtype | None]] = {"cuda": torch.float16, "cpu": None}
 
 
 class NFRevGRU(ReversibleRNN):
-    """No-forgetting RevGRU: exactly invertible by additive coupling alone (no buffer)."""
+    """No-forgetting RevGRU: exactly invertible by additive coupling alone (no buffer).
+
+    Example::
+
+        >>> rnn = NFRevGRU(input_size=3, hidden_size=4)
+        >>> out, h_n = rnn(torch.randn(5, 2, 3))
+        >>> out.sum().backward()  # states reconstructed by subtraction alone
+        >>> rnn.memory_stats().used_bits  # so nothing is buffered
+        0
+    """
 
     cell_class = NFRevGRUCell
 
 
 class NFRevLSTM(ReversibleRNN):
-    """No-forgetting RevLSTM: exactly invertible by additive coupling alone (no buffer)."""
+    """No-forgetting RevLSTM: exactly invertible by additive coupling alone (no buffer).
+
+    Example::
+
+        >>> rnn = NFRevLSTM(input_size=3, hidden_size=4)
+        >>> out, (h_n, c_n) = rnn(torch.randn(5, 2, 3))
+        >>> out, (h_n, c_n) = rnn(torch.randn(5, 2, 3), (h_n.detach(), c_n.detach()))  # the next window
+        >>> out.shape, c_n.shape
+        (torch.Size([5, 2, 4]), torch.Size([1, 2, 4]))
+    """
 
     cell_class = NFRevLSTMCell
     autocast_results: ClassVar[dict[str, torch.dtype | None]] = {"cuda": torch.float16, "cpu": None}

@@ -33,18 +33,33 @@ class DecoderHead(nn.Module):
     which is what the sequence module runs. The bound head shares this head's decoder (the same parameters, so
     a decoder weight tied to the embedding stays one tensor).
 
+    Args:
+        decoder: the output layer ``emb -> vocabulary`` (its weight may be the embedding's).
+        dropout: locked output dropout (one mask per window) on the last layer's outputs.
+
     Example::
 
-        embedding = nn.Embedding(10_000, 650)
-        decoder = nn.Linear(650, 10_000)
-        decoder.weight = embedding.weight  # tied
-        stem, head = EmbeddingStem(embedding, dropout=0.1), DecoderHead(decoder, dropout=0.4)
-        # training: bind anew for every window (the language model binds the stem first, then the head)
-        window_stem = stem.bind(training=True)
-        window_head = head.bind(targets, training=True)
-        loss_sum, h_n = rnn(tokens, hx, head=window_head, stem=window_stem)
-        # evaluation: no dropout; the logits of outputs computed outside the sweep
-        logits = head.bind(targets, training=False).logits(out)
+        >>> import torch
+        >>> from lightning_revrnn import EmbeddingStem, RevGRU
+        >>> embedding = nn.Embedding(10, 4)
+        >>> decoder = nn.Linear(4, 10)
+        >>> decoder.weight = embedding.weight  # tied
+        >>> stem, head = EmbeddingStem(embedding, dropout=0.1), DecoderHead(decoder, dropout=0.4)
+        >>> rnn = RevGRU(input_size=4, hidden_size=4)
+        >>> tokens, targets = torch.randint(0, 10, (6, 2)), torch.randint(0, 10, (6, 2))
+        >>> # training: bind anew for every window (the language model binds the stem first, then the head)
+        >>> window_stem = stem.bind(training=True)
+        >>> window_head = head.bind(targets, training=True)
+        >>> loss_sum, h_n = rnn(tokens, None, head=window_head, stem=window_stem)
+        >>> loss_sum.backward()  # the summed cross-entropy of the window's 12 tokens
+        >>> decoder.weight is embedding.weight, embedding.weight.grad.shape  # one tensor, one gradient
+        (True, torch.Size([10, 4]))
+        >>> # evaluation: no dropout; the logits of outputs computed outside the sweep
+        >>> with torch.no_grad():
+        ...     out, h_n = rnn(stem.bind(training=False)(tokens))
+        ...     logits = head.bind(targets, training=False).logits(out)
+        >>> logits.shape
+        torch.Size([6, 2, 10])
     """
 
     def __init__(self, decoder: nn.Linear, dropout: float, block_bytes: int | None = DEFAULT_BLOCK_BYTES) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -65,6 +65,13 @@ def multi_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     match count at any order gives 0 (the script's log of 0 is -9999999999), as do empty hypotheses or
     references (where the script divides by zero or stops). Unlike the script's printout, not rounded to
     two decimals.
+
+    Example::
+
+        >>> round(multi_bleu(["the cat sat on a mat"], ["the cat sat on the mat"]), 2)  # (5/6·3/5·2/4·1/3)^¼
+        53.73
+        >>> multi_bleu(["a cat"], ["the cat sat"])  # no 4-gram at all: 0, as the script
+        0.0
     """
     check_corpus(hypotheses, references)
     matches, totals = [0] * MAX_ORDER, [0] * MAX_ORDER
@@ -83,7 +90,7 @@ def multi_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return 100.0 * brevity_penalty * math.exp(log_precision)
 
 
-@lru_cache(maxsize=None)
+@cache
 def moses_detokenizer(lang: str) -> MosesDetokenizer:
     """One (stateless) Moses detokeniser per language, built once."""
     return MosesDetokenizer(lang=lang)
@@ -91,7 +98,13 @@ def moses_detokenizer(lang: str) -> MosesDetokenizer:
 
 def detokenize(sentence: str, lang: str) -> str:
     """A Moses-tokenised, space-joined sentence as plain text (sacremoses' Moses detokeniser for ``lang``,
-    e.g. ``"de"``): punctuation re-attached and Moses' escapes (``&quot;``, ``&apos;``, ...) undone."""
+    e.g. ``"de"``): punctuation re-attached and Moses' escapes (``&quot;``, ``&apos;``, ...) undone.
+
+    Example::
+
+        >>> detokenize("er sagte &quot; hallo &quot; .", "de")
+        'er sagte "hallo".'
+    """
     return moses_detokenizer(lang).detokenize(sentence.split())
 
 
@@ -158,7 +171,15 @@ class CorpusBLEU(Metric):
 class TokenizedBLEU(CorpusBLEU):
     """The paper's BLEU: ``multi-bleu.perl`` on lower-cased, Moses-tokenised text, i.e. sacreBLEU with
     ``tokenize="none"``, ``lowercase=True`` and no smoothing (0 when an n-gram order has no match, as the
-    script). ``update(hypotheses, references)`` takes tokenised, space-joined sentences."""
+    script). ``update(hypotheses, references)`` takes tokenised, space-joined sentences.
+
+    Example::
+
+        >>> bleu = TokenizedBLEU()
+        >>> bleu.update(["The cat sat on a mat"], ["the cat sat on the mat"])  # lower-cased before counting
+        >>> bleu.compute()  # equals multi_bleu on the lower-cased text
+        tensor(53.7285, dtype=torch.float64)
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(tokenize="none", lowercase=True, smooth_method="none", **kwargs)
@@ -171,6 +192,15 @@ class DetokenizedBLEU(CorpusBLEU):
     With ``lang`` (default ``"de"``, the target side of the paper's tasks) ``update`` takes Moses-tokenised,
     space-joined sentences, as :class:`TokenizedBLEU` does, and detokenises hypotheses and references with
     :func:`detokenize`; with ``lang=None`` it takes plain, already detokenised text.
+
+    Example::
+
+        >>> bleu = DetokenizedBLEU(lang="de")  # Moses-tokenised in, detokenised before scoring
+        >>> bleu.update(["das ist ein haus , oder ?"], ["das ist ein haus , nicht ?"])
+        >>> plain = DetokenizedBLEU(lang=None)  # the same sentences as plain text
+        >>> plain.update(["das ist ein haus, oder?"], ["das ist ein haus, nicht?"])
+        >>> bleu.compute(), plain.compute()
+        (tensor(64.3459, dtype=torch.float64), tensor(64.3459, dtype=torch.float64))
     """
 
     def __init__(

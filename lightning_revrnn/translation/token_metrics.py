@@ -16,7 +16,24 @@ from typing_extensions import override
 class TokenCrossEntropy(Metric):
     """Mean cross-entropy per token (``perplexity=True``: its exponential) over everything updated.
 
-    ``update(total, count)``: a batch's summed cross-entropy (nats) and its number of target tokens.
+    ``update(total, count)``: a batch's summed cross-entropy (nats) and its number of target tokens. Both sums
+    are states reduced by summation across DDP ranks, so ``compute()`` is the mean over every token seen, not a
+    mean of per-batch means.
+
+    Args:
+        perplexity: report ``exp`` of the mean (perplexity) instead of the mean cross-entropy.
+
+    Example::
+
+        >>> ce = TokenCrossEntropy()
+        >>> ce.update(torch.tensor(6.0), torch.tensor(3))  # a batch: 6 nats over 3 target tokens (mean 2)
+        >>> ce.update(torch.tensor(4.0), torch.tensor(1))  # 4 nats over 1 token (mean 4)
+        >>> ce.compute()  # 10 nats / 4 tokens, not the mean of the batch means (3)
+        tensor(2.5000)
+        >>> ppl = TokenCrossEntropy(perplexity=True)
+        >>> ppl.update(torch.tensor(10.0), torch.tensor(4))
+        >>> ppl.compute()  # exp(2.5)
+        tensor(12.1825)
     """
 
     full_state_update = False
