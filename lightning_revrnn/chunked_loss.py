@@ -66,7 +66,8 @@ def linear_cross_entropy(
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not wants_grad:  # evaluation, the sweep's forward: the value only, nothing kept
         return _blockwise(x, weight, bias, targets, ignore_index, rows)[0]
-    return LinearCrossEntropy.apply(x, weight, bias, targets, ignore_index, rows)
+    loss: Tensor = LinearCrossEntropy.apply(x, weight, bias, targets, ignore_index, rows)  # type: ignore[no-untyped-call]  # Function.apply is unannotated
+    return loss
 
 
 def linear_cross_entropy_accumulate(

@@ -84,7 +84,7 @@ class BoundEmbeddingStem(StepStem):
 
     @override
     def forward(self, inputs: Tensor) -> Tensor:
-        x = self.embedding(inputs)
+        x: Tensor = self.embedding(inputs)
         return x if self.word_mask is None else x * self.word_mask[inputs]
 
     @override

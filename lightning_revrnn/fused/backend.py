@@ -68,8 +68,16 @@ class FusedBackend(Backend):
 
     # ------------------------------------------------------------------------------------ steps
     def half_forward(
-        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored: int,
+        self,
+        cell: ReversibleCell,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored: int,
     ) -> Halves:
         if cell.kind == "gru":
             *_, zq, zs, add, add_fixed = self.stages.gru_gates(cell.max_forget_bits, cell.forgets)(w, xp, other, keep)
@@ -91,8 +99,16 @@ class FusedBackend(Backend):
         return [h, c], [h_f, c_f]
 
     def half_reverse(
-        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored_old: Tensor | None,
+        self,
+        cell: ReversibleCell,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored_old: Tensor | None,
     ) -> tuple[list[Tensor], Record]:
         stored = 0 if stored_old is None else stored_old.shape[1]
         if cell.kind == "gru":
@@ -118,8 +134,13 @@ class FusedBackend(Backend):
         return [h, c], LSTMRecord(other, sig, g, fs, ps, o_held, h_f, c_f, c_new)
 
     def step_backward(
-        self, cell: ReversibleCell, w: list[Tensor], records: list[Record], d_state: list[Tensor],
-        d_output: Tensor, keep: Tensor | None,
+        self,
+        cell: ReversibleCell,
+        w: list[Tensor],
+        records: list[Record],
+        d_state: list[Tensor],
+        d_output: Tensor,
+        keep: Tensor | None,
     ) -> tuple[list[Tensor], Tensor]:
         stage = self.stages.step_backward(cell.kind, cell.forget_slope, cell.forgets)
         return stage(w, records, d_state, d_output, keep)  # type: ignore[no-any-return]

@@ -45,8 +45,8 @@ from torch import Tensor
 
 from lightning_revrnn.core.errors import FusedPathError
 from lightning_revrnn.core.fixed_point import reversible_divide, reversible_multiply, to_fixed, to_float
-from lightning_revrnn.core.records import Record
 from lightning_revrnn.core.gates import forget_scaled, gru_gates_split, hold, lstm_gates, round_forget
+from lightning_revrnn.core.records import Record
 from lightning_revrnn.fused.step_backward import gru_half_backward, lstm_half_backward, step_backward
 
 #: dynamo's per-function recompile limit is raised to at least this: every layer shape, forget limit and
@@ -83,7 +83,7 @@ def _lstm_gates(
     ``f`` and ``p`` alone needs a concatenation or loops of their own (a kernel each)."""
     n = other.shape[1]
     sig, g = lstm_gates(w, xp, other)
-    f, i, o, p = sig.split(n, 1)
+    f, i, o, _ = sig.split(n, 1)
     fq: Tensor | None
     pq: Tensor | None
     if forgets:
@@ -136,22 +136,38 @@ def _subtract_term(h: Tensor, add: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _gru_step_backward(
-    w: list[Tensor], records: list[Record], d_state: list[Tensor], d_output: Tensor,
-    keep: Tensor | None, forget_slope: float, forgets: bool,
+    w: list[Tensor],
+    records: list[Record],
+    d_state: list[Tensor],
+    d_output: Tensor,
+    keep: Tensor | None,
+    forget_slope: float,
+    forgets: bool,
 ) -> tuple[list[Tensor], Tensor]:
     """A RevGRU step's written-out backward (:func:`~lightning_revrnn.fused.step_backward.step_backward`)."""
-    def half(w: Tensor, record: Record, d_new: list[Tensor], keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+
+    def half(
+        w: Tensor, record: Record, d_new: list[Tensor], keep: Tensor | None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
         return gru_half_backward(w, record, d_new, keep, forget_slope, forgets)
 
     return step_backward(half, 1, w, records, d_state, d_output, keep)
 
 
 def _lstm_step_backward(
-    w: list[Tensor], records: list[Record], d_state: list[Tensor], d_output: Tensor,
-    keep: Tensor | None, forget_slope: float, forgets: bool,
+    w: list[Tensor],
+    records: list[Record],
+    d_state: list[Tensor],
+    d_output: Tensor,
+    keep: Tensor | None,
+    forget_slope: float,
+    forgets: bool,
 ) -> tuple[list[Tensor], Tensor]:
     """A RevLSTM step's written-out backward (:func:`~lightning_revrnn.fused.step_backward.step_backward`)."""
-    def half(w: Tensor, record: Record, d_new: list[Tensor], keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+
+    def half(
+        w: Tensor, record: Record, d_new: list[Tensor], keep: Tensor | None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
         return lstm_half_backward(w, record, d_new, keep, forget_slope, forgets)
 
     return step_backward(half, 2, w, records, d_state, d_output, keep)
@@ -204,14 +220,22 @@ def _raise_recompile_limit() -> None:
 
 
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "gru_gates": _gru_gates, "lstm_gates": _lstm_gates, "lstm_h_term": _lstm_h_term,
-    "multiply_add": _multiply_add, "multiply_add_logged": _multiply_add_logged, "subtract_divide": _subtract_divide,
-    "add_term": _add_term, "subtract_term": _subtract_term,
-    "gru_backward": _gru_step_backward, "lstm_backward": _lstm_step_backward,
+    "gru_gates": _gru_gates,
+    "lstm_gates": _lstm_gates,
+    "lstm_h_term": _lstm_h_term,
+    "multiply_add": _multiply_add,
+    "multiply_add_logged": _multiply_add_logged,
+    "subtract_divide": _subtract_divide,
+    "add_term": _add_term,
+    "subtract_term": _subtract_term,
+    "gru_backward": _gru_step_backward,
+    "lstm_backward": _lstm_step_backward,
 }
 _CONSTANTS = {
-    "gru_gates": ("max_forget_bits", "forgets"), "lstm_gates": ("max_forget_bits", "forgets"),
-    "gru_backward": ("forget_slope", "forgets"), "lstm_backward": ("forget_slope", "forgets"),
+    "gru_gates": ("max_forget_bits", "forgets"),
+    "lstm_gates": ("max_forget_bits", "forgets"),
+    "gru_backward": ("forget_slope", "forgets"),
+    "lstm_backward": ("forget_slope", "forgets"),
 }
 
 
@@ -329,9 +353,11 @@ class StageCounter:
         from torch.utils._python_dispatch import _disable_current_modes
 
         leaves, spec = torch.utils._pytree.tree_flatten(args)  # a stage may take lists of tensors (the backward)
-        signature = (name, str(spec), *[
-            (tuple(a.shape), a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in leaves
-        ])
+        signature = (
+            name,
+            str(spec),
+            *[(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in leaves],
+        )
         before, self._gemm_nodes.count = metrics.generated_kernel_count, 0
         with _disable_current_modes():  # dynamo runs nothing compiled under a dispatch mode (an op counter)
             out = compiled(*args)

@@ -61,20 +61,28 @@ def lstm_half_backward(
     slope = forget_slope if forgets else 0.0
     tanh_c = torch.tanh(c_new)
     d_c = d_c + d_h * o_held * (1.0 - tanh_c * tanh_c)
-    d_pre = torch.cat([
-        d_c * c_old * f * (1.0 - f) * slope,
-        d_c * g * i * (1.0 - i),
-        d_h * tanh_c * o * (1.0 - o),
-        d_h * h_old * p * (1.0 - p) * slope,
-        d_c * i * (1.0 - g * g),
-    ], 1)
+    d_pre = torch.cat(
+        [
+            d_c * c_old * f * (1.0 - f) * slope,
+            d_c * g * i * (1.0 - i),
+            d_h * tanh_c * o * (1.0 - o),
+            d_h * h_old * p * (1.0 - p) * slope,
+            d_c * i * (1.0 - g * g),
+        ],
+        1,
+    )
     d_pre = masked(d_pre, keep)
     return [d_h * ps, d_c * fs], d_pre, d_pre @ w
 
 
 def step_backward(
-    half_backward: HalfBackward, halves_per_group: int, w: Sequence[Tensor], records: Sequence[Record],
-    d_state: list[Tensor], d_output: Tensor, keep: Tensor | None,
+    half_backward: HalfBackward,
+    halves_per_group: int,
+    w: Sequence[Tensor],
+    records: Sequence[Record],
+    d_state: list[Tensor],
+    d_output: Tensor,
+    keep: Tensor | None,
 ) -> tuple[list[Tensor], Tensor]:
     """One step's backward: (the gradient of the state before the step, of the step's input pre-activations
     ``(B, 2·rows)``) from the gradient of the state after it and of the step's output."""

@@ -9,8 +9,9 @@ multiplied by the mask by the caller); :func:`attend_backward` takes the context
 query's and adds the memory's straight into the gradient accumulators of the embedding weight (rows by
 ``index_add_``) and of the stored units. Only ``C × B × S`` tensors (scores, weights: small) and one block of
 the memory exist at a time. No graph is recorded: the reverse sweep's head calls these between its autograd
-parts (:meth:`~lightning_revrnn.translation.attention.BoundAttentionHead.accumulate_grads`); ``mode="store"`` and the baselines
-use :class:`~lightning_revrnn.translation.attention.LuongAttention` on the whole memory, the same arithmetic up to rounding.
+parts (:meth:`~lightning_revrnn.translation.attention.BoundAttentionHead.accumulate_grads`); ``mode="store"``
+and the baselines use :class:`~lightning_revrnn.translation.attention.LuongAttention` on the whole memory, the
+same arithmetic up to rounding.
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ class MemoryBlocks:
     rows: int
 
     @classmethod
-    def with_budget(cls, src: Tensor, keep: Tensor, embedding_weight: Tensor | None, stored: Tensor | None,
-                    block_bytes: int) -> MemoryBlocks:
+    def with_budget(
+        cls, src: Tensor, keep: Tensor, embedding_weight: Tensor | None, stored: Tensor | None, block_bytes: int
+    ) -> MemoryBlocks:
         """Blocks of as many source positions as keep :data:`LIVE_BLOCKS` block-sized float32 tensors within
         ``block_bytes`` (at least one position)."""
-        width = (0 if embedding_weight is None else embedding_weight.shape[1]) + (0 if stored is None else stored.shape[2])
+        width = (0 if embedding_weight is None else embedding_weight.shape[1]) + (
+            0 if stored is None else stored.shape[2]
+        )
         if width == 0:
             raise ValueError("AttentionHead has neither a source embedding nor stored encoder units to attend over.")
         per_position = LIVE_BLOCKS * src.shape[1] * width * 4
@@ -88,7 +92,11 @@ def attend(q: Tensor, memory: MemoryBlocks) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def attend_backward(
-    q: Tensor, weights: Tensor, d_context: Tensor, memory: MemoryBlocks, embedding_grad: Tensor | None,
+    q: Tensor,
+    weights: Tensor,
+    d_context: Tensor,
+    memory: MemoryBlocks,
+    embedding_grad: Tensor | None,
     stored_grad: Tensor | None,
 ) -> Tensor:
     """The gradient of the queries ``(C, B, D)`` given the context's ``d_context`` ``(C, B, D)`` (``q`` and

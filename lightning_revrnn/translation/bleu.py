@@ -105,7 +105,8 @@ def detokenize(sentence: str, lang: str) -> str:
         >>> detokenize("er sagte &quot; hallo &quot; .", "de")
         'er sagte "hallo".'
     """
-    return moses_detokenizer(lang).detokenize(sentence.split())
+    text: str = moses_detokenizer(lang).detokenize(sentence.split())
+    return text
 
 
 class CorpusBLEU(Metric):

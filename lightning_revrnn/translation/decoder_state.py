@@ -23,5 +23,9 @@ class DecoderState:
     def select(self, rows: Tensor) -> DecoderState:
         """The state of rows ``rows`` (beam reordering / expansion): ``DecoderState.select`` is the decoding
         functions' ``ReorderFn`` (:mod:`lightning_revrnn.translation.decoding`)."""
-        pick = lambda t: t.index_select(1, rows)  # noqa: E731
-        return DecoderState(apply_to_collection(self.hidden, Tensor, pick), pick(self.memory), pick(self.memory_keep))
+
+        def pick(t: Tensor) -> Tensor:
+            return t.index_select(1, rows)
+
+        hidden = apply_to_collection(self.hidden, Tensor, pick)
+        return DecoderState(hidden, pick(self.memory), pick(self.memory_keep))

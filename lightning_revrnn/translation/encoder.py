@@ -22,8 +22,8 @@ from typing_extensions import override
 
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.dropout import locked_mask
-from lightning_revrnn.shared import BaselineRNN
 from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
+from lightning_revrnn.shared import BaselineRNN
 
 #: Bits per stored unit and step (float32).
 STORED_UNIT_BITS = 32

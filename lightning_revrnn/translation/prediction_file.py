@@ -20,7 +20,7 @@ class PredictionFile:
             path = f"{stem}.rank{rank}{ext}"
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._file: IO[str] | None = open(path, "w", encoding="utf-8")
+        self._file: IO[str] | None = open(path, "w", encoding="utf-8")  # noqa: SIM115  # open across predict batches until close()
 
     def write(self, lines: Iterable[str]) -> None:
         """Append ``lines``, one per line."""
