@@ -24,6 +24,7 @@ from typing import Any, Literal, cast
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from typing_extensions import override
@@ -32,7 +33,14 @@ from lightning_revrnn.translation.attention import AttentionHead, LuongAttention
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
-from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationBatch, TranslationVocabulary
+from lightning_revrnn.datamodules.translation import (
+    BOS,
+    EOS,
+    PAD,
+    TextPreprocessing,
+    TranslationBatch,
+    TranslationVocabulary,
+)
 from lightning_revrnn.translation.decoder_state import DecoderState
 from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
@@ -139,6 +147,8 @@ class TranslationModel(pl.LightningModule):
         self.src_vocab: TranslationVocabulary | None = None
         self.tgt_vocab: TranslationVocabulary | None = None
         self.tgt_lang = "de"
+        self.preprocessing: TextPreprocessing | None = None
+        self._vocab_origin = "set_vocabularies()"  # what the vocabularies came from, for error messages
         self.built = False
         self.val_loss, self.val_ppl = TokenCrossEntropy(), TokenCrossEntropy(perplexity=True)
         self.test_loss, self.test_ppl = TokenCrossEntropy(), TokenCrossEntropy(perplexity=True)
@@ -200,11 +210,23 @@ class TranslationModel(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Take the DataModule's vocabularies (and language) and build the layers for their sizes."""
+        """Take the DataModule's vocabularies, language and preprocessing and build the layers for their sizes.
+
+        A model that has vocabularies already (trained, or loaded from a checkpoint) keeps them: the DataModule's
+        must be the same tokens in the same order, else this raises (its batches' ids would mean other words).
+        """
         data = self.trainer.datamodule if self._trainer is not None else None
         src, tgt = getattr(data, "src_vocab", None), getattr(data, "tgt_vocab", None)
         if src is not None and tgt is not None:
-            self.set_vocabularies(src, tgt, getattr(data, "tgt_lang", self.tgt_lang))
+            name = f"the DataModule ({type(data).__name__})"
+            if self.src_vocab is not None and self.tgt_vocab is not None:
+                check_same_vocabularies((self.src_vocab, self.tgt_vocab), (src, tgt), ("the model", name), MODEL_FIX)
+                if self.preprocessing is None:
+                    self.preprocessing = getattr(data, "preprocessing", None)
+            else:
+                self.set_vocabularies(src, tgt, getattr(data, "tgt_lang", self.tgt_lang),
+                                      getattr(data, "preprocessing", None))
+                self._vocab_origin = name
         if not self.built:
             if self.src_vocab is None or self.tgt_vocab is None:
                 raise ValueError(
@@ -214,8 +236,10 @@ class TranslationModel(pl.LightningModule):
                 )
             self.build(len(self.src_vocab), len(self.tgt_vocab))
 
-    def set_vocabularies(self, src: TranslationVocabulary, tgt: TranslationVocabulary, tgt_lang: str = "de") -> None:
-        """Use these vocabularies (the target one turns decoded ids into text); their sizes must match the layers."""
+    def set_vocabularies(self, src: TranslationVocabulary, tgt: TranslationVocabulary, tgt_lang: str = "de",
+                         preprocessing: TextPreprocessing | None = None) -> None:
+        """Use these vocabularies (the target one turns decoded ids into text; their sizes must match the layers)
+        and, for :meth:`translate_text`, the preprocessing of the text they were built from."""
         hp = self.hparams
         for side, vocab in (("src", src), ("tgt", tgt)):
             size = hp[f"{side}_vocab_size"]
@@ -226,6 +250,9 @@ class TranslationModel(pl.LightningModule):
                 )
         self.src_vocab, self.tgt_vocab, self.tgt_lang = src, tgt, tgt_lang
         self.test_bleu_detok.lang = tgt_lang
+        if preprocessing is not None:
+            self.preprocessing = preprocessing
+        self._vocab_origin = "set_vocabularies()"
 
     # ------------------------------------------------------------------------------------- forward pass
     def encode(self, src: Tensor, src_keep: Tensor) -> tuple[Tensor | None, Any]:
@@ -392,18 +419,36 @@ class TranslationModel(pl.LightningModule):
     # ------------------------------------------------------------------------------------ checkpointing
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the vocabularies with the weights, so a loaded checkpoint translates without the DataModule."""
+        """Keep the vocabularies (the tokens) and the text preprocessing with the weights, so a loaded checkpoint
+        decodes with its own words and translates raw text without the DataModule."""
         if self.src_vocab is not None and self.tgt_vocab is not None:
             checkpoint["revrnn_vocab"] = {
                 "src": self.src_vocab.state_dict(), "tgt": self.tgt_vocab.state_dict(), "tgt_lang": self.tgt_lang,
+                "preprocessing": None if self.preprocessing is None else self.preprocessing.state_dict(),
             }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the checkpoint's vocabularies; a model set up already (``Trainer(...).fit/test(model, data,
+        ckpt_path=...)``) must have the same ones, else this raises naming what differs and the fix."""
         saved = checkpoint.get("revrnn_vocab")
-        if saved is not None and self.src_vocab is None:
-            self.set_vocabularies(TranslationVocabulary.from_state_dict(saved["src"]),
-                                  TranslationVocabulary.from_state_dict(saved["tgt"]), saved["tgt_lang"])
+        if saved is None:
+            rank_zero_warn("This TranslationModel checkpoint does not record its vocabularies (it predates them): "
+                           "the DataModule's are used unchecked. Make sure it is built as for the training run.")
+            return
+        src = TranslationVocabulary.from_state_dict(saved["src"])
+        tgt = TranslationVocabulary.from_state_dict(saved["tgt"])
+        prep = saved.get("preprocessing")
+        preprocessing = None if prep is None else TextPreprocessing.from_state_dict(prep)
+        if self.src_vocab is None or self.tgt_vocab is None:
+            self.set_vocabularies(src, tgt, saved["tgt_lang"], preprocessing)
+            self._vocab_origin = "the checkpoint"
+            return
+        # Trainer(...).fit/validate/test/predict(model, data, ckpt_path=...): the model was set up from the data
+        check_same_vocabularies((src, tgt), (self.src_vocab, self.tgt_vocab), ("the checkpoint", self._vocab_origin),
+                                CHECKPOINT_FIX)
+        if preprocessing is not None:
+            self.preprocessing = preprocessing
 
     # -------------------------------------------------------------------------------------- accounting
     def memory_stats(self) -> TranslationAccounting | None:
@@ -436,6 +481,39 @@ class TranslationAccounting:
     def as_dict(self) -> dict[str, dict[str, object]]:
         """``{"encoder": ..., "decoder": ...}``, each :meth:`MemoryAccounting.as_dict`, for logs and JSON."""
         return {side: s.as_dict() for side, s in self.sides()}
+
+
+MODEL_FIX = (
+    "build the DataModule with the data and vocabulary settings the model was trained with (the same corpus, "
+    "min_freq, max_vocab, max_len; for the synthetic task the same sizes and seed), or hand it the model's "
+    "vocabularies before the Trainer sets it up: `data.src_vocab, data.tgt_vocab = model.src_vocab, model.tgt_vocab` "
+    "(words they lack become <unk>)"
+)
+CHECKPOINT_FIX = (
+    "build the DataModule with the data and vocabulary settings of the run that wrote the checkpoint (the same "
+    "corpus, min_freq, max_vocab, max_len; for the synthetic task the same sizes and seed), or hand it the "
+    "checkpoint's vocabularies before the Trainer sets it up: `model = TranslationModel.load_from_checkpoint(path)`, "
+    "then `data.src_vocab, data.tgt_vocab = model.src_vocab, model.tgt_vocab` (words they lack become <unk>)"
+)
+
+
+def check_same_vocabularies(
+    ours: tuple[TranslationVocabulary, TranslationVocabulary],
+    theirs: tuple[TranslationVocabulary, TranslationVocabulary],
+    names: tuple[str, str],
+    fix: str,
+) -> None:
+    """Raise ``ValueError`` unless the (source, target) vocabularies ``ours`` and ``theirs`` (labelled ``names``)
+    are the same tokens in the same order, saying what differs and the ``fix``. Every DDP rank builds the same
+    vocabularies from the same data, so every rank raises alike."""
+    differences = [f"{side} vocabulary: {mine.difference(other, names)}"
+                   for side, mine, other in zip(("src", "tgt"), ours, theirs) if mine != other]
+    if differences:
+        raise ValueError(
+            f"TranslationModel: the vocabularies of {names[1]} differ from {names[0]}'s, so the same ids would mean "
+            "other words (training, loss, decoding and BLEU would silently use the wrong ones). "
+            f"{'; '.join(differences)}. Fix: {fix}."
+        )
 
 
 def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, beam: int, max_decode_len: int) -> None:
