@@ -75,7 +75,7 @@ def test_the_two_datamodules_differ_in_ids_only() -> None:
     ours, other = synthetic_data(), _other_data()
     ours.setup("fit")
     other.setup("fit")
-    assert len(ours.src_vocab) == len(other.src_vocab) and len(ours.tgt_vocab) == len(other.tgt_vocab)
+    assert ours.src_vocab_size == other.src_vocab_size and ours.tgt_vocab_size == other.tgt_vocab_size
     assert ours.src_vocab != other.src_vocab and ours.tgt_vocab != other.tgt_vocab
 
 
@@ -83,6 +83,7 @@ def test_the_checkpoint_holds_the_tokens(checkpoint: Path) -> None:
     saved = torch.load(checkpoint, weights_only=False)["revrnn_vocab"]
     data = synthetic_data()
     data.setup("fit")
+    assert data.src_vocab is not None and data.tgt_vocab is not None
     assert saved["src"]["tokens"] == data.src_vocab.tokens and saved["tgt"]["tokens"] == data.tgt_vocab.tokens
     loaded = TranslationModel.load_from_checkpoint(checkpoint)
     assert loaded.src_vocab == data.src_vocab and loaded.tgt_vocab == data.tgt_vocab
