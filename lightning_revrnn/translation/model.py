@@ -112,6 +112,10 @@ class TranslationModel(pl.LightningModule):
     ``test_bleu`` (beam search; the paper's BLEU: multi-bleu on the tokenised, lower-cased text) and
     ``test_bleu_detok`` (sacreBLEU 13a on detokenised text). Evaluation losses are per target token from
     sums over tokens reduced across ranks; BLEU from n-gram statistics summed across ranks.
+
+    The vocabularies (their tokens) and the DataModule's text preprocessing go into every checkpoint: a loaded
+    model decodes with its own words, refuses a DataModule whose ids differ (:meth:`setup`,
+    :meth:`on_load_checkpoint`) and translates raw text on its own (:meth:`translate_text`, ``revrnn translate``).
     """
 
     def __init__(
