@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from seq2seq_helpers import trained_synthetic
 
 from lightning_revrnn.cli import main
 from lightning_revrnn.translation.model import TranslationModel
@@ -24,9 +23,9 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return trained_synthetic(tmp_path_factory.mktemp("translate_cli"))
+@pytest.fixture
+def trained(trained_translation: Any) -> Any:
+    return trained_translation
 
 
 def _sentences(data: Any, count: int) -> list[str]:

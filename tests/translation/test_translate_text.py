@@ -3,21 +3,19 @@ corpus was; ``<unk>`` replaced by the most-attended source word; empty sentences
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from seq2seq_helpers import synthetic_data, tiny_model, trained_synthetic
+from seq2seq_helpers import synthetic_data, tiny_model
 
 from lightning_revrnn.datamodules.translation import (
     BOS,
     PAD,
     SPECIALS,
     UNK,
-    SyntheticTranslationDataModule,
     TextPreprocessing,
     TranslationVocabulary,
 )
@@ -30,9 +28,9 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TranslationModel, SyntheticTranslationDataModule, Path]:
-    return trained_synthetic(tmp_path_factory.mktemp("translate"))
+@pytest.fixture
+def trained(trained_translation: Any) -> Any:
+    return trained_translation
 
 
 def test_translates_the_test_split_as_predict_does(trained: Any) -> None:
