@@ -155,7 +155,7 @@ class TranslationModel(pl.LightningModule):
         self.tgt_vocab: TranslationVocabulary | None = None
         self.tgt_lang = "de"
         self.preprocessing: TextPreprocessing | None = None
-        self._vocab_origin = "set_vocabularies()"  # what the vocabularies came from, for error messages
+        self._vocab_origin = "the set_vocabularies() call"  # where the vocabularies came from, for error messages
         self.built = False
         self.val_loss, self.val_ppl = TokenCrossEntropy(), TokenCrossEntropy(perplexity=True)
         self.test_loss, self.test_ppl = TokenCrossEntropy(), TokenCrossEntropy(perplexity=True)
@@ -259,7 +259,7 @@ class TranslationModel(pl.LightningModule):
         self.test_bleu_detok.lang = tgt_lang
         if preprocessing is not None:
             self.preprocessing = preprocessing
-        self._vocab_origin = "set_vocabularies()"
+        self._vocab_origin = "the set_vocabularies() call"
 
     # ------------------------------------------------------------------------------------- forward pass
     def encode(self, src: Tensor, src_keep: Tensor) -> tuple[Tensor | None, Any]:
