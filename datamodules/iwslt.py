@@ -43,6 +43,7 @@ from .download import (
 from .errors import ChecksumMismatchError, CorpusFormatError, MissingDataError
 from .iwslt_text import aligned_segments, cached_tokenization, tokenized_pairs, training_sentences, user_cache_dir
 from .parallel import ParallelText
+from .preprocessing import IWSLT_PREPROCESSING
 from .translation_datamodule import TranslationDataModule
 
 WIT3_TEXTS = "https://wit3.fbk.eu/archive/2016-01/texts"
@@ -176,6 +177,7 @@ class IWSLT2016DataModule(TranslationDataModule):
     """
 
     spec = IWSLT2016_SPEC
+    text_preprocessing = IWSLT_PREPROCESSING
     training_sources = TRAINING_SOURCES
 
     def __init__(

@@ -16,6 +16,7 @@ from .corpus import decode_utf8, split_lines
 from .download import CorpusSpec, FileMirror, default_data_dir, ensure_files, missing_error, verify_bytes
 from .errors import CorpusFormatError
 from .parallel import ParallelText
+from .preprocessing import MULTI30K_PREPROCESSING
 from .translation_datamodule import TranslationDataModule
 
 _SPLIT_STEMS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
@@ -57,6 +58,7 @@ class Multi30KDataModule(TranslationDataModule):
     """
 
     spec = MULTI30K_SPEC
+    text_preprocessing = MULTI30K_PREPROCESSING
 
     def __init__(
         self,

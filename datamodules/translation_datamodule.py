@@ -21,6 +21,7 @@ from .bucketing import TranslationBatchDataset, TranslationTrainLoader, evaluati
 from .datasets import training_batches_taken
 from .distributed import check_divisible, rank_and_world_size
 from .parallel import EncodedPairs, ParallelText
+from .preprocessing import WHITESPACE, TextPreprocessing
 from .seeding import generator
 from .vocabulary import TranslationVocabulary
 
@@ -53,6 +54,9 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
     """Source language code."""
     tgt_lang: str = "de"
     """Target language code."""
+    text_preprocessing: TextPreprocessing = WHITESPACE
+    """How raw sentences became the tokens :meth:`read_split` returns (languages from :attr:`src_lang` /
+    :attr:`tgt_lang`); see :attr:`preprocessing`. Subclasses set their corpus's."""
 
     def __init__(
         self,
@@ -86,6 +90,13 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         """The tokenised, lower-cased sentence pairs of ``split`` (``train``/``valid``/``test``), unfiltered."""
 
     # ----------------------------------------------------------------------------------------------------
+    @property
+    def preprocessing(self) -> TextPreprocessing:
+        """How a raw sentence becomes this corpus's tokens and a translation's tokens become text: a
+        :class:`~lightning_revrnn.translation.model.TranslationModel` trained here keeps it in its checkpoint and
+        prepares new text with it (``translate_text``)."""
+        return self.text_preprocessing.with_languages(self.src_lang, self.tgt_lang)
+
     @property
     def src_vocab_size(self) -> int:
         """Number of source ids (known after :meth:`setup`)."""

@@ -125,6 +125,22 @@ class TranslationVocabulary:
             out.append(self._itos[i])
         return out
 
+    def difference(self, other: TranslationVocabulary, names: tuple[str, str] = ("this", "other")) -> str:
+        """In words, how this vocabulary differs from ``other`` (for error messages): the sizes, how many ids mean
+        another word, and the first such id in each (``names`` label the two); ``""`` when they are equal."""
+        if self == other:
+            return ""
+        mine, theirs = self._itos, other._itos
+        shared = min(len(mine), len(theirs))
+        moved = [i for i in range(shared) if mine[i] != theirs[i]]
+        sizes = (f"{names[0]} {len(mine)} tokens, {names[1]} {len(theirs)}" if len(mine) != len(theirs)
+                 else f"both {len(mine)} tokens")
+        if not moved:
+            return f"{sizes}; the first {shared} ids agree"
+        first = moved[0]
+        return (f"{sizes}; {len(moved)} of the first {shared} ids mean another word, e.g. id {first} is "
+                f"{mine[first]!r} in {names[0]} but {theirs[first]!r} in {names[1]}")
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this vocabulary: ``{"tokens": [...]}``."""
         return {"tokens": list(self._itos)}

@@ -6,10 +6,14 @@ command trains either; options are set with ``--model.<name>`` / ``--data.<name>
 read their vocabulary sizes from the DataModule in ``setup()`` (and save them in their hyperparameters),
 so configs never repeat them. ``revrnn predict`` with a translation model writes its translations to
 ``--model.prediction_file``.
+
+``revrnn translate --ckpt_path X --input F --output G`` translates raw sentences with a TranslationModel checkpoint
+(no config; :mod:`lightning_revrnn.translation.translate_cli`): it is handled before LightningCLI sees the arguments.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -27,6 +31,12 @@ class RevRNNCLI(LightningCLI):
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``revrnn`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["translate"]:
+        from lightning_revrnn.translation.translate_cli import main as translate
+
+        translate(argv[1:])
+        return
     warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)
     warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
     RevRNNCLI(

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -120,3 +121,12 @@ def run_ddp_script(script: Path, *args: str, cwd: Path, timeout: float = 300) ->
 def ddp_subprocess(clean_env: None) -> Callable[..., str]:
     """:func:`run_ddp_script`, with the launchers' variables cleared for the test."""
     return run_ddp_script
+
+
+@pytest.fixture(scope="session")
+def trained_translation(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small RevGRU TranslationModel trained on the synthetic task, its DataModule and its checkpoint saved from
+    Python (:func:`seq2seq_helpers.trained_synthetic`), trained once for the translate_text and CLI tests."""
+    from seq2seq_helpers import trained_synthetic
+
+    return trained_synthetic(tmp_path_factory.mktemp("trained_translation"))

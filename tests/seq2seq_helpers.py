@@ -4,8 +4,10 @@ the DDP test's spawned ranks, so it must stay importable from ``tests/``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
@@ -57,3 +59,18 @@ def tiny_model(rnn: str = "revgru", seed: int = 0, vocab: int | None = 13, **kwa
 def grads_of(model: torch.nn.Module) -> dict[str, Tensor]:
     """Every parameter's gradient by name (zeros where none arrived)."""
     return {n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
+
+
+def trained_synthetic(root: Path) -> tuple[TranslationModel, SyntheticTranslationDataModule, Path]:
+    """A small RevGRU model trained 150 steps on the synthetic task (about 5 s on one core; test BLEU about 35),
+    its DataModule, and its checkpoint saved from Python (``root/synthetic.ckpt``)."""
+    with torch.device("cpu"):
+        pl.seed_everything(0, verbose=False)
+        model = tiny_model(vocab=None, hidden_size=16, embedding_size=8, slice_dim=4, dropout=0.0,
+                           optimizer=lambda p: torch.optim.Adam(p, lr=0.02))
+        data = synthetic_data(batch_size=16, train_size=400)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=150, limit_val_batches=0, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        trainer.fit(model, data)
+        trainer.save_checkpoint(root / "synthetic.ckpt")
+    return model, data, root / "synthetic.ckpt"

@@ -74,10 +74,14 @@ class LuongAttention(nn.Module):
     def forward(self, h: Tensor, memory: Tensor, memory_keep: Tensor) -> Tensor:
         """The attentional output ``(C, B, H)`` of states ``h`` ``(C, B, H)`` over ``memory`` ``(S, B, D)``,
         attending only where ``memory_keep`` ``(S, B)`` is True (every column needs one True entry)."""
-        scores = torch.einsum("cbd,sbd->cbs", self.query(h), memory)
-        scores = scores.masked_fill(~memory_keep.t()[None], float("-inf"))
-        context = torch.einsum("cbs,sbd->cbd", scores.softmax(-1), memory)
+        context = torch.einsum("cbs,sbd->cbd", self.weights(h, memory, memory_keep), memory)
         return torch.tanh(self.output(torch.cat([context, h], -1)))
+
+    def weights(self, h: Tensor, memory: Tensor, memory_keep: Tensor) -> Tensor:
+        """The attention weights ``(C, B, S)`` of states ``h`` ``(C, B, H)`` over the memory's positions
+        (softmax of ``hᵀ W_a s``, 0 where ``memory_keep`` is False)."""
+        scores = torch.einsum("cbd,sbd->cbs", self.query(h), memory)
+        return scores.masked_fill(~memory_keep.t()[None], float("-inf")).softmax(-1)
 
 
 class AttentionHead(nn.Module):

@@ -17,13 +17,14 @@ evaluation arithmetic, carrying the exact (float64) reversible state through the
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from typing_extensions import override
@@ -32,7 +33,15 @@ from lightning_revrnn.translation.attention import AttentionHead, LuongAttention
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
-from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationBatch, TranslationVocabulary
+from lightning_revrnn.datamodules.translation import (
+    BOS,
+    EOS,
+    PAD,
+    UNK,
+    TextPreprocessing,
+    TranslationBatch,
+    TranslationVocabulary,
+)
 from lightning_revrnn.translation.decoder_state import DecoderState
 from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
@@ -53,6 +62,8 @@ PAPER_LR: dict[str, float] = {"lstm": 1.0, "revlstm": 0.5, "gru": 0.2, "revgru":
 DECODING_SETTINGS = ("beam", "length_penalty", "max_decode_len", "prediction_file")
 #: Uniform initialisation range of embeddings, attention and generator (OpenNMT-py's ``param_init``).
 INIT_RANGE = 0.1
+#: Sentences :meth:`TranslationModel.translate_text` decodes at once.
+TEXT_BATCH = 32
 
 
 class TranslationModel(pl.LightningModule):
@@ -101,6 +112,10 @@ class TranslationModel(pl.LightningModule):
     ``test_bleu`` (beam search; the paper's BLEU: multi-bleu on the tokenised, lower-cased text) and
     ``test_bleu_detok`` (sacreBLEU 13a on detokenised text). Evaluation losses are per target token from
     sums over tokens reduced across ranks; BLEU from n-gram statistics summed across ranks.
+
+    The vocabularies (their tokens) and the DataModule's text preprocessing go into every checkpoint: a loaded
+    model decodes with its own words, refuses a DataModule whose ids differ (:meth:`setup`,
+    :meth:`on_load_checkpoint`) and translates raw text on its own (:meth:`translate_text`, ``revrnn translate``).
     """
 
     def __init__(
@@ -139,6 +154,8 @@ class TranslationModel(pl.LightningModule):
         self.src_vocab: TranslationVocabulary | None = None
         self.tgt_vocab: TranslationVocabulary | None = None
         self.tgt_lang = "de"
+        self.preprocessing: TextPreprocessing | None = None
+        self._vocab_origin = "the set_vocabularies() call"  # where the vocabularies came from, for error messages
         self.built = False
         self.val_loss, self.val_ppl = TokenCrossEntropy(), TokenCrossEntropy(perplexity=True)
         self.test_loss, self.test_ppl = TokenCrossEntropy(), TokenCrossEntropy(perplexity=True)
@@ -200,11 +217,23 @@ class TranslationModel(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Take the DataModule's vocabularies (and language) and build the layers for their sizes."""
+        """Take the DataModule's vocabularies, language and preprocessing and build the layers for their sizes.
+
+        A model that has vocabularies already (trained, or loaded from a checkpoint) keeps them: the DataModule's
+        must be the same tokens in the same order, else this raises (its batches' ids would mean other words).
+        """
         data = self.trainer.datamodule if self._trainer is not None else None
         src, tgt = getattr(data, "src_vocab", None), getattr(data, "tgt_vocab", None)
         if src is not None and tgt is not None:
-            self.set_vocabularies(src, tgt, getattr(data, "tgt_lang", self.tgt_lang))
+            name = f"the DataModule ({type(data).__name__})"
+            if self.src_vocab is not None and self.tgt_vocab is not None:
+                check_same_vocabularies((self.src_vocab, self.tgt_vocab), (src, tgt), ("the model", name), MODEL_FIX)
+                if self.preprocessing is None:
+                    self.preprocessing = getattr(data, "preprocessing", None)
+            else:
+                self.set_vocabularies(src, tgt, getattr(data, "tgt_lang", self.tgt_lang),
+                                      getattr(data, "preprocessing", None))
+                self._vocab_origin = name
         if not self.built:
             if self.src_vocab is None or self.tgt_vocab is None:
                 raise ValueError(
@@ -214,8 +243,10 @@ class TranslationModel(pl.LightningModule):
                 )
             self.build(len(self.src_vocab), len(self.tgt_vocab))
 
-    def set_vocabularies(self, src: TranslationVocabulary, tgt: TranslationVocabulary, tgt_lang: str = "de") -> None:
-        """Use these vocabularies (the target one turns decoded ids into text); their sizes must match the layers."""
+    def set_vocabularies(self, src: TranslationVocabulary, tgt: TranslationVocabulary, tgt_lang: str = "de",
+                         preprocessing: TextPreprocessing | None = None) -> None:
+        """Use these vocabularies (the target one turns decoded ids into text; their sizes must match the layers)
+        and, for :meth:`translate_text`, the preprocessing of the text they were built from."""
         hp = self.hparams
         for side, vocab in (("src", src), ("tgt", tgt)):
             size = hp[f"{side}_vocab_size"]
@@ -226,6 +257,9 @@ class TranslationModel(pl.LightningModule):
                 )
         self.src_vocab, self.tgt_vocab, self.tgt_lang = src, tgt, tgt_lang
         self.test_bleu_detok.lang = tgt_lang
+        if preprocessing is not None:
+            self.preprocessing = preprocessing
+        self._vocab_origin = "the set_vocabularies() call"
 
     # ------------------------------------------------------------------------------------- forward pass
     def encode(self, src: Tensor, src_keep: Tensor) -> tuple[Tensor | None, Any]:
@@ -356,6 +390,110 @@ class TranslationModel(pl.LightningModule):
             self.train(was_training)
 
     @torch.no_grad()
+    def translate_text(
+        self, sentences: Sequence[str], beam: int | None = None, replace_unk: bool = True, batch_size: int = TEXT_BATCH
+    ) -> list[str]:
+        """Translate raw sentences: one detokenised translation per sentence, in order.
+
+        Each sentence is prepared as the training corpus was (:attr:`preprocessing`, declared by the DataModule
+        and kept in the checkpoint: e.g. Multi30K lower-cases and Moses-tokenises, the synthetic task splits at
+        whitespace), decoded with beam search (``beam``; default the model's, 1 is greedy) in batches of
+        ``batch_size`` sentences of similar length, and detokenised. With ``replace_unk`` (default) every
+        ``<unk>`` of a translation is replaced by the source token the decoder attended to most when it emitted it
+        (the classic attention-based unknown-word replacement); ``replace_unk=False`` keeps ``<unk>``.
+
+        Raises:
+            ValueError: a sentence is empty (after preprocessing), naming it; or the model has no vocabularies or
+                no preprocessing (set by a translation DataModule or a checkpoint).
+            TypeError: ``sentences`` is one string, not a list of them.
+        """
+        if isinstance(sentences, str):
+            raise TypeError("translate_text takes a list of sentences; wrap a single sentence in a list: [sentence].")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        self._require_built()
+        preprocessing, tgt_vocab = self._text_settings()
+        tokens = []
+        for i, sentence in enumerate(sentences):
+            if not isinstance(sentence, str):
+                raise TypeError(f"sentence {i} is {type(sentence).__name__}, not str: {sentence!r}.")
+            tokens.append(preprocessing.tokenize(sentence, "src"))
+        empty = [i for i, words in enumerate(tokens) if not words]
+        if empty:
+            raise ValueError(
+                f"sentence {empty[0]} ({sentences[empty[0]]!r}) is empty (no tokens after preprocessing); "
+                f"{len(empty)} of {len(tokens)} sentences are empty (indices {empty[:10]}). A translation needs at "
+                "least one source word: drop or fill the empty sentences."
+            )
+        assert self.src_vocab is not None
+        order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))  # similar lengths batch together
+        out = [""] * len(tokens)
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                src, src_keep = self._source_batch([self.src_vocab.encode(tokens[i]) for i in rows])
+                hypotheses = self.translate(src, src_keep, beam=beam)
+                attended = (self.attended_positions(src, src_keep, hypotheses)
+                            if replace_unk and any(UNK in h for h in hypotheses) else None)
+                for r, (i, ids) in enumerate(zip(rows, hypotheses)):
+                    words = [tgt_vocab[t] for t in ids]
+                    if attended is not None:
+                        words = [tokens[i][int(attended[j, r])] if t == UNK else w
+                                 for j, (t, w) in enumerate(zip(ids, words))]
+                    out[i] = preprocessing.detokenize(words, "tgt")
+        finally:
+            self.train(was_training)
+        return out
+
+    def _text_settings(self) -> tuple[TextPreprocessing, TranslationVocabulary]:
+        if self.src_vocab is None or self.tgt_vocab is None:
+            raise ValueError(
+                "TranslationModel has no vocabularies to translate text with. Fix: load it from a checkpoint written "
+                "after training (TranslationModel.load_from_checkpoint), run it in a Trainer with a translation "
+                "DataModule first, or call set_vocabularies()."
+            )
+        if self.preprocessing is None:
+            raise ValueError(
+                "TranslationModel does not know how its training text was preprocessed (a checkpoint from before "
+                "preprocessing was saved, or vocabularies set by hand). Fix: set it, e.g. "
+                "`model.preprocessing = Multi30KDataModule().preprocessing` (lightning_revrnn.datamodules), or run "
+                "the model once in a Trainer with its DataModule."
+            )
+        return self.preprocessing, self.tgt_vocab
+
+    def _source_batch(self, ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Right-padded source ids ``(S, B)`` and their mask, on the model's device."""
+        length = max(len(row) for row in ids)
+        src = torch.full((length, len(ids)), PAD, dtype=torch.long)
+        for b, row in enumerate(ids):
+            src[: len(row), b] = torch.tensor(row, dtype=torch.long)
+        return src.to(self.device), (src != PAD).to(self.device)
+
+    @torch.no_grad()
+    def attended_positions(self, src: Tensor, src_keep: Tensor, hypotheses: Sequence[list[int]]) -> Tensor:
+        """For every token of each hypothesis (target ids without BOS/EOS, as :meth:`translate` returns them), the
+        source position the decoder attended to most when emitting it: ``(T, B)`` int64, ``T`` the longest
+        hypothesis (at least 1; positions past a hypothesis's end are meaningless). The decoder reruns the
+        hypotheses teacher-forced from the encoder's state, in the decoding arithmetic (call it in evaluation
+        mode; :meth:`translate_text` does)."""
+        self._require_built()
+        state = self.initial_decoder_state(src, src_keep)
+        steps = max([1, *(len(h) for h in hypotheses)])
+        tgt_in = torch.full((steps, len(hypotheses)), EOS, dtype=torch.long)
+        tgt_in[0] = BOS
+        for b, ids in enumerate(hypotheses):
+            tgt_in[1 : len(ids), b] = torch.tensor(ids[:-1], dtype=torch.long)
+        tgt_in = tgt_in.to(src.device)
+        stem = self.tgt_stem.bind(training=False)
+        if self.reversible:
+            out, _ = self.decoder(tgt_in, state.hidden, stem=stem)
+        else:
+            out, _ = self.decoder(stem(tgt_in), state.hidden)
+        return self.head.attention.weights(out, state.memory, state.memory_keep).argmax(-1)
+
+    @torch.no_grad()
     def initial_decoder_state(self, src: Tensor, src_keep: Tensor) -> DecoderState:
         """Encode ``src`` and return the decoding state: the decoder starts from the encoder's final state
         (reversible: its exact float64 value, as training's chaining does)."""
@@ -392,18 +530,36 @@ class TranslationModel(pl.LightningModule):
     # ------------------------------------------------------------------------------------ checkpointing
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the vocabularies with the weights, so a loaded checkpoint translates without the DataModule."""
+        """Keep the vocabularies (the tokens) and the text preprocessing with the weights, so a loaded checkpoint
+        decodes with its own words and translates raw text without the DataModule."""
         if self.src_vocab is not None and self.tgt_vocab is not None:
             checkpoint["revrnn_vocab"] = {
                 "src": self.src_vocab.state_dict(), "tgt": self.tgt_vocab.state_dict(), "tgt_lang": self.tgt_lang,
+                "preprocessing": None if self.preprocessing is None else self.preprocessing.state_dict(),
             }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the checkpoint's vocabularies; a model set up already (``Trainer(...).fit/test(model, data,
+        ckpt_path=...)``) must have the same ones, else this raises naming what differs and the fix."""
         saved = checkpoint.get("revrnn_vocab")
-        if saved is not None and self.src_vocab is None:
-            self.set_vocabularies(TranslationVocabulary.from_state_dict(saved["src"]),
-                                  TranslationVocabulary.from_state_dict(saved["tgt"]), saved["tgt_lang"])
+        if saved is None:
+            rank_zero_warn("This TranslationModel checkpoint does not record its vocabularies (it predates them): "
+                           "the DataModule's are used unchecked. Make sure it is built as for the training run.")
+            return
+        src = TranslationVocabulary.from_state_dict(saved["src"])
+        tgt = TranslationVocabulary.from_state_dict(saved["tgt"])
+        prep = saved.get("preprocessing")
+        preprocessing = None if prep is None else TextPreprocessing.from_state_dict(prep)
+        if self.src_vocab is None or self.tgt_vocab is None:
+            self.set_vocabularies(src, tgt, saved["tgt_lang"], preprocessing)
+            self._vocab_origin = "the checkpoint"
+            return
+        # Trainer(...).fit/validate/test/predict(model, data, ckpt_path=...): the model was set up from the data
+        check_same_vocabularies((src, tgt), (self.src_vocab, self.tgt_vocab), ("the checkpoint", self._vocab_origin),
+                                CHECKPOINT_FIX)
+        if preprocessing is not None:
+            self.preprocessing = preprocessing
 
     # -------------------------------------------------------------------------------------- accounting
     def memory_stats(self) -> TranslationAccounting | None:
@@ -436,6 +592,39 @@ class TranslationAccounting:
     def as_dict(self) -> dict[str, dict[str, object]]:
         """``{"encoder": ..., "decoder": ...}``, each :meth:`MemoryAccounting.as_dict`, for logs and JSON."""
         return {side: s.as_dict() for side, s in self.sides()}
+
+
+MODEL_FIX = (
+    "build the DataModule with the data and vocabulary settings the model was trained with (the same corpus, "
+    "min_freq, max_vocab, max_len; for the synthetic task the same sizes and seed), or hand it the model's "
+    "vocabularies before the Trainer sets it up: `data.src_vocab, data.tgt_vocab = model.src_vocab, model.tgt_vocab` "
+    "(words they lack become <unk>)"
+)
+CHECKPOINT_FIX = (
+    "build the DataModule with the data and vocabulary settings of the run that wrote the checkpoint (the same "
+    "corpus, min_freq, max_vocab, max_len; for the synthetic task the same sizes and seed), or hand it the "
+    "checkpoint's vocabularies before the Trainer sets it up: `model = TranslationModel.load_from_checkpoint(path)`, "
+    "then `data.src_vocab, data.tgt_vocab = model.src_vocab, model.tgt_vocab` (words they lack become <unk>)"
+)
+
+
+def check_same_vocabularies(
+    ours: tuple[TranslationVocabulary, TranslationVocabulary],
+    theirs: tuple[TranslationVocabulary, TranslationVocabulary],
+    names: tuple[str, str],
+    fix: str,
+) -> None:
+    """Raise ``ValueError`` unless the (source, target) vocabularies ``ours`` and ``theirs`` (labelled ``names``)
+    are the same tokens in the same order, saying what differs and the ``fix``. Every DDP rank builds the same
+    vocabularies from the same data, so every rank raises alike."""
+    differences = [f"{side} vocabulary: {mine.difference(other, names)}"
+                   for side, mine, other in zip(("src", "tgt"), ours, theirs) if mine != other]
+    if differences:
+        raise ValueError(
+            f"TranslationModel: the vocabularies of {names[1]} differ from {names[0]}'s, so the same ids would mean "
+            "other words (training, loss, decoding and BLEU would silently use the wrong ones). "
+            f"{'; '.join(differences)}. Fix: {fix}."
+        )
 
 
 def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, beam: int, max_decode_len: int) -> None:
