@@ -36,7 +36,8 @@ from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationB
 from lightning_revrnn.translation.decoder_state import DecoderState
 from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
-from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, plateau_schedule
+from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, check_finite_loss, plateau_schedule, read_step_figures
+from lightning_revrnn.translation.source_checks import check_source_rows, empty_source_rows
 from lightning_revrnn.translation.prediction_file import PredictionFile
 from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.translation.token_metrics import TokenCrossEntropy
@@ -53,6 +54,12 @@ PAPER_LR: dict[str, float] = {"lstm": 1.0, "revlstm": 0.5, "gru": 0.2, "revgru":
 DECODING_SETTINGS = ("beam", "length_penalty", "max_decode_len", "prediction_file")
 #: Uniform initialisation range of embeddings, attention and generator (OpenNMT-py's ``param_init``).
 INIT_RANGE = 0.1
+#: What a non-finite training loss asks the user to do.
+NONFINITE_FIX = (
+    "check that batch for pairs the model cannot take (a DataModule of your own must drop empty sentences, as "
+    "TranslationDataModule does), lower the learning rate or clip gradients (the configs use "
+    "Trainer(gradient_clip_val=5)), then resume from the last checkpoint."
+)
 
 
 class TranslationModel(pl.LightningModule):
@@ -258,7 +265,13 @@ class TranslationModel(pl.LightningModule):
     def training_step(self, batch: TranslationBatch, batch_idx: int) -> Tensor:
         """Summed cross-entropy divided by the number of target tokens of the global batch (all ranks), times
         the world size: DDP's gradient average is then the gradient of the global per-token mean, exactly
-        what one process computes on the whole batch."""
+        what one process computes on the whole batch.
+
+        Raises:
+            ValueError: a row of the batch has no source token (naming it).
+            NonFiniteLossError: the loss is NaN or infinite. Both are checked before backward, so no weight
+                changes, and read together with the token count the log needs: no extra host sync.
+        """
         devices = [batch.src.device] if batch.src.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._step_seed())
@@ -268,8 +281,12 @@ class TranslationModel(pl.LightningModule):
         global_count = self.trainer.strategy.reduce(count.float(), reduce_op="sum") if world > 1 else count
         loss = total * world / global_count.clamp_min(1)
         local = total.detach() / count.clamp_min(1)
-        self.log("train_loss", local, prog_bar=True, batch_size=int(count))
-        self.log("train_ppl", local.exp(), batch_size=int(count))
+        tokens, local_value, empty = read_step_figures(count, local, empty_source_rows(batch.src_keep))  # one sync
+        if empty:
+            check_source_rows(batch.src_keep, indices=batch.indices)
+        check_finite_loss(self, local_value, batch_idx, NONFINITE_FIX)
+        self.log("train_loss", local, prog_bar=True, batch_size=int(tokens))
+        self.log("train_ppl", local.exp(), batch_size=int(tokens))
         return loss
 
     # ------------------------------------------------------------------------------------- evaluation
@@ -358,7 +375,12 @@ class TranslationModel(pl.LightningModule):
     @torch.no_grad()
     def initial_decoder_state(self, src: Tensor, src_keep: Tensor) -> DecoderState:
         """Encode ``src`` and return the decoding state: the decoder starts from the encoder's final state
-        (reversible: its exact float64 value, as training's chaining does)."""
+        (reversible: its exact float64 value, as training's chaining does).
+
+        Raises:
+            ValueError: a row of ``src_keep`` has no real token (naming it): it would decode to garbage.
+        """
+        check_source_rows(src_keep)
         stored, h_n = self.encode(src, src_keep)
         hidden = self.encoder.exact_state(h_n) if isinstance(self.encoder, StoredUnitsAccounting) else h_n
         return DecoderState(hidden, self.head.build_memory(src, stored), src_keep)
