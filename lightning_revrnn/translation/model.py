@@ -136,7 +136,8 @@ class TranslationModel(pl.LightningModule):
         super().__init__()
         self.reversible = rnn in DECODERS
         self.context_type = context if context is not None else ("emb+slice" if self.reversible else "hidden")
-        check_arguments(rnn, hidden_size, self.context_type, slice_dim, beam, max_decode_len)
+        check_arguments(rnn, hidden_size, self.context_type, slice_dim, beam, max_decode_len,
+                        embedding_size=embedding_size, num_layers=num_layers, dropout=dropout)
         # Decoding settings are not hyperparameters: LightningCLI's --ckpt_path puts a checkpoint's hyperparameters
         # over the command line, so `revrnn test --ckpt_path ... --model.beam 1` would silently keep the old beam.
         self.save_hyperparameters(ignore=["optimizer", *DECODING_SETTINGS])
@@ -460,10 +461,16 @@ class TranslationAccounting:
         return {side: s.as_dict() for side, s in self.sides()}
 
 
-def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, beam: int, max_decode_len: int) -> None:
-    """Raise on settings the model cannot run with, naming the fix."""
+def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, beam: int, max_decode_len: int,
+                    embedding_size: int = 1, num_layers: int = 1, dropout: float = 0.0) -> None:
+    """Raise on settings the model cannot run with, naming the argument and the fix."""
     if rnn not in DECODERS and rnn not in BASELINES:
         raise ValueError(f"rnn must be one of {sorted([*DECODERS, *BASELINES])}, got {rnn!r}.")
+    for name, value in (("embedding_size", embedding_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"TranslationModel({name}={value!r}): {name} must be a positive integer.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"TranslationModel(dropout={dropout!r}): dropout must be in [0, 1).")
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}.")
     if rnn in DECODERS and hidden_size % 2:

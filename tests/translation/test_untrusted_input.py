@@ -114,3 +114,13 @@ def test_a_nonfinite_training_loss_stops_before_the_optimizer_step(rnn: str) -> 
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
         if key != "head.generator.bias":
             assert torch.isfinite(value).all(), key
+
+
+@pytest.mark.parametrize("rnn", ["revgru", "gru"])
+@pytest.mark.parametrize(("kwargs", "named"), [
+    (dict(embedding_size=0), "embedding_size=0"), (dict(embedding_size=-3), "embedding_size=-3"),
+    (dict(hidden_size=0), "hidden_size=0"), (dict(num_layers=0), "num_layers=0"), (dict(dropout=1.5), "dropout=1.5"),
+])
+def test_bad_sizes_name_the_argument(rnn: str, kwargs: dict[str, Any], named: str) -> None:
+    with pytest.raises(ValueError, match=rf"TranslationModel\({named}\): {named.split('=')[0]} must be"):
+        tiny_model(rnn, **kwargs)
