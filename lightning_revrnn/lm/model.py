@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
+from lightning_revrnn.checkpoints import CheckpointFileCheck
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.lm.head import BoundDecoderHead, DecoderHead
@@ -52,7 +53,7 @@ def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=20.0, weight_decay=1.2e-6)
 
 
-class LanguageModel(pl.LightningModule):
+class LanguageModel(CheckpointFileCheck, pl.LightningModule):
     """The paper's language model (AWD-LSTM style) around a reversible RNN or a baseline.
 
     Args:

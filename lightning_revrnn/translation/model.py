@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from lightning_revrnn.translation.attention import AttentionHead, LuongAttention
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
+from lightning_revrnn.checkpoints import CheckpointFileCheck
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
 from lightning_revrnn.datamodules.translation import BOS, EOS, PAD, TranslationBatch, TranslationVocabulary
@@ -62,7 +63,7 @@ NONFINITE_FIX = (
 )
 
 
-class TranslationModel(pl.LightningModule):
+class TranslationModel(CheckpointFileCheck, pl.LightningModule):
     """The paper's attention seq2seq model around reversible RNNs or the ``nn.GRU``/``nn.LSTM`` baselines.
 
     Args:
