@@ -2,9 +2,9 @@
 
 Subclasses say where the tokenised sentence pairs of each split come from (:meth:`read_split`); this class
 builds one vocabulary per language from the training pairs, drops training pairs longer than ``max_len``
-tokens on either side (validation and test are never filtered by length), and serves :class:`~.parallel.TranslationBatch`
-es: bucketed and reshuffled per epoch for training, fixed and length-sorted for validation/test, in file order
-for prediction (the test split). ``batch_size`` is global: each of ``W`` DDP ranks gets ``batch_size / W`` pairs
+tokens on either side (validation and test are never filtered by length), and serves
+:class:`~.parallel.TranslationBatch` es: bucketed and reshuffled per epoch for training, fixed and length-sorted
+for validation/test, in file order for prediction (the test split). ``batch_size`` is global: each of ``W`` DDP ranks gets ``batch_size / W`` pairs
 of every training batch and the same number of batches (see :mod:`.bucketing`).
 
 Empty sentences: a pair whose source or target is empty (or whitespace only) has nothing to encode or attend

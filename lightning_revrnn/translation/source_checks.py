@@ -16,8 +16,10 @@ from torch import Tensor
 #: Rows listed in the message before "and N more".
 _LISTED = 5
 #: What the error asks the user to do.
-FIX = ("Fix: give every row at least one source token (drop the empty sentences from your data; "
-       "TranslationDataModule drops them from training and refuses them in validation/test).")
+FIX = (
+    "Fix: give every row at least one source token (drop the empty sentences from your data; "
+    "TranslationDataModule drops them from training and refuses them in validation/test)."
+)
 
 
 def empty_source_rows(src_keep: Tensor) -> Tensor:
@@ -34,7 +36,9 @@ def check_source_rows(src_keep: Tensor, lengths: Tensor | None = None, indices: 
     Without ``lengths`` this reads the mask's per-row verdict from the device once.
     """
     if src_keep.ndim != 2:
-        raise ValueError(f"src_keep must be a (S, B) bool mask of the real source tokens, got shape {tuple(src_keep.shape)}.")
+        raise ValueError(
+            f"src_keep must be a (S, B) bool mask of real source tokens, got shape {tuple(src_keep.shape)}."
+        )
     lengths = src_keep.sum(0) if lengths is None else lengths
     empty = (lengths == 0).nonzero().flatten().tolist()
     if empty:
@@ -43,11 +47,14 @@ def check_source_rows(src_keep: Tensor, lengths: Tensor | None = None, indices: 
 
 def empty_rows_message(empty: Sequence[int], batch: int, indices: Sequence[int] | None = None) -> str:
     """The error message for the empty source rows ``empty`` of a batch of ``batch`` rows."""
+
     def name(row: int) -> str:
         return f"{row} (pair {indices[row]} of its split)" if indices is not None and row < len(indices) else str(row)
 
     listed = ", ".join(name(row) for row in empty[:_LISTED])
     listed += f" and {len(empty) - _LISTED} more" if len(empty) > _LISTED else ""
-    return (f"source row {listed} of the batch ({len(empty)} of {batch} rows; the columns of src_keep, from 0) has no "
-            "real token. An empty source sentence has nothing to encode or attend to: its loss and its "
-            f"translation would be NaN. {FIX}")
+    return (
+        f"source row {listed} of the batch ({len(empty)} of {batch} rows; the columns of src_keep, from 0) has no "
+        "real token. An empty source sentence has nothing to encode or attend to: its loss and its "
+        f"translation would be NaN. {FIX}"
+    )

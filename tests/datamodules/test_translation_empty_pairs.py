@@ -35,7 +35,7 @@ def _with_empty(text: ParallelText, at: int, side: str, blank: str = "") -> Para
 def test_empty_training_pairs_are_dropped_with_one_counting_warning() -> None:
     train = _with_empty(_with_empty(GOOD, 1, "source"), 3, "target", blank="  \t ")
     dm = _Pairs({"train": train, "valid": GOOD, "test": GOOD})
-    with pytest.warns(UserWarning) as record:
+    with pytest.warns(UserWarning, match="empty") as record:
         dm.setup("fit")
     messages = [str(w.message) for w in record if "empty" in str(w.message)]
     assert len(messages) == 1, messages
@@ -46,14 +46,19 @@ def test_empty_training_pairs_are_dropped_with_one_counting_warning() -> None:
     assert all(bool(b.src_keep.any(0).all()) for b in dm.train_dataloader())
 
 
-@pytest.mark.parametrize(("stage", "split", "use"), [("fit", "valid", "validation"), ("test", "test", "test and predict"),
-                                                     ("predict", "test", "test and predict")])
+@pytest.mark.parametrize(
+    ("stage", "split", "use"),
+    [("fit", "valid", "validation"), ("test", "test", "test and predict"), ("predict", "test", "test and predict")],
+)
 def test_empty_evaluation_pairs_are_refused_naming_split_line_and_fix(stage: str, split: str, use: str) -> None:
     dm = _Pairs({"train": GOOD, "valid": GOOD, "test": GOOD, split: _with_empty(GOOD, 2, "source", blank=" ")})
     with pytest.raises(CorpusFormatError) as info:
         dm.setup(stage)
     message = str(info.value)
-    assert f"the {split!r} split ({use})" in message and "pair (= line of line-aligned files, from 1) 3 (source)" in message
+    assert (
+        f"the {split!r} split ({use})" in message
+        and "pair (= line of line-aligned files, from 1) 3 (source)" in message
+    )
     assert "drop_empty_eval_pairs=True" in message and "remove those lines" in message
 
 

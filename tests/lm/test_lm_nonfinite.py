@@ -32,7 +32,9 @@ class _PoisonDecoderBias(Callback):
         self.at = at
         self.state: dict[str, torch.Tensor] = {}
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == self.at:
             with torch.no_grad():
                 pl_module.decoder.bias.fill_(float("nan"))  # type: ignore[union-attr,operator]
@@ -43,14 +45,26 @@ class _PoisonDecoderBias(Callback):
 def test_a_nonfinite_training_loss_stops_before_the_optimizer_step(rnn: str) -> None:
     torch.manual_seed(0)
     model = LanguageModel(16, rnn=rnn, emb_size=16, hidden_size=24, optimizer=partial(torch.optim.SGD, lr=0.5))
-    data = SyntheticLMDataModule(vocab_size=16, train_tokens=2000, val_tokens=400, test_tokens=400, batch_size=4,
-                                 eval_batch_size=4, bptt=10)
+    data = SyntheticLMDataModule(
+        vocab_size=16, train_tokens=2000, val_tokens=400, test_tokens=400, batch_size=4, eval_batch_size=4, bptt=10
+    )
     poison = _PoisonDecoderBias(at=3)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.25)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.25,
+    )
     trainer.callbacks.append(poison)
-    with pytest.raises(NonFiniteLossError, match=r"LanguageModel: the training loss is nan at global step 3 \(epoch 0, "
-                       r"batch_idx 3\).*before this step's backward.*Fix: lower the learning rate"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"LanguageModel: the training loss is nan at global step 3 \(epoch 0, "
+        r"batch_idx 3\).*before this step's backward.*Fix: lower the learning rate",
+    ):
         trainer.fit(model, data)
     state = model.state_dict()
     for key, value in poison.state.items():  # no optimizer step ran: every weight as the step found it

@@ -10,11 +10,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from seq2seq_helpers import padded_batch, tiny_model  # tests/ (conftest puts it on the path)
 from torch.utils.data import DataLoader
 
 from lightning_revrnn.shared import NonFiniteLossError
-
-from seq2seq_helpers import padded_batch, tiny_model  # tests/ (conftest puts it on the path)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -34,8 +33,15 @@ def _with_empty_row(row: int, batch: int = 4) -> Any:
 
 
 def _trainer(**kwargs: Any) -> pl.Trainer:
-    args: dict[str, Any] = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=5.0)
+    args: dict[str, Any] = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=5.0,
+    )
     args.update(kwargs)
     return pl.Trainer(**args)
 
@@ -70,8 +76,9 @@ def test_training_refuses_a_zero_length_row_before_any_weight_changes(rnn: str) 
     after_first: dict[str, torch.Tensor] = {}
 
     class Snapshot(Callback):
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                                 batch_idx: int) -> None:
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        ) -> None:
             if batch_idx == 1:
                 after_first.update(_state(pl_module))
 
@@ -94,7 +101,9 @@ class _PoisonGenerator(Callback):
         self.at = at
         self.state: dict[str, torch.Tensor] = {}
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == self.at:
             with torch.no_grad():
                 pl_module.head.generator.bias.fill_(float("nan"))  # type: ignore[union-attr,operator]
@@ -106,8 +115,11 @@ def test_a_nonfinite_training_loss_stops_before_the_optimizer_step(rnn: str) -> 
     model = tiny_model(rnn)
     batches = [padded_batch([5, 3, 4, 2], [3, 4, 2, 3], VOCAB, seed=s) for s in range(4)]
     poison = _PoisonGenerator(at=2)
-    with pytest.raises(NonFiniteLossError, match=r"TranslationModel: the training loss is nan at global step 2 "
-                       r"\(epoch 0, batch_idx 2\).*weights are still finite.*Fix: check that batch"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"TranslationModel: the training loss is nan at global step 2 "
+        r"\(epoch 0, batch_idx 2\).*weights are still finite.*Fix: check that batch",
+    ):
         _trainer(max_steps=6, callbacks=[poison]).fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
     state = _state(model)
     for key, value in poison.state.items():  # no optimizer step ran: every weight as the step found it
@@ -117,10 +129,16 @@ def test_a_nonfinite_training_loss_stops_before_the_optimizer_step(rnn: str) -> 
 
 
 @pytest.mark.parametrize("rnn", ["revgru", "gru"])
-@pytest.mark.parametrize(("kwargs", "named"), [
-    (dict(embedding_size=0), "embedding_size=0"), (dict(embedding_size=-3), "embedding_size=-3"),
-    (dict(hidden_size=0), "hidden_size=0"), (dict(num_layers=0), "num_layers=0"), (dict(dropout=1.5), "dropout=1.5"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        (dict(embedding_size=0), "embedding_size=0"),
+        (dict(embedding_size=-3), "embedding_size=-3"),
+        (dict(hidden_size=0), "hidden_size=0"),
+        (dict(num_layers=0), "num_layers=0"),
+        (dict(dropout=1.5), "dropout=1.5"),
+    ],
+)
 def test_bad_sizes_name_the_argument(rnn: str, kwargs: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=rf"TranslationModel\({named}\): {named.split('=')[0]} must be"):
         tiny_model(rnn, **kwargs)
