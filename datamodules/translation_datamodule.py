@@ -164,7 +164,7 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         listed = ", ".join(f"{i + 1} ({text.empty_side(i)})" for i in empty[:_LISTED])
         listed += f" and {len(empty) - _LISTED} more" if len(empty) > _LISTED else ""
         where = (f"the {split!r} split ({use}) has {len(empty)} of {len(text)} sentence pairs with an empty or "
-                 f"whitespace-only side; pair (= line of line-aligned files, from 1) {listed}")
+                 f"whitespace-only side, at pair {listed} (numbered from 1: the line in line-aligned files)")
         if split != "train" and not self.drop_empty_eval_pairs:
             raise CorpusFormatError(
                 f"{name}: {where}. An empty sentence has nothing to encode or attend to, and an evaluation split "

@@ -57,7 +57,7 @@ def test_empty_evaluation_pairs_are_refused_naming_split_line_and_fix(stage: str
     message = str(info.value)
     assert (
         f"the {split!r} split ({use})" in message
-        and "pair (= line of line-aligned files, from 1) 3 (source)" in message
+        and "side, at pair 3 (source) (numbered from 1: the line in line-aligned files)" in message
     )
     assert "drop_empty_eval_pairs=True" in message and "remove those lines" in message
 
