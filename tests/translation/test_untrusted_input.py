@@ -142,3 +142,18 @@ def test_a_nonfinite_training_loss_stops_before_the_optimizer_step(rnn: str) -> 
 def test_bad_sizes_name_the_argument(rnn: str, kwargs: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=rf"TranslationModel\({named}\): {named.split('=')[0]} must be"):
         tiny_model(rnn, **kwargs)
+
+
+@pytest.mark.parametrize("rnn", ["revgru", "gru"])
+def test_test_and_predict_refuse_a_zero_length_row_instead_of_nan(rnn: str) -> None:
+    """A test loader of one's own with an empty source: an error, not test_loss nan / 100 x <unk>."""
+    from lightning_revrnn.datamodules.translation import TranslationVocabulary
+
+    model = tiny_model(rnn)
+    vocab = TranslationVocabulary.build([[f"w{i}" for i in range(VOCAB - 4)]], 1, None)
+    model.set_vocabularies(vocab, vocab)
+    loader = DataLoader([padded_batch([5, 3, 4, 2], [3, 4, 2, 3], VOCAB), _with_empty_row(3)], batch_size=None)
+    with pytest.raises(ValueError, match=r"source row 3 "):
+        _trainer().test(model, dataloaders=loader)
+    with pytest.raises(ValueError, match=r"source row 3 "):
+        _trainer().predict(model, dataloaders=loader)
