@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import Callback
 
 from lightning_revrnn import NonFiniteLossError
 from lightning_revrnn.datamodules import SyntheticLMDataModule
-from lightning_revrnn.lm import LanguageModel
+from lightning_revrnn.lm import LanguageModel, RnnType
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -42,7 +42,7 @@ class _PoisonDecoderBias(Callback):
 
 
 @pytest.mark.parametrize("rnn", ["revgru", "revlstm", "gru"])
-def test_a_nonfinite_training_loss_stops_before_the_optimizer_step(rnn: str) -> None:
+def test_a_nonfinite_training_loss_stops_before_the_optimizer_step(rnn: RnnType) -> None:
     torch.manual_seed(0)
     model = LanguageModel(16, rnn=rnn, emb_size=16, hidden_size=24, optimizer=partial(torch.optim.SGD, lr=0.5))
     data = SyntheticLMDataModule(
@@ -58,8 +58,8 @@ def test_a_nonfinite_training_loss_stops_before_the_optimizer_step(rnn: str) -> 
         enable_progress_bar=False,
         enable_model_summary=False,
         gradient_clip_val=0.25,
+        callbacks=[poison],
     )
-    trainer.callbacks.append(poison)
     with pytest.raises(
         NonFiniteLossError,
         match=r"LanguageModel: the training loss is nan at global step 3 \(epoch 0, "

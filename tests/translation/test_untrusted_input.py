@@ -46,6 +46,11 @@ def _trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**args)
 
 
+def _loader(batches: list[Any]) -> DataLoader[Any]:
+    """Ready batches, one per step (a list is a map-style dataset; ``batch_size=None`` serves them as they are)."""
+    return DataLoader(batches, batch_size=None)  # type: ignore[arg-type]
+
+
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -72,7 +77,7 @@ def test_training_refuses_a_zero_length_row_before_any_weight_changes(rnn: str) 
     before = _state(model)
     good, bad = padded_batch([5, 3, 4, 2], [3, 4, 2, 3], VOCAB, seed=0), _with_empty_row(1)
     bad.indices = [10, 11, 12, 13]
-    loader = DataLoader([good, bad], batch_size=None)
+    loader = _loader([good, bad])
     after_first: dict[str, torch.Tensor] = {}
 
     class Snapshot(Callback):
@@ -120,7 +125,7 @@ def test_a_nonfinite_training_loss_stops_before_the_optimizer_step(rnn: str) -> 
         match=r"TranslationModel: the training loss is nan at global step 2 "
         r"\(epoch 0, batch_idx 2\).*weights are still finite.*Fix: check that batch",
     ):
-        _trainer(max_steps=6, callbacks=[poison]).fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+        _trainer(max_steps=6, callbacks=[poison]).fit(model, train_dataloaders=_loader(batches))
     state = _state(model)
     for key, value in poison.state.items():  # no optimizer step ran: every weight as the step found it
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
@@ -152,7 +157,7 @@ def test_test_and_predict_refuse_a_zero_length_row_instead_of_nan(rnn: str) -> N
     model = tiny_model(rnn)
     vocab = TranslationVocabulary.build([[f"w{i}" for i in range(VOCAB - 4)]], 1, None)
     model.set_vocabularies(vocab, vocab)
-    loader = DataLoader([padded_batch([5, 3, 4, 2], [3, 4, 2, 3], VOCAB), _with_empty_row(3)], batch_size=None)
+    loader = _loader([padded_batch([5, 3, 4, 2], [3, 4, 2, 3], VOCAB), _with_empty_row(3)])
     with pytest.raises(ValueError, match=r"source row 3 "):
         _trainer().test(model, dataloaders=loader)
     with pytest.raises(ValueError, match=r"source row 3 "):
