@@ -10,6 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -75,8 +76,16 @@ class MemoryReport(Callback):
     over its windows (micro-batches included) and over ranks.
 
     At the end of fit, rank zero prints a summary (medians over the measured steps) and writes
-    ``memory_report.json`` (summary plus every measured step) and ``memory_report.png`` into the
-    trainer's log directory (``trainer.log_dir``, else ``default_root_dir``).
+    ``memory_report.json`` (summary plus every measured step) and ``memory_report.png`` into ``dirpath``, by
+    default the log directory of the fit (``trainer.log_dir``, where the fit's logger writes its metrics, else
+    ``default_root_dir``), records that folder in :attr:`report_dir` and says where it wrote them.
+
+    Where to find it after ``strategy="ddp_spawn"`` (or any spawn/fork-based strategy): the fit runs in worker
+    processes, so the main process's MemoryReport object stays empty (no :attr:`history`, no
+    :attr:`report_dir`), and Lightning resolves the logger's version anew in the main process when it is first
+    asked for, after the workers created theirs: ``trainer.log_dir`` there names the *next* version
+    (``version_1``) while the fit's metrics, checkpoints and this report are in ``version_0``. Pass ``dirpath``
+    to know the folder in every process (or fix the logger's ``version``).
 
     Args:
         every_n_steps: measure the optimizer steps whose number (``trainer.global_step`` after the step) is a
@@ -85,14 +94,21 @@ class MemoryReport(Callback):
             (the profiler records every op; measured for the LM at T 70 on CPU and an H200), so the default
             costs a few percent; unmeasured steps cost nothing.
         plot: write the PNG (needs matplotlib).
+        dirpath: the folder for ``memory_report.json`` / ``.png`` (created if missing), the same in every
+            process and strategy. Default ``None``: the fit's log directory (see above).
     """
 
-    def __init__(self, every_n_steps: int | None = None, plot: bool = True) -> None:
+    def __init__(
+        self, every_n_steps: int | None = None, plot: bool = True, dirpath: str | os.PathLike[str] | None = None
+    ) -> None:
         super().__init__()
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be at least 1 (or None for log_every_n_steps), got {every_n_steps}.")
         self.every_n_steps = every_n_steps
         self.plot = plot
+        self.dirpath = None if dirpath is None else os.fspath(dirpath)
+        self.report_dir: str | None = None
+        """The folder the report was written to: set at the end of fit on rank 0 of the process that trained."""
         self.history: list[dict[str, float]] = []
         self._trace: MemoryTrace | None = None
         self._measured: StepMemory | None = None
@@ -222,7 +238,8 @@ class MemoryReport(Callback):
             self._trace.abort()
             self._trace = None
         self._remove_hooks()
-        folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank must ask
+        # log_dir broadcasts: every rank must ask
+        folder = self.dirpath if self.dirpath is not None else (trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
         if not self.history:
@@ -238,6 +255,12 @@ class MemoryReport(Callback):
             json.dump({"summary": summary, "steps": self.history}, f, indent=1)
         if self.plot:
             self._plot(os.path.join(folder, "memory_report.png"))
+        self.report_dir = folder
+        note = ""
+        if self.dirpath is None and isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            note = (" (the main process's trainer.log_dir will name the logger's next version, not this folder: "
+                    "pass MemoryReport(dirpath=...) to choose it)")
+        rank_zero_info(f"MemoryReport wrote memory_report.json{' and .png' if self.plot else ''} to {folder}{note}")
 
     def _plot(self, path: str) -> None:
         import matplotlib.pyplot as plt

@@ -52,6 +52,22 @@ class ParallelText:
                     "sentence needs at least one token. The files are truncated, misaligned or not this corpus."
                 )
 
+    def empty_pairs(self) -> list[int]:
+        """Indices (0-based) of the pairs whose source or target has no token (empty or whitespace only)."""
+        return [i for i, (src, tgt) in enumerate(zip(self.sources, self.targets)) if not src.split() or not tgt.split()]
+
+    def empty_side(self, index: int) -> str:
+        """``"source"``, ``"target"`` or ``"source and target"``: which side of pair ``index`` has no token."""
+        sides = [side for side, text in (("source", self.sources[index]), ("target", self.targets[index]))
+                 if not text.split()]
+        return " and ".join(sides)
+
+    def without(self, indices: Sequence[int]) -> ParallelText:
+        """These pairs minus the pairs ``indices`` (order kept)."""
+        drop = set(indices)
+        keep = [i for i in range(len(self)) if i not in drop]
+        return ParallelText([self.sources[i] for i in keep], [self.targets[i] for i in keep])
+
     def within(self, max_len: int) -> ParallelText:
         """The pairs whose source and target both have at most ``max_len`` tokens (order kept)."""
         keep = [i for i, (s, t) in enumerate(zip(self.sources, self.targets))

@@ -2,10 +2,16 @@
 
 Subclasses say where the tokenised sentence pairs of each split come from (:meth:`read_split`); this class
 builds one vocabulary per language from the training pairs, drops training pairs longer than ``max_len``
-tokens on either side (validation and test are never filtered), and serves :class:`~.parallel.TranslationBatch`
-es: bucketed and reshuffled per epoch for training, fixed and length-sorted for validation/test, in file order
-for prediction (the test split). ``batch_size`` is global: each of ``W`` DDP ranks gets ``batch_size / W`` pairs
+tokens on either side (validation and test are never filtered by length), and serves
+:class:`~.parallel.TranslationBatch` es: bucketed and reshuffled per epoch for training, fixed and length-sorted
+for validation/test, in file order for prediction (the test split). ``batch_size`` is global: each of ``W`` DDP ranks gets ``batch_size / W`` pairs
 of every training batch and the same number of batches (see :mod:`.bucketing`).
+
+Empty sentences: a pair whose source or target is empty (or whitespace only) has nothing to encode or attend
+to, and one such row turns a batch's loss into NaN. Training drops those pairs with one warning that counts
+them; validation and test (also served for predict) refuse them with an error naming the split and the pair
+(its line in line-aligned files), unless ``drop_empty_eval_pairs=True`` drops them with a warning that the
+split changed size. An evaluation split never changes size silently.
 """
 
 from __future__ import annotations
@@ -14,18 +20,24 @@ from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from .bucketing import TranslationBatchDataset, TranslationTrainLoader, evaluation_plan, training_plan
 from .datasets import training_batches_taken
 from .distributed import check_divisible, rank_and_world_size
+from .errors import CorpusFormatError
 from .parallel import EncodedPairs, ParallelText
 from .preprocessing import WHITESPACE, TextPreprocessing
 from .seeding import generator
 from .vocabulary import TranslationVocabulary
 
 SPLITS = ("train", "valid", "test")
+#: What each split is used for, in messages.
+_SPLIT_USES = {"train": "training", "valid": "validation", "test": "test and predict"}
+#: Pair numbers listed in a message about empty sentences before "and N more".
+_LISTED = 5
 
 _STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
     None: SPLITS,
@@ -66,10 +78,13 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         max_len: int = 50,
         num_workers: int = 0,
         seed: int = 0,
+        drop_empty_eval_pairs: bool = False,
     ) -> None:
         """``min_freq``/``max_vocab``: see :meth:`~.vocabulary.TranslationVocabulary.build` (``max_vocab`` counts the
         specials and applies to each language); ``max_len``: longest training sentence kept, in tokens;
-        ``seed``: seeds the per-epoch shuffling (with the epoch)."""
+        ``seed``: seeds the per-epoch shuffling (with the epoch); ``drop_empty_eval_pairs``: drop validation/test
+        pairs with an empty side (with a warning that the split changed size) instead of raising
+        :class:`~.errors.CorpusFormatError` (training always drops them, see the module docstring)."""
         super().__init__()
         self.batch_size = _int_at_least("batch_size", batch_size, 1)
         self.min_freq = _int_at_least("min_freq", min_freq, 1)
@@ -77,10 +92,13 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         self.max_len = _int_at_least("max_len", max_len, 1)
         self.num_workers = _int_at_least("num_workers", num_workers, 0)
         self.seed = int(seed)
+        self.drop_empty_eval_pairs = bool(drop_empty_eval_pairs)
         self.src_vocab: TranslationVocabulary | None = None
         self.tgt_vocab: TranslationVocabulary | None = None
         self.train_pairs_dropped = 0
         """Training pairs dropped by ``max_len`` (known after setup)."""
+        self.empty_pairs_dropped: dict[str, int] = {}
+        """Pairs dropped per split for an empty source or target (known after setup; absent: none)."""
         self._pairs: dict[str, EncodedPairs] = {}
         self.rank = 0
         self.world_size = 1
@@ -126,13 +144,13 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
             self._load_train()
         for split in _STAGE_SPLITS[stage]:
             if split not in self._pairs:
-                text = self.read_split(split)
+                text = self._read_nonempty(split)
                 self._pairs[split] = EncodedPairs.encode(text, self._vocab("src_vocab"), self._vocab("tgt_vocab"))
 
     def _load_train(self) -> None:
         if "train" in self._pairs:
             return
-        full = self.read_split("train")
+        full = self._read_nonempty("train")
         train = full.within(self.max_len)
         self.train_pairs_dropped = len(full) - len(train)
         if self.src_vocab is None or self.tgt_vocab is None:
@@ -141,6 +159,38 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
             self.tgt_vocab = TranslationVocabulary.build(
                 (t.split() for t in train.targets), self.min_freq, self.max_vocab)
         self._pairs["train"] = EncodedPairs.encode(train, self.src_vocab, self.tgt_vocab)
+
+    def _read_nonempty(self, split: str) -> ParallelText:
+        """:meth:`read_split` with the pairs that have an empty side dropped (training, or evaluation with
+        ``drop_empty_eval_pairs``: with a warning counting them) or refused (evaluation).
+
+        Raises:
+            CorpusFormatError: an evaluation split has such a pair, naming the split, the pair and the fix.
+        """
+        text = self.read_split(split)
+        empty = text.empty_pairs()
+        if not empty:
+            return text
+        name, use = type(self).__name__, _SPLIT_USES[split]
+        listed = ", ".join(f"{i + 1} ({text.empty_side(i)})" for i in empty[:_LISTED])
+        listed += f" and {len(empty) - _LISTED} more" if len(empty) > _LISTED else ""
+        where = (f"the {split!r} split ({use}) has {len(empty)} of {len(text)} sentence pairs with an empty or "
+                 f"whitespace-only side, at pair {listed} (numbered from 1: the line in line-aligned files)")
+        if split != "train" and not self.drop_empty_eval_pairs:
+            raise CorpusFormatError(
+                f"{name}: {where}. An empty sentence has nothing to encode or attend to, and an evaluation split "
+                "is never shortened silently (its scores would be on other data). Fix: correct or remove those "
+                "lines on both sides, or pass drop_empty_eval_pairs=True to drop them with a warning."
+            )
+        self.empty_pairs_dropped[split] = len(empty)
+        if split == "train":
+            rank_zero_warn(f"{name}: {where}: dropped them from training (an empty sentence has nothing to encode "
+                           "or attend to, and would make the loss NaN).")
+        else:
+            rank_zero_warn(f"{name}: {where}: dropped them (drop_empty_eval_pairs=True), so the {split!r} split has "
+                           f"{len(text) - len(empty)} pairs instead of {len(text)}: its scores are not comparable "
+                           "with results on the whole split.")
+        return text.without(empty)
 
     def pairs(self, split: str) -> EncodedPairs:
         """The encoded pairs of ``split`` (training: after ``max_len`` filtering), all ranks' together."""

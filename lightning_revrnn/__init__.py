@@ -15,7 +15,7 @@ from lightning_revrnn.core.errors import FixedPointOverflowError, FusedPathError
 from lightning_revrnn.core.protocol import StepHead, StepStem
 from lightning_revrnn.core.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.lm import DecoderHead, LanguageModel
-from lightning_revrnn.shared import BaselineRNN, EmbeddingStem
+from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, NonFiniteLossError
 from lightning_revrnn.translation import (
     AttentionHead,
     DetokenizedBLEU,
@@ -46,6 +46,7 @@ __all__ = [
     "NFRevGRUCell",
     "NFRevLSTM",
     "NFRevLSTMCell",
+    "NonFiniteLossError",
     "ReconstructionError",
     "RevGRU",
     "RevGRUCell",

@@ -18,7 +18,10 @@ import warnings
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from typing_extensions import override
+
+from lightning_revrnn.checkpoints import check_checkpoint_file
 
 
 class RevRNNCLI(LightningCLI):
@@ -26,7 +29,17 @@ class RevRNNCLI(LightningCLI):
 
     No argument links: a link to ``model.init_args.vocab_size`` would reach every model class, and for one
     without that argument (TranslationModel) LightningCLI records it in the checkpoint's hyperparameters, which
-    ``--ckpt_path`` then fails to parse back. The models read their sizes from the DataModule instead."""
+    ``--ckpt_path`` then fails to parse back. The models read their sizes from the DataModule instead.
+
+    ``--ckpt_path`` is checked to be a checkpoint file at all (:func:`~lightning_revrnn.checkpoints.
+    check_checkpoint_file`) right after parsing, before LightningCLI loads its hyperparameters from it."""
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -1,12 +1,15 @@
 """Building blocks both model families use: the embedding stem run inside the reverse sweep, the ``nn.GRU`` /
-``nn.LSTM`` baseline stack with the same regularisation, the paper's learning-rate schedule and a detach for
-carried states. Neither :mod:`lightning_revrnn.lm` nor :mod:`lightning_revrnn.translation` owns them."""
+``nn.LSTM`` baseline stack with the same regularisation, the paper's learning-rate schedule, a detach for
+carried states and the check that stops training at a non-finite loss. Neither :mod:`lightning_revrnn.lm` nor
+:mod:`lightning_revrnn.translation` owns them."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
@@ -164,3 +167,33 @@ def plateau_schedule(optimizer: torch.optim.Optimizer, factor: float) -> Optimiz
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl", "interval": "epoch", "strict": False},
     }
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step's loss is NaN or infinite. Raised before its backward: no gradient of it was computed and
+    no optimizer step ran, so the weights are those the step started from."""
+
+
+def read_step_figures(*figures: Tensor) -> list[float]:
+    """The scalars ``figures`` (any dtype, any device) as floats, in one host read: one synchronisation with
+    the device for all of them (float32: counts are exact up to 2^24)."""
+    return torch.stack([f.detach().reshape(()).float() for f in figures]).tolist()
+
+
+def check_finite_loss(module: pl.LightningModule, loss: float, batch_idx: int, fix: str) -> None:
+    """Raise :class:`NonFiniteLossError` naming the step, the batch and ``fix`` if the training ``loss`` (a
+    value already read from the device) is NaN or infinite.
+
+    Called from ``training_step``, before Lightning runs the backward and the optimizer step: gradient
+    clipping does not stop a NaN (the clipped norm is NaN too), so the first NaN loss would otherwise spread
+    into every weight and surface a step later as an unrelated error."""
+    if math.isfinite(loss):
+        return
+    attached = module._trainer is not None
+    world = module.trainer.world_size if attached else 1
+    rank = f", rank {module.global_rank} of {world}" if world > 1 else ""
+    raise NonFiniteLossError(
+        f"{type(module).__name__}: the training loss is {loss} at global step {module.global_step} (epoch "
+        f"{module.current_epoch}, batch_idx {batch_idx}{rank}). Training stopped before this step's backward, so "
+        f"the weights are still finite (those after {module.global_step} optimizer steps). Fix: {fix}"
+    )

@@ -26,12 +26,14 @@ from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
+from lightning_revrnn.checkpoints import CheckpointFileCheck
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.lm.head import BoundDecoderHead, DecoderHead
 from lightning_revrnn.shared import (
-    BASELINES, BaselineRNN, BoundEmbeddingStem, EmbeddingStem, detach_state, plateau_schedule,
+    BASELINES, BaselineRNN, BoundEmbeddingStem, EmbeddingStem, check_finite_loss, detach_state, plateau_schedule,
+    read_step_figures,
 )
 
 RnnType = Literal["revgru", "revlstm", "nfrevgru", "nfrevlstm", "gru", "lstm"]
@@ -39,6 +41,12 @@ REVERSIBLE: dict[str, type[ReversibleRNN]] = {
     "revgru": RevGRU, "revlstm": RevLSTM, "nfrevgru": NFRevGRU, "nfrevlstm": NFRevLSTM,
 }
 Batch = dict[str, Any]
+#: What a non-finite training loss asks the user to do.
+NONFINITE_FIX = (
+    "lower the learning rate or clip gradients harder (the PTB configs use Trainer(gradient_clip_val=0.1)), then "
+    "resume from the last checkpoint; a NaN at the first steps points at the data (ids outside the vocabulary) "
+    "or at the initialisation."
+)
 
 
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -46,7 +54,7 @@ def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=20.0, weight_decay=1.2e-6)
 
 
-class LanguageModel(pl.LightningModule):
+class LanguageModel(CheckpointFileCheck, pl.LightningModule):
     """The paper's language model (AWD-LSTM style) around a reversible RNN or a baseline.
 
     Args:
@@ -141,6 +149,12 @@ class LanguageModel(pl.LightningModule):
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Mean cross-entropy per target token of the window, the state carried on.
+
+        Raises:
+            NonFiniteLossError: the loss is NaN or infinite (checked before backward, so no weight changes; the
+                check reads the loss together with the token count the log needs, so it adds no host sync).
+        """
         tokens, targets = batch["inputs"], batch["targets"]
         hx = self._carry("train", batch)
         devices = [tokens.device] if tokens.device.type == "cuda" else []
@@ -151,9 +165,12 @@ class LanguageModel(pl.LightningModule):
             total, h_n = self.window_loss(tokens, hx, stem, head)
         count = (targets != -100).sum().clamp_min(1)
         loss = total / count
+        # the step's one host read (the log's batch size needs the count anyway), so the check costs no sync
+        tokens_counted, loss_value = read_step_figures(count, loss)
+        check_finite_loss(self, loss_value, batch_idx, NONFINITE_FIX)
         self._hidden["train"] = self._carried(h_n)
-        self.log("train_loss", loss, prog_bar=True, batch_size=int(count))
-        self.log("train_ppl", loss.detach().exp(), batch_size=int(count))
+        self.log("train_loss", loss, prog_bar=True, batch_size=int(tokens_counted))
+        self.log("train_ppl", loss.detach().exp(), batch_size=int(tokens_counted))
         return loss
 
     def _carried(self, h_n: Any) -> Any:

@@ -24,6 +24,7 @@ from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.dropout import locked_mask
 from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.shared import BaselineRNN
+from lightning_revrnn.translation.source_checks import check_source_rows
 
 #: Bits per stored unit and step (float32).
 STORED_UNIT_BITS = 32
@@ -113,6 +114,7 @@ class BaselineEncoder(BaselineRNN):
         """Outputs ``(S, B, H)`` and per layer the final ``h`` ``(1, B, H)`` (or ``(h, c)``) of ``x``
         ``(S, B, F)`` under the right-padding mask ``keep`` ``(S, B)``."""
         lengths = keep.sum(0).cpu()  # pack_padded_sequence needs host lengths (cuDNN does too)
+        check_source_rows(keep, lengths)  # an empty row: say so, not "Length of all samples has to be > 0"
         finals = []
         for l, layer in enumerate(self.layers):
             p = self.input_dropout if l == 0 else self.dropout

@@ -31,6 +31,7 @@ from typing_extensions import override
 
 from lightning_revrnn.translation.attention import AttentionHead, LuongAttention
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
+from lightning_revrnn.checkpoints import CheckpointFileCheck
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
 from lightning_revrnn.datamodules.translation import (
@@ -45,7 +46,8 @@ from lightning_revrnn.datamodules.translation import (
 from lightning_revrnn.translation.decoder_state import DecoderState
 from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
-from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, plateau_schedule
+from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, check_finite_loss, plateau_schedule, read_step_figures
+from lightning_revrnn.translation.source_checks import check_source_rows, empty_source_rows
 from lightning_revrnn.translation.prediction_file import PredictionFile
 from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.translation.token_metrics import TokenCrossEntropy
@@ -64,9 +66,15 @@ DECODING_SETTINGS = ("beam", "length_penalty", "max_decode_len", "prediction_fil
 INIT_RANGE = 0.1
 #: Sentences :meth:`TranslationModel.translate_text` decodes at once.
 TEXT_BATCH = 32
+#: What a non-finite training loss asks the user to do.
+NONFINITE_FIX = (
+    "check that batch for pairs the model cannot take (a DataModule of your own must drop empty sentences, as "
+    "TranslationDataModule does), lower the learning rate or clip gradients (the configs use "
+    "Trainer(gradient_clip_val=5)), then resume from the last checkpoint."
+)
 
 
-class TranslationModel(pl.LightningModule):
+class TranslationModel(CheckpointFileCheck, pl.LightningModule):
     """The paper's attention seq2seq model around reversible RNNs or the ``nn.GRU``/``nn.LSTM`` baselines.
 
     Args:
@@ -144,7 +152,8 @@ class TranslationModel(pl.LightningModule):
         super().__init__()
         self.reversible = rnn in DECODERS
         self.context_type = context if context is not None else ("emb+slice" if self.reversible else "hidden")
-        check_arguments(rnn, hidden_size, self.context_type, slice_dim, beam, max_decode_len)
+        check_arguments(rnn, hidden_size, self.context_type, slice_dim, beam, max_decode_len,
+                        embedding_size=embedding_size, num_layers=num_layers, dropout=dropout)
         # Decoding settings are not hyperparameters: LightningCLI's --ckpt_path puts a checkpoint's hyperparameters
         # over the command line, so `revrnn test --ckpt_path ... --model.beam 1` would silently keep the old beam.
         self.save_hyperparameters(ignore=["optimizer", *DECODING_SETTINGS])
@@ -292,7 +301,13 @@ class TranslationModel(pl.LightningModule):
     def training_step(self, batch: TranslationBatch, batch_idx: int) -> Tensor:
         """Summed cross-entropy divided by the number of target tokens of the global batch (all ranks), times
         the world size: DDP's gradient average is then the gradient of the global per-token mean, exactly
-        what one process computes on the whole batch."""
+        what one process computes on the whole batch.
+
+        Raises:
+            ValueError: a row of the batch has no source token (naming it).
+            NonFiniteLossError: the loss is NaN or infinite. Both are checked before backward, so no weight
+                changes, and read together with the token count the log needs: no extra host sync.
+        """
         devices = [batch.src.device] if batch.src.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._step_seed())
@@ -302,8 +317,12 @@ class TranslationModel(pl.LightningModule):
         global_count = self.trainer.strategy.reduce(count.float(), reduce_op="sum") if world > 1 else count
         loss = total * world / global_count.clamp_min(1)
         local = total.detach() / count.clamp_min(1)
-        self.log("train_loss", local, prog_bar=True, batch_size=int(count))
-        self.log("train_ppl", local.exp(), batch_size=int(count))
+        tokens, local_value, empty = read_step_figures(count, local, empty_source_rows(batch.src_keep))  # one sync
+        if empty:
+            check_source_rows(batch.src_keep, indices=batch.indices)
+        check_finite_loss(self, local_value, batch_idx, NONFINITE_FIX)
+        self.log("train_loss", local, prog_bar=True, batch_size=int(tokens))
+        self.log("train_ppl", local.exp(), batch_size=int(tokens))
         return loss
 
     # ------------------------------------------------------------------------------------- evaluation
@@ -496,7 +515,12 @@ class TranslationModel(pl.LightningModule):
     @torch.no_grad()
     def initial_decoder_state(self, src: Tensor, src_keep: Tensor) -> DecoderState:
         """Encode ``src`` and return the decoding state: the decoder starts from the encoder's final state
-        (reversible: its exact float64 value, as training's chaining does)."""
+        (reversible: its exact float64 value, as training's chaining does).
+
+        Raises:
+            ValueError: a row of ``src_keep`` has no real token (naming it): it would decode to garbage.
+        """
+        check_source_rows(src_keep)
         stored, h_n = self.encode(src, src_keep)
         hidden = self.encoder.exact_state(h_n) if isinstance(self.encoder, StoredUnitsAccounting) else h_n
         return DecoderState(hidden, self.head.build_memory(src, stored), src_keep)
@@ -627,10 +651,16 @@ def check_same_vocabularies(
         )
 
 
-def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, beam: int, max_decode_len: int) -> None:
-    """Raise on settings the model cannot run with, naming the fix."""
+def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, beam: int, max_decode_len: int,
+                    embedding_size: int = 1, num_layers: int = 1, dropout: float = 0.0) -> None:
+    """Raise on settings the model cannot run with, naming the argument and the fix."""
     if rnn not in DECODERS and rnn not in BASELINES:
         raise ValueError(f"rnn must be one of {sorted([*DECODERS, *BASELINES])}, got {rnn!r}.")
+    for name, value in (("embedding_size", embedding_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"TranslationModel({name}={value!r}): {name} must be a positive integer.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"TranslationModel(dropout={dropout!r}): dropout must be in [0, 1).")
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}.")
     if rnn in DECODERS and hidden_size % 2:

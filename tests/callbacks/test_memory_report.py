@@ -314,3 +314,26 @@ def test_cuda_trainer_run(tmp_path: Path) -> None:
         assert row["memory/peak_bytes"] >= row["memory/peak_excl_grad_bytes"] > 0
         assert 0 < row["memory/saved_bytes"] < row["memory/peak_bytes"]
         assert row["memory/normal_bits"] == 32 * BPTT * 8 * (24 + 16)
+
+
+def test_report_dir_says_where_the_report_went(tmp_path: Path) -> None:
+    """Default: the fit's log directory; ``dirpath``: that folder (created), recorded in ``report_dir``."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    from lightning_revrnn.callbacks import MemoryReport
+    from lightning_revrnn.datamodules import SyntheticLMDataModule
+    from lightning_revrnn.lm import LanguageModel
+
+    for dirpath in (None, tmp_path / "chosen" / "folder"):
+        torch.manual_seed(0)
+        model = LanguageModel(16, rnn="revgru", emb_size=8, hidden_size=8)
+        data = SyntheticLMDataModule(vocab_size=16, train_tokens=400, val_tokens=100, test_tokens=100, batch_size=2,
+                                     eval_batch_size=2, bptt=10)
+        report = MemoryReport(every_n_steps=1, plot=False, dirpath=dirpath)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=CSVLogger(str(tmp_path)),
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[report])
+        trainer.fit(model, data)
+        expected = str(dirpath) if dirpath is not None else trainer.log_dir
+        assert report.report_dir == expected and report.dirpath == (None if dirpath is None else str(dirpath))
+        assert (Path(str(expected)) / "memory_report.json").is_file()

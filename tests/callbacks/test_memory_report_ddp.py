@@ -58,3 +58,31 @@ def test_ddp_fit_and_test_with_memory_report_in_a_subprocess(
     markers = sorted(line.split()[1] for line in out.splitlines() if line.startswith(MARKER))
     assert markers == [f"rank={r}" for r in range(WORLD)], out[-4000:]  # fit and test returned on every rank
     _check_report(tmp_path)
+
+
+def test_ddp_spawn_report_goes_to_dirpath_known_in_the_main_process(tmp_path: Path, clean_env: None) -> None:
+    """Without ``dirpath`` the main process cannot tell where a ``ddp_spawn`` fit put the report: its
+    ``trainer.log_dir`` names the logger's next version. With it, every process agrees on the folder."""
+    from ddp_report_script import build_data, build_model
+    from ddp_script import EndProcessGroup
+    from pytorch_lightning import Trainer
+    from pytorch_lightning.loggers import CSVLogger
+
+    from lightning_revrnn.callbacks import MemoryReport
+
+    folder = tmp_path / "reports"
+    report = MemoryReport(every_n_steps=1, plot=False, dirpath=folder)
+    trainer = Trainer(
+        accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=STEPS, limit_val_batches=0,
+        num_sanity_val_steps=0, logger=CSVLogger(str(tmp_path), name="ddp"), log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[report, EndProcessGroup()],
+    )
+    trainer.fit(build_model(), build_data())
+    assert trainer.state.finished
+    assert report.history == [] and report.report_dir is None  # the workers' copies measured and wrote
+    steps = json.loads((Path(report.dirpath or "") / "memory_report.json").read_text())["steps"]
+    assert [row["step"] for row in steps] == [float(s) for s in range(1, STEPS + 1)]
+    assert sorted(tmp_path.rglob("memory_report.json")) == [folder / "memory_report.json"]
+    fit_metrics = sorted(tmp_path.rglob("metrics.csv"))  # the fit logged as usual, into the workers' version
+    assert len(fit_metrics) == 1 and fit_metrics[0].parent.name == "version_0"
