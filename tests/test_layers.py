@@ -17,10 +17,11 @@ ALLOWED = {
     "fused": {"core"},
     "shared": {"core"},
     "chunked_loss": {"core"},
+    "checkpoints": set(),
     "memory": set(),
     "datamodules": set(),
-    "lm": {"core", "shared", "chunked_loss"},
-    "translation": {"core", "shared", "chunked_loss", "datamodules"},
+    "lm": {"core", "shared", "chunked_loss", "checkpoints"},
+    "translation": {"core", "shared", "chunked_loss", "checkpoints", "datamodules"},
     "callbacks": {"core", "memory"},
 }
 

@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, attend_backward
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_accumulate
 from lightning_revrnn.core.dropout import locked_mask
 from lightning_revrnn.core.protocol import CHUNK, StepHead, add_gradients
+from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, attend_backward
 
 #: Target positions the loss ignores (``F.cross_entropy``'s ``ignore_index``).
 IGNORE = -100

@@ -24,7 +24,7 @@ from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.dropout import locked_mask
 from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.shared import BaselineRNN
-from lightning_revrnn.translation.source_checks import check_source_rows
+from lightning_revrnn.translation.checks import check_source_rows
 
 #: Bits per stored unit and step (float32).
 STORED_UNIT_BITS = 32

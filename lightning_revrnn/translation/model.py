@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
@@ -29,11 +28,9 @@ from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_revrnn.translation.attention import AttentionHead, LuongAttention
-from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.checkpoints import CheckpointFileCheck
-from lightning_revrnn.core.accounting import MemoryAccounting
-from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
+from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
+from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.datamodules.translation import (
     BOS,
     EOS,
@@ -43,20 +40,32 @@ from lightning_revrnn.datamodules.translation import (
     TranslationBatch,
     TranslationVocabulary,
 )
+from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, check_finite_loss, plateau_schedule, read_step_figures
+from lightning_revrnn.translation.accounting import TranslationAccounting
+from lightning_revrnn.translation.attention import AttentionHead, LuongAttention
+from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, detokenize
+from lightning_revrnn.translation.checks import (
+    CHECKPOINT_FIX,
+    MODEL_FIX,
+    check_arguments,
+    check_same_vocabularies,
+    check_source_rows,
+    empty_source_rows,
+)
 from lightning_revrnn.translation.decoder_state import DecoderState
 from lightning_revrnn.translation.decoding import beam_search, greedy_search
-from lightning_revrnn.translation.encoder import BaselineEncoder, StoredUnitsAccounting, reversible_encoder, stored_units_of
-from lightning_revrnn.shared import BaselineRNN, EmbeddingStem, check_finite_loss, plateau_schedule, read_step_figures
-from lightning_revrnn.translation.source_checks import check_source_rows, empty_source_rows
+from lightning_revrnn.translation.encoder import (
+    BaselineEncoder,
+    StoredUnitsAccounting,
+    reversible_encoder,
+    stored_units_of,
+)
 from lightning_revrnn.translation.prediction_file import PredictionFile
-from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.translation.token_metrics import TokenCrossEntropy
 
 RnnType = Literal["revgru", "revlstm", "gru", "lstm"]
 ContextType = Literal["slice", "emb", "emb+slice", "hidden"]
 DECODERS: dict[str, type[ReversibleRNN]] = {"revgru": RevGRU, "revlstm": RevLSTM}
-BASELINES = ("gru", "lstm")
-CONTEXTS = ("slice", "emb", "emb+slice", "hidden")
 #: The paper's SGD learning rates (Multi30K and IWSLT).
 PAPER_LR: dict[str, float] = {"lstm": 1.0, "revlstm": 0.5, "gru": 0.2, "revgru": 0.2}
 #: Arguments that only steer decoding and output: kept out of the saved hyperparameters (pass them again, or to
@@ -600,76 +609,3 @@ class TranslationModel(CheckpointFileCheck, pl.LightningModule):
         if stats is None:
             return None
         return {side: {"actual_ratio": s.actual_ratio, "optimal_ratio": s.optimal_ratio} for side, s in stats.sides()}
-
-
-@dataclass(frozen=True)
-class TranslationAccounting:
-    """The paper's accounting of a reversible translation model's last training window, per side."""
-
-    encoder: MemoryAccounting
-    decoder: MemoryAccounting
-
-    def sides(self) -> tuple[tuple[str, MemoryAccounting], tuple[str, MemoryAccounting]]:
-        """``(("encoder", ...), ("decoder", ...))``."""
-        return ("encoder", self.encoder), ("decoder", self.decoder)
-
-    def as_dict(self) -> dict[str, dict[str, object]]:
-        """``{"encoder": ..., "decoder": ...}``, each :meth:`MemoryAccounting.as_dict`, for logs and JSON."""
-        return {side: s.as_dict() for side, s in self.sides()}
-
-
-MODEL_FIX = (
-    "build the DataModule with the data and vocabulary settings the model was trained with (the same corpus, "
-    "min_freq, max_vocab, max_len; for the synthetic task the same sizes and seed), or hand it the model's "
-    "vocabularies before the Trainer sets it up: `data.src_vocab, data.tgt_vocab = model.src_vocab, model.tgt_vocab` "
-    "(words they lack become <unk>)"
-)
-CHECKPOINT_FIX = (
-    "build the DataModule with the data and vocabulary settings of the run that wrote the checkpoint (the same "
-    "corpus, min_freq, max_vocab, max_len; for the synthetic task the same sizes and seed), or hand it the "
-    "checkpoint's vocabularies before the Trainer sets it up: `model = TranslationModel.load_from_checkpoint(path)`, "
-    "then `data.src_vocab, data.tgt_vocab = model.src_vocab, model.tgt_vocab` (words they lack become <unk>)"
-)
-
-
-def check_same_vocabularies(
-    ours: tuple[TranslationVocabulary, TranslationVocabulary],
-    theirs: tuple[TranslationVocabulary, TranslationVocabulary],
-    names: tuple[str, str],
-    fix: str,
-) -> None:
-    """Raise ``ValueError`` unless the (source, target) vocabularies ``ours`` and ``theirs`` (labelled ``names``)
-    are the same tokens in the same order, saying what differs and the ``fix``. Every DDP rank builds the same
-    vocabularies from the same data, so every rank raises alike."""
-    differences = [f"{side} vocabulary: {mine.difference(other, names)}"
-                   for side, mine, other in zip(("src", "tgt"), ours, theirs) if mine != other]
-    if differences:
-        raise ValueError(
-            f"TranslationModel: the vocabularies of {names[1]} differ from {names[0]}'s, so the same ids would mean "
-            "other words (training, loss, decoding and BLEU would silently use the wrong ones). "
-            f"{'; '.join(differences)}. Fix: {fix}."
-        )
-
-
-def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, beam: int, max_decode_len: int,
-                    embedding_size: int = 1, num_layers: int = 1, dropout: float = 0.0) -> None:
-    """Raise on settings the model cannot run with, naming the argument and the fix."""
-    if rnn not in DECODERS and rnn not in BASELINES:
-        raise ValueError(f"rnn must be one of {sorted([*DECODERS, *BASELINES])}, got {rnn!r}.")
-    for name, value in (("embedding_size", embedding_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"TranslationModel({name}={value!r}): {name} must be a positive integer.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"TranslationModel(dropout={dropout!r}): dropout must be in [0, 1).")
-    if context not in CONTEXTS:
-        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}.")
-    if rnn in DECODERS and hidden_size % 2:
-        raise ValueError(f"Reversible cells split the state into two halves: hidden_size must be even, got {hidden_size}.")
-    if "slice" in context and not 1 <= slice_dim <= hidden_size // 2:
-        raise ValueError(
-            f"slice_dim={slice_dim} with context={context!r}: the slice is taken from the top layer's h1, "
-            f"so it needs 1 <= slice_dim <= hidden_size // 2 = {hidden_size // 2}. Fix: a smaller slice_dim, or "
-            "context='hidden' to attend over the whole state."
-        )
-    if beam < 1 or max_decode_len < 1:
-        raise ValueError(f"beam and max_decode_len must be at least 1, got beam={beam}, max_decode_len={max_decode_len}.")
