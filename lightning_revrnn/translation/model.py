@@ -17,7 +17,7 @@ evaluation arithmetic, carrying the exact (float64) reversible state through the
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
@@ -32,10 +32,6 @@ from lightning_revrnn.checkpoints import CheckpointFileCheck
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.core.rnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.datamodules.translation import (
-    BOS,
-    EOS,
-    PAD,
-    UNK,
     TextPreprocessing,
     TranslationBatch,
     TranslationVocabulary,
@@ -52,14 +48,12 @@ from lightning_revrnn.translation.checks import (
     check_source_rows,
     empty_source_rows,
 )
-from lightning_revrnn.translation.decoder_state import DecoderState
-from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.encoder import (
     BaselineEncoder,
-    StoredUnitsAccounting,
     reversible_encoder,
     stored_units_of,
 )
+from lightning_revrnn.translation.inference import TranslationDecoding
 from lightning_revrnn.translation.prediction_file import PredictionFile
 from lightning_revrnn.translation.token_metrics import TokenCrossEntropy
 
@@ -73,8 +67,6 @@ PAPER_LR: dict[str, float] = {"lstm": 1.0, "revlstm": 0.5, "gru": 0.2, "revgru":
 DECODING_SETTINGS = ("beam", "length_penalty", "max_decode_len", "prediction_file")
 #: Uniform initialisation range of embeddings, attention and generator (OpenNMT-py's ``param_init``).
 INIT_RANGE = 0.1
-#: Sentences :meth:`TranslationModel.translate_text` decodes at once.
-TEXT_BATCH = 32
 #: What a non-finite training loss asks the user to do.
 NONFINITE_FIX = (
     "check that batch for pairs the model cannot take (a DataModule of your own must drop empty sentences, as "
@@ -83,7 +75,7 @@ NONFINITE_FIX = (
 )
 
 
-class TranslationModel(CheckpointFileCheck, pl.LightningModule):
+class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningModule):
     """The paper's attention seq2seq model around reversible RNNs or the ``nn.GRU``/``nn.LSTM`` baselines.
 
     Args:
@@ -396,160 +388,6 @@ class TranslationModel(CheckpointFileCheck, pl.LightningModule):
                 "DataModule, load it from a checkpoint written by fit, or call set_vocabularies()."
             )
         return [" ".join(self.tgt_vocab.decode(i)) for i in ids]
-
-    # ------------------------------------------------------------------------------------------ decoding
-    @torch.no_grad()
-    def translate(self, src: Tensor, src_keep: Tensor, beam: int | None = None) -> list[list[int]]:
-        """Translations of source ids ``(S, B)`` (right-padded, ``src_keep`` marking real tokens) as target ids
-        without BOS/EOS: greedy for ``beam=1``, else beam search (default: the model's ``beam``). Runs in
-        evaluation mode (no dropout) and restores the previous mode."""
-        self._require_built()
-        beam = self.beam if beam is None else beam
-        was_training = self.training
-        self.eval()
-        try:
-            state = self.initial_decoder_state(src, src_keep)
-            common = dict(batch=src.shape[1], bos=BOS, eos=EOS, max_len=self.max_decode_len)
-            if beam == 1:
-                return greedy_search(self.decode_step, state, DecoderState.select, **common)
-            return beam_search(self.decode_step, state, DecoderState.select, beam=beam,
-                               length_penalty=self.length_penalty, **common)
-        finally:
-            self.train(was_training)
-
-    @torch.no_grad()
-    def translate_text(
-        self, sentences: Sequence[str], beam: int | None = None, replace_unk: bool = True, batch_size: int = TEXT_BATCH
-    ) -> list[str]:
-        """Translate raw sentences: one detokenised translation per sentence, in order.
-
-        Each sentence is prepared as the training corpus was (:attr:`preprocessing`, declared by the DataModule
-        and kept in the checkpoint: e.g. Multi30K lower-cases and Moses-tokenises, the synthetic task splits at
-        whitespace), decoded with beam search (``beam``; default the model's, 1 is greedy) in batches of
-        ``batch_size`` sentences of similar length, and detokenised. With ``replace_unk`` (default) every
-        ``<unk>`` of a translation is replaced by the source token the decoder attended to most when it emitted it
-        (the classic attention-based unknown-word replacement); ``replace_unk=False`` keeps ``<unk>``.
-
-        Raises:
-            ValueError: a sentence is empty (after preprocessing), naming it; or the model has no vocabularies or
-                no preprocessing (set by a translation DataModule or a checkpoint).
-            TypeError: ``sentences`` is one string, not a list of them.
-        """
-        if isinstance(sentences, str):
-            raise TypeError("translate_text takes a list of sentences; wrap a single sentence in a list: [sentence].")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-        self._require_built()
-        preprocessing, tgt_vocab = self._text_settings()
-        tokens = []
-        for i, sentence in enumerate(sentences):
-            if not isinstance(sentence, str):
-                raise TypeError(f"sentence {i} is {type(sentence).__name__}, not str: {sentence!r}.")
-            tokens.append(preprocessing.tokenize(sentence, "src"))
-        empty = [i for i, words in enumerate(tokens) if not words]
-        if empty:
-            raise ValueError(
-                f"sentence {empty[0]} ({sentences[empty[0]]!r}) is empty (no tokens after preprocessing); "
-                f"{len(empty)} of {len(tokens)} sentences are empty (indices {empty[:10]}). A translation needs at "
-                "least one source word: drop or fill the empty sentences."
-            )
-        assert self.src_vocab is not None
-        order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))  # similar lengths batch together
-        out = [""] * len(tokens)
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                src, src_keep = self._source_batch([self.src_vocab.encode(tokens[i]) for i in rows])
-                hypotheses = self.translate(src, src_keep, beam=beam)
-                attended = (self.attended_positions(src, src_keep, hypotheses)
-                            if replace_unk and any(UNK in h for h in hypotheses) else None)
-                for r, (i, ids) in enumerate(zip(rows, hypotheses)):
-                    words = [tgt_vocab[t] for t in ids]
-                    if attended is not None:
-                        words = [tokens[i][int(attended[j, r])] if t == UNK else w
-                                 for j, (t, w) in enumerate(zip(ids, words))]
-                    out[i] = preprocessing.detokenize(words, "tgt")
-        finally:
-            self.train(was_training)
-        return out
-
-    def _text_settings(self) -> tuple[TextPreprocessing, TranslationVocabulary]:
-        if self.src_vocab is None or self.tgt_vocab is None:
-            raise ValueError(
-                "TranslationModel has no vocabularies to translate text with. Fix: load it from a checkpoint written "
-                "after training (TranslationModel.load_from_checkpoint), run it in a Trainer with a translation "
-                "DataModule first, or call set_vocabularies()."
-            )
-        if self.preprocessing is None:
-            raise ValueError(
-                "TranslationModel does not know how its training text was preprocessed (a checkpoint from before "
-                "preprocessing was saved, or vocabularies set by hand). Fix: set it, e.g. "
-                "`model.preprocessing = Multi30KDataModule().preprocessing` (lightning_revrnn.datamodules), or run "
-                "the model once in a Trainer with its DataModule."
-            )
-        return self.preprocessing, self.tgt_vocab
-
-    def _source_batch(self, ids: list[list[int]]) -> tuple[Tensor, Tensor]:
-        """Right-padded source ids ``(S, B)`` and their mask, on the model's device."""
-        length = max(len(row) for row in ids)
-        src = torch.full((length, len(ids)), PAD, dtype=torch.long)
-        for b, row in enumerate(ids):
-            src[: len(row), b] = torch.tensor(row, dtype=torch.long)
-        return src.to(self.device), (src != PAD).to(self.device)
-
-    @torch.no_grad()
-    def attended_positions(self, src: Tensor, src_keep: Tensor, hypotheses: Sequence[list[int]]) -> Tensor:
-        """For every token of each hypothesis (target ids without BOS/EOS, as :meth:`translate` returns them), the
-        source position the decoder attended to most when emitting it: ``(T, B)`` int64, ``T`` the longest
-        hypothesis (at least 1; positions past a hypothesis's end are meaningless). The decoder reruns the
-        hypotheses teacher-forced from the encoder's state, in the decoding arithmetic (call it in evaluation
-        mode; :meth:`translate_text` does)."""
-        self._require_built()
-        state = self.initial_decoder_state(src, src_keep)
-        steps = max([1, *(len(h) for h in hypotheses)])
-        tgt_in = torch.full((steps, len(hypotheses)), EOS, dtype=torch.long)
-        tgt_in[0] = BOS
-        for b, ids in enumerate(hypotheses):
-            tgt_in[1 : len(ids), b] = torch.tensor(ids[:-1], dtype=torch.long)
-        tgt_in = tgt_in.to(src.device)
-        stem = self.tgt_stem.bind(training=False)
-        if self.reversible:
-            out, _ = self.decoder(tgt_in, state.hidden, stem=stem)
-        else:
-            out, _ = self.decoder(stem(tgt_in), state.hidden)
-        return self.head.attention.weights(out, state.memory, state.memory_keep).argmax(-1)
-
-    @torch.no_grad()
-    def initial_decoder_state(self, src: Tensor, src_keep: Tensor) -> DecoderState:
-        """Encode ``src`` and return the decoding state: the decoder starts from the encoder's final state
-        (reversible: its exact float64 value, as training's chaining does).
-
-        Raises:
-            ValueError: a row of ``src_keep`` has no real token (naming it): it would decode to garbage.
-        """
-        check_source_rows(src_keep)
-        stored, h_n = self.encode(src, src_keep)
-        hidden = self.encoder.exact_state(h_n) if isinstance(self.encoder, StoredUnitsAccounting) else h_n
-        return DecoderState(hidden, self.head.build_memory(src, stored), src_keep)
-
-    @torch.no_grad()
-    def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        """One decoder step for every row: log-probabilities ``(N, V)`` of the next token after ``tokens``
-        ``(N,)``, and the new state (reversible: the exact final state, so beams continue bit for bit).
-        PAD and BOS get log-probability ``-inf``: a translation never contains them."""
-        x = tokens[None]
-        stem = self.tgt_stem.bind(training=False)
-        if self.reversible:
-            decoder = cast(ReversibleRNN, self.decoder)
-            out, h_n = decoder(x, state.hidden, stem=stem)
-            hidden = decoder.exact_state(h_n)
-        else:
-            out, hidden = self.decoder(stem(x), state.hidden)
-        log_probs = self.head.log_probs(out, state.memory, state.memory_keep)[0]
-        log_probs[:, [PAD, BOS]] = float("-inf")  # never generated (the searches leave this to the model)
-        return log_probs, DecoderState(hidden, state.memory, state.memory_keep)
 
     # ------------------------------------------------------------------------------------ optimisation
     @override
