@@ -18,6 +18,7 @@ from lightning_revrnn.core.dropout import SeededMask, locked_mask
 from lightning_revrnn.core.fixed_point import straight_through, to_fixed, to_float
 from lightning_revrnn.core.forward import WindowResult, run_forward
 from lightning_revrnn.core.graph_checks import check_declared_inputs, declared_context, trainable
+from lightning_revrnn.core.inputs import check_float32_parameters, check_keep
 from lightning_revrnn.core.numerics import AutocastState
 from lightning_revrnn.core.protocol import StepHead, StepStem
 from lightning_revrnn.core.sweep import ReverseSweep, WindowRecord
@@ -198,7 +199,7 @@ class ReversibleRNN(nn.Module):
         keep: Tensor | None = None,
     ) -> tuple[Tensor, State | tuple[State, State]]:
         x = self._check_input(x, stem)
-        keep = self._check_keep(keep, x)
+        keep = check_keep(keep, x, self.batch_first)
         dtype = self._result_dtype(x, stem)
         if head is not None and self.stored_units:
             raise ValueError(
@@ -294,7 +295,7 @@ class ReversibleRNN(nn.Module):
         if stem is not None:
             if x.dim() < 2 or x.shape[0] == 0 or x.shape[1] == 0:
                 raise ValueError(f"With a stem, x must be (time, batch, ...) and non-empty, got {tuple(x.shape)}.")
-            self._check_parameters()
+            check_float32_parameters(self)
             return x
         layout = "(batch, time, features)" if self.batch_first else "(time, batch, features)"
         if x.dim() != 3:
@@ -307,41 +308,8 @@ class ReversibleRNN(nn.Module):
             raise ValueError(f"Input {layout} has an empty dimension: shape {tuple(x.shape)}.")
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}.")
-        self._check_parameters()
+        check_float32_parameters(self)
         return x
-
-    def _check_keep(self, keep: Tensor | None, x: Tensor) -> Tensor | None:
-        """The keep mask as the sweep reads it, ``(T, B, 1)`` bool on ``x``'s device; None stays None."""
-        if keep is None:
-            return None
-        layout = "(batch, time)" if self.batch_first else "(time, batch)"
-        expected = tuple(x.shape[:2])
-        if not isinstance(keep, Tensor):
-            raise TypeError(f"keep must be a bool tensor {layout} or None, got {type(keep).__name__}.")
-        if keep.dtype != torch.bool:
-            raise ValueError(
-                f"keep must be a bool tensor {layout} (True where an example takes the step), got dtype "
-                f"{keep.dtype}. Fix: pass keep=lengths_mask.bool(), e.g. keep = steps[:, None] < lengths[None, :]."
-            )
-        if tuple(keep.shape) != expected:
-            raise ValueError(
-                f"keep must have the input's leading shape {layout} = {expected}, got {tuple(keep.shape)}. "
-                f"Fix: one bool per step and example{', batch first' if self.batch_first else ', time first'}."
-            )
-        if keep.device != x.device:
-            raise ValueError(f"keep is on {keep.device} but the input is on {x.device}. Fix: keep.to(x.device).")
-        keep = keep.transpose(0, 1) if self.batch_first else keep
-        return keep.detach().unsqueeze(-1)
-
-    def _check_parameters(self) -> None:
-        dtypes = {p.dtype for p in self.parameters()}
-        if dtypes != {torch.float32}:
-            raise TypeError(
-                f"{type(self).__name__} parameters must be float32 (the cells compute in exact float32 fixed "
-                f"point), got {sorted(map(str, dtypes))}. Fix: keep the module in float32 (no .double(), "
-                ".half() or .to(dtype)); with a Lightning Trainer use precision='32-true', 'bf16-mixed' or "
-                "'16-mixed' (autocast runs the layers around it in low precision), not '64-true' or '*-true'."
-            )
 
     def _initial_state(self, hx: State | tuple[State, State] | None, batch: int, x: Tensor) -> list[Tensor]:
         """Flat list of per-layer ``(B, H_l)`` tensors (h, or h and c per layer); their range is checked
