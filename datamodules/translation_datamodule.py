@@ -4,8 +4,8 @@ Subclasses say where the tokenised sentence pairs of each split come from (:meth
 builds one vocabulary per language from the training pairs, drops training pairs longer than ``max_len``
 tokens on either side (validation and test are never filtered by length), and serves
 :class:`~.parallel.TranslationBatch` es: bucketed and reshuffled per epoch for training, fixed and length-sorted
-for validation/test, in file order for prediction (the test split). ``batch_size`` is global: each of ``W`` DDP ranks gets ``batch_size / W`` pairs
-of every training batch and the same number of batches (see :mod:`.bucketing`).
+for validation/test, in file order for prediction (the test split). ``batch_size`` is global: each of ``W`` DDP
+ranks gets ``batch_size / W`` pairs of every training batch and the same number of batches (see :mod:`.bucketing`).
 
 Empty sentences: a pair whose source or target is empty (or whitespace only) has nothing to encode or attend
 to, and one such row turns a batch's loss into NaN. Training drops those pairs with one warning that counts
@@ -128,8 +128,9 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
     def _vocab(self, name: str) -> TranslationVocabulary:
         vocab: TranslationVocabulary | None = getattr(self, name)
         if vocab is None:
-            raise RuntimeError(f"{type(self).__name__}.{name} is built from the training split in setup(); "
-                               "call setup() first")
+            raise RuntimeError(
+                f"{type(self).__name__}.{name} is built from the training split in setup(); call setup() first"
+            )
         return vocab
 
     @override
@@ -155,9 +156,11 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         self.train_pairs_dropped = len(full) - len(train)
         if self.src_vocab is None or self.tgt_vocab is None:
             self.src_vocab = TranslationVocabulary.build(
-                (s.split() for s in train.sources), self.min_freq, self.max_vocab)
+                (s.split() for s in train.sources), self.min_freq, self.max_vocab
+            )
             self.tgt_vocab = TranslationVocabulary.build(
-                (t.split() for t in train.targets), self.min_freq, self.max_vocab)
+                (t.split() for t in train.targets), self.min_freq, self.max_vocab
+            )
         self._pairs["train"] = EncodedPairs.encode(train, self.src_vocab, self.tgt_vocab)
 
     def _read_nonempty(self, split: str) -> ParallelText:
@@ -174,8 +177,10 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         name, use = type(self).__name__, _SPLIT_USES[split]
         listed = ", ".join(f"{i + 1} ({text.empty_side(i)})" for i in empty[:_LISTED])
         listed += f" and {len(empty) - _LISTED} more" if len(empty) > _LISTED else ""
-        where = (f"the {split!r} split ({use}) has {len(empty)} of {len(text)} sentence pairs with an empty or "
-                 f"whitespace-only side, at pair {listed} (numbered from 1: the line in line-aligned files)")
+        where = (
+            f"the {split!r} split ({use}) has {len(empty)} of {len(text)} sentence pairs with an empty or "
+            f"whitespace-only side, at pair {listed} (numbered from 1: the line in line-aligned files)"
+        )
         if split != "train" and not self.drop_empty_eval_pairs:
             raise CorpusFormatError(
                 f"{name}: {where}. An empty sentence has nothing to encode or attend to, and an evaluation split "
@@ -184,12 +189,16 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
             )
         self.empty_pairs_dropped[split] = len(empty)
         if split == "train":
-            rank_zero_warn(f"{name}: {where}: dropped them from training (an empty sentence has nothing to encode "
-                           "or attend to, and would make the loss NaN).")
+            rank_zero_warn(
+                f"{name}: {where}: dropped them from training (an empty sentence has nothing to encode "
+                "or attend to, and would make the loss NaN)."
+            )
         else:
-            rank_zero_warn(f"{name}: {where}: dropped them (drop_empty_eval_pairs=True), so the {split!r} split has "
-                           f"{len(text) - len(empty)} pairs instead of {len(text)}: its scores are not comparable "
-                           "with results on the whole split.")
+            rank_zero_warn(
+                f"{name}: {where}: dropped them (drop_empty_eval_pairs=True), so the {split!r} split has "
+                f"{len(text) - len(empty)} pairs instead of {len(text)}: its scores are not comparable "
+                "with results on the whole split."
+            )
         return text.without(empty)
 
     def pairs(self, split: str) -> EncodedPairs:
@@ -197,8 +206,10 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         if split not in self._pairs:
-            raise RuntimeError(f"{type(self).__name__}: the {split!r} split is not loaded; call setup() (or "
-                               "setup('fit') for train/valid, setup('test') for test) first")
+            raise RuntimeError(
+                f"{type(self).__name__}: the {split!r} split is not loaded; call setup() (or "
+                "setup('fit') for train/valid, setup('test') for test) first"
+            )
         return self._pairs[split]
 
     # ----------------------------------------------------------------------------------------------------
@@ -215,16 +226,18 @@ class TranslationDataModule(pl.LightningDataModule, metaclass=ABCMeta):
             return training_plan(src_len, tgt_len, size, generator(self.seed, "translation-train", epoch))
 
         fingerprint = {"pairs": len(pairs), "batch_size": size, "seed": self.seed}
-        return TranslationBatchDataset(pairs, plan, len(pairs) // size, self.rank, self.world_size,
-                                       fingerprint, epoch_fn=self._current_epoch)
+        return TranslationBatchDataset(
+            pairs, plan, len(pairs) // size, self.rank, self.world_size, fingerprint, epoch_fn=self._current_epoch
+        )
 
     def eval_dataset(self, split: str, by_length: bool = True) -> TranslationBatchDataset:
         """This rank's fixed batches of ``split``, sorted by length or (``by_length=False``) in file order."""
         pairs = self.pairs(split)
         batches = evaluation_plan(pairs.src_lengths, pairs.tgt_lengths, self.batch_size, self.world_size, by_length)
         fingerprint = {"pairs": len(pairs), "batch_size": self.batch_size}
-        return TranslationBatchDataset(pairs, lambda epoch: batches, len(batches), self.rank, self.world_size,
-                                       fingerprint)
+        return TranslationBatchDataset(
+            pairs, lambda epoch: batches, len(batches), self.rank, self.world_size, fingerprint
+        )
 
     def _eval_loader(self, split: str, by_length: bool = True) -> DataLoader[Any]:
         return DataLoader(self.eval_dataset(split, by_length), batch_size=None, num_workers=self.num_workers)

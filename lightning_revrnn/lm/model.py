@@ -27,18 +27,27 @@ from torchmetrics.text import Perplexity
 from typing_extensions import override
 
 from lightning_revrnn.checkpoints import CheckpointFileCheck
+from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.rnn import NFRevGRU, NFRevLSTM, ReversibleRNN, RevGRU, RevLSTM
-from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.lm.head import BoundDecoderHead, DecoderHead
 from lightning_revrnn.shared import (
-    BASELINES, BaselineRNN, BoundEmbeddingStem, EmbeddingStem, check_finite_loss, detach_state, plateau_schedule,
+    BASELINES,
+    BaselineRNN,
+    BoundEmbeddingStem,
+    EmbeddingStem,
+    check_finite_loss,
+    detach_state,
+    plateau_schedule,
     read_step_figures,
 )
 
 RnnType = Literal["revgru", "revlstm", "nfrevgru", "nfrevlstm", "gru", "lstm"]
 REVERSIBLE: dict[str, type[ReversibleRNN]] = {
-    "revgru": RevGRU, "revlstm": RevLSTM, "nfrevgru": NFRevGRU, "nfrevlstm": NFRevLSTM,
+    "revgru": RevGRU,
+    "revlstm": RevLSTM,
+    "nfrevgru": NFRevGRU,
+    "nfrevlstm": NFRevLSTM,
 }
 Batch = dict[str, Any]
 #: What a non-finite training loss asks the user to do.
@@ -113,8 +122,15 @@ class LanguageModel(CheckpointFileCheck, pl.LightningModule):
         self.rnn: nn.Module
         if self.reversible:
             self.rnn = REVERSIBLE[rnn](
-                emb_size, sizes, num_layers=num_layers, max_forget_bits=max_forget_bits, dropout=dropout_hidden,
-                input_dropout=dropout_input, dropconnect=dropconnect, mode=mode, fused=fused,
+                emb_size,
+                sizes,
+                num_layers=num_layers,
+                max_forget_bits=max_forget_bits,
+                dropout=dropout_hidden,
+                input_dropout=dropout_input,
+                dropconnect=dropconnect,
+                mode=mode,
+                fused=fused,
             )
         else:
             self.rnn = BaselineRNN(rnn, emb_size, sizes, dropout_input, dropout_hidden, dropconnect)
@@ -164,7 +180,7 @@ class LanguageModel(CheckpointFileCheck, pl.LightningModule):
             head = self.head.bind(targets, training=True)
             total, h_n = self.window_loss(tokens, hx, stem, head)
         count = (targets != -100).sum().clamp_min(1)
-        loss = total / count
+        loss: Tensor = total / count
         # the step's one host read (the log's batch size needs the count anyway), so the check costs no sync
         tokens_counted, loss_value = read_step_figures(count, loss)
         check_finite_loss(self, loss_value, batch_idx, NONFINITE_FIX)
@@ -183,7 +199,7 @@ class LanguageModel(CheckpointFileCheck, pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         if not self.has_vocabulary:
-            data = self.trainer.datamodule if self._trainer is not None else None
+            data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if data is None or "vocab_size" not in dir(data):
                 raise ValueError(
                     f"LanguageModel(vocab_size=None) reads the vocabulary size from the DataModule, but "
@@ -206,7 +222,8 @@ class LanguageModel(CheckpointFileCheck, pl.LightningModule):
         """Summed cross-entropy of one training window and its final state, with the window's bound stem and
         head (their masks and targets). Reversible models run stem and head inside the reverse sweep."""
         if self.reversible:
-            return self.rnn(tokens, hx, head=head, stem=stem)
+            total, h_n = self.rnn(tokens, hx, head=head, stem=stem)
+            return total, h_n
         out, h_n = self.rnn(stem(tokens), hx)
         return head(out, 0), h_n
 

@@ -28,8 +28,8 @@ weight is the looked-up rows, not a dense ``V × E`` tensor.
 Memory of a reversible head (``block_bytes`` set): the generator and cross-entropy run a block of rows at a
 time (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy`), and in the reverse sweep
 (:meth:`BoundAttentionHead.accumulate_grads`) and the sweep's forward the attention runs a block of source
-positions at a time (:mod:`lightning_revrnn.translation.attention_blocks`), with the generator's, the embedding's and the
-stored units' gradients added straight into the sweep's accumulators. So the head's working set is bounded by
+positions at a time (:mod:`lightning_revrnn.translation.attention_blocks`), with the generator's, the embedding's
+and the stored units' gradients added straight into the sweep's accumulators. So the head's working set is bounded by
 ``block_bytes`` (plus ``C × B × S`` attention weights and ``C × B × (H + D)`` activations), not by
 ``C × B × vocab`` or ``S × B × D``. ``mode="store"`` (the gradient reference) differentiates the same head with
 autograd over the whole memory: the same arithmetic up to rounding (the loss agrees with ``mode="reverse"`` to
@@ -117,7 +117,11 @@ class AttentionHead(nn.Module):
     """
 
     def __init__(
-        self, attention: LuongAttention, generator: nn.Linear, src_embedding: nn.Embedding | None, dropout: float,
+        self,
+        attention: LuongAttention,
+        generator: nn.Linear,
+        src_embedding: nn.Embedding | None,
+        dropout: float,
         block_bytes: int | None = DEFAULT_BLOCK_BYTES,
     ) -> None:
         super().__init__()
@@ -138,7 +142,7 @@ class AttentionHead(nn.Module):
         output's (none in evaluation).
         """
         embedding = self._src_embedding[0]
-        embedding_weight = None if embedding is None else SparseGradAlias.apply(embedding.weight)
+        embedding_weight = None if embedding is None else SparseGradAlias.apply(embedding.weight)  # type: ignore[no-untyped-call]  # Function.apply is unannotated
         targets = tgt_out.masked_fill(~tgt_keep, IGNORE)
         hidden = self.attention.output.out_features
         memory_size = self.attention.query.out_features
@@ -166,7 +170,7 @@ class AttentionHead(nn.Module):
     def log_probs(self, output: Tensor, memory: Tensor, memory_keep: Tensor) -> Tensor:
         """Next-token log-probabilities ``(..., B, V)`` of decoder outputs ``(C, B, H)`` over a prepared
         ``memory`` (decoding: no dropout, the memory built once by :meth:`build_memory`)."""
-        logits = self.generator(self.attention(output, memory, memory_keep))
+        logits: Tensor = self.generator(self.attention(output, memory, memory_keep))
         return logits.float().log_softmax(-1)
 
 
@@ -177,8 +181,15 @@ class BoundAttentionHead(StepHead):
     ``(B, H)`` (None: no dropout). Its attention and generator are the unbound head's (same parameters)."""
 
     def __init__(
-        self, head: AttentionHead, stored: Tensor | None, src: Tensor, src_keep: Tensor,
-        embedding_weight: Tensor | None, targets: Tensor, memory_mask: Tensor | None, output_mask: Tensor | None,
+        self,
+        head: AttentionHead,
+        stored: Tensor | None,
+        src: Tensor,
+        src_keep: Tensor,
+        embedding_weight: Tensor | None,
+        targets: Tensor,
+        memory_mask: Tensor | None,
+        output_mask: Tensor | None,
     ) -> None:
         super().__init__()
         self.attention = head.attention
@@ -195,7 +206,7 @@ class BoundAttentionHead(StepHead):
 
     def attentional(self, output: Tensor) -> Tensor:
         """The attentional output ``(C, B, H)`` of decoder outputs ``(C, B, H)``, after output dropout."""
-        out = self.attention(output, self.memory(), self.src_keep)
+        out: Tensor = self.attention(output, self.memory(), self.src_keep)
         return out if self.output_mask is None else out * self.output_mask
 
     def memory_blocks(self) -> MemoryBlocks:
@@ -205,7 +216,7 @@ class BoundAttentionHead(StepHead):
 
     def masked_query(self, output: Tensor) -> Tensor:
         """``W_a h`` ``(C, B, D)`` times the memory's dropout mask (so the memory itself is never masked)."""
-        query = self.attention.query(output)
+        query: Tensor = self.attention.query(output)
         return query if self.memory_mask is None else query * self.memory_mask
 
     def output_layer(self, context: Tensor, output: Tensor) -> Tensor:
@@ -236,9 +247,10 @@ class BoundAttentionHead(StepHead):
         """Reverse sweep (:func:`~lightning_revrnn.core.sweep.head_gradient`): the gradient of ``forward(output,
         start) · d_value`` with respect to ``output`` (a leaf requiring grad), adding the gradient of every
         ``(tensor, accumulator)`` target into its accumulator. The generator's weight and bias gradients go
-        straight into theirs, block of rows by block (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy_accumulate`),
-        so neither a ``C × B × vocab`` logits tensor nor a per-chunk ``vocab × H`` gradient exists; attention,
-        dropout and the context get theirs from autograd, as before."""
+        straight into theirs, block of rows by block
+        (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy_accumulate`), so neither a ``C × B × vocab``
+        logits tensor nor a per-chunk ``vocab × H`` gradient exists; attention, dropout and the context get theirs
+        from autograd, as before."""
         if self.block_bytes is None:  # the plain head: autograd for everything
             return super().accumulate_grads(output, start, d_value, targets)
         flat_targets = self.targets[start : start + output.shape[0]].flatten()
@@ -249,8 +261,15 @@ class BoundAttentionHead(StepHead):
         attentional = self.output_layer(context, output).flatten(0, 1)  # graph: context, output, W_c
         generator, own = self.generator, {id(t): acc for t, acc in targets}
         _, d_attentional = linear_cross_entropy_accumulate(
-            attentional, generator.weight, generator.bias, flat_targets, d_value, own.get(id(generator.weight)),
-            None if generator.bias is None else own.get(id(generator.bias)), IGNORE, self.block_bytes,
+            attentional,
+            generator.weight,
+            generator.bias,
+            flat_targets,
+            d_value,
+            own.get(id(generator.weight)),
+            None if generator.bias is None else own.get(id(generator.bias)),
+            IGNORE,
+            self.block_bytes,
         )
         d_attentional = d_attentional.to(attentional.dtype)
         (d_context,) = torch.autograd.grad(attentional, [context], d_attentional, retain_graph=True)
@@ -259,8 +278,12 @@ class BoundAttentionHead(StepHead):
         d_query = attend_backward(query, weights, d_context, memory, embedding_acc, stored_acc)
         skip = {id(generator.weight), id(generator.bias), id(self.embedding_weight), id(self.stored)}
         rest = [(t, acc) for t, acc in targets if id(t) not in skip]
-        grads = torch.autograd.grad([attentional, query], [output, *[t for t, _ in rest]],
-                                    [d_attentional, d_query.to(query.dtype)], allow_unused=True)
+        grads = torch.autograd.grad(
+            [attentional, query],
+            [output, *[t for t, _ in rest]],
+            [d_attentional, d_query.to(query.dtype)],
+            allow_unused=True,
+        )
         add_gradients(rest, grads[1:])
         return grads[0]
 

@@ -92,8 +92,11 @@ def check_same_vocabularies(
     """Raise ``ValueError`` unless the (source, target) vocabularies ``ours`` and ``theirs`` (labelled ``names``)
     are the same tokens in the same order, saying what differs and the ``fix``. Every DDP rank builds the same
     vocabularies from the same data, so every rank raises alike."""
-    differences = [f"{side} vocabulary: {mine.difference(other, names)}"
-                   for side, mine, other in zip(("src", "tgt"), ours, theirs) if mine != other]
+    differences = [
+        f"{side} vocabulary: {mine.difference(other, names)}"
+        for side, mine, other in zip(("src", "tgt"), ours, theirs)
+        if mine != other
+    ]
     if differences:
         raise ValueError(
             f"TranslationModel: the vocabularies of {names[1]} differ from {names[0]}'s, so the same ids would mean "
@@ -102,8 +105,17 @@ def check_same_vocabularies(
         )
 
 
-def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, beam: int, max_decode_len: int,
-                    embedding_size: int = 1, num_layers: int = 1, dropout: float = 0.0) -> None:
+def check_arguments(
+    rnn: str,
+    hidden_size: int,
+    context: str,
+    slice_dim: int,
+    beam: int,
+    max_decode_len: int,
+    embedding_size: int = 1,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+) -> None:
     """Raise on settings the model cannot run with, naming the argument and the fix."""
     if rnn not in REVERSIBLE_RNNS and rnn not in BASELINES:
         raise ValueError(f"rnn must be one of {sorted([*REVERSIBLE_RNNS, *BASELINES])}, got {rnn!r}.")
@@ -115,7 +127,9 @@ def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, be
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}.")
     if rnn in REVERSIBLE_RNNS and hidden_size % 2:
-        raise ValueError(f"Reversible cells split the state into two halves: hidden_size must be even, got {hidden_size}.")
+        raise ValueError(
+            f"Reversible cells split the state into two halves: hidden_size must be even, got {hidden_size}."
+        )
     if "slice" in context and not 1 <= slice_dim <= hidden_size // 2:
         raise ValueError(
             f"slice_dim={slice_dim} with context={context!r}: the slice is taken from the top layer's h1, "
@@ -123,4 +137,6 @@ def check_arguments(rnn: str, hidden_size: int, context: str, slice_dim: int, be
             "context='hidden' to attend over the whole state."
         )
     if beam < 1 or max_decode_len < 1:
-        raise ValueError(f"beam and max_decode_len must be at least 1, got beam={beam}, max_decode_len={max_decode_len}.")
+        raise ValueError(
+            f"beam and max_decode_len must be at least 1, got beam={beam}, max_decode_len={max_decode_len}."
+        )

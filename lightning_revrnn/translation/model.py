@@ -1,10 +1,10 @@
 """Attention seq2seq translation with a reversible encoder and decoder (spec sections 5-6): one
 LightningModule for RevGRU / RevLSTM and the ``nn.GRU`` / ``nn.LSTM`` baselines.
 
-Reversible models: the source embedding runs inside the encoder's sweep (:class:`~lightning_revrnn.shared.EmbeddingStem`),
-the decoder starts from the encoder's final state with gradient (chaining), and its
-:class:`~lightning_revrnn.translation.attention.AttentionHead` computes attention, generator and cross-entropy a chunk
-of target steps at a time inside the decoder's sweep. The decoder's reverse sweep returns the gradient of
+Reversible models: the source embedding runs inside the encoder's sweep
+(:class:`~lightning_revrnn.shared.EmbeddingStem`), the decoder starts from the encoder's final state with
+gradient (chaining), and its :class:`~lightning_revrnn.translation.attention.AttentionHead` computes attention,
+generator and cross-entropy a chunk of target steps at a time inside the decoder's sweep. The decoder's reverse sweep returns the gradient of
 the stored encoder units (the head's declared context), which autograd hands to the encoder's reverse
 sweep; the source embeddings in the memory are recomputed from the tokens, so they cost nothing between
 forward and backward.
@@ -153,8 +153,17 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         super().__init__()
         self.reversible = rnn in DECODERS
         self.context_type = context if context is not None else ("emb+slice" if self.reversible else "hidden")
-        check_arguments(rnn, hidden_size, self.context_type, slice_dim, beam, max_decode_len,
-                        embedding_size=embedding_size, num_layers=num_layers, dropout=dropout)
+        check_arguments(
+            rnn,
+            hidden_size,
+            self.context_type,
+            slice_dim,
+            beam,
+            max_decode_len,
+            embedding_size=embedding_size,
+            num_layers=num_layers,
+            dropout=dropout,
+        )
         # Decoding settings are not hyperparameters: LightningCLI's --ckpt_path puts a checkpoint's hyperparameters
         # over the command line, so `revrnn test --ckpt_path ... --model.beam 1` would silently keep the old beam.
         self.save_hyperparameters(ignore=["optimizer", *DECODING_SETTINGS])
@@ -179,8 +188,13 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
     @property
     def stored_units(self) -> int:
         """Encoder units stored per step for attention: the slice, the whole top state, or none (``emb``)."""
-        return {"slice": self.hparams["slice_dim"], "emb+slice": self.hparams["slice_dim"], "emb": 0,
-                "hidden": self.hparams["hidden_size"]}[self.context_type]
+        units: int = {
+            "slice": self.hparams["slice_dim"],
+            "emb+slice": self.hparams["slice_dim"],
+            "emb": 0,
+            "hidden": self.hparams["hidden_size"],
+        }[self.context_type]
+        return units
 
     def build(self, src_vocab_size: int, tgt_vocab_size: int) -> None:
         """Create the layers for the given vocabulary sizes (once; also records them in the hyperparameters)."""
@@ -198,8 +212,9 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         memory_size = (E if uses_emb else 0) + self.stored_units
         generator = nn.Linear(H, tgt_vocab_size)
         block_bytes = hp.get("head_block_bytes", DEFAULT_BLOCK_BYTES) if self.reversible else None
-        self.head = AttentionHead(LuongAttention(H, memory_size), generator, self.src_embedding if uses_emb else None, p,
-                                  block_bytes)
+        self.head = AttentionHead(
+            LuongAttention(H, memory_size), generator, self.src_embedding if uses_emb else None, p, block_bytes
+        )
         for param in [*self.src_embedding.parameters(), *self.tgt_embedding.parameters(), *self.head.parameters()]:
             nn.init.uniform_(param, -INIT_RANGE, INIT_RANGE)
         self.encoder: nn.Module
@@ -207,7 +222,11 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         rnn = hp["rnn"]
         if self.reversible:
             common = dict(
-                num_layers=L, max_forget_bits=hp["max_forget_bits"], dropout=p, input_dropout=p, mode=hp["mode"],
+                num_layers=L,
+                max_forget_bits=hp["max_forget_bits"],
+                dropout=p,
+                input_dropout=p,
+                mode=hp["mode"],
                 fused=hp.get("fused", False),  # a checkpoint from before the switch has none
             )
             core_units = self.stored_units if self.context_type != "hidden" else 0
@@ -232,7 +251,7 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         A model that has vocabularies already (trained, or loaded from a checkpoint) keeps them: the DataModule's
         must be the same tokens in the same order, else this raises (its batches' ids would mean other words).
         """
-        data = self.trainer.datamodule if self._trainer is not None else None
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         src, tgt = getattr(data, "src_vocab", None), getattr(data, "tgt_vocab", None)
         if src is not None and tgt is not None:
             name = f"the DataModule ({type(data).__name__})"
@@ -241,8 +260,9 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
                 if self.preprocessing is None:
                     self.preprocessing = getattr(data, "preprocessing", None)
             else:
-                self.set_vocabularies(src, tgt, getattr(data, "tgt_lang", self.tgt_lang),
-                                      getattr(data, "preprocessing", None))
+                self.set_vocabularies(
+                    src, tgt, getattr(data, "tgt_lang", self.tgt_lang), getattr(data, "preprocessing", None)
+                )
                 self._vocab_origin = name
         if not self.built:
             if self.src_vocab is None or self.tgt_vocab is None:
@@ -253,8 +273,13 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
                 )
             self.build(len(self.src_vocab), len(self.tgt_vocab))
 
-    def set_vocabularies(self, src: TranslationVocabulary, tgt: TranslationVocabulary, tgt_lang: str = "de",
-                         preprocessing: TextPreprocessing | None = None) -> None:
+    def set_vocabularies(
+        self,
+        src: TranslationVocabulary,
+        tgt: TranslationVocabulary,
+        tgt_lang: str = "de",
+        preprocessing: TextPreprocessing | None = None,
+    ) -> None:
         """Use these vocabularies (the target one turns decoded ids into text; their sizes must match the layers)
         and, for :meth:`translate_text`, the preprocessing of the text they were built from."""
         hp = self.hparams
@@ -405,7 +430,9 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         decodes with its own words and translates raw text without the DataModule."""
         if self.src_vocab is not None and self.tgt_vocab is not None:
             checkpoint["revrnn_vocab"] = {
-                "src": self.src_vocab.state_dict(), "tgt": self.tgt_vocab.state_dict(), "tgt_lang": self.tgt_lang,
+                "src": self.src_vocab.state_dict(),
+                "tgt": self.tgt_vocab.state_dict(),
+                "tgt_lang": self.tgt_lang,
                 "preprocessing": None if self.preprocessing is None else self.preprocessing.state_dict(),
             }
 
@@ -415,8 +442,10 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         ckpt_path=...)``) must have the same ones, else this raises naming what differs and the fix."""
         saved = checkpoint.get("revrnn_vocab")
         if saved is None:
-            rank_zero_warn("This TranslationModel checkpoint does not record its vocabularies (it predates them): "
-                           "the DataModule's are used unchecked. Make sure it is built as for the training run.")
+            rank_zero_warn(
+                "This TranslationModel checkpoint does not record its vocabularies (it predates them): "
+                "the DataModule's are used unchecked. Make sure it is built as for the training run."
+            )
             return
         src = TranslationVocabulary.from_state_dict(saved["src"])
         tgt = TranslationVocabulary.from_state_dict(saved["tgt"])
@@ -427,8 +456,9 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
             self._vocab_origin = "the checkpoint"
             return
         # Trainer(...).fit/validate/test/predict(model, data, ckpt_path=...): the model was set up from the data
-        check_same_vocabularies((src, tgt), (self.src_vocab, self.tgt_vocab), ("the checkpoint", self._vocab_origin),
-                                CHECKPOINT_FIX)
+        check_same_vocabularies(
+            (src, tgt), (self.src_vocab, self.tgt_vocab), ("the checkpoint", self._vocab_origin), CHECKPOINT_FIX
+        )
         if preprocessing is not None:
             self.preprocessing = preprocessing
 
@@ -438,7 +468,8 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         attention units); None for the baselines."""
         if not self.reversible:
             return None
-        return TranslationAccounting(self.encoder.memory_stats(), self.decoder.memory_stats())
+        encoder, decoder = cast(ReversibleRNN, self.encoder), cast(ReversibleRNN, self.decoder)
+        return TranslationAccounting(encoder.memory_stats(), decoder.memory_stats())
 
     def memory_summary(self) -> dict[str, dict[str, float]] | None:
         """Per side, the paper's ratios of the last training window: ``actual_ratio`` (normal / used bits)

@@ -133,7 +133,8 @@ def load_model(
             f"--ckpt_path {path} does not record how its training text was preprocessed (written before "
             "checkpoints kept it); translate from Python instead, setting model.preprocessing (see translate_text)"
         )
-    return model.to(device).eval()
+    model.to(device).eval()
+    return model
 
 
 if __name__ == "__main__":  # python -m lightning_revrnn.translation.translate_cli ...
