@@ -7,6 +7,13 @@ from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.model import TranslationModel
 
 __all__ = [
-    "AttentionHead", "DetokenizedBLEU", "LuongAttention", "TokenizedBLEU", "TranslationModel", "beam_search",
-    "detokenize", "greedy_search", "multi_bleu",
+    "AttentionHead",
+    "DetokenizedBLEU",
+    "LuongAttention",
+    "TokenizedBLEU",
+    "TranslationModel",
+    "beam_search",
+    "detokenize",
+    "greedy_search",
+    "multi_bleu",
 ]

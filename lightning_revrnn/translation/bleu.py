@@ -50,9 +50,7 @@ def check_corpus(hypotheses: Sequence[str], references: Sequence[str]) -> None:
 
 def ngram_counts(tokens: Sequence[str]) -> Counter[tuple[str, ...]]:
     """How often each n-gram of ``tokens`` occurs, for n = 1..MAX_ORDER."""
-    return Counter(
-        tuple(tokens[i : i + n]) for n in range(1, MAX_ORDER + 1) for i in range(len(tokens) - n + 1)
-    )
+    return Counter(tuple(tokens[i : i + n]) for n in range(1, MAX_ORDER + 1) for i in range(len(tokens) - n + 1))
 
 
 def multi_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -162,7 +160,10 @@ class CorpusBLEU(Metric):
     def compute(self) -> Tensor:
         """The corpus BLEU of everything seen (on every rank), 0..100."""
         score = BLEU.compute_bleu(
-            self.matches.tolist(), self.totals.tolist(), int(self.hyp_len), int(self.ref_len),
+            self.matches.tolist(),
+            self.totals.tolist(),
+            int(self.hyp_len),
+            int(self.ref_len),
             smooth_method=self.smooth_method,
         ).score
         device = self.matches.device

@@ -69,6 +69,12 @@ def empty_rows_message(empty: Sequence[int], batch: int, indices: Sequence[int] 
     )
 
 
+#: What a non-finite training loss asks the user to do.
+NONFINITE_FIX = (
+    "check that batch for pairs the model cannot take (a DataModule of your own must drop empty sentences, as "
+    "TranslationDataModule does), lower the learning rate or clip gradients (the configs use "
+    "Trainer(gradient_clip_val=5)), then resume from the last checkpoint."
+)
 MODEL_FIX = (
     "build the DataModule with the data and vocabulary settings the model was trained with (the same corpus, "
     "min_freq, max_vocab, max_len; for the synthetic task the same sizes and seed), or hand it the model's "

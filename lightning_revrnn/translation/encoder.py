@@ -77,8 +77,12 @@ class StoredUnitsAccounting(ReversibleRNN):
 
 def with_stored_bits(stats: MemoryAccounting, stored: int) -> MemoryAccounting:
     """``stats`` with ``stored`` bits added to its stored, used and optimal bits."""
-    return replace(stats, stored_bits=stats.stored_bits + stored, used_bits=stats.used_bits + stored,
-                   optimal_bits=stats.optimal_bits + stored)
+    return replace(
+        stats,
+        stored_bits=stats.stored_bits + stored,
+        used_bits=stats.used_bits + stored,
+        optimal_bits=stats.optimal_bits + stored,
+    )
 
 
 class RevGRUEncoder(StoredUnitsAccounting, RevGRU):

@@ -4,7 +4,7 @@ and the attention behind each output token. :class:`TranslationDecoding` is the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -54,6 +54,17 @@ class TranslationDecoding:
         @property
         def device(self) -> torch.device: ...
 
+    def hypotheses(self, ids: Iterable[list[int]]) -> list[str]:
+        """Token ids to tokenised, space-joined target sentences (the target vocabulary's ``decode``)."""
+        if self.tgt_vocab is None:
+            raise RuntimeError(
+                "TranslationModel has no target vocabulary to turn ids into text. Fix: run it with a translation "
+                "DataModule, load it from a checkpoint written by fit, or call set_vocabularies()."
+            )
+        return [" ".join(self.tgt_vocab.decode(i)) for i in ids]
+
+    # ------------------------------------------------------------------------------------ optimisation
+
     @torch.no_grad()
     def translate(self, src: Tensor, src_keep: Tensor, beam: int | None = None) -> list[list[int]]:
         """Translations of source ids ``(S, B)`` (right-padded, ``src_keep`` marking real tokens) as target ids
@@ -68,8 +79,9 @@ class TranslationDecoding:
             common = dict(batch=src.shape[1], bos=BOS, eos=EOS, max_len=self.max_decode_len)
             if beam == 1:
                 return greedy_search(self.decode_step, state, DecoderState.select, **common)
-            return beam_search(self.decode_step, state, DecoderState.select, beam=beam,
-                               length_penalty=self.length_penalty, **common)
+            return beam_search(
+                self.decode_step, state, DecoderState.select, beam=beam, length_penalty=self.length_penalty, **common
+            )
         finally:
             self.train(was_training)
 

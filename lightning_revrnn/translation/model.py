@@ -1,29 +1,19 @@
-"""Attention seq2seq translation with a reversible encoder and decoder (spec sections 5-6): one
-LightningModule for RevGRU / RevLSTM and the ``nn.GRU`` / ``nn.LSTM`` baselines.
-
-Reversible models: the source embedding runs inside the encoder's sweep
-(:class:`~lightning_revrnn.shared.EmbeddingStem`), the decoder starts from the encoder's final state with
-gradient (chaining), and its :class:`~lightning_revrnn.translation.attention.AttentionHead` computes attention,
-generator and cross-entropy a chunk of target steps at a time inside the decoder's sweep. The decoder's reverse sweep returns the gradient of
-the stored encoder units (the head's declared context), which autograd hands to the encoder's reverse
-sweep; the source embeddings in the memory are recomputed from the tokens, so they cost nothing between
-forward and backward.
-
-Batches are :class:`~lightning_revrnn.datamodules.translation.TranslationBatch` (time first, right-padded,
-``src_keep`` / ``tgt_keep`` masks). Decoding (greedy, beam) steps the decoder one token at a time in
-evaluation arithmetic, carrying the exact (float64) reversible state through the beams' reordering.
+"""Attention seq2seq translation with a reversible encoder and decoder (spec sections 5-6): one LightningModule
+for RevGRU / RevLSTM and the ``nn.GRU`` / ``nn.LSTM`` baselines; it builds and trains, and decodes through its
+:class:`~lightning_revrnn.translation.inference.TranslationDecoding` half. The source embedding runs inside the
+encoder's sweep, the decoder starts from the encoder's final state with gradient (chaining), and the attention
+head computes attention, generator and cross-entropy a chunk of target steps at a time inside the decoder's
+sweep (docs/design.md). Batches are :class:`~lightning_revrnn.datamodules.translation.TranslationBatch`.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
 from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import OptimizerCallable
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from typing_extensions import override
@@ -43,6 +33,7 @@ from lightning_revrnn.translation.bleu import DetokenizedBLEU, TokenizedBLEU, de
 from lightning_revrnn.translation.checks import (
     CHECKPOINT_FIX,
     MODEL_FIX,
+    NONFINITE_FIX,
     check_arguments,
     check_same_vocabularies,
     check_source_rows,
@@ -55,6 +46,7 @@ from lightning_revrnn.translation.encoder import (
 )
 from lightning_revrnn.translation.inference import TranslationDecoding
 from lightning_revrnn.translation.prediction_file import PredictionFile
+from lightning_revrnn.translation.saved_vocabulary import SAVED_KEY, load_vocabularies, save_vocabularies
 from lightning_revrnn.translation.token_metrics import TokenCrossEntropy
 
 RnnType = Literal["revgru", "revlstm", "gru", "lstm"]
@@ -67,12 +59,6 @@ PAPER_LR: dict[str, float] = {"lstm": 1.0, "revlstm": 0.5, "gru": 0.2, "revgru":
 DECODING_SETTINGS = ("beam", "length_penalty", "max_decode_len", "prediction_file")
 #: Uniform initialisation range of embeddings, attention and generator (OpenNMT-py's ``param_init``).
 INIT_RANGE = 0.1
-#: What a non-finite training loss asks the user to do.
-NONFINITE_FIX = (
-    "check that batch for pairs the model cannot take (a DataModule of your own must drop empty sentences, as "
-    "TranslationDataModule does), lower the learning rate or clip gradients (the configs use "
-    "Trainer(gradient_clip_val=5)), then resume from the last checkpoint."
-)
 
 
 class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningModule):
@@ -405,16 +391,6 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
             self._predictions.close()
             self._predictions = None
 
-    def hypotheses(self, ids: Iterable[list[int]]) -> list[str]:
-        """Token ids to tokenised, space-joined target sentences (the target vocabulary's ``decode``)."""
-        if self.tgt_vocab is None:
-            raise RuntimeError(
-                "TranslationModel has no target vocabulary to turn ids into text. Fix: run it with a translation "
-                "DataModule, load it from a checkpoint written by fit, or call set_vocabularies()."
-            )
-        return [" ".join(self.tgt_vocab.decode(i)) for i in ids]
-
-    # ------------------------------------------------------------------------------------ optimisation
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
         if self.optimizer_factory is None:
@@ -429,30 +405,18 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         """Keep the vocabularies (the tokens) and the text preprocessing with the weights, so a loaded checkpoint
         decodes with its own words and translates raw text without the DataModule."""
         if self.src_vocab is not None and self.tgt_vocab is not None:
-            checkpoint["revrnn_vocab"] = {
-                "src": self.src_vocab.state_dict(),
-                "tgt": self.tgt_vocab.state_dict(),
-                "tgt_lang": self.tgt_lang,
-                "preprocessing": None if self.preprocessing is None else self.preprocessing.state_dict(),
-            }
+            checkpoint[SAVED_KEY] = save_vocabularies(self.src_vocab, self.tgt_vocab, self.tgt_lang, self.preprocessing)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Take the checkpoint's vocabularies; a model set up already (``Trainer(...).fit/test(model, data,
         ckpt_path=...)``) must have the same ones, else this raises naming what differs and the fix."""
-        saved = checkpoint.get("revrnn_vocab")
+        saved = load_vocabularies(checkpoint)
         if saved is None:
-            rank_zero_warn(
-                "This TranslationModel checkpoint does not record its vocabularies (it predates them): "
-                "the DataModule's are used unchecked. Make sure it is built as for the training run."
-            )
             return
-        src = TranslationVocabulary.from_state_dict(saved["src"])
-        tgt = TranslationVocabulary.from_state_dict(saved["tgt"])
-        prep = saved.get("preprocessing")
-        preprocessing = None if prep is None else TextPreprocessing.from_state_dict(prep)
+        src, tgt, tgt_lang, preprocessing = saved
         if self.src_vocab is None or self.tgt_vocab is None:
-            self.set_vocabularies(src, tgt, saved["tgt_lang"], preprocessing)
+            self.set_vocabularies(src, tgt, tgt_lang, preprocessing)
             self._vocab_origin = "the checkpoint"
             return
         # Trainer(...).fit/validate/test/predict(model, data, ckpt_path=...): the model was set up from the data

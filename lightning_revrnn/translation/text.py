@@ -38,18 +38,18 @@ def translate_text(
 ) -> list[str]:
     """Translate raw sentences: one detokenised translation per sentence, in order.
 
-        Each sentence is prepared as the training corpus was (the model's ``preprocessing``, declared by the DataModule
-        and kept in the checkpoint: e.g. Multi30K lower-cases and Moses-tokenises, the synthetic task splits at
-        whitespace), decoded with beam search (``beam``; default the model's, 1 is greedy) in batches of
-        ``batch_size`` sentences of similar length, and detokenised. With ``replace_unk`` (default) every
-        ``<unk>`` of a translation is replaced by the source token the decoder attended to most when it emitted it
-        (the classic attention-based unknown-word replacement); ``replace_unk=False`` keeps ``<unk>``.
+    Each sentence is prepared as the training corpus was (the model's ``preprocessing``, declared by the DataModule
+    and kept in the checkpoint: e.g. Multi30K lower-cases and Moses-tokenises, the synthetic task splits at
+    whitespace), decoded with beam search (``beam``; default the model's, 1 is greedy) in batches of
+    ``batch_size`` sentences of similar length, and detokenised. With ``replace_unk`` (default) every
+    ``<unk>`` of a translation is replaced by the source token the decoder attended to most when it emitted it
+    (the classic attention-based unknown-word replacement); ``replace_unk=False`` keeps ``<unk>``.
 
-        Raises:
-            ValueError: a sentence is empty (after preprocessing), naming it; or the model has no vocabularies or
-                no preprocessing (set by a translation DataModule or a checkpoint).
-            TypeError: ``sentences`` is one string, not a list of them.
-        """
+    Raises:
+        ValueError: a sentence is empty (after preprocessing), naming it; or the model has no vocabularies or
+            no preprocessing (set by a translation DataModule or a checkpoint).
+        TypeError: ``sentences`` is one string, not a list of them.
+    """
     if isinstance(sentences, str):
         raise TypeError("translate_text takes a list of sentences; wrap a single sentence in a list: [sentence].")
     if batch_size < 1:
@@ -78,13 +78,17 @@ def translate_text(
             rows = order[start : start + batch_size]
             src, src_keep = source_batch([src_vocab.encode(tokens[i]) for i in rows], model.device)
             hypotheses = model.translate(src, src_keep, beam=beam)
-            attended = (model.attended_positions(src, src_keep, hypotheses)
-                        if replace_unk and any(UNK in h for h in hypotheses) else None)
+            attended = (
+                model.attended_positions(src, src_keep, hypotheses)
+                if replace_unk and any(UNK in h for h in hypotheses)
+                else None
+            )
             for r, (i, ids) in enumerate(zip(rows, hypotheses)):
                 words = [tgt_vocab[t] for t in ids]
                 if attended is not None:
-                    words = [tokens[i][int(attended[j, r])] if t == UNK else w
-                             for j, (t, w) in enumerate(zip(ids, words))]
+                    words = [
+                        tokens[i][int(attended[j, r])] if t == UNK else w for j, (t, w) in enumerate(zip(ids, words))
+                    ]
                 out[i] = preprocessing.detokenize(words, "tgt")
     finally:
         model.train(was_training)
