@@ -63,8 +63,6 @@ class TranslationDecoding:
             )
         return [" ".join(self.tgt_vocab.decode(i)) for i in ids]
 
-    # ------------------------------------------------------------------------------------ optimisation
-
     @torch.no_grad()
     def translate(self, src: Tensor, src_keep: Tensor, beam: int | None = None) -> list[list[int]]:
         """Translations of source ids ``(S, B)`` (right-padded, ``src_keep`` marking real tokens) as target ids

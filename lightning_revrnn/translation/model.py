@@ -391,6 +391,7 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
             self._predictions.close()
             self._predictions = None
 
+    # ------------------------------------------------------------------------------------ optimisation
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
         if self.optimizer_factory is None:
