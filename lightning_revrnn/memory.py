@@ -5,11 +5,13 @@ of the CUDA caching allocator with its address, size and time. From that one tra
 
 - **peak**: the highest level of (bytes allocated since the start − bytes freed since the start), forward
   and backward together; temporaries that live inside one op count too. Parameter gradients allocated
-  during the trace are also reported on their own, and the peak is recomputed without them. On CPU the
-  profiler sees only the frees of blocks allocated while it runs (PyTorch warns once: "Memory block of
-  unknown size was allocated before the profiling started"), so memory from before the step that the step
+  during the trace are also reported on their own, and the peak is recomputed without them. On CPU only
+  the frees of blocks allocated in the same trace count, so memory from before the step that the step
   releases does not offset its own allocations: the peak is that of the step's own allocations alive at
-  once, never below the truth. On CUDA the allocator's peak is used.
+  once, never below the truth, and the same for the same step in every run. (PyTorch's CPU allocator also
+  reports frees of blocks from earlier traces, and of blocks at an address an earlier trace once saw, with
+  that old size; which addresses get reused changes from run to run, so counting those frees made the
+  peak vary by some KiB.) On CUDA the allocator's peak is used.
 - **saved**: the storages autograd saves for backward (``saved_tensors_hooks``) *that were allocated during
   the forward*, each counted once, whole. Only those cost the step memory: a saved view of something that
   existed before (a ``(20, 8)`` batch sliced from a corpus tensor, a parameter, a carried hidden state)
@@ -89,12 +91,20 @@ def _allocations(prof: profile) -> tuple[list[_Allocation], list[tuple[str, int]
 
 
 def _peak(allocations: list[_Allocation], device: torch.device, skip: set[int]) -> int:
-    """Highest running level of the device's allocations (indices in ``skip`` left out), at least 0."""
+    """Highest running level of the device's allocations made in the trace (indices in ``skip`` left out), at
+    least 0. A free counts only for a block allocated in the trace: the CPU allocator also reports frees of
+    older blocks (with the size an earlier trace recorded at that address), which depend on address reuse."""
+    live: dict[StorageKey, int] = {}
     level = peak = 0
     for i, a in enumerate(allocations):
-        if a.key[0] == device and i not in skip:
-            level += a.size
-            peak = max(peak, level)
+        if a.key[0] != device or i in skip:
+            continue
+        if a.size > 0:
+            level += a.size - live.pop(a.key, 0)  # an address allocated again was freed in between
+            live[a.key] = a.size
+        else:
+            level -= live.pop(a.key, 0)
+        peak = max(peak, level)
     return peak
 
 
