@@ -22,10 +22,18 @@ of the CUDA caching allocator with its address, size and time. From that one tra
 A storage is "allocated during the forward" when the trace holds an allocation at its address between the
 forward's start and end: a storage that existed before stays alive (it is saved) until backward, so no
 other allocation can take its address in between.
+
+Recent PyTorch releases make the profiler's backend (kineto) write a line to the process's stderr at every start
+and stop, whatever its log level (``USDT:<time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start``);
+:class:`MemoryTrace` drops exactly those two lines and passes anything else written meanwhile on.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
@@ -40,6 +48,8 @@ _FORWARD_START = "MemoryTrace.forward_start"
 _FORWARD_END = "MemoryTrace.forward_end"
 #: (device, address) of a storage.
 StorageKey = tuple[torch.device, int]
+#: What kineto writes to file descriptor 2 when a profiler starts or stops (module docstring).
+_KINETO_MARKER = re.compile(rb"^USDT:.*\] profiler_(start|stop)\s*$")
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,35 @@ class _Allocation:
     time_ns: int
     key: StorageKey
     size: int  # negative for a free
+
+
+@contextmanager
+def _without_kineto_markers() -> Iterator[None]:
+    """Run the block with file descriptor 2 (where C++ code writes) captured, then write what it captured back
+    to it, less kineto's profiler start/stop lines (:data:`_KINETO_MARKER`)."""
+    _flush_stderr()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 to capture
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            _flush_stderr()  # Python's own writes of the block, in their place
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not _KINETO_MARKER.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+def _flush_stderr() -> None:
+    if sys.stderr is not None:
+        sys.stderr.flush()
 
 
 def profiler_busy() -> bool:
@@ -172,7 +211,8 @@ class MemoryTrace:
         with warnings.catch_warnings():  # "Profiler clears events at the end of each cycle": one cycle here
             warnings.simplefilter("ignore")
             self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profile.__enter__()
+            with _without_kineto_markers():
+                self._profile.__enter__()
 
     def begin_forward(self) -> None:
         """A forward starts: record the storages autograd saves until :meth:`end_forward`."""
@@ -215,7 +255,8 @@ class MemoryTrace:
         """Stop without a result (an exception interrupted the step)."""
         self.end_forward()
         if self._profile is not None:
-            self._profile.__exit__(None, None, None)
+            with _without_kineto_markers():
+                self._profile.__exit__(None, None, None)
             self._profile = None
 
     def stop(self, parameters: Iterable[Tensor] = ()) -> StepMemory:
@@ -227,7 +268,7 @@ class MemoryTrace:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prof, self._profile = self._profile, None
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _without_kineto_markers():
             warnings.simplefilter("ignore")
             prof.__exit__(None, None, None)
         allocations, markers = _allocations(prof)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
-from lightning_revrnn.memory import MemoryTrace, _Allocation, _peak, saved_tensor_bytes
+from lightning_revrnn.memory import MemoryTrace, _Allocation, _peak, _without_kineto_markers, saved_tensor_bytes
 from lightning_revrnn.core.protocol import CHUNK
 
 
@@ -154,3 +157,27 @@ def test_trace_reports_parameter_gradients_apart_and_the_peak_without_them() -> 
     # at least the linear output, the tanh output (saved) and one backward temporary of the same size
     assert measured.peak_excl_grad_bytes >= 2 * 64 * 200 * 4
     assert measured.peak_excl_grad_bytes < measured.peak_bytes <= measured.peak_excl_grad_bytes + measured.grad_bytes
+
+
+def test_a_trace_writes_no_profiler_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    """Recent PyTorch releases print "USDT:... profiler_start" / "profiler_stop" at every profiler start and stop,
+    to file descriptor 2 (C++): MemoryReport traces a step every 50, and the lines swamped training logs."""
+    for _ in range(2):
+        trace = MemoryTrace(torch.device("cpu"))
+        trace.start()
+        kept = torch.ones(100) * 2
+        trace.stop()
+    captured = capfd.readouterr()
+    assert "USDT" not in captured.err and "profiler_st" not in captured.err + captured.out
+    del kept
+
+
+def test_only_the_profiler_lines_are_dropped(capfd: pytest.CaptureFixture[str]) -> None:
+    with _without_kineto_markers():
+        os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"[W CPUAllocator.cpp:245] something else\n")
+        print("from Python", file=sys.stderr)
+        os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:59] profiler_stop\n")
+    captured = capfd.readouterr()  # (pytest collects Python's and the descriptor's writes apart)
+    assert sorted((captured.out + captured.err).splitlines()) == ["[W CPUAllocator.cpp:245] something else",
+                                                                  "from Python"]
