@@ -70,7 +70,8 @@ class RevRNNCLI(LightningCLI):
         first of :data:`MODEL_CLASS_PATHS` that does; None when none does."""
         configured = self.config[self.config.subcommand].get("model")
         first = getattr(configured, "class_path", None) if configured is not None else None
-        for path in ([first] if first else []) + list(MODEL_CLASS_PATHS):
+        paths: list[str] = ([str(first)] if first else []) + list(MODEL_CLASS_PATHS)
+        for path in paths:
             module, _, name = path.rpartition(".")
             try:
                 cls = getattr(importlib.import_module(module), name)

@@ -24,8 +24,9 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -190,7 +191,7 @@ def training_log(path: str) -> Iterator[None]:
                     saved_stderr.write(f"--- the end of {path} ---\n{f.read()[-6000:]}\n")
 
 
-def _run(step: str, name: str, steps: int, fit: Any) -> dict[str, Any]:
+def _run(step: str, name: str, steps: int, fit: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Train one model (a line on stdout while it does) and return its row."""
     print(f"{step} {name:<{NAME}} {steps} steps ...", end="", flush=True)
     start = time.monotonic()
@@ -225,10 +226,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Reversible RNNs and their nn.GRU baselines on embedded synthetic tasks ({threads} CPU "
           f"thread{'s' if threads != 1 else ''}); training messages: {log}")
     with training_log(log):
-        rows = [_run(f"[{i + 1}/{count}]", lm_name(rnn), args.steps, lambda rnn=rnn: train(rnn, args))
-                for i, rnn in enumerate(("revgru", "gru"))]
+        lm_rnns: tuple[RnnType, ...] = ("revgru", "gru")
+        rows = [_run(f"[{i + 1}/{count}]", lm_name(rnn), args.steps, partial(train, rnn, args))
+                for i, rnn in enumerate(lm_rnns)]
         nmt_rows = [
-            _run(f"[{i + 3}/{count}]", nmt_name(rnn, args), args.nmt_steps, lambda rnn=rnn: translate(rnn, args))
+            _run(f"[{i + 3}/{count}]", nmt_name(rnn, args), args.nmt_steps, partial(translate, rnn, args))
             for i, rnn in enumerate(("revgru", "gru"))
         ] if args.nmt_steps > 0 else []
     print(f"\nLanguage modelling: a synthetic Markov source ({args.vocab} words), embedding = hidden = {args.size}, "

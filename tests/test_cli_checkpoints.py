@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from cli_helpers import CONFIGS, QUIET, last_value, revrnn, state_dict
+
 from lightning_revrnn.datamodules import SyntheticLMDataModule, SyntheticTranslationDataModule
 from lightning_revrnn.lm import LanguageModel
 from lightning_revrnn.translation.model import TranslationModel
