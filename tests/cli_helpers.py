@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -24,14 +27,17 @@ def revrnn(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> s
     """``revrnn <args>`` in ``cwd`` (one thread); fails the test on a timeout, and with ``check`` on a non-zero
     exit, showing the end of the output."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    tests = str(Path(__file__).resolve().parent)  # configs may name callbacks of this module (ExitAt)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([tests, *filter(None, [env.get("PYTHONPATH")])]))
     try:
         proc = subprocess.run([sys.executable, "-m", "lightning_revrnn.cli", *args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         raise AssertionError(f"revrnn {' '.join(args[:1])} ran past {timeout} s") from error
     if check:
-        assert proc.returncode == 0, f"revrnn {args[0]} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        output = (proc.stdout + proc.stderr)[-4000:]
+        assert proc.returncode == 0, f"revrnn {args[0]} exited {proc.returncode}:\n{output}"
     return proc
 
 
@@ -51,3 +57,22 @@ def last_value(log_dir: Path, key: str) -> float:
 def state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The model weights stored in a Lightning checkpoint."""
     return dict(torch.load(path, weights_only=False, map_location="cpu")["state_dict"])
+
+
+#: :class:`ExitAt`'s exit status.
+EXIT_CODE = 75
+
+
+class ExitAt(Callback):
+    """Ends the process at once, as a kill would (no exception, no hook, no checkpoint), before optimizer step
+    ``at + 1`` starts."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.at:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_CODE)
