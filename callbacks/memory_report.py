@@ -75,10 +75,11 @@ class MemoryReport(Callback):
     training forward of such a module in a measured step is one window; the step's figures are the sums
     over its windows (micro-batches included) and over ranks.
 
-    At the end of fit, rank zero prints a summary (medians over the measured steps) and writes
-    ``memory_report.json`` (summary plus every measured step) and ``memory_report.png`` into ``dirpath``, by
-    default the log directory of the fit (``trainer.log_dir``, where the fit's logger writes its metrics, else
-    ``default_root_dir``), records that folder in :attr:`report_dir` and says where it wrote them.
+    At the end of fit, rank zero prints a summary (medians over the measured steps, headed by the LightningModule's
+    class and its reversible modules) and writes ``memory_report.json`` (summary plus every measured step) and
+    ``memory_report.png`` into ``dirpath``, by default the log directory of the fit (``trainer.log_dir``, where the
+    fit's logger writes its metrics, else ``default_root_dir``), records that folder in :attr:`report_dir` and says
+    where it wrote them.
 
     Where to find it after ``strategy="ddp_spawn"`` (or any spawn/fork-based strategy): the fit runs in worker
     processes, so the main process's MemoryReport object stays empty (no :attr:`history`, no
@@ -232,6 +233,15 @@ class MemoryReport(Callback):
         keys = sorted({k for row in self.history for k in row if k not in skip})
         return {k: statistics.median(row[k] for row in self.history if k in row) for k in keys}
 
+    def summary_text(self, pl_module: pl.LightningModule, folder: str) -> str:
+        """The summary printed at the end of fit: which model it measured (the LightningModule's class and its
+        reversible modules), then the medians of the totals."""
+        modules = ", ".join(f"{name}: {type(module).__name__}" for name, module in self._modules)
+        lines = [f"MemoryReport of {type(pl_module).__name__} ({modules or 'no reversible module'}), median over "
+                 f"{len(self.history)} measured steps; written to {folder}"]
+        lines += [f"  {k[len(PREFIX):]:<28} {v:>18,.2f}" for k, v in self.summary().items() if k.count("/") == 1]
+        return "\n".join(lines)
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._trace is not None:  # fit ended inside a measured step (no optimizer step came)
@@ -247,9 +257,7 @@ class MemoryReport(Callback):
                            f"measuring every {self._period(trainer)}. Lower every_n_steps to get a report.")
             return
         summary = self.summary()
-        lines = ["MemoryReport (median over measured steps)"]
-        lines += [f"  {k[len(PREFIX):]:<28} {v:>18,.2f}" for k, v in summary.items() if k.count("/") == 1]
-        rank_zero_info("\n".join(lines))
+        rank_zero_info(self.summary_text(pl_module, folder))
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "memory_report.json"), "w") as f:
             json.dump({"summary": summary, "steps": self.history}, f, indent=1)

@@ -9,16 +9,24 @@
    (``SyntheticTranslationDataModule``). Table: test BLEU (beam 5), measured memory per step with ratios,
    and the paper's accounting per side (encoder with its stored slice, decoder).
 
-Needs no download; about two to three minutes on 2 CPU cores.
+Prints one line per model as it trains, then the two tables (models by name; memory figures are medians over
+each model's measured steps and the same on every run). What training writes to stderr (Lightning's messages,
+warnings, MemoryReport's summaries) goes to ``<out>/train.log``; logs, MemoryReport JSON/PNG and ``demo.json``
+to ``--out``. Needs no download; under a minute on one CPU thread (``--threads``), also on busy cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,6 +37,29 @@ from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.datamodules.translation import SyntheticTranslationDataModule
 from lightning_revrnn.lm import LanguageModel, RnnType
 from lightning_revrnn.translation.model import TranslationModel
+
+#: Lightning's loggers, whose messages (devices, "Trainer.fit stopped", MemoryReport's summary) go to the log file.
+LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric")
+
+
+def lm_name(rnn: str) -> str:
+    """The language model's name in the table."""
+    return "RevGRU LM, 3 bits" if rnn == "revgru" else "GRU LM (nn.GRU)"
+
+
+def nmt_name(rnn: str, args: argparse.Namespace) -> str:
+    """The translation model's name in the table: its cell and attention memory (the paper's notation)."""
+    return f"RevGRU Emb+{args.slice_dim}H, 3 bits" if rnn == "revgru" else f"GRU {args.size}H (nn.GRU)"
+
+
+def _trainer(args: argparse.Namespace, name: str, **kwargs: Any) -> pl.Trainer:
+    """A quiet CPU Trainer logging to ``<out>/<name>`` (CSV) unless ``kwargs`` say otherwise."""
+    options: dict[str, Any] = dict(
+        accelerator="cpu", enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+        default_root_dir=os.path.join(args.out, name), logger=pl.loggers.CSVLogger(args.out, name=name),
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**options, **kwargs})
 
 
 def train(rnn: RnnType, args: argparse.Namespace) -> dict[str, Any]:
@@ -45,16 +76,14 @@ def train(rnn: RnnType, args: argparse.Namespace) -> dict[str, Any]:
         optimizer=lambda p: torch.optim.Adam(p, lr=args.lr), seed=args.seed,
     )
     report = MemoryReport(every_n_steps=max(1, args.steps // 10), plot=True)  # ten measured steps per model
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=args.steps, val_check_interval=None, check_val_every_n_epoch=1,
-        gradient_clip_val=0.25, callbacks=[report], default_root_dir=os.path.join(args.out, rnn),
-        enable_checkpointing=False, enable_model_summary=False, logger=pl.loggers.CSVLogger(args.out, name=rnn),
-        num_sanity_val_steps=0,
-    )
+    # validation once, after training (the table reports that one)
+    trainer = _trainer(args, rnn, max_steps=args.steps, limit_val_batches=0, gradient_clip_val=0.25,
+                       callbacks=[report])
     trainer.fit(model, data)
-    metrics = trainer.validate(model, data, verbose=False)[0]
+    metrics = _trainer(args, rnn, logger=False).validate(model, data, verbose=False)[0]
     return {
         "rnn": rnn,
+        "model": lm_name(rnn),
         "val_ppl": metrics["val_ppl"],
         "optimal_ppl": data.optimal_perplexity,
         "steps": trainer.global_step,
@@ -74,33 +103,40 @@ def translate(rnn: str, args: argparse.Namespace) -> dict[str, Any]:
         optimizer=lambda p: torch.optim.Adam(p, lr=args.lr),
     )
     report = MemoryReport(every_n_steps=max(1, args.nmt_steps // 10), plot=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=args.nmt_steps, limit_val_batches=0, gradient_clip_val=5.0,
-        callbacks=[report], default_root_dir=os.path.join(args.out, f"nmt-{rnn}"), enable_checkpointing=False,
-        enable_model_summary=False, logger=pl.loggers.CSVLogger(args.out, name=f"nmt-{rnn}"), num_sanity_val_steps=0,
-    )
+    trainer = _trainer(args, f"nmt-{rnn}", max_steps=args.nmt_steps, limit_val_batches=0, gradient_clip_val=5.0,
+                       callbacks=[report])
     trainer.fit(model, data)
     metrics = trainer.test(model, data, verbose=False)[0]
     summary = {k.removeprefix("memory/"): v for k, v in report.summary().items() if "/layer" not in k}
-    return {"rnn": rnn, "test_bleu": metrics["test_bleu"], "steps": trainer.global_step, **summary}
+    return {"rnn": rnn, "model": nmt_name(rnn, args), "test_bleu": metrics["test_bleu"], "steps": trainer.global_step,
+            **summary}
+
+
+#: Width of the model column.
+NAME = 22
+
+
+def _ratio(base: dict[str, Any], row: dict[str, Any], key: str) -> str:
+    return f"{base[key] / row[key]:>7.1f}x"
 
 
 def translation_table(rows: list[dict[str, Any]]) -> str:
     """Test BLEU, measured memory per step with ratios to the baseline (the last row), and the paper's
     accounting per side (actual / optimal ratio; the encoder's counts its stored slice)."""
     base = rows[-1]
-    head = (f"{'model':<8} {'test BLEU':>9} {'saved KiB':>10} {'vs base':>8} {'peak KiB':>9} {'vs base':>8} "
+    head = (f"{'model':<{NAME}} {'test BLEU':>9} {'saved KiB':>10} {'vs GRU':>8} {'peak KiB':>9} {'vs GRU':>8} "
             f"{'encoder actual/optimal':>23} {'decoder actual/optimal':>23}")
     lines = [head, "-" * len(head)]
     for r in rows:
         sides = [
-            f"{r[f'{side}/actual_ratio']:.1f}x / {r[f'{side}/optimal_ratio']:.1f}x" if f"{side}/actual_ratio" in r else "-"
+            f"{r[f'{side}/actual_ratio']:.1f}x / {r[f'{side}/optimal_ratio']:.1f}x"
+            if f"{side}/actual_ratio" in r else "-"
             for side in ("encoder", "decoder")
         ]
         lines.append(
-            f"{r['rnn']:<8} {r['test_bleu']:>9.1f} {r['saved_bytes'] / 1024:>10.1f} "
-            f"{base['saved_bytes'] / r['saved_bytes']:>7.1f}x {r['peak_excl_grad_bytes'] / 1024:>9.1f} "
-            f"{base['peak_excl_grad_bytes'] / r['peak_excl_grad_bytes']:>7.1f}x {sides[0]:>23} {sides[1]:>23}"
+            f"{r['model']:<{NAME}} {r['test_bleu']:>9.1f} {r['saved_bytes'] / 1024:>10.1f} "
+            f"{_ratio(base, r, 'saved_bytes')} {r['peak_excl_grad_bytes'] / 1024:>9.1f} "
+            f"{_ratio(base, r, 'peak_excl_grad_bytes')} {sides[0]:>23} {sides[1]:>23}"
         )
     return "\n".join(lines)
 
@@ -109,19 +145,59 @@ def table(rows: list[dict[str, Any]]) -> str:
     """One table: perplexity vs optimum, measured memory per step (saved for backward, and the step's peak
     without parameter gradients) with its ratio to the baseline (the last row), and the paper's accounting."""
     base = rows[-1]
-    head = (f"{'model':<8} {'val ppl':>8} {'optimum':>8} {'saved KiB':>10} {'vs base':>8} {'peak KiB':>9} "
-            f"{'vs base':>8} {'paper actual':>13} {'paper optimal':>14} {'efficiency':>10}")
+    head = (f"{'model':<{NAME}} {'val ppl':>8} {'optimum':>8} {'saved KiB':>10} {'vs GRU':>8} {'peak KiB':>9} "
+            f"{'vs GRU':>8} {'paper actual':>13} {'paper optimal':>14} {'efficiency':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         acct = ("used_bits" in r) and r["used_bits"]
         lines.append(
-            f"{r['rnn']:<8} {r['val_ppl']:>8.3f} {r['optimal_ppl']:>8.3f} {r['saved_bytes'] / 1024:>10.1f} "
-            f"{base['saved_bytes'] / r['saved_bytes']:>7.1f}x {r['peak_excl_grad_bytes'] / 1024:>9.1f} "
-            f"{base['peak_excl_grad_bytes'] / r['peak_excl_grad_bytes']:>7.1f}x "
+            f"{r['model']:<{NAME}} {r['val_ppl']:>8.3f} {r['optimal_ppl']:>8.3f} {r['saved_bytes'] / 1024:>10.1f} "
+            f"{_ratio(base, r, 'saved_bytes')} {r['peak_excl_grad_bytes'] / 1024:>9.1f} "
+            f"{_ratio(base, r, 'peak_excl_grad_bytes')} "
             + (f"{r['actual_ratio']:>12.1f}x {r['optimal_ratio']:>13.1f}x {r['optimal_bits'] / r['used_bits']:>10.2f}"
                if acct else f"{'-':>13} {'-':>14} {'-':>10}")
         )
     return "\n".join(lines)
+
+
+@contextmanager
+def training_log(path: str) -> Iterator[None]:
+    """Send what training writes to stderr to the file ``path``: C++ code's writes (file descriptor 2), Python's
+    (``sys.stderr``: warnings) and Lightning's log messages. On an error, the file's end is shown."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    saved_handlers = [logger.handlers for logger in loggers]
+    saved_stderr, saved_fd = sys.stderr, os.dup(2)
+    saved_stderr.flush()
+    failed = False
+    with open(path, "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 2)
+        sys.stderr = log
+        for logger in loggers:
+            logger.handlers = [logging.StreamHandler(log)]
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            log.flush()
+            for logger, handlers in zip(loggers, saved_handlers):
+                logger.handlers = handlers
+            sys.stderr = saved_stderr
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            if failed:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    saved_stderr.write(f"--- the end of {path} ---\n{f.read()[-6000:]}\n")
+
+
+def _run(step: str, name: str, steps: int, fit: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Train one model (a line on stdout while it does) and return its row."""
+    print(f"{step} {name:<{NAME}} {steps} steps ...", end="", flush=True)
+    start = time.monotonic()
+    row = fit()
+    print(f" {time.monotonic() - start:4.0f} s", flush=True)
+    return row
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -139,16 +215,46 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--slice-dim", type=int, default=8, help="stored encoder units per step (Emb+slice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="demo_logs", help="logs, MemoryReport JSON/PNG and demo.json")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; the models are small: one is as fast as two on idle cores, and much "
+                             "faster when other work shares them")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Train the four models, print the tables, write ``demo.json``."""
     warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
-    rows = [train(rnn, args) for rnn in ("revgru", "gru")]
-    nmt_rows = [translate(rnn, args) for rnn in ("revgru", "gru")] if args.nmt_steps > 0 else []
-    print("\nLanguage modelling (synthetic Markov source)\n" + table(rows))
-    if nmt_rows:
-        print("\nTranslation with attention (synthetic reordering task)\n" + translation_table(nmt_rows))
     os.makedirs(args.out, exist_ok=True)
+    log = os.path.join(args.out, "train.log")
+    count = 4 if args.nmt_steps > 0 else 2
+    threads = args.threads
+    print(f"Reversible RNNs and their nn.GRU baselines on embedded synthetic tasks ({threads} CPU "
+          f"thread{'s' if threads != 1 else ''}); training messages: {log}")
+    with training_log(log):
+        lm_rnns: tuple[RnnType, ...] = ("revgru", "gru")
+        rows = [_run(f"[{i + 1}/{count}]", lm_name(rnn), args.steps, partial(train, rnn, args))
+                for i, rnn in enumerate(lm_rnns)]
+        nmt_rows = [
+            _run(f"[{i + 3}/{count}]", nmt_name(rnn, args), args.nmt_steps, partial(translate, rnn, args))
+            for i, rnn in enumerate(("revgru", "gru"))
+        ] if args.nmt_steps > 0 else []
+    print(f"\nLanguage modelling: a synthetic Markov source ({args.vocab} words), embedding = hidden = {args.size}, "
+          f"{args.steps} steps\n" + table(rows))
+    if nmt_rows:
+        print(f"\nTranslation with attention: the synthetic reordering task, embedding = hidden = {args.size}, "
+              f"{args.nmt_steps} steps, test BLEU with beam 5\n" + translation_table(nmt_rows))
+    print("\nMemory per training step: medians over each model's measured steps (MemoryReport), the same on every "
+          "run.\nsaved: kept from forward for backward; peak: highest allocation above the step's start, without "
+          "parameter\ngradients; vs GRU: the GRU's figure over the model's (above 1: less memory); paper: normal / "
+          "used bits\n(actual), normal / optimal bits (optimal), optimal / used (efficiency).")
     with open(os.path.join(args.out, "demo.json"), "w") as f:
         json.dump({"lm": rows, "translation": nmt_rows}, f, indent=1)
     print(f"\nwritten: {os.path.join(args.out, 'demo.json')}")

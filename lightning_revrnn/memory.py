@@ -5,11 +5,13 @@ of the CUDA caching allocator with its address, size and time. From that one tra
 
 - **peak**: the highest level of (bytes allocated since the start − bytes freed since the start), forward
   and backward together; temporaries that live inside one op count too. Parameter gradients allocated
-  during the trace are also reported on their own, and the peak is recomputed without them. On CPU the
-  profiler sees only the frees of blocks allocated while it runs (PyTorch warns once: "Memory block of
-  unknown size was allocated before the profiling started"), so memory from before the step that the step
+  during the trace are also reported on their own, and the peak is recomputed without them. On CPU only
+  the frees of blocks allocated in the same trace count, so memory from before the step that the step
   releases does not offset its own allocations: the peak is that of the step's own allocations alive at
-  once, never below the truth. On CUDA the allocator's peak is used.
+  once, never below the truth, and the same for the same step in every run. (PyTorch's CPU allocator also
+  reports frees of blocks from earlier traces, and of blocks at an address an earlier trace once saw, with
+  that old size; which addresses get reused changes from run to run, so counting those frees made the
+  peak vary by some KiB.) On CUDA the allocator's peak is used.
 - **saved**: the storages autograd saves for backward (``saved_tensors_hooks``) *that were allocated during
   the forward*, each counted once, whole. Only those cost the step memory: a saved view of something that
   existed before (a ``(20, 8)`` batch sliced from a corpus tensor, a parameter, a carried hidden state)
@@ -20,10 +22,18 @@ of the CUDA caching allocator with its address, size and time. From that one tra
 A storage is "allocated during the forward" when the trace holds an allocation at its address between the
 forward's start and end: a storage that existed before stays alive (it is saved) until backward, so no
 other allocation can take its address in between.
+
+Recent PyTorch releases make the profiler's backend (kineto) write a line to the process's stderr at every start
+and stop, whatever its log level (``USDT:<time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start``);
+:class:`MemoryTrace` drops exactly those two lines and passes anything else written meanwhile on.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
@@ -38,6 +48,8 @@ _FORWARD_START = "MemoryTrace.forward_start"
 _FORWARD_END = "MemoryTrace.forward_end"
 #: (device, address) of a storage.
 StorageKey = tuple[torch.device, int]
+#: What kineto writes to file descriptor 2 when a profiler starts or stops (module docstring).
+_KINETO_MARKER = re.compile(rb"^USDT:.*\] profiler_(start|stop)\s*$")
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,35 @@ class _Allocation:
     size: int  # negative for a free
 
 
+@contextmanager
+def _without_kineto_markers() -> Iterator[None]:
+    """Run the block with file descriptor 2 (where C++ code writes) captured, then write what it captured back
+    to it, less kineto's profiler start/stop lines (:data:`_KINETO_MARKER`)."""
+    _flush_stderr()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 to capture
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            _flush_stderr()  # Python's own writes of the block, in their place
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not _KINETO_MARKER.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+def _flush_stderr() -> None:
+    if sys.stderr is not None:
+        sys.stderr.flush()
+
+
 def profiler_busy() -> bool:
     """True while another torch profiler runs (profilers cannot nest)."""
     return bool(torch.autograd.profiler._is_profiler_enabled)
@@ -89,12 +130,20 @@ def _allocations(prof: profile) -> tuple[list[_Allocation], list[tuple[str, int]
 
 
 def _peak(allocations: list[_Allocation], device: torch.device, skip: set[int]) -> int:
-    """Highest running level of the device's allocations (indices in ``skip`` left out), at least 0."""
+    """Highest running level of the device's allocations made in the trace (indices in ``skip`` left out), at
+    least 0. A free counts only for a block allocated in the trace: the CPU allocator also reports frees of
+    older blocks (with the size an earlier trace recorded at that address), which depend on address reuse."""
+    live: dict[StorageKey, int] = {}
     level = peak = 0
     for i, a in enumerate(allocations):
-        if a.key[0] == device and i not in skip:
-            level += a.size
-            peak = max(peak, level)
+        if a.key[0] != device or i in skip:
+            continue
+        if a.size > 0:
+            level += a.size - live.pop(a.key, 0)  # an address allocated again was freed in between
+            live[a.key] = a.size
+        else:
+            level -= live.pop(a.key, 0)
+        peak = max(peak, level)
     return peak
 
 
@@ -171,7 +220,8 @@ class MemoryTrace:
         with warnings.catch_warnings():  # "Profiler clears events at the end of each cycle": one cycle here
             warnings.simplefilter("ignore")
             self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profile.__enter__()
+            with _without_kineto_markers():
+                self._profile.__enter__()
 
     def begin_forward(self) -> None:
         """A forward starts: record the storages autograd saves until :meth:`end_forward`."""
@@ -214,7 +264,8 @@ class MemoryTrace:
         """Stop without a result (an exception interrupted the step)."""
         self.end_forward()
         if self._profile is not None:
-            self._profile.__exit__(None, None, None)
+            with _without_kineto_markers():
+                self._profile.__exit__(None, None, None)
             self._profile = None
 
     def stop(self, parameters: Iterable[Tensor] = ()) -> StepMemory:
@@ -226,7 +277,7 @@ class MemoryTrace:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prof, self._profile = self._profile, None
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _without_kineto_markers():
             warnings.simplefilter("ignore")
             prof.__exit__(None, None, None)
         allocations, markers = _allocations(prof)

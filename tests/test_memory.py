@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
-from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
+from lightning_revrnn.memory import MemoryTrace, _Allocation, _peak, _without_kineto_markers, saved_tensor_bytes
 from lightning_revrnn.core.protocol import CHUNK
 
 
@@ -101,6 +104,43 @@ def test_trace_peak_is_the_highest_level_of_the_steps_allocations() -> None:
     del b, c
 
 
+def test_only_frees_of_blocks_allocated_in_the_trace_lower_the_level() -> None:
+    """The CPU allocator also reports frees of blocks older than the trace, with the size an earlier trace saw
+    at that address; they must not offset the step's own allocations (which addresses get reused, and so which
+    old frees show up, changes from run to run)."""
+    cpu = torch.device("cpu")
+    events = [
+        _Allocation(1, (cpu, 0xA0), -4000),  # a block from before the trace is freed
+        _Allocation(2, (cpu, 0xB0), 3000),  # level 3000
+        _Allocation(3, (cpu, 0xC0), 2000),  # 5000: the peak
+        _Allocation(4, (cpu, 0xB0), -3000),  # 2000
+        _Allocation(5, (cpu, 0xB0), 1000),  # the address again: 3000
+        _Allocation(6, (cpu, 0xC0), -9999),  # freed with another (stale) size: its own 2000 count, 1000
+        _Allocation(7, (cpu, 0xD0), 3500),  # 4500
+    ]
+    assert _peak(events, cpu, set()) == 5000
+    assert _peak(events, cpu, {2}) == 4500  # the 2000 left out (a gradient), and its free with it: 1000 + 3500
+
+
+def test_the_same_step_measures_the_same_peak_every_time() -> None:
+    """Identical steps, the state carried: from the fifth on, each step frees the exact carry kept from a step
+    four earlier (allocated in that step's trace), which must not lower this step's peak."""
+    torch.manual_seed(0)
+    rnn = RevGRU(8, 16)
+    x = torch.randn(20, 4, 8)
+    h_n = None
+    peaks = []
+    for _ in range(7):
+        trace = MemoryTrace(torch.device("cpu"))
+        trace.start()
+        out, h_n = rnn(x, h_n)
+        out.sum().backward()
+        h_n = h_n.detach()
+        peaks.append(trace.stop(rnn.parameters()).peak_bytes)
+        rnn.zero_grad(set_to_none=True)
+    assert len(set(peaks[1:])) == 1, peaks  # the first starts from zeros, without a carry
+
+
 def test_trace_reports_parameter_gradients_apart_and_the_peak_without_them() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(100, 200)
@@ -117,3 +157,27 @@ def test_trace_reports_parameter_gradients_apart_and_the_peak_without_them() -> 
     # at least the linear output, the tanh output (saved) and one backward temporary of the same size
     assert measured.peak_excl_grad_bytes >= 2 * 64 * 200 * 4
     assert measured.peak_excl_grad_bytes < measured.peak_bytes <= measured.peak_excl_grad_bytes + measured.grad_bytes
+
+
+def test_a_trace_writes_no_profiler_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    """Recent PyTorch releases print "USDT:... profiler_start" / "profiler_stop" at every profiler start and stop,
+    to file descriptor 2 (C++): MemoryReport traces a step every 50, and the lines swamped training logs."""
+    for _ in range(2):
+        trace = MemoryTrace(torch.device("cpu"))
+        trace.start()
+        kept = torch.ones(100) * 2
+        trace.stop()
+    captured = capfd.readouterr()
+    assert "USDT" not in captured.err and "profiler_st" not in captured.err + captured.out
+    del kept
+
+
+def test_only_the_profiler_lines_are_dropped(capfd: pytest.CaptureFixture[str]) -> None:
+    with _without_kineto_markers():
+        os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"[W CPUAllocator.cpp:245] something else\n")
+        print("from Python", file=sys.stderr)
+        os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:59] profiler_stop\n")
+    captured = capfd.readouterr()  # (pytest collects Python's and the descriptor's writes apart)
+    assert sorted((captured.out + captured.err).splitlines()) == ["[W CPUAllocator.cpp:245] something else",
+                                                                  "from Python"]

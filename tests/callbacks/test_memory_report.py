@@ -165,6 +165,15 @@ def test_figure_has_legend_zero_axes_reference_line_and_one_point_per_step(runs:
         plt.close(fig)
 
 
+def test_printed_summary_says_which_model_it_measured(runs: dict[str, Any]) -> None:
+    for rnn, described in (("revgru", "LanguageModel (rnn: RevGRU)"), ("gru", "LanguageModel (no reversible module)")):
+        trainer, report, model, root = runs[rnn]
+        text = report.summary_text(model, trainer.log_dir)
+        assert text.splitlines()[0] == (f"MemoryReport of {described}, median over {STEPS} measured steps; "
+                                        f"written to {trainer.log_dir}")
+        assert "  peak_excl_grad_bytes" in text
+
+
 def test_plot_can_be_disabled(tmp_path: Path) -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=0, logger=False,
                          callbacks=[MemoryReport(every_n_steps=1, plot=False)], enable_checkpointing=False,

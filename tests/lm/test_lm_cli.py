@@ -62,11 +62,12 @@ def _only_version(root: Path, name: str) -> Path:
     return versions[0]
 
 
-def test_fit_then_validate_and_test_from_checkpoint(tmp_path: Path) -> None:
+def test_fit_then_validate_and_test_from_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the config's checkpoint folder is relative: logs/synthetic-revgru/checkpoints
     main(["fit", *_common(tmp_path, "fit"), "--trainer.max_steps", "3"])
     fit_dir = _only_version(tmp_path, "fit")
-    checkpoints = sorted((fit_dir / "checkpoints").glob("*.ckpt"))
-    assert [c.name for c in checkpoints] == ["epoch=0-step=3.ckpt"]
+    checkpoints = sorted((tmp_path / "logs" / "synthetic-revgru" / "checkpoints").glob("*.ckpt"))
+    assert [c.name for c in checkpoints] == ["last.ckpt"]  # where max_steps stopped: no validation ran yet
     ckpt = checkpoints[0]
     saved = yaml.safe_load((fit_dir / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 3

@@ -50,7 +50,9 @@ def _common(root: Path, name: str) -> list[str]:
 
 
 @pytest.mark.skipif(not (DATA_DIR / "multi30k" / "tok").is_dir(), reason="Multi30K not under REVRNN_DATA_DIR")
-def test_fit_test_predict_with_the_multi30k_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fit_test_predict_with_the_multi30k_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the config's checkpoint folder is relative: logs/multi30k-revgru/checkpoints
     main(["fit", *_common(tmp_path, "fit"), "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0",
           "--trainer.callbacks.init_args.every_n_steps", "1"])  # the config's MemoryReport: measure the step
     fit_dir = tmp_path / "fit" / "version_0"
@@ -61,7 +63,7 @@ def test_fit_test_predict_with_the_multi30k_config(tmp_path: Path, capsys: pytes
     assert measured and measured[0]["memory/decoder/actual_ratio"]  # MemoryReport accounts for each side
     assert float(measured[0]["memory/encoder/stored_bits"]) > 0 == float(measured[0]["memory/decoder/stored_bits"])
     assert yaml.safe_load((fit_dir / "config.yaml").read_text())["model"]["init_args"]["rnn"] == "revgru"
-    ckpt = fit_dir / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "logs" / "multi30k-revgru" / "checkpoints" / "last.ckpt"
     model = TranslationModel.load_from_checkpoint(ckpt)
     assert model.hparams["tgt_vocab_size"] == 18726 and model.hparams["hidden_size"] == 16
 
