@@ -77,8 +77,13 @@ def case(cell: str, mode: str, fused: bool, with_head: bool) -> dict[str, Any]:
     if x is not None:
         grads["x"] = x.grad.clone()
     flat = list(exact) if isinstance(exact, tuple) else [exact]
-    return {"value": value.detach(), "exact": flat, "saved_ints": saved if mode == "reverse" else [],
-            "stats": _plain(stats), "grads": grads}
+    return {
+        "value": value.detach(),
+        "exact": flat,
+        "saved_ints": saved if mode == "reverse" else [],
+        "stats": _plain(stats),
+        "grads": grads,
+    }
 
 
 def _plain(stats: Any) -> Any:

@@ -32,11 +32,22 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 #: Test files whose every test compares reconstructed states or gradients (the ones that must hold on CUDA).
 EXACTNESS_TESTS = [
-    "tests/core/test_fixed_point.py", "tests/core/test_buffer.py", "tests/core/test_cells.py",
-    "tests/core/test_sweep.py", "tests/core/test_stem.py", "tests/core/test_errors.py", "tests/core/test_reference.py",
-    "tests/core/test_protocol.py", "tests/core/test_rnn.py", "tests/core/test_autocast.py", "tests/core/test_masks.py",
-    "tests/core/test_chaining.py", "tests/core/test_stored_units.py", "tests/translation/test_decoding.py",
-    "tests/translation/test_seq2seq.py", "tests/fused/test_fused.py",
+    "tests/core/test_fixed_point.py",
+    "tests/core/test_buffer.py",
+    "tests/core/test_cells.py",
+    "tests/core/test_sweep.py",
+    "tests/core/test_stem.py",
+    "tests/core/test_errors.py",
+    "tests/core/test_reference.py",
+    "tests/core/test_protocol.py",
+    "tests/core/test_rnn.py",
+    "tests/core/test_autocast.py",
+    "tests/core/test_masks.py",
+    "tests/core/test_chaining.py",
+    "tests/core/test_stored_units.py",
+    "tests/translation/test_decoding.py",
+    "tests/translation/test_seq2seq.py",
+    "tests/fused/test_fused.py",
 ]
 #: Test files whose tests are marked ``compile`` (left out of the default run): run with ``-m compile`` added.
 COMPILE_TESTS = {"tests/fused/test_fused.py"}
@@ -55,8 +66,13 @@ def run_step(name: str, command: list[str], timeout: float, env: dict[str, str] 
     start = time.perf_counter()
     try:
         proc = subprocess.run(
-            command, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            command,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            timeout=timeout,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         rc, output = proc.returncode, proc.stdout
     except subprocess.TimeoutExpired as exc:
@@ -102,7 +118,8 @@ def sync_report(device: torch.device) -> dict[str, Any]:
     for cell in ("gru", "lstm"):
         short, long = count_syncs(cell, 70, device), count_syncs(cell, 140, device)
         report[cell] = {
-            "T70": short, "T140": long,
+            "T70": short,
+            "T140": long,
             "per_step": {k: (long[k] - short[k]) / 70 for k in short},
             "per_window": {k: short[k] - 70 * (long[k] - short[k]) / 70 for k in short},
         }
@@ -126,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     has_gpu = torch.cuda.is_available()
     slug = card_slug()
     device = torch.device("cuda" if has_gpu else "cpu")
-    print(f"gpu-check on {torch.cuda.get_device_name() if has_gpu else 'no GPU: CPU parts only'}, torch {torch.__version__}")
+    print(
+        f"gpu-check on {torch.cuda.get_device_name() if has_gpu else 'no GPU: CPU parts only'}, torch {torch.__version__}"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     steps: list[dict[str, Any]] = []
     py = sys.executable
@@ -136,16 +155,27 @@ def main(argv: list[str] | None = None) -> int:
         env = {"REVRNN_TEST_DEVICE": device.type, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
         missing = [t for t in EXACTNESS_TESTS if not (ROOT / t).exists()]
         if missing:  # a stale list would otherwise skip those tests without a word
-            steps.append({"name": "missing test files", "rc": 1, "seconds": 0.0, "tail": " ".join(missing),
-                          "summary": f"not found: {' '.join(missing)}"})
+            steps.append(
+                {
+                    "name": "missing test files",
+                    "rc": 1,
+                    "seconds": 0.0,
+                    "tail": " ".join(missing),
+                    "summary": f"not found: {' '.join(missing)}",
+                }
+            )
             print(f"\n=== missing test files (fix EXACTNESS_TESTS): {' '.join(missing)}", flush=True)
         tests = [t for t in EXACTNESS_TESTS if t not in missing]
         for i, test in enumerate(tests):
             # A file may use all the test time that is left, less 15 s for each file still to come.
             limit = deadline - time.monotonic() - args.bench_reserve - 15 * (len(tests) - 1 - i)
             marker = ["-m", "compile or not compile"] if test in COMPILE_TESTS else []
-            step = run_step(test, [py, "-m", "pytest", "-q", "--tb=line", "-rfE", "-p", "no:cacheprovider", *marker, test],
-                            max(10.0, limit), env)
+            step = run_step(
+                test,
+                [py, "-m", "pytest", "-q", "--tb=line", "-rfE", "-p", "no:cacheprovider", *marker, test],
+                max(10.0, limit),
+                env,
+            )
             step["summary"] = pytest_summary(step["tail"])
             steps.append(step)
     syncs = sync_report(device) if has_gpu else None
@@ -158,18 +188,56 @@ def main(argv: list[str] | None = None) -> int:
     elif has_gpu:
         # The LM step is the figure users care about: T 70 at 1 and 2 layers (the cuDNN 2x650 reference),
         # then T 1000 at 1 layer with one timed repeat (a reverse step there is seconds of launches).
-        steps.append(run_step("LM step T70", [py, "benchmarks/lm_step.py", *bench, "--repeats", str(args.repeats),
-                                              "--layers", "1", "2", "--seq-lens", "70",
-                                              "--out", str(RESULTS / f"lm_step-{slug}-T70.json")], left(90)))
-        steps.append(run_step("LM step T1000", [py, "benchmarks/lm_step.py", *bench, "--repeats", "1", "--layers", "1",
-                                                "--seq-lens", "1000", "--out", str(RESULTS / f"lm_step-{slug}-T1000.json")],
-                              left(170)))
+        steps.append(
+            run_step(
+                "LM step T70",
+                [
+                    py,
+                    "benchmarks/lm_step.py",
+                    *bench,
+                    "--repeats",
+                    str(args.repeats),
+                    "--layers",
+                    "1",
+                    "2",
+                    "--seq-lens",
+                    "70",
+                    "--out",
+                    str(RESULTS / f"lm_step-{slug}-T70.json"),
+                ],
+                left(90),
+            )
+        )
+        steps.append(
+            run_step(
+                "LM step T1000",
+                [
+                    py,
+                    "benchmarks/lm_step.py",
+                    *bench,
+                    "--repeats",
+                    "1",
+                    "--layers",
+                    "1",
+                    "--seq-lens",
+                    "1000",
+                    "--out",
+                    str(RESULTS / f"lm_step-{slug}-T1000.json"),
+                ],
+                left(170),
+            )
+        )
     else:
-        steps.append(run_step("LM step benchmark (small, CPU)", [py, "benchmarks/lm_step.py", "--small", "--device", "cpu"],
-                              left(240)))
+        steps.append(
+            run_step(
+                "LM step benchmark (small, CPU)", [py, "benchmarks/lm_step.py", "--small", "--device", "cpu"], left(240)
+            )
+        )
     summary = {
-        "card": torch.cuda.get_device_name() if has_gpu else "cpu", "torch": torch.__version__,
-        "steps": [{k: v for k, v in s.items() if k != "tail"} for s in steps], "syncs": syncs,
+        "card": torch.cuda.get_device_name() if has_gpu else "cpu",
+        "torch": torch.__version__,
+        "steps": [{k: v for k, v in s.items() if k != "tail"} for s in steps],
+        "syncs": syncs,
     }
     out = RESULTS / f"gpu-check-{slug}.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")

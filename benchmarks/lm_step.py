@@ -61,8 +61,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import math
+import os
 import statistics
 import sys
 import time
@@ -94,12 +94,23 @@ except ImportError:  # pragma: no cover - depends on how the file is run
 
 #: The paper's PTB sizes (2 layers: lower 1150 units, top = emb 650), used unless ``--small`` or a flag overrides.
 PAPER_PRESET: dict[str, Any] = {
-    "seq_lens": [70, 1000], "layers": [1, 2], "batch": 20, "vocab": 10000, "emb": 650, "hidden": 1150,
+    "seq_lens": [70, 1000],
+    "layers": [1, 2],
+    "batch": 20,
+    "vocab": 10000,
+    "emb": 650,
+    "hidden": 1150,
     "repeats": 3,
 }
 #: A quick smoke-test preset.
 SMALL_PRESET: dict[str, Any] = {
-    "seq_lens": [20, 100], "layers": [1], "batch": 4, "vocab": 200, "emb": 32, "hidden": 48, "repeats": 1,
+    "seq_lens": [20, 100],
+    "layers": [1],
+    "batch": 4,
+    "vocab": 200,
+    "emb": 32,
+    "hidden": 48,
+    "repeats": 1,
 }
 #: The issue's targets: T → minimum (baseline memory / reversible memory) at ``TARGET_BITS``.
 TARGETS: dict[int, float] = {70: 20.0, 1000: 100.0}
@@ -157,7 +168,12 @@ class CheckpointedLM(LanguageModel):
         return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)] if self.rnn.is_lstm else list(flat)
 
     def _chunk_step(
-        self, rng: RngState, stem: BoundEmbeddingStem, head: BoundDecoderHead, tokens: Tensor, targets: Tensor,
+        self,
+        rng: RngState,
+        stem: BoundEmbeddingStem,
+        head: BoundDecoderHead,
+        tokens: Tensor,
+        targets: Tensor,
         *flat_hx: Tensor,
     ) -> tuple[Tensor, ...]:
         """One chunk, from token ids to the summed loss, with the window's bound stem and head (their masks);
@@ -181,8 +197,12 @@ class CheckpointedLM(LanguageModel):
         for start in range(0, tokens.shape[0], self.chunk):
             end = start + self.chunk
             part, *flat = checkpoint(
-                partial(self._chunk_step, *self._window), tokens[start:end], targets[start:end], *flat,
-                use_reentrant=False, preserve_rng_state=False,
+                partial(self._chunk_step, *self._window),
+                tokens[start:end],
+                targets[start:end],
+                *flat,
+                use_reentrant=False,
+                preserve_rng_state=False,
             )
             total = part if total is None else total + part
         assert total is not None
@@ -291,8 +311,14 @@ class Row:
         """Flat JSON-serialisable mapping."""
         d = asdict(self)
         config = d.pop("config")
-        return {**config, "model": self.config.model_name, "baseline": self.config.is_baseline, **d,
-                "held_bytes": self.held_bytes(), "memory_bytes": self.memory_bytes()}
+        return {
+            **config,
+            "model": self.config.model_name,
+            "baseline": self.config.is_baseline,
+            **d,
+            "held_bytes": self.held_bytes(),
+            "memory_bytes": self.memory_bytes(),
+        }
 
 
 def parse_chunk(text: str) -> str:
@@ -476,7 +502,7 @@ def prepare(config: Config, device: torch.device) -> Subject:
         else:
             measure_cpu_peak(model, batch, subject.row)
         subject.model, subject.batch = model, batch
-    except Exception as exc:  # noqa: BLE001 - a failing config is reported, the others still run
+    except Exception as exc:
         subject.fail(exc)
     return subject
 
@@ -487,7 +513,7 @@ def time_more(subject: Subject, device: torch.device, repeats: int) -> None:
         return
     try:
         subject.row.times_ms += time_steps(subject.model, subject.batch, device, repeats)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         subject.fail(exc)
 
 
@@ -499,7 +525,7 @@ def finish(subject: Subject, count: bool) -> Row:
             row.median_ms = statistics.median(row.times_ms)
             if count and row.config.variant != "ckpt":
                 measure_counts(subject.model, subject.batch, row)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             subject.fail(exc)
     subject.model = subject.batch = None
     return row
@@ -543,16 +569,24 @@ def check_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
         if seq_len not in TARGETS:
             continue
         base = next((r for r in rows if r.config.group == group and r.config.is_baseline), None)
-        rev = next((r for r in rows if r.config.group == group and r.config.variant == "rev"
-                    and r.config.bits == TARGET_BITS), None)
+        rev = next(
+            (r for r in rows if r.config.group == group and r.config.variant == "rev" and r.config.bits == TARGET_BITS),
+            None,
+        )
         ok = base is not None and rev is not None and base.error is None and rev.error is None
         value = rev.mem_ratio if ok and rev is not None else None
-        results.append({
-            "cell": cell, "layers": layers, "seq_len": seq_len, "bits": TARGET_BITS,
-            "threshold": TARGETS[seq_len], "mem_ratio": value,
-            "held_ratio": rev.held_ratio if ok and rev is not None else None,
-            "passed": None if value is None else value >= TARGETS[seq_len],
-        })
+        results.append(
+            {
+                "cell": cell,
+                "layers": layers,
+                "seq_len": seq_len,
+                "bits": TARGET_BITS,
+                "threshold": TARGETS[seq_len],
+                "mem_ratio": value,
+                "held_ratio": rev.held_ratio if ok and rev is not None else None,
+                "passed": None if value is None else value >= TARGETS[seq_len],
+            }
+        )
     return results
 
 
@@ -581,8 +615,25 @@ def run_all(
 
 # --------------------------------------------------------------------------------------------- output
 COLUMNS = (
-    "model", "L", "T", "variant", "ms", "t/base", "held MB", "held×", "MB", "mem×", "peak MB", "peak×", "loss",
-    "actual", "optimal", "eff", "fwd", "rev", "sync",
+    "model",
+    "L",
+    "T",
+    "variant",
+    "ms",
+    "t/base",
+    "held MB",
+    "held×",
+    "MB",
+    "mem×",
+    "peak MB",
+    "peak×",
+    "loss",
+    "actual",
+    "optimal",
+    "eff",
+    "fwd",
+    "rev",
+    "sync",
 )
 KEY_COLUMNS = 4
 
@@ -603,10 +654,18 @@ def table_cells(row: Row) -> list[str]:
         return cells + [f"ERROR: {row.error}"]
     n = row.counts
     return cells + [
-        _num(row.median_ms, 1), _num(row.time_ratio, 2), _mb(row.held_bytes()), _num(row.held_ratio, 1),
-        _mb(row.memory_bytes()), _num(row.mem_ratio, 1), _mb(row.cpu_peak_bytes), _num(row.peak_ratio, 1),
+        _num(row.median_ms, 1),
+        _num(row.time_ratio, 2),
+        _mb(row.held_bytes()),
+        _num(row.held_ratio, 1),
+        _mb(row.memory_bytes()),
+        _num(row.mem_ratio, 1),
+        _mb(row.cpu_peak_bytes),
+        _num(row.peak_ratio, 1),
         _num(row.loss, 4),
-        _num(s.get("actual_ratio"), 2), _num(s.get("optimal_ratio"), 2), _num(s.get("efficiency"), 3),
+        _num(s.get("actual_ratio"), 2),
+        _num(s.get("optimal_ratio"), 2),
+        _num(s.get("efficiency"), 3),
         _num(None if n is None else n["forward_ops_per_step_layer"], 1),
         _num(None if n is None else n["reverse_ops_per_step_layer"], 1),
         "" if n is None else f"{n['forward_syncs_per_window']}/{n['reverse_syncs_per_window']}",
@@ -621,9 +680,11 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     """PASS/FAIL/SKIP lines for the issue's targets."""
-    head = (f"Targets (issue): whole-step activation memory of the reversible LM (k={TARGET_BITS}) at least "
-            + ", ".join(f"{v:g}x lower at T {t}" for t, v in TARGETS.items())
-            + " than nn.LSTM of the same size (the GRU lines apply the same thresholds vs nn.GRU):")
+    head = (
+        f"Targets (issue): whole-step activation memory of the reversible LM (k={TARGET_BITS}) at least "
+        + ", ".join(f"{v:g}x lower at T {t}" for t, v in TARGETS.items())
+        + " than nn.LSTM of the same size (the GRU lines apply the same thresholds vs nn.GRU):"
+    )
     if not targets:
         return head + f"\n  SKIP  no group measured at T in {sorted(TARGETS)}"
     lines = [head]
@@ -649,20 +710,29 @@ def check_cpu_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
         if c.variant != "rev" or c.bits != TARGET_BITS or row.error is not None or row.time_ratio is None:
             continue
         at_70 = c.seq_len == 70
-        results.append({
-            "cell": c.cell, "layers": c.layers, "seq_len": c.seq_len, "bits": c.bits,
-            "time_ratio": row.time_ratio, "time_ok": row.time_ratio <= CPU_TIME_TARGET,
-            "held_ratio": row.held_ratio, "peak_ratio": row.peak_ratio,
-            "held_ok": row.held_ratio >= CPU_MEMORY_TARGET if at_70 and row.held_ratio is not None else None,
-            "peak_ok": row.peak_ratio >= CPU_MEMORY_TARGET if at_70 and row.peak_ratio is not None else None,
-        })
+        results.append(
+            {
+                "cell": c.cell,
+                "layers": c.layers,
+                "seq_len": c.seq_len,
+                "bits": c.bits,
+                "time_ratio": row.time_ratio,
+                "time_ok": row.time_ratio <= CPU_TIME_TARGET,
+                "held_ratio": row.held_ratio,
+                "peak_ratio": row.peak_ratio,
+                "held_ok": row.held_ratio >= CPU_MEMORY_TARGET if at_70 and row.held_ratio is not None else None,
+                "peak_ok": row.peak_ratio >= CPU_MEMORY_TARGET if at_70 and row.peak_ratio is not None else None,
+            }
+        )
     return results
 
 
 def format_cpu_targets(targets: Sequence[dict[str, Any]]) -> str:
     """PASS/FAIL lines for issue 7's CPU targets."""
-    head = (f"Issue 7 CPU targets (k={TARGET_BITS}): step time <= {CPU_TIME_TARGET:g}x the baseline at T 70 and "
-            f"1000; at T 70 saved bytes and peak (without gradients) >= {CPU_MEMORY_TARGET:g}x lower:")
+    head = (
+        f"Issue 7 CPU targets (k={TARGET_BITS}): step time <= {CPU_TIME_TARGET:g}x the baseline at T 70 and "
+        f"1000; at T 70 saved bytes and peak (without gradients) >= {CPU_MEMORY_TARGET:g}x lower:"
+    )
     if not targets:
         return head + "\n  SKIP  no CPU-measured reversible k=3 row with a baseline"
 
@@ -684,11 +754,15 @@ def format_cpu_targets(targets: Sequence[dict[str, Any]]) -> str:
 def legend(device: torch.device) -> str:
     """What the columns mean."""
     if device.type == "cuda":
-        held, mem = ("CUDA memory allocated right after the forward",
-                     "CUDA allocator peak over forward+backward (incl. gradients and recomputation)")
+        held, mem = (
+            "CUDA memory allocated right after the forward",
+            "CUDA allocator peak over forward+backward (incl. gradients and recomputation)",
+        )
     else:
-        held, mem = ("bytes autograd holds from forward to backward (checkpointed rows: their saved inputs)",
-                     "held MB + the largest checkpointed chunk's re-materialised activations")
+        held, mem = (
+            "bytes autograd holds from forward to backward (checkpointed rows: their saved inputs)",
+            "held MB + the largest checkpointed chunk's re-materialised activations",
+        )
     return (
         f"ms: median step (training_step + backward); t/base: time / plain baseline time. held MB: {held}. "
         f"MB: {mem}. held×, mem×: baseline held MB / this held MB, baseline MB / this MB. "
@@ -701,8 +775,14 @@ def legend(device: torch.device) -> str:
     )
 
 
-def write_json(path: Path, device: torch.device, args: argparse.Namespace, rows: Sequence[Row],
-               targets: Sequence[dict[str, Any]], cpu_targets: Sequence[dict[str, Any]] = ()) -> None:
+def write_json(
+    path: Path,
+    device: torch.device,
+    args: argparse.Namespace,
+    rows: Sequence[Row],
+    targets: Sequence[dict[str, Any]],
+    cpu_targets: Sequence[dict[str, Any]] = (),
+) -> None:
     """Write the results file (creating its directory)."""
     payload = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -733,26 +813,51 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, help="vocabulary size (default 10000)")
     p.add_argument("--emb", type=int, help="embedding size = top layer's units, even (default 650)")
     p.add_argument("--hidden", type=int, help="units of the lower layers, even (default 1150)")
-    p.add_argument("--bits", type=parse_bits, nargs="+", default=[2, 3, 5, None],
-                   help="max_forget_bits values: 1 2 3 5 none (default 2 3 5 none)")
-    p.add_argument("--ckpt-chunks", type=parse_chunk, nargs="*", default=["sqrt"],
-                   help="checkpointed-baseline rows, one per chunk length: sqrt (ceil(sqrt(T))), whole (T) or "
-                        "a number of steps; none given: no checkpointed rows (default sqrt)")
+    p.add_argument(
+        "--bits",
+        type=parse_bits,
+        nargs="+",
+        default=[2, 3, 5, None],
+        help="max_forget_bits values: 1 2 3 5 none (default 2 3 5 none)",
+    )
+    p.add_argument(
+        "--ckpt-chunks",
+        type=parse_chunk,
+        nargs="*",
+        default=["sqrt"],
+        help="checkpointed-baseline rows, one per chunk length: sqrt (ceil(sqrt(T))), whole (T) or "
+        "a number of steps; none given: no checkpointed rows (default sqrt)",
+    )
     p.add_argument("--cells", nargs="+", choices=sorted(CELL_NAMES), default=["gru", "lstm"])
     p.add_argument("--repeats", type=int, help="timed steps after one warm-up; the median is reported (default 3)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int,
-                   help="torch.set_num_threads (default: torch's choice); 1 is steadier on a shared, busy CPU")
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/lm_step-<device>.json, "
-                                            "lm_step-<device>-small.json with --small)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads (default: torch's choice); 1 is steadier on a shared, busy CPU",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="JSON path (default benchmarks/results/lm_step-<device>.json, lm_step-<device>-small.json with --small)",
+    )
     p.add_argument("--no-count", action="store_true", help="skip the op/sync counts")
-    p.add_argument("--fused", action="store_true",
-                   help="also the reversible models with fused=True (torch.compile stages), beside the eager ones")
-    p.add_argument("--interleave", action="store_true",
-                   help="time the configurations of one (cell, layers, T) group in turns, one step each per round "
-                        "(steadier ratios on a shared machine; all of a group's models are alive at once)")
-    p.add_argument("--small", action="store_true",
-                   help="quick preset: vocab 200, emb 32, hidden 48, T 20 100, batch 4, L 1, 1 repeat")
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="also the reversible models with fused=True (torch.compile stages), beside the eager ones",
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the configurations of one (cell, layers, T) group in turns, one step each per round "
+        "(steadier ratios on a shared machine; all of a group's models are alive at once)",
+    )
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="quick preset: vocab 200, emb 32, hidden 48, T 20 100, batch 4, L 1, 1 repeat",
+    )
     args = p.parse_args(argv)
     preset = SMALL_PRESET if args.small else PAPER_PRESET
     for key, value in preset.items():
@@ -789,8 +894,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         args.out = Path(__file__).resolve().parent / "results" / f"lm_step-{device_slug(device)}{suffix}.json"
     configs = build_configs(args)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{len(configs)} configurations, {args.repeats} timed repeat(s) each", file=sys.stderr, flush=True)
+    print(
+        f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{len(configs)} configurations, {args.repeats} timed repeat(s) each",
+        file=sys.stderr,
+        flush=True,
+    )
     rows = list(run_all(configs, device, args.repeats, count=not args.no_count, interleave=args.interleave))
     add_ratios(rows)
     targets = check_targets(rows)

@@ -38,6 +38,7 @@ MEMORY_KEYS = ("saved_bytes", "peak_bytes", "peak_excl_grad_bytes", "actual_rati
 
 def newest(pattern: str) -> str | None:
     """The last path matching ``pattern`` in version order (``version_10`` after ``version_9``), or None."""
+
     def version(path: str) -> int:
         part = [p for p in path.split(os.sep) if p.startswith("version_")]
         return int(part[-1].removeprefix("version_")) if part and part[-1][8:].isdigit() else -1
@@ -146,9 +147,11 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def markdown(runs: list[dict[str, Any]], context: dict[str, Any]) -> str:
     """The results table (one row per model) and how it was made."""
-    head = ("| model | attention memory | steps | s/step (fit wall) | test2016 BLEU (tok., multi-bleu) | "
-            "sacreBLEU 13a (detok.) | test ppl | saved MB/step | peak MB/step (excl. grad) | "
-            "encoder actual / optimal | decoder actual / optimal |")
+    head = (
+        "| model | attention memory | steps | s/step (fit wall) | test2016 BLEU (tok., multi-bleu) | "
+        "sacreBLEU 13a (detok.) | test ppl | saved MB/step | peak MB/step (excl. grad) | "
+        "encoder actual / optimal | decoder actual / optimal |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         mem, acc = r["measured_memory"], r["trained_accounting"] or {}
@@ -194,8 +197,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         run["context"] = CONTEXTS.get(model, "-")
         runs.append(run)
     steps = {r["steps"] for r in runs}
-    context = {"command": args.command, "steps": steps.pop() if len(steps) == 1 else sorted(map(str, steps)),
-               "test_batches": args.test_batches, "accounting_batches": args.accounting_batches}
+    context = {
+        "command": args.command,
+        "steps": steps.pop() if len(steps) == 1 else sorted(map(str, steps)),
+        "test_batches": args.test_batches,
+        "accounting_batches": args.accounting_batches,
+    }
     table = markdown(runs, context)
     print(table)
     with open(os.path.join(args.root, "results.md"), "w") as f:

@@ -90,8 +90,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import lightning_revrnn.translation.attention as attention_module
 import lightning_revrnn.core.sweep as sweep_module
+import lightning_revrnn.translation.attention as attention_module
 from lightning_revrnn.datamodules.bucketing import training_plan
 from lightning_revrnn.datamodules.parallel import EncodedPairs, ParallelText, TranslationBatch, collate
 from lightning_revrnn.datamodules.vocabulary import SPECIALS
@@ -106,13 +106,27 @@ except ImportError:  # pragma: no cover - depends on how the file is run
 MULTI30K = "multi30k"
 #: The paper's Multi30K model and batch, used unless ``--small`` or a flag overrides them.
 PAPER_PRESET: dict[str, Any] = {
-    "sizes": [MULTI30K, "200"], "batch": 64, "hidden": 300, "emb": 300, "slice_dim": 20, "repeats": 3,
-    "src_vocab": None, "tgt_vocab": None, "threads": None,
+    "sizes": [MULTI30K, "200"],
+    "batch": 64,
+    "hidden": 300,
+    "emb": 300,
+    "slice_dim": 20,
+    "repeats": 3,
+    "src_vocab": None,
+    "tgt_vocab": None,
+    "threads": None,
 }
 #: A quick smoke-test preset (still the real Multi30K length distribution, tiny layers and vocabularies).
 SMALL_PRESET: dict[str, Any] = {
-    "sizes": [MULTI30K, "30"], "batch": 8, "hidden": 32, "emb": 32, "slice_dim": 4, "repeats": 1,
-    "src_vocab": 300, "tgt_vocab": 400, "threads": 1,
+    "sizes": [MULTI30K, "30"],
+    "batch": 8,
+    "hidden": 32,
+    "emb": 32,
+    "slice_dim": 4,
+    "repeats": 1,
+    "src_vocab": 300,
+    "tgt_vocab": 400,
+    "threads": 1,
 }
 #: Gradient-norm clipping of the paper (``Trainer(gradient_clip_val=5)`` in the configs).
 CLIP = 5.0
@@ -122,16 +136,85 @@ MAX_LEN = 50
 FALLBACK_VOCAB = (10214, 18726)
 #: Multi30K task-1 training split, tokenised English: sentence length → number of sentences (29,000 in all).
 FALLBACK_SRC_LENGTHS: dict[int, int] = {
-    4: 8, 5: 34, 6: 211, 7: 783, 8: 1748, 9: 2475, 10: 3084, 11: 3372, 12: 3243, 13: 2872, 14: 2517, 15: 2107,
-    16: 1548, 17: 1294, 18: 953, 19: 761, 20: 551, 21: 420, 22: 285, 23: 197, 24: 158, 25: 105, 26: 82, 27: 49,
-    28: 42, 29: 24, 30: 18, 31: 12, 32: 11, 33: 9, 34: 5, 35: 10, 36: 3, 37: 1, 38: 4, 39: 3, 40: 1,
+    4: 8,
+    5: 34,
+    6: 211,
+    7: 783,
+    8: 1748,
+    9: 2475,
+    10: 3084,
+    11: 3372,
+    12: 3243,
+    13: 2872,
+    14: 2517,
+    15: 2107,
+    16: 1548,
+    17: 1294,
+    18: 953,
+    19: 761,
+    20: 551,
+    21: 420,
+    22: 285,
+    23: 197,
+    24: 158,
+    25: 105,
+    26: 82,
+    27: 49,
+    28: 42,
+    29: 24,
+    30: 18,
+    31: 12,
+    32: 11,
+    33: 9,
+    34: 5,
+    35: 10,
+    36: 3,
+    37: 1,
+    38: 4,
+    39: 3,
+    40: 1,
 }
 #: The same for the tokenised German side.
 FALLBACK_TGT_LENGTHS: dict[int, int] = {
-    2: 3, 3: 2, 4: 26, 5: 153, 6: 601, 7: 1487, 8: 2246, 9: 2873, 10: 3215, 11: 3241, 12: 2895, 13: 2525,
-    14: 2166, 15: 1692, 16: 1417, 17: 1143, 18: 834, 19: 660, 20: 479, 21: 355, 22: 299, 23: 197, 24: 119,
-    25: 108, 26: 76, 27: 47, 28: 44, 29: 22, 30: 19, 31: 15, 32: 12, 33: 5, 34: 8, 35: 8, 36: 4, 38: 1, 40: 1,
-    43: 1, 44: 1,
+    2: 3,
+    3: 2,
+    4: 26,
+    5: 153,
+    6: 601,
+    7: 1487,
+    8: 2246,
+    9: 2873,
+    10: 3215,
+    11: 3241,
+    12: 2895,
+    13: 2525,
+    14: 2166,
+    15: 1692,
+    16: 1417,
+    17: 1143,
+    18: 834,
+    19: 660,
+    20: 479,
+    21: 355,
+    22: 299,
+    23: 197,
+    24: 119,
+    25: 108,
+    26: 76,
+    27: 47,
+    28: 44,
+    29: 22,
+    30: 19,
+    31: 15,
+    32: 12,
+    33: 5,
+    34: 8,
+    35: 8,
+    36: 4,
+    38: 1,
+    40: 1,
+    43: 1,
+    44: 1,
 }
 #: The issue's targets: size label → minimum (baseline / reversible) step activation memory at TARGET_BITS.
 MEMORY_TARGETS: dict[str, float] = {MULTI30K: 5.0, "T200": 30.0}
@@ -168,9 +251,13 @@ class BatchShape:
     def summary(self) -> dict[str, Any]:
         """JSON description: padded steps, real tokens and where the lengths came from."""
         return {
-            "label": self.label, "src_steps": self.src_steps, "tgt_steps": self.tgt_steps,
-            "src_tokens": sum(self.src_lengths), "tgt_positions": sum(n + 1 for n in self.tgt_lengths),
-            "batch": len(self.src_lengths), "origin": self.origin,
+            "label": self.label,
+            "src_steps": self.src_steps,
+            "tgt_steps": self.tgt_steps,
+            "src_tokens": sum(self.src_lengths),
+            "tgt_positions": sum(n + 1 for n in self.tgt_lengths),
+            "batch": len(self.src_lengths),
+            "origin": self.origin,
         }
 
 
@@ -202,6 +289,7 @@ def vocabulary_size(sentences: list[list[str]]) -> int:
 
 def fallback_lengths(seed: int) -> tuple[Tensor, Tensor]:
     """Source and target lengths of 29,000 pairs, each side following its histogram, paired at random."""
+
     def expand(hist: dict[int, int]) -> Tensor:
         return torch.tensor([n for n, count in sorted(hist.items()) for _ in range(count)], dtype=torch.long)
 
@@ -251,8 +339,9 @@ def make_batch(shape: BatchShape, src_vocab: int, tgt_vocab: int, seed: int, dev
         return ids, offsets
 
     n = len(shape.src_lengths)
-    pairs = EncodedPairs(*side(shape.src_lengths, src_vocab), *side(shape.tgt_lengths, tgt_vocab),
-                         text=ParallelText([""] * n, [""] * n))
+    pairs = EncodedPairs(
+        *side(shape.src_lengths, src_vocab), *side(shape.tgt_lengths, tgt_vocab), text=ParallelText([""] * n, [""] * n)
+    )
     batch = collate(pairs, list(range(n)))
     for name in ("src", "src_keep", "tgt_in", "tgt_out", "tgt_keep"):
         setattr(batch, name, getattr(batch, name).to(device))
@@ -333,8 +422,13 @@ class Row:
         """Flat JSON-serialisable mapping."""
         d = asdict(self)
         config = d.pop("config")
-        return {**config, "model": self.config.model_name, "context_name": self.config.context_text(),
-                "baseline": self.config.is_baseline, **d}
+        return {
+            **config,
+            "model": self.config.model_name,
+            "context_name": self.config.context_text(),
+            "baseline": self.config.is_baseline,
+            **d,
+        }
 
 
 def build_configs(args: argparse.Namespace, sizes: Sequence[str]) -> list[Config]:
@@ -344,8 +438,18 @@ def build_configs(args: argparse.Namespace, sizes: Sequence[str]) -> list[Config
         for size in sizes:
             base = Config(cell, size, args.batch, args.hidden, args.emb, args.src_vocab, args.tgt_vocab)
             configs.append(base)
-            configs += [Config(**{**asdict(base), "variant": "rev", "bits": b, "context": args.context,
-                                  "slice_dim": args.slice_dim}) for b in args.bits]
+            configs += [
+                Config(
+                    **{
+                        **asdict(base),
+                        "variant": "rev",
+                        "bits": b,
+                        "context": args.context,
+                        "slice_dim": args.slice_dim,
+                    }
+                )
+                for b in args.bits
+            ]
     return configs
 
 
@@ -367,13 +471,24 @@ def build_subject(config: Config, batch: TranslationBatch, device: torch.device)
     """A fresh model seeded with ``torch.manual_seed(0)``, logging disabled, in training mode, and the
     optimizer its ``configure_optimizers`` returns (the paper's SGD)."""
     torch.manual_seed(0)
-    sizes = dict(hidden_size=config.hidden, embedding_size=config.emb, num_layers=1,
-                 src_vocab_size=config.src_vocab, tgt_vocab_size=config.tgt_vocab)
+    sizes = dict(
+        hidden_size=config.hidden,
+        embedding_size=config.emb,
+        num_layers=1,
+        src_vocab_size=config.src_vocab,
+        tgt_vocab_size=config.tgt_vocab,
+    )
     if config.is_baseline:
         model = TranslationModel(rnn=config.cell, context="hidden", **sizes)  # type: ignore[arg-type]
     else:
-        model = TranslationModel(rnn=f"rev{config.cell}", context=config.context,  # type: ignore[arg-type]
-                                 slice_dim=config.slice_dim, max_forget_bits=config.bits, mode="reverse", **sizes)
+        model = TranslationModel(
+            rnn=f"rev{config.cell}",
+            context=config.context,  # type: ignore[arg-type]
+            slice_dim=config.slice_dim,
+            max_forget_bits=config.bits,
+            mode="reverse",
+            **sizes,
+        )
     model.log = _no_log  # type: ignore[method-assign]
     model = model.to(device).train()
     optimizers = model.configure_optimizers()
@@ -447,8 +562,9 @@ def timed_step(subject: Subject, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def measure_group(configs: Sequence[Config], shape: BatchShape, device: torch.device, repeats: int,
-                  seed: int) -> list[Row]:
+def measure_group(
+    configs: Sequence[Config], shape: BatchShape, device: torch.device, repeats: int, seed: int
+) -> list[Row]:
     """Memory of every configuration of one group, then ``repeats`` interleaved timing rounds. A failing
     configuration is recorded in its row (and left out of the rounds), the others still run."""
     rows = [Row(config=c, shape=shape.summary(), head_chunk=sweep_module.CHUNK) for c in configs]
@@ -461,37 +577,50 @@ def measure_group(configs: Sequence[Config], shape: BatchShape, device: torch.de
             row.param_bytes = sum(p.numel() * p.element_size() for p in subject.model.parameters())
             measure_memory(subject, device, row)
             subjects.append(subject)
-        except Exception as exc:  # noqa: BLE001 - a failing config is reported, the others still run
+        except Exception as exc:
             row.error = f"{type(exc).__name__}: {exc}"
             subjects.append(None)
         status = f"ERROR {row.error}" if row.error else f"peak {row.peak_excl_grad_bytes / MB:.1f} MB"  # type: ignore[operator]
-        print(f"  {config.label()}: memory measured, {status} ({time.perf_counter() - started:.1f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {config.label()}: memory measured, {status} ({time.perf_counter() - started:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     for r in range(repeats):
         for subject, row in zip(subjects, rows):
             if subject is None or row.error is not None:
                 continue
             try:
                 row.times_ms.append(timed_step(subject, device))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 row.error = f"{type(exc).__name__}: {exc}"
-        print(f"  round {r + 1}/{repeats}: " + ", ".join(
-            f"{row.config.model_name} {row.times_ms[-1]:.0f} ms" for row in rows if row.times_ms and not row.error),
-            file=sys.stderr, flush=True)
+        print(
+            f"  round {r + 1}/{repeats}: "
+            + ", ".join(
+                f"{row.config.model_name} {row.times_ms[-1]:.0f} ms" for row in rows if row.times_ms and not row.error
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     for row in rows:
         if row.times_ms and row.error is None:
             row.median_ms = statistics.median(row.times_ms)
     return rows
 
 
-def run_all(configs: Sequence[Config], shapes: dict[str, BatchShape], device: torch.device, repeats: int,
-            seed: int) -> Iterator[Row]:
+def run_all(
+    configs: Sequence[Config], shapes: dict[str, BatchShape], device: torch.device, repeats: int, seed: int
+) -> Iterator[Row]:
     """Measure every group in order, reporting progress on stderr."""
     groups = list(dict.fromkeys(c.group for c in configs))
     for i, group in enumerate(groups, 1):
         shape = shapes[group[1]]
-        print(f"[{i}/{len(groups)}] {CELL_NAMES[group[0]][0]} family, {group[1]} (S={shape.src_steps}, "
-              f"T={shape.tgt_steps}, batch {len(shape.src_lengths)})", file=sys.stderr, flush=True)
+        print(
+            f"[{i}/{len(groups)}] {CELL_NAMES[group[0]][0]} family, {group[1]} (S={shape.src_steps}, "
+            f"T={shape.tgt_steps}, batch {len(shape.src_lengths)})",
+            file=sys.stderr,
+            flush=True,
+        )
         yield from measure_group([c for c in configs if c.group == group], shape, device, repeats, seed)
 
 
@@ -539,11 +668,17 @@ def check_targets(rows: Sequence[Row], device: torch.device) -> list[dict[str, A
         ok = row.error is None
         for side, threshold in ACCOUNTING_TARGETS.items():
             stats = (row.accounting or {}).get(side, {})
-            add(f"{name}: {side} accounting (actual ratio, initial weights)",
-                stats.get("actual_ratio") if ok else None, threshold)
+            add(
+                f"{name}: {side} accounting (actual ratio, initial weights)",
+                stats.get("actual_ratio") if ok else None,
+                threshold,
+            )
         if c.size in MEMORY_TARGETS:
-            add(f"{name}: step activation memory (peak excl. grad) ratio",
-                row.peak_ratio if ok else None, MEMORY_TARGETS[c.size])
+            add(
+                f"{name}: step activation memory (peak excl. grad) ratio",
+                row.peak_ratio if ok else None,
+                MEMORY_TARGETS[c.size],
+            )
         if device.type == "cpu":
             add(f"{name}: step time ratio (CPU)", row.time_ratio if ok else None, TIME_TARGET, "max")
     return results
@@ -551,8 +686,23 @@ def check_targets(rows: Sequence[Row], device: torch.device) -> list[dict[str, A
 
 # --------------------------------------------------------------------------------------------- output
 COLUMNS = (
-    "model", "size", "S", "T", "variant", "ms", "t/base", "saved MB", "saved×", "peak MB", "peak×", "grad MB",
-    "loss", "enc act", "enc opt", "dec act", "dec opt",
+    "model",
+    "size",
+    "S",
+    "T",
+    "variant",
+    "ms",
+    "t/base",
+    "saved MB",
+    "saved×",
+    "peak MB",
+    "peak×",
+    "grad MB",
+    "loss",
+    "enc act",
+    "enc opt",
+    "dec act",
+    "dec opt",
 )
 KEY_COLUMNS = 5
 
@@ -569,15 +719,28 @@ def table_cells(row: Row) -> list[str]:
     """The printed columns of one row (accounting columns empty for the baselines)."""
     c, acc = row.config, row.accounting or {}
     enc, dec = acc.get("encoder", {}), acc.get("decoder", {})
-    cells = [c.model_name, c.size, str(row.shape.get("src_steps", "")), str(row.shape.get("tgt_steps", "")),
-             c.variant_text()]
+    cells = [
+        c.model_name,
+        c.size,
+        str(row.shape.get("src_steps", "")),
+        str(row.shape.get("tgt_steps", "")),
+        c.variant_text(),
+    ]
     if row.error is not None:
         return cells + [f"ERROR: {row.error}"]
     return cells + [
-        _num(row.median_ms, 0), _num(row.time_ratio, 2), _mb(row.saved_bytes), _num(row.saved_ratio, 1),
-        _mb(row.peak_excl_grad_bytes), _num(row.peak_ratio, 2), _mb(row.grad_bytes), _num(row.loss, 4),
-        _num(enc.get("actual_ratio"), 2), _num(enc.get("optimal_ratio"), 2),
-        _num(dec.get("actual_ratio"), 2), _num(dec.get("optimal_ratio"), 2),
+        _num(row.median_ms, 0),
+        _num(row.time_ratio, 2),
+        _mb(row.saved_bytes),
+        _num(row.saved_ratio, 1),
+        _mb(row.peak_excl_grad_bytes),
+        _num(row.peak_ratio, 2),
+        _mb(row.grad_bytes),
+        _num(row.loss, 4),
+        _num(enc.get("actual_ratio"), 2),
+        _num(enc.get("optimal_ratio"), 2),
+        _num(dec.get("actual_ratio"), 2),
+        _num(dec.get("optimal_ratio"), 2),
     ]
 
 
@@ -604,9 +767,11 @@ def legend(device: torch.device, shapes: dict[str, BatchShape], head_chunk: int)
 
 def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     """PASS/FAIL/SKIP lines for the issue's targets."""
-    head = (f"Targets (issue 8, k={TARGET_BITS}, Emb+20H): accounting decoder >= 10x, encoder >= 5x (stated on "
-            "trained weights; measured here on initial ones); step activation memory >= 5x below the baseline at "
-            "Multi30K sizes, >= 30x at length 200; step time <= 3x the baseline on CPU:")
+    head = (
+        f"Targets (issue 8, k={TARGET_BITS}, Emb+20H): accounting decoder >= 10x, encoder >= 5x (stated on "
+        "trained weights; measured here on initial ones); step activation memory >= 5x below the baseline at "
+        "Multi30K sizes, >= 30x at length 200; step time <= 3x the baseline on CPU:"
+    )
     if not targets:
         return head + "\n  SKIP  no k=3 Emb+20H row measured"
     lines = [head]
@@ -620,8 +785,14 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, device: torch.device, args: argparse.Namespace, rows: Sequence[Row],
-               targets: Sequence[dict[str, Any]], shapes: dict[str, BatchShape]) -> None:
+def write_json(
+    path: Path,
+    device: torch.device,
+    args: argparse.Namespace,
+    rows: Sequence[Row],
+    targets: Sequence[dict[str, Any]],
+    shapes: dict[str, BatchShape],
+) -> None:
     """Write the results file (creating its directory)."""
     payload = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -631,8 +802,10 @@ def write_json(path: Path, device: torch.device, args: argparse.Namespace, rows:
         "memory_metric": "MemoryTrace: peak_excl_grad_bytes (CUDA: allocator peak) and saved_bytes",
         "head_chunk": sweep_module.CHUNK,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "batches": {label: {**shape.summary(), "src_lengths": list(shape.src_lengths),
-                            "tgt_lengths": list(shape.tgt_lengths)} for label, shape in shapes.items()},
+        "batches": {
+            label: {**shape.summary(), "src_lengths": list(shape.src_lengths), "tgt_lengths": list(shape.tgt_lengths)}
+            for label, shape in shapes.items()
+        },
         "rows": [r.to_json() for r in rows],
         "targets": list(targets),
     }
@@ -651,35 +824,61 @@ def parse_size(text: str) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the flags and fill unset sizes from the paper's preset or ``--small``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=parse_size, nargs="+",
-                   help=f"{MULTI30K} (a batch of real Multi30K length pairs) and/or fixed lengths N (source and "
-                        "decoder steps) (default multi30k 200)")
+    p.add_argument(
+        "--sizes",
+        type=parse_size,
+        nargs="+",
+        help=f"{MULTI30K} (a batch of real Multi30K length pairs) and/or fixed lengths N (source and "
+        "decoder steps) (default multi30k 200)",
+    )
     p.add_argument("--cells", nargs="+", choices=sorted(CELL_NAMES), default=["gru", "lstm"])
-    p.add_argument("--bits", type=parse_bits, nargs="+", default=[TARGET_BITS],
-                   help="max_forget_bits of the reversible rows: 1 2 3 5 none (default 3)")
-    p.add_argument("--context", choices=["slice", "emb", "emb+slice", "hidden"], default="emb+slice",
-                   help="attention memory of the reversible rows (default emb+slice)")
+    p.add_argument(
+        "--bits",
+        type=parse_bits,
+        nargs="+",
+        default=[TARGET_BITS],
+        help="max_forget_bits of the reversible rows: 1 2 3 5 none (default 3)",
+    )
+    p.add_argument(
+        "--context",
+        choices=["slice", "emb", "emb+slice", "hidden"],
+        default="emb+slice",
+        help="attention memory of the reversible rows (default emb+slice)",
+    )
     p.add_argument("--slice-dim", type=int, help="stored units per step of the reversible rows (default 20)")
     p.add_argument("--batch", type=int, help="sentence pairs per batch (default 64)")
     p.add_argument("--hidden", type=int, help="units, even (default 300)")
     p.add_argument("--emb", type=int, help="embedding size (default 300)")
     p.add_argument("--src-vocab", type=int, help="source vocabulary (default: Multi30K's English, 10214)")
     p.add_argument("--tgt-vocab", type=int, help="target vocabulary (default: Multi30K's German, 18726)")
-    p.add_argument("--data-dir", type=Path,
-                   help="folder holding Multi30K's tok/ (default $REVRNN_DATA_DIR/multi30k; missing: built-in "
-                        "length histograms)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder holding Multi30K's tok/ (default $REVRNN_DATA_DIR/multi30k; missing: built-in length histograms)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the bucketing and the token ids (default 0)")
-    p.add_argument("--head-chunk", type=int,
-                   help="diagnostic: target steps per head chunk (lightning_revrnn.core.sweep.CHUNK, default 16)")
+    p.add_argument(
+        "--head-chunk",
+        type=int,
+        help="diagnostic: target steps per head chunk (lightning_revrnn.core.sweep.CHUNK, default 16)",
+    )
     p.add_argument("--repeats", type=int, help="timed steps per row after the warm-up and traced step (default 3)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int,
-                   help="torch.set_num_threads (default: torch's choice); 1 is steadier on a shared, busy CPU")
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/nmt_step-<device>-<sizes>.json, "
-                                            "-small appended with --small)")
-    p.add_argument("--small", action="store_true",
-                   help="smoke preset: hidden 32, emb 32, slice 4, batch 8, vocab 300/400, sizes multi30k 30, 1 repeat, "
-                        "1 thread")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads (default: torch's choice); 1 is steadier on a shared, busy CPU",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="JSON path (default benchmarks/results/nmt_step-<device>-<sizes>.json, -small appended with --small)",
+    )
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="smoke preset: hidden 32, emb 32, slice 4, batch 8, vocab 300/400, sizes multi30k 30, 1 repeat, 1 thread",
+    )
     args = p.parse_args(argv)
     preset = SMALL_PRESET if args.small else PAPER_PRESET
     for key, value in preset.items():
@@ -717,7 +916,9 @@ def resolve_data(args: argparse.Namespace) -> dict[str, BatchShape]:
         args.tgt_vocab = args.tgt_vocab or sizes[1]
     shapes: dict[str, BatchShape] = {}
     for size in args.sizes:
-        shape = multi30k_shape(tok_dir, args.batch, args.seed) if size == MULTI30K else fixed_shape(int(size), args.batch)
+        shape = (
+            multi30k_shape(tok_dir, args.batch, args.seed) if size == MULTI30K else fixed_shape(int(size), args.batch)
+        )
         shapes[shape.label] = shape
     return shapes
 
@@ -743,9 +944,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         args.out = Path(__file__).resolve().parent / "results" / f"nmt_step-{device_slug(device)}-{label}{suffix}.json"
     configs = build_configs(args, list(shapes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {len(configs)} "
-          f"configurations, {args.repeats} timed round(s), vocab {args.src_vocab}/{args.tgt_vocab}",
-          file=sys.stderr, flush=True)
+    print(
+        f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {len(configs)} "
+        f"configurations, {args.repeats} timed round(s), vocab {args.src_vocab}/{args.tgt_vocab}",
+        file=sys.stderr,
+        flush=True,
+    )
     rows = list(run_all(configs, shapes, device, args.repeats, args.seed))
     add_ratios(rows)
     targets = check_targets(rows, device)

@@ -56,19 +56,43 @@ if TYPE_CHECKING:  # the fused backend is imported only where a step is counted 
 aten = torch.ops.aten
 
 #: Ops that alias their input or only read metadata although their schema does not mark them as views.
-NO_OPS: frozenset[Any] = frozenset({
-    aten._unsafe_view, aten._reshape_alias, aten.sym_size, aten.sym_stride, aten.sym_numel,
-    aten.sym_storage_offset, aten.is_same_size, aten.alias, aten.detach, aten.lift_fresh,
-})
+NO_OPS: frozenset[Any] = frozenset(
+    {
+        aten._unsafe_view,
+        aten._reshape_alias,
+        aten.sym_size,
+        aten.sym_stride,
+        aten.sym_numel,
+        aten.sym_storage_offset,
+        aten.is_same_size,
+        aten.alias,
+        aten.detach,
+        aten.lift_fresh,
+    }
+)
 #: Uninitialised allocations: an allocator call, no kernel (counted apart from the ops).
-ALLOCATIONS: frozenset[Any] = frozenset({
-    aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
-})
+ALLOCATIONS: frozenset[Any] = frozenset(
+    {
+        aten.empty,
+        aten.empty_like,
+        aten.empty_strided,
+        aten.new_empty,
+        aten.new_empty_strided,
+    }
+)
 #: Ops whose output shape depends on device values: the host waits for the device to size the result.
-DATA_DEPENDENT_SHAPE: frozenset[Any] = frozenset({
-    aten.nonzero, aten.masked_select, aten._unique, aten._unique2, aten.unique_dim, aten.unique_consecutive,
-    aten.unique_dim_consecutive, aten.argwhere,
-})
+DATA_DEPENDENT_SHAPE: frozenset[Any] = frozenset(
+    {
+        aten.nonzero,
+        aten.masked_select,
+        aten._unique,
+        aten._unique2,
+        aten.unique_dim,
+        aten.unique_consecutive,
+        aten.unique_dim_consecutive,
+        aten.argwhere,
+    }
+)
 #: Ops that return a host value computed from device data.
 HOST_VALUE: frozenset[Any] = frozenset({aten._local_scalar_dense, aten.equal})
 #: Tensor methods wrapped while a counter is active (see the module docstring).
@@ -116,8 +140,13 @@ class PhaseCounts:
     def to_json(self) -> dict[str, Any]:
         """Flat JSON-serialisable mapping (ops sorted by count)."""
         return {
-            "total_ops": self.total_ops, "kernels": self.kernels, "allocations": self.allocations, "total_syncs": self.total_syncs,
-            "ops": dict(self.ops.most_common()), "syncs": dict(self.syncs), "sync_sites": dict(self.sync_sites),
+            "total_ops": self.total_ops,
+            "kernels": self.kernels,
+            "allocations": self.allocations,
+            "total_syncs": self.total_syncs,
+            "ops": dict(self.ops.most_common()),
+            "syncs": dict(self.syncs),
+            "sync_sites": dict(self.sync_sites),
             **({"op_sites": dict(self.op_sites.most_common())} if self.op_sites else {}),
         }
 
@@ -325,18 +354,25 @@ class StepCounts:
     def to_json(self) -> dict[str, Any]:
         """Flat JSON-serialisable mapping: the normalised figures, the syncs per window, each phase."""
         return {
-            "steps": self.steps, "layers": self.layers,
+            "steps": self.steps,
+            "layers": self.layers,
             "forward_ops_per_step_layer": self.forward_per_step_layer,
             "reverse_ops_per_step_layer": self.reverse_per_step_layer,
             "forward_syncs_per_window": self.forward.total_syncs,
             "reverse_syncs_per_window": self.reverse.total_syncs,
-            "forward": self.forward.to_json(), "reverse": self.reverse.to_json(),
+            "forward": self.forward.to_json(),
+            "reverse": self.reverse.to_json(),
         }
 
 
-def count_step(forward: Callable[[], Tensor], steps: int, layers: int,
-               to_loss: Callable[[Tensor], Tensor] | None = None, record_sites: bool = False,
-               stage_counter: StageCounter | None = None) -> StepCounts:
+def count_step(
+    forward: Callable[[], Tensor],
+    steps: int,
+    layers: int,
+    to_loss: Callable[[Tensor], Tensor] | None = None,
+    record_sites: bool = False,
+    stage_counter: StageCounter | None = None,
+) -> StepCounts:
     """Run one training step under an :class:`OpCounter`: ``forward()`` in phase ``forward``, then the
     backward of ``to_loss(output)`` (default: the output itself, which must then be a scalar; the loss
     reduction is not counted) in phase ``reverse``. ``steps`` (T) and ``layers`` normalise the counts;
@@ -363,13 +399,24 @@ def marginal_per_step_layer(short: StepCounts, long: StepCounts) -> tuple[float,
     if dt == 0:
         return None
     layers = long.layers
-    return ((long.forward.total_ops - short.forward.total_ops) / (dt * layers),
-            (long.reverse.total_ops - short.reverse.total_ops) / (dt * layers))
+    return (
+        (long.forward.total_ops - short.forward.total_ops) / (dt * layers),
+        (long.reverse.total_ops - short.reverse.total_ops) / (dt * layers),
+    )
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bits: int | None, top: int,
-                 fused: bool = False, summary: dict[str, Any] | None = None) -> str:
+def _site_report(
+    cell: str,
+    steps: int,
+    layers: int,
+    hidden: int,
+    batch: int,
+    bits: int | None,
+    top: int,
+    fused: bool = False,
+    summary: dict[str, Any] | None = None,
+) -> str:
     """One counted ``mode="reverse"`` step of a small model, every op by the line that ran it. ``summary``,
     when given, receives the per step per layer figures (for ``--json``)."""
     from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM
@@ -383,8 +430,9 @@ def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bi
     if stages is not None:
         rnn.fused = FusedBackend(stages)  # the fused backend, its stages counted
     x = torch.randn(steps, batch, hidden, requires_grad=True)
-    counts = count_step(lambda: rnn(x)[0], steps, layers, to_loss=lambda out: out.sum(), record_sites=True,
-                        stage_counter=stages)
+    counts = count_step(
+        lambda: rnn(x)[0], steps, layers, to_loss=lambda out: out.sum(), record_sites=True, stage_counter=stages
+    )
     scale = steps * layers
     if summary is not None:
         for name, phase in (("forward", counts.forward), ("reverse", counts.reverse)):
@@ -392,19 +440,35 @@ def _site_report(cell: str, steps: int, layers: int, hidden: int, batch: int, bi
             summary[f"{name}_ops"] = phase.total_ops / scale
             summary[f"{name}_kernels"] = phase.kernels / scale
             summary[f"{name}_syncs_per_window"] = phase.total_syncs
-        summary["stages"] = {name: {"calls_per_step_layer": stages.calls[name] / scale,
-                                    "kernels_per_call": n / max(stages.calls[name], 1)}
-                             for name, n in stages.kernels.items()} if stages is not None else {}
-    lines = [f"{cls.__name__}{' fused' if fused else ''} T={steps} L={layers} H={hidden} B={batch} k={bits}: ops "
-             f"(+ compiled kernels) per step per layer (views, no-ops and allocations left out; benchmarks/opcount.py)"]
+        summary["stages"] = (
+            {
+                name: {
+                    "calls_per_step_layer": stages.calls[name] / scale,
+                    "kernels_per_call": n / max(stages.calls[name], 1),
+                }
+                for name, n in stages.kernels.items()
+            }
+            if stages is not None
+            else {}
+        )
+    lines = [
+        f"{cls.__name__}{' fused' if fused else ''} T={steps} L={layers} H={hidden} B={batch} k={bits}: ops "
+        f"(+ compiled kernels) per step per layer (views, no-ops and allocations left out; benchmarks/opcount.py)"
+    ]
     if stages is not None:
-        lines.append("compiled stages, calls and kernels per step per layer (forward + reverse): " + ", ".join(
-            f"{name} {stages.calls[name] / scale:.2f} x {n / max(stages.calls[name], 1):.0f}"
-            for name, n in stages.kernels.items()))
+        lines.append(
+            "compiled stages, calls and kernels per step per layer (forward + reverse): "
+            + ", ".join(
+                f"{name} {stages.calls[name] / scale:.2f} x {n / max(stages.calls[name], 1):.0f}"
+                for name, n in stages.kernels.items()
+            )
+        )
     for name, phase in (("forward", counts.forward), ("reverse", counts.reverse)):
-        lines.append(f"{name}: {phase.ops_and_kernels / scale:.2f} ops + kernels ({phase.total_ops / scale:.2f} ops, "
-                     f"{phase.kernels / scale:.2f} compiled kernels), {phase.allocations / scale:.2f} allocations, "
-                     f"{phase.total_syncs} syncs per window {dict(phase.sync_sites)}")
+        lines.append(
+            f"{name}: {phase.ops_and_kernels / scale:.2f} ops + kernels ({phase.total_ops / scale:.2f} ops, "
+            f"{phase.kernels / scale:.2f} compiled kernels), {phase.allocations / scale:.2f} allocations, "
+            f"{phase.total_syncs} syncs per window {dict(phase.sync_sites)}"
+        )
         lines += [f"  {n / scale:6.2f}  {site}" for site, n in phase.op_sites.most_common(top)]
     return "\n".join(lines)
 
@@ -426,16 +490,30 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     rows = []
     for cell in a.cell:
-        summary: dict[str, Any] = {"cell": cell, "fused": a.fused, "steps": a.steps, "layers": a.layers,
-                                   "hidden": a.hidden, "batch": a.batch, "bits": a.bits}
+        summary: dict[str, Any] = {
+            "cell": cell,
+            "fused": a.fused,
+            "steps": a.steps,
+            "layers": a.layers,
+            "hidden": a.hidden,
+            "batch": a.batch,
+            "bits": a.bits,
+        }
         print(_site_report(cell, a.steps, a.layers, a.hidden, a.batch, a.bits, a.top, a.fused, summary))
         rows.append(summary)
     if a.json:
         import json
 
         with open(a.json, "w") as f:
-            json.dump({"torch": torch.__version__, "unit": "per step per layer: non-view ATen ops + compiled kernels",
-                       "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "torch": torch.__version__,
+                    "unit": "per step per layer: non-view ATen ops + compiled kernels",
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,14 @@ def read_run(folder: str) -> dict[str, object]:
     rows = list(csv.DictReader(open(paths[-1])))
     curve = {int(r["step"]): float(r["val_ppl"]) for r in rows if r.get("val_ppl")}
     memory: dict[str, float] = {}
-    for key in ("memory/activation_bytes", "memory/actual_ratio", "memory/optimal_ratio", "memory/used_bits",
-                "memory/optimal_bits", "memory/normal_bits"):
+    for key in (
+        "memory/activation_bytes",
+        "memory/actual_ratio",
+        "memory/optimal_ratio",
+        "memory/used_bits",
+        "memory/optimal_bits",
+        "memory/normal_bits",
+    ):
         values = [float(r[key]) for r in rows if r.get(key)]
         if values:
             memory[key.removeprefix("memory/")] = statistics.median(values)

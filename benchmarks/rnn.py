@@ -61,11 +61,21 @@ except ImportError:  # pragma: no cover - depends on how the file is run
 
 #: Sizes of the paper's experiments, used unless ``--small`` or an explicit flag overrides them.
 PAPER_PRESET: dict[str, Any] = {
-    "seq_lens": [70, 1000], "layers": [1, 2], "batch": 20, "input_size": 650, "hidden": 650, "repeats": 3,
+    "seq_lens": [70, 1000],
+    "layers": [1, 2],
+    "batch": 20,
+    "input_size": 650,
+    "hidden": 650,
+    "repeats": 3,
 }
 #: A quick smoke-test preset.
 SMALL_PRESET: dict[str, Any] = {
-    "seq_lens": [20, 100], "layers": [1], "batch": 4, "input_size": 64, "hidden": 64, "repeats": 1,
+    "seq_lens": [20, 100],
+    "layers": [1],
+    "batch": 4,
+    "input_size": 64,
+    "hidden": 64,
+    "repeats": 1,
 }
 #: Reversible class and baseline class per ``--cells`` name.
 CELLS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {"gru": (RevGRU, nn.GRU), "lstm": (RevLSTM, nn.LSTM)}
@@ -73,8 +83,14 @@ CELLS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {"gru": (RevGRU, nn.
 BITS_CHOICES = (1, 2, 3, 5, None)
 #: Keys copied from ``memory_stats()`` into a row.
 STAT_KEYS = (
-    "normal_bits", "used_bits", "optimal_bits", "actual_ratio", "optimal_ratio", "efficiency",
-    "drains", "multiplications",
+    "normal_bits",
+    "used_bits",
+    "optimal_bits",
+    "actual_ratio",
+    "optimal_ratio",
+    "efficiency",
+    "drains",
+    "multiplications",
 )
 MB = 1e6
 #: The issue's targets for the default path, per step per layer: non-view ATen ops in forward and reverse.
@@ -159,9 +175,13 @@ class Row:
         """Flat JSON-serialisable mapping."""
         d = asdict(self)
         config = d.pop("config")
-        return {**config, "baseline": self.config.is_baseline, **d,
-                "memory_bytes_incl_input": self.memory_bytes(True),
-                "memory_bytes_excl_input": self.memory_bytes(False)}
+        return {
+            **config,
+            "baseline": self.config.is_baseline,
+            **d,
+            "memory_bytes_incl_input": self.memory_bytes(True),
+            "memory_bytes_excl_input": self.memory_bytes(False),
+        }
 
 
 def fmt_bits(bits: int | None) -> str:
@@ -202,8 +222,11 @@ def build_model(config: Config, device: torch.device) -> nn.Module:
         model = base_class(config.input_size, config.hidden, num_layers=config.layers)
     else:
         model = rev_class(
-            config.input_size, config.hidden, num_layers=config.layers,
-            max_forget_bits=config.bits, mode=config.mode,
+            config.input_size,
+            config.hidden,
+            num_layers=config.layers,
+            max_forget_bits=config.bits,
+            mode=config.mode,
         )
     return model.to(device).train()
 
@@ -318,6 +341,7 @@ def prepare(config: Config, device: torch.device) -> Subject:
     row.input_bytes = x.untyped_storage().nbytes()
     subject = Subject(row, model, x)
     try:
+
         def read_stats(out: Tensor) -> None:
             row.grad_fn = type(out.grad_fn).__name__
             if not config.is_baseline:
@@ -328,7 +352,7 @@ def prepare(config: Config, device: torch.device) -> Subject:
         row.saved_bytes_incl_input = row.saved_bytes_excl_input + row.input_bytes
         if device.type == "cuda":
             row.cuda_peak_bytes_excl_input = measure_cuda_peak(model, x, device)
-    except Exception as exc:  # noqa: BLE001 - a failing config is reported, the others still run
+    except Exception as exc:
         subject.fail(exc)
     return subject
 
@@ -339,7 +363,7 @@ def time_more(subject: Subject, device: torch.device, repeats: int) -> None:
         return
     try:
         subject.row.times_ms += time_steps(subject.model, subject.x, device, repeats)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         subject.fail(exc)
 
 
@@ -351,7 +375,7 @@ def finish(subject: Subject, short_len: int | None) -> Row:
             row.median_ms = statistics.median(row.times_ms)
             if short_len is not None:
                 measure_counts(subject.model, subject.x, short_len, row)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             subject.fail(exc)
     subject.model = subject.x = None
     return row
@@ -384,7 +408,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def run_all(
-    configs: Sequence[Config], device: torch.device, repeats: int, short_len: int | None = None,
+    configs: Sequence[Config],
+    device: torch.device,
+    repeats: int,
+    short_len: int | None = None,
     interleave: bool = False,
 ) -> Iterator[Row]:
     """Measure every configuration in order, reporting progress on stderr. ``interleave``: per (cell,
@@ -409,17 +436,45 @@ def run_all(
 
 # --------------------------------------------------------------------------------------------- output
 COLUMNS = (
-    "cell", "L", "T", "mode", "k", "ms", "t/base", "MB", "MB-x", "mem×", "mem×-x",
-    "actual", "optimal", "eff", "fwd", "rev", "fwd@s", "rev@s", "Δfwd", "Δrev", "sync", "sync@s",
+    "cell",
+    "L",
+    "T",
+    "mode",
+    "k",
+    "ms",
+    "t/base",
+    "MB",
+    "MB-x",
+    "mem×",
+    "mem×-x",
+    "actual",
+    "optimal",
+    "eff",
+    "fwd",
+    "rev",
+    "fwd@s",
+    "rev@s",
+    "Δfwd",
+    "Δrev",
+    "sync",
+    "sync@s",
 )
 KEY_COLUMNS = 5
 #: The issue's targets, printed under the header in the count columns.
-TARGET_CELLS = ["target", "", "", "", ""] + [""] * 9 + [
-    f"≤{OP_TARGETS['forward']:g}", f"≤{OP_TARGETS['reverse']:g}",
-    f"≤{OP_TARGETS['forward']:g}", f"≤{OP_TARGETS['reverse']:g}",
-    f"≤{OP_TARGETS['forward']:g}", f"≤{OP_TARGETS['reverse']:g}",
-    f"≤{SYNC_TARGET}/{SYNC_TARGET}", "=sync",
-]
+TARGET_CELLS = (
+    ["target", "", "", "", ""]
+    + [""] * 9
+    + [
+        f"≤{OP_TARGETS['forward']:g}",
+        f"≤{OP_TARGETS['reverse']:g}",
+        f"≤{OP_TARGETS['forward']:g}",
+        f"≤{OP_TARGETS['reverse']:g}",
+        f"≤{OP_TARGETS['forward']:g}",
+        f"≤{OP_TARGETS['reverse']:g}",
+        f"≤{SYNC_TARGET}/{SYNC_TARGET}",
+        "=sync",
+    ]
+)
 
 
 def _num(value: float | None, digits: int) -> str:
@@ -434,10 +489,14 @@ def count_cells(row: Row) -> list[str]:
     """The op/sync columns of one row (empty where not counted)."""
     marginal = row.marginal_ops or (None, None)
     return [
-        _num(row.ops_per_step_layer("forward"), 1), _num(row.ops_per_step_layer("reverse"), 1),
-        _num(row.ops_per_step_layer("forward", short=True), 1), _num(row.ops_per_step_layer("reverse", short=True), 1),
-        _num(marginal[0], 1), _num(marginal[1], 1),
-        _syncs(row.syncs_per_window()), _syncs(row.syncs_per_window(short=True)),
+        _num(row.ops_per_step_layer("forward"), 1),
+        _num(row.ops_per_step_layer("reverse"), 1),
+        _num(row.ops_per_step_layer("forward", short=True), 1),
+        _num(row.ops_per_step_layer("reverse", short=True), 1),
+        _num(marginal[0], 1),
+        _num(marginal[1], 1),
+        _syncs(row.syncs_per_window()),
+        _syncs(row.syncs_per_window(short=True)),
     ]
 
 
@@ -446,36 +505,50 @@ def table_cells(row: Row) -> list[str]:
     c, s = row.config, row.stats or {}
     incl, excl = row.memory_bytes(True), row.memory_bytes(False)
     cells = [
-        row.model, str(c.layers), str(c.seq_len),
-        "-" if c.is_baseline else str(c.mode), "-" if c.is_baseline else fmt_bits(c.bits),
+        row.model,
+        str(c.layers),
+        str(c.seq_len),
+        "-" if c.is_baseline else str(c.mode),
+        "-" if c.is_baseline else fmt_bits(c.bits),
     ]
     if row.error is not None:
         return cells + [f"ERROR: {row.error}"]
     return cells + [
-        _num(row.median_ms, 1), _num(row.time_ratio, 2),
-        _num(None if incl is None else incl / MB, 2), _num(None if excl is None else excl / MB, 2),
-        _num(row.mem_ratio_incl_input, 2), _num(row.mem_ratio_excl_input, 2),
-        _num(s.get("actual_ratio"), 2), _num(s.get("optimal_ratio"), 2), _num(s.get("efficiency"), 3),
+        _num(row.median_ms, 1),
+        _num(row.time_ratio, 2),
+        _num(None if incl is None else incl / MB, 2),
+        _num(None if excl is None else excl / MB, 2),
+        _num(row.mem_ratio_incl_input, 2),
+        _num(row.mem_ratio_excl_input, 2),
+        _num(s.get("actual_ratio"), 2),
+        _num(s.get("optimal_ratio"), 2),
+        _num(s.get("efficiency"), 3),
         *count_cells(row),
     ]
 
 
 def fixed_width_table(
-    columns: Sequence[str], key_columns: int, body: Sequence[Sequence[str]], new_group: Sequence[bool],
+    columns: Sequence[str],
+    key_columns: int,
+    body: Sequence[Sequence[str]],
+    new_group: Sequence[bool],
     pinned: Sequence[Sequence[str]] = (),
 ) -> str:
     """The benchmarks' fixed-width table: key columns left-aligned, the others right-aligned, a blank line
     before each row that starts a new group (``new_group``), and ``pinned`` rows (e.g. the issue's targets)
     under the header. A row shorter than ``columns`` is an error row: its key columns, then its message."""
     full = [b for b in [*body, *pinned] if len(b) == len(columns)]
-    widths = [max([len(h)] + [len(b[i]) for b in body if i < key_columns and i < len(b)] + [len(b[i]) for b in full])
-              for i, h in enumerate(columns)]
+    widths = [
+        max([len(h)] + [len(b[i]) for b in body if i < key_columns and i < len(b)] + [len(b[i]) for b in full])
+        for i, h in enumerate(columns)
+    ]
 
     def line(cells: Sequence[str]) -> str:
         if len(cells) != len(columns):
             return "  ".join([c.ljust(w) for c, w in zip(cells[:key_columns], widths)] + list(cells[key_columns:]))
-        return "  ".join(c.ljust(w) if i < key_columns else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i < key_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     lines = [line(columns), line(["-" * w for w in widths]), *[line(p) for p in pinned]]
     for i, (cells, starts) in enumerate(zip(body, new_group)):
@@ -522,21 +595,31 @@ def check_op_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
         fwd, rev = row.ops_per_step_layer("forward"), row.ops_per_step_layer("reverse")
         syncs, short = row.syncs_per_window(), row.syncs_per_window(short=True)
         assert fwd is not None and rev is not None and syncs is not None
-        results.append({
-            "cell": row.config.cell, "layers": row.config.layers, "seq_len": row.config.seq_len,
-            "bits": row.config.bits, "forward_ops": fwd, "reverse_ops": rev, "syncs": list(syncs),
-            "forward_ops_ok": fwd <= OP_TARGETS["forward"], "reverse_ops_ok": rev <= OP_TARGETS["reverse"],
-            "syncs_ok": max(syncs) <= SYNC_TARGET,
-            "none_per_step": None if short is None else syncs == short,
-        })
+        results.append(
+            {
+                "cell": row.config.cell,
+                "layers": row.config.layers,
+                "seq_len": row.config.seq_len,
+                "bits": row.config.bits,
+                "forward_ops": fwd,
+                "reverse_ops": rev,
+                "syncs": list(syncs),
+                "forward_ops_ok": fwd <= OP_TARGETS["forward"],
+                "reverse_ops_ok": rev <= OP_TARGETS["reverse"],
+                "syncs_ok": max(syncs) <= SYNC_TARGET,
+                "none_per_step": None if short is None else syncs == short,
+            }
+        )
     return results
 
 
 def format_op_targets(targets: Sequence[dict[str, Any]]) -> str:
     """PASS/FAIL lines for the op and sync targets."""
-    head = (f"Op/sync targets (issue 7, mode=reverse): <= {OP_TARGETS['forward']:g} forward and "
-            f"<= {OP_TARGETS['reverse']:g} reverse ops per step per layer, <= {SYNC_TARGET} syncs per window "
-            "each way, none per step:")
+    head = (
+        f"Op/sync targets (issue 7, mode=reverse): <= {OP_TARGETS['forward']:g} forward and "
+        f"<= {OP_TARGETS['reverse']:g} reverse ops per step per layer, <= {SYNC_TARGET} syncs per window "
+        "each way, none per step:"
+    )
     if not targets:
         return head + "\n  SKIP  no counted mode=reverse row"
 
@@ -583,7 +666,11 @@ def device_slug(device: torch.device) -> str:
 
 
 def write_json(
-    path: Path, device: torch.device, args: argparse.Namespace, rows: Sequence[Row], op_targets: Sequence[dict[str, Any]]
+    path: Path,
+    device: torch.device,
+    args: argparse.Namespace,
+    rows: Sequence[Row],
+    op_targets: Sequence[dict[str, Any]],
 ) -> None:
     """Write the results file (creating its directory)."""
     payload = {
@@ -613,23 +700,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size (default 20)")
     p.add_argument("--input-size", type=int, help="input features (default 650)")
     p.add_argument("--hidden", type=int, help="hidden size, even (default 650)")
-    p.add_argument("--bits", type=parse_bits, nargs="+", default=[2, 3, 5, None],
-                   help="max_forget_bits values: 1 2 3 5 none (default 2 3 5 none)")
+    p.add_argument(
+        "--bits",
+        type=parse_bits,
+        nargs="+",
+        default=[2, 3, 5, None],
+        help="max_forget_bits values: 1 2 3 5 none (default 2 3 5 none)",
+    )
     p.add_argument("--modes", nargs="+", choices=["reverse", "store"], default=["reverse", "store"])
     p.add_argument("--cells", nargs="+", choices=sorted(CELLS), default=["gru", "lstm"])
     p.add_argument("--repeats", type=int, help="timed steps after one warm-up; the median is reported (default 3)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int,
-                   help="torch.set_num_threads (default: torch's choice); 1 is steadier on a shared, busy CPU")
-    p.add_argument("--out", type=Path,
-                   help="JSON path (default benchmarks/results/rnn-<device>.json, rnn-<device>-small.json with --small)")
-    p.add_argument("--small", action="store_true", help="quick preset: T 20 100, hidden/input 64, batch 4, L 1, 1 repeat")
-    p.add_argument("--count-short-t", type=int, default=16,
-                   help="second window length for the op/sync counts, beside each row's T (default 16: one chunk)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads (default: torch's choice); 1 is steadier on a shared, busy CPU",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="JSON path (default benchmarks/results/rnn-<device>.json, rnn-<device>-small.json with --small)",
+    )
+    p.add_argument(
+        "--small", action="store_true", help="quick preset: T 20 100, hidden/input 64, batch 4, L 1, 1 repeat"
+    )
+    p.add_argument(
+        "--count-short-t",
+        type=int,
+        default=16,
+        help="second window length for the op/sync counts, beside each row's T (default 16: one chunk)",
+    )
     p.add_argument("--no-count", action="store_true", help="skip the op/sync counts (timing and memory only)")
-    p.add_argument("--interleave", action="store_true",
-                   help="time the configurations of one (cell, layers, T) group in turns, one step each per round "
-                        "(steadier ratios on a shared machine; all of a group's models are alive at once)")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the configurations of one (cell, layers, T) group in turns, one step each per round "
+        "(steadier ratios on a shared machine; all of a group's models are alive at once)",
+    )
     args = p.parse_args(argv)
     preset = SMALL_PRESET if args.small else PAPER_PRESET
     for key, value in preset.items():
@@ -667,8 +774,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         args.out = Path(__file__).resolve().parent / "results" / f"rnn-{device_slug(device)}{suffix}.json"
     configs = build_configs(args)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{len(configs)} configurations, {args.repeats} timed repeat(s) each", file=sys.stderr, flush=True)
+    print(
+        f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{len(configs)} configurations, {args.repeats} timed repeat(s) each",
+        file=sys.stderr,
+        flush=True,
+    )
     short_len = None if args.no_count else args.count_short_t
     rows = list(run_all(configs, device, args.repeats, short_len, args.interleave))
     add_ratios(rows)

@@ -48,12 +48,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             stats.append(model.memory_stats().as_dict())
         row = {"max_forget_bits": k, **{key: statistics.median(s[key] for s in stats) for key in KEYS}}
         rows.append(row)
-        print(f"k={str(k):>4}  actual {row['actual_ratio']:6.2f}x  optimal {row['optimal_ratio']:6.2f}x  "
-              f"efficiency {row['efficiency']:.3f}")
+        print(
+            f"k={k!s:>4}  actual {row['actual_ratio']:6.2f}x  optimal {row['optimal_ratio']:6.2f}x  "
+            f"efficiency {row['efficiency']:.3f}"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"checkpoint": args.ckpt, "trained_k": model.hparams.max_forget_bits, "windows": args.windows,
-                   "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "checkpoint": args.ckpt,
+                "trained_k": model.hparams.max_forget_bits,
+                "windows": args.windows,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {args.out}")
 
 

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_revrnn.memory import MemoryTrace, StepMemory, profiler_busy
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.rnn import ReversibleRNN
+from lightning_revrnn.memory import MemoryTrace, StepMemory, profiler_busy
 
 PREFIX = "memory/"
 #: Measured bytes, reduced over ranks by max (the largest rank is what must fit on a device).
@@ -26,7 +26,16 @@ MEASURED = ("peak_bytes", "grad_bytes", "peak_excl_grad_bytes", "saved_bytes")
 #: Accounting fields summed over windows and ranks (then a window count); the ratios are those of the sums.
 SUMMED = ("normal_bits", "used_bits", "optimal_bits", "stored_bits", "drains", "multiplications")
 #: Accounting keys logged, per module and layer and in total.
-LOGGED = ("normal_bits", "used_bits", "optimal_bits", "stored_bits", "drains", "windows", "actual_ratio", "optimal_ratio")
+LOGGED = (
+    "normal_bits",
+    "used_bits",
+    "optimal_bits",
+    "stored_bits",
+    "drains",
+    "windows",
+    "actual_ratio",
+    "optimal_ratio",
+)
 DEFAULT_EVERY_N_STEPS = 50
 
 
@@ -147,7 +156,9 @@ class MemoryReport(Callback):
 
     # ------------------------------------------------------------------------------ measurement hooks
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._trace is None and self._measured is None and (trainer.global_step + 1) % self._period(trainer) == 0:
             self._start(pl_module)
         if self._trace is not None:
@@ -188,8 +199,14 @@ class MemoryReport(Callback):
         metrics.update(self._reduce_accounting(trainer, pl_module.device))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         if trainer.is_global_zero:
-            self.history.append({"step": float(trainer.global_step), **metrics,
-                                 "world_size": float(trainer.world_size), "micro_batches": float(self._micro_batches)})
+            self.history.append(
+                {
+                    "step": float(trainer.global_step),
+                    **metrics,
+                    "world_size": float(trainer.world_size),
+                    "micro_batches": float(self._micro_batches),
+                }
+            )
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -218,8 +235,10 @@ class MemoryReport(Callback):
                 rows.append((f"{name}/layer{l}/", _summed([w.layers[l] for w in windows])))
         values = torch.tensor([r for _, r in rows], dtype=torch.float64, device=device)
         values = trainer.strategy.reduce(values, reduce_op="sum").cpu().tolist()
-        totals = [sum(values[i][j] for i, (prefix, _) in enumerate(rows) if "/layer" not in prefix)
-                  for j in range(len(SUMMED) + 1)]
+        totals = [
+            sum(values[i][j] for i, (prefix, _) in enumerate(rows) if "/layer" not in prefix)
+            for j in range(len(SUMMED) + 1)
+        ]
         out = _logged("", totals) if totals[-1] else {}
         for (prefix, _), row in zip(rows, values):
             if row[-1]:
@@ -237,9 +256,11 @@ class MemoryReport(Callback):
         """The summary printed at the end of fit: which model it measured (the LightningModule's class and its
         reversible modules), then the medians of the totals."""
         modules = ", ".join(f"{name}: {type(module).__name__}" for name, module in self._modules)
-        lines = [f"MemoryReport of {type(pl_module).__name__} ({modules or 'no reversible module'}), median over "
-                 f"{len(self.history)} measured steps; written to {folder}"]
-        lines += [f"  {k[len(PREFIX):]:<28} {v:>18,.2f}" for k, v in self.summary().items() if k.count("/") == 1]
+        lines = [
+            f"MemoryReport of {type(pl_module).__name__} ({modules or 'no reversible module'}), median over "
+            f"{len(self.history)} measured steps; written to {folder}"
+        ]
+        lines += [f"  {k[len(PREFIX) :]:<28} {v:>18,.2f}" for k, v in self.summary().items() if k.count("/") == 1]
         return "\n".join(lines)
 
     @override
@@ -253,8 +274,10 @@ class MemoryReport(Callback):
         if not trainer.is_global_zero:
             return
         if not self.history:
-            rank_zero_warn(f"MemoryReport measured no step: training ran {trainer.global_step} optimizer steps, "
-                           f"measuring every {self._period(trainer)}. Lower every_n_steps to get a report.")
+            rank_zero_warn(
+                f"MemoryReport measured no step: training ran {trainer.global_step} optimizer steps, "
+                f"measuring every {self._period(trainer)}. Lower every_n_steps to get a report."
+            )
             return
         summary = self.summary()
         rank_zero_info(self.summary_text(pl_module, folder))
@@ -266,8 +289,10 @@ class MemoryReport(Callback):
         self.report_dir = folder
         note = ""
         if self.dirpath is None and isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
-            note = (" (the main process's trainer.log_dir will name the logger's next version, not this folder: "
-                    "pass MemoryReport(dirpath=...) to choose it)")
+            note = (
+                " (the main process's trainer.log_dir will name the logger's next version, not this folder: "
+                "pass MemoryReport(dirpath=...) to choose it)"
+            )
         rank_zero_info(f"MemoryReport wrote memory_report.json{' and .png' if self.plot else ''} to {folder}{note}")
 
     def _plot(self, path: str) -> None:
@@ -290,8 +315,12 @@ class MemoryReport(Callback):
         reversible = any(f"{PREFIX}normal_bits" in row for row in rows)
         fig, axes = plt.subplots(2 if reversible else 1, 1, figsize=(7, 6 if reversible else 3.5), squeeze=False)
         ax = axes[0][0]
-        for key, label in (("peak_bytes", "peak above step start"), ("peak_excl_grad_bytes", "peak without gradients"),
-                           ("grad_bytes", "parameter gradients"), ("saved_bytes", "saved for backward")):
+        for key, label in (
+            ("peak_bytes", "peak above step start"),
+            ("peak_excl_grad_bytes", "peak without gradients"),
+            ("grad_bytes", "parameter gradients"),
+            ("saved_bytes", "saved for backward"),
+        ):
             ax.plot(steps, [row[PREFIX + key] / 2**20 for row in rows], marker="o", label=label)
         if reversible:
             # the paper's bits are summed over ranks and windows: per rank and micro-batch, like the peaks

@@ -38,8 +38,13 @@ class ResumeCheckpoint(ModelCheckpoint):
         if every_n_train_steps < 1:
             raise ValueError(f"every_n_train_steps must be at least 1, got {every_n_train_steps}.")
         # one file, overwritten (no last-v1.ckpt beside an older run's last.ckpt)
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
-                         enable_version_counter=False)
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,
+        )
 
     @override
     def on_train_batch_end(

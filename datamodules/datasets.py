@@ -154,8 +154,11 @@ class _EpochAware(ABC):
             return
         saved = {key: state.get(key) for key in self._fingerprint()}
         if saved != self._fingerprint():
-            differ = {key: (value, self._fingerprint()[key]) for key, value in saved.items()
-                      if value != self._fingerprint()[key]}
+            differ = {
+                key: (value, self._fingerprint()[key])
+                for key, value in saved.items()
+                if value != self._fingerprint()[key]
+            }
             raise ValueError(
                 f"Cannot resume {type(self).__name__} mid-epoch (epoch {state.get('epoch')}, window "
                 f"{state.get('windows')}): the checkpoint's data differs from this one in "

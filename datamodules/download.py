@@ -299,9 +299,7 @@ def _from_archive(mirror: ArchiveMirror, names: list[str], data_dir: Path, attem
     absent = [mirror.members[n] for n in names if n not in contents]
     if absent:
         attempts.fail(mirror.url, f"the archive has no member {absent}")
-    return {
-        n: data for n, data in contents.items() if attempts.verified(mirror.url, n, data, mirror.members[n])
-    }
+    return {n: data for n, data in contents.items() if attempts.verified(mirror.url, n, data, mirror.members[n])}
 
 
 def _from_files(mirror: FileMirror, names: list[str], data_dir: Path, attempts: _Attempts) -> dict[str, bytes]:

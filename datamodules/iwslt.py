@@ -51,8 +51,11 @@ WIT3_TEXTS = "https://wit3.fbk.eu/archive/2016-01/texts"
 GOOGLE_DRIVE_RELEASE = "https://drive.google.com/uc?id=1l5y6Giag9aRPwGtuZHswh3w5v3qEz8D8"
 """The whole 2016-01 release as one ``2016-01.tgz`` (what torchtext downloads; holds ``texts/de/en/de-en.tgz``)."""
 
-_XML_FILES = {f"{split}.{lang}": f"IWSLT16.TED.{year}.de-en.{lang}.xml"
-              for split, year in (("valid", "tst2013"), ("test", "tst2014")) for lang in ("en", "de")}
+_XML_FILES = {
+    f"{split}.{lang}": f"IWSLT16.TED.{year}.de-en.{lang}.xml"
+    for split, year in (("valid", "tst2013"), ("test", "tst2014"))
+    for lang in ("en", "de")
+}
 
 IWSLT2016_SPEC = CorpusSpec(
     name="IWSLT 2016 TED dev/test (tst2013, tst2014)",
@@ -88,11 +91,20 @@ class TrainingSource:
 
 
 TRAINING_SOURCES = (
-    TrainingSource(("train.tags.de-en.en", "train.tags.de-en.de"), "de-en",
-                   {"train.tags.de-en.en": "e1ae5f9ef436a9f4278dae79cca70b0cda1c8d3b",
-                    "train.tags.de-en.de": "e377256e5d7e2aa1d5518051db5bce8ecc568a8f"}),
-    TrainingSource(("de-en.tgz",), "de-en", {"de-en.tgz": "dc7bd534272f5b225ae190669b1e873c42a6d03d"},
-                   f"{WIT3_TEXTS}/de/en/de-en.tgz"),
+    TrainingSource(
+        ("train.tags.de-en.en", "train.tags.de-en.de"),
+        "de-en",
+        {
+            "train.tags.de-en.en": "e1ae5f9ef436a9f4278dae79cca70b0cda1c8d3b",
+            "train.tags.de-en.de": "e377256e5d7e2aa1d5518051db5bce8ecc568a8f",
+        },
+    ),
+    TrainingSource(
+        ("de-en.tgz",),
+        "de-en",
+        {"de-en.tgz": "dc7bd534272f5b225ae190669b1e873c42a6d03d"},
+        f"{WIT3_TEXTS}/de/en/de-en.tgz",
+    ),
     TrainingSource(("en-de.tgz",), "en-de", {}, f"{WIT3_TEXTS}/en/de/en-de.tgz"),
 )
 """The forms of the training text, in order of preference (and of download)."""
@@ -134,12 +146,15 @@ def _archive_members(data: bytes, path: Path, source: TrainingSource) -> tuple[b
                 if extracted is not None:
                     found[lang] = extracted.read()
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise CorpusFormatError(f"{path}: not a readable .tgz archive ({_failure(err)}); delete it and download "
-                                f"it again ({source.url}).") from None
+        raise CorpusFormatError(
+            f"{path}: not a readable .tgz archive ({_failure(err)}); delete it and download it again ({source.url})."
+        ) from None
     absent = [member for member, lang in wanted.items() if lang not in found]
     if absent:
-        raise CorpusFormatError(f"{path}: the archive has no member {absent} (any folder); it is not the WIT3 "
-                                f"2016-01 {source.pair} release ({source.url}).")
+        raise CorpusFormatError(
+            f"{path}: the archive has no member {absent} (any folder); it is not the WIT3 "
+            f"2016-01 {source.pair} release ({source.url})."
+        )
     return found["en"], found["de"]
 
 
@@ -283,15 +298,17 @@ class IWSLT2016DataModule(TranslationDataModule):
         source = self.training_source()
         if source is None:
             raise self.missing_training_error(
-                "setup() found none (prepare_data() downloads the archive; a Trainer calls it first).")
+                "setup() found none (prepare_data() downloads the archive; a Trainer calls it first)."
+            )
         paths = [self.data_dir / name for name in source.files]
         raw = [p.read_bytes() for p in paths]
         for path, data in zip(paths, raw):
             _verify_blob(path, data, source)
         if not source.git_blobs and not self._warned_unverified:
             self._warned_unverified = True
-            warnings.warn(f"{paths[0]} has no published checksum; it is used after checking its members only.",
-                          stacklevel=2)
+            warnings.warn(
+                f"{paths[0]} has no published checksum; it is used after checking its members only.", stacklevel=2
+            )
         digest = "+".join(hashlib.sha256(data).hexdigest() for data in raw)
 
         def tokenize() -> ParallelText:
@@ -312,8 +329,12 @@ class IWSLT2016DataModule(TranslationDataModule):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise missing_error(self.spec, self.data_dir, [path.name], "setup() found it absent "
-                                "(prepare_data() downloads missing files; a Trainer calls it first).") from None
+            raise missing_error(
+                self.spec,
+                self.data_dir,
+                [path.name],
+                "setup() found it absent (prepare_data() downloads missing files; a Trainer calls it first).",
+            ) from None
         verify_bytes(path, data, self.spec)
         return data
 
@@ -327,8 +348,10 @@ class IWSLT2016DataModule(TranslationDataModule):
             sources, targets = aligned_segments(src, tgt, names[0], names[1])
             text = tokenized_pairs(sources, targets, self.src_lang, self.tgt_lang)
             if len(text) != len(sources):
-                raise CorpusFormatError(f"{names[0]}: {len(sources) - len(text)} segments tokenise to nothing; "
-                                        "dev/test sets must keep every segment. The file is corrupt.")
+                raise CorpusFormatError(
+                    f"{names[0]}: {len(sources) - len(text)} segments tokenise to nothing; "
+                    "dev/test sets must keep every segment. The file is corrupt."
+                )
             return text
 
         return cached_tokenization(self.cache_dirs, split, digest, (self.src_lang, self.tgt_lang), tokenize)

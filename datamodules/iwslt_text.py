@@ -25,7 +25,8 @@ from .errors import CorpusFormatError
 from .parallel import ParallelText
 
 TOKENIZER_SETTINGS = "sacremoses {} aggressive_dash_splits=False escape=False lowercase-after".format(
-    version("sacremoses"))
+    version("sacremoses")
+)
 """What the tokenised text depends on besides the input (part of the cache key)."""
 
 
@@ -35,8 +36,9 @@ def parse_segments(data: bytes, source: str) -> list[tuple[str, str, str]]:
     try:
         root = ET.fromstring(decode_utf8(data, source))
     except ET.ParseError as err:
-        raise CorpusFormatError(f"{source}: not well-formed XML ({err}); the file is truncated or corrupt, "
-                                "delete it and get it again.") from None
+        raise CorpusFormatError(
+            f"{source}: not well-formed XML ({err}); the file is truncated or corrupt, delete it and get it again."
+        ) from None
     segments = []
     for doc in root.iter("doc"):
         for seg in doc.iter("seg"):
@@ -51,8 +53,9 @@ def aligned_segments(src: bytes, tgt: bytes, src_name: str, tgt_name: str) -> tu
     src_segs, tgt_segs = parse_segments(src, src_name), parse_segments(tgt, tgt_name)
     src_keys, tgt_keys = [s[:2] for s in src_segs], [t[:2] for t in tgt_segs]
     if src_keys != tgt_keys:
-        first = next((i for i, (a, b) in enumerate(zip(src_keys, tgt_keys)) if a != b), min(len(src_keys),
-                                                                                           len(tgt_keys)))
+        first = next(
+            (i for i, (a, b) in enumerate(zip(src_keys, tgt_keys)) if a != b), min(len(src_keys), len(tgt_keys))
+        )
         raise CorpusFormatError(
             f"{src_name} and {tgt_name} do not pair up: {len(src_keys)} vs {len(tgt_keys)} segments, first "
             f"difference at segment {first + 1}. They must be the two sides of the same dev/test set."
@@ -75,8 +78,11 @@ def training_sentences(src: bytes, tgt: bytes, src_name: str, tgt_name: str) -> 
             f"{src_name} has {len(src_lines)} lines but {tgt_name} has {len(tgt_lines)}; the training files "
             "must be aligned line by line. Get both from the same WIT3 archive."
         )
-    keep = [(s.strip(), t.strip()) for s, t in zip(src_lines, tgt_lines)
-            if s.strip() and t.strip() and not is_tag_line(s) and not is_tag_line(t)]
+    keep = [
+        (s.strip(), t.strip())
+        for s, t in zip(src_lines, tgt_lines)
+        if s.strip() and t.strip() and not is_tag_line(s) and not is_tag_line(t)
+    ]
     return [s for s, _ in keep], [t for _, t in keep]
 
 
@@ -84,8 +90,10 @@ def moses_tokenize(sentences: list[str], lang: str) -> list[str]:
     """Each sentence Moses-tokenised for ``lang`` (sacremoses; no aggressive dash splits, no escaping),
     lower-cased and space-joined."""
     tokenizer = MosesTokenizer(lang=lang)
-    return [" ".join(tokenizer.tokenize(s, aggressive_dash_splits=False, escape=False, return_str=True)
-                     .lower().split()) for s in sentences]
+    return [
+        " ".join(tokenizer.tokenize(s, aggressive_dash_splits=False, escape=False, return_str=True).lower().split())
+        for s in sentences
+    ]
 
 
 def tokenized_pairs(sources: list[str], targets: list[str], src_lang: str, tgt_lang: str) -> ParallelText:

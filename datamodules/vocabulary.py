@@ -60,8 +60,9 @@ class TranslationVocabulary:
         counted (they map to the special itself)."""
         if isinstance(min_freq, bool) or not isinstance(min_freq, int) or min_freq < 1:
             raise ValueError(f"min_freq must be an integer >= 1, got {min_freq!r}")
-        if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int)
-                                     or max_size < len(SPECIALS)):
+        if max_size is not None and (
+            isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < len(SPECIALS)
+        ):
             raise ValueError(
                 f"max_size must be None or an integer >= {len(SPECIALS)} (it counts the special tokens "
                 f"{SPECIALS}), got {max_size!r}"
@@ -133,13 +134,18 @@ class TranslationVocabulary:
         mine, theirs = self._itos, other._itos
         shared = min(len(mine), len(theirs))
         moved = [i for i in range(shared) if mine[i] != theirs[i]]
-        sizes = (f"{names[0]} {len(mine)} tokens, {names[1]} {len(theirs)}" if len(mine) != len(theirs)
-                 else f"both {len(mine)} tokens")
+        sizes = (
+            f"{names[0]} {len(mine)} tokens, {names[1]} {len(theirs)}"
+            if len(mine) != len(theirs)
+            else f"both {len(mine)} tokens"
+        )
         if not moved:
             return f"{sizes}; the first {shared} ids agree"
         first = moved[0]
-        return (f"{sizes}; {len(moved)} of the first {shared} ids mean another word, e.g. id {first} is "
-                f"{mine[first]!r} in {names[0]} but {theirs[first]!r} in {names[1]}")
+        return (
+            f"{sizes}; {len(moved)} of the first {shared} ids mean another word, e.g. id {first} is "
+            f"{mine[first]!r} in {names[0]} but {theirs[first]!r} in {names[1]}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this vocabulary: ``{"tokens": [...]}``."""

@@ -47,7 +47,11 @@ def rows_per_block(vocab: int, block_bytes: int, element_bytes: int = 4) -> int:
 
 
 def linear_cross_entropy(
-    x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int = -100,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int = -100,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> Tensor:
     """The cross-entropy of ``x @ weight.T + bias`` against ``targets``, summed over the rows whose target is
@@ -71,8 +75,14 @@ def linear_cross_entropy(
 
 
 def linear_cross_entropy_accumulate(
-    x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, scale: Tensor | float,
-    weight_grad: Tensor | None, bias_grad: Tensor | None, ignore_index: int = -100,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    scale: Tensor | float,
+    weight_grad: Tensor | None,
+    bias_grad: Tensor | None,
+    ignore_index: int = -100,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> tuple[Tensor, Tensor]:
     """One blockwise pass for the loss of :func:`linear_cross_entropy` and its gradients times ``scale``:
@@ -82,8 +92,9 @@ def linear_cross_entropy_accumulate(
     check_shapes(x, weight, targets)
     rows = rows_per_block(weight.shape[0], block_bytes)
     sinks = GradientSinks(scale, torch.empty(x.shape, dtype=torch.float32, device=x.device), weight_grad, bias_grad)
-    loss, _ = _blockwise(x.detach(), weight.detach(), None if bias is None else bias.detach(), targets, ignore_index,
-                         rows, sinks=sinks)
+    loss, _ = _blockwise(
+        x.detach(), weight.detach(), None if bias is None else bias.detach(), targets, ignore_index, rows, sinks=sinks
+    )
     assert sinks.x is not None
     return loss, sinks.x
 
@@ -134,7 +145,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         f32 = dict(dtype=torch.float32, device=x.device)
         sinks = GradientSinks(
-            grad_loss.float(), torch.empty(x.shape, **f32) if want_x else None,
+            grad_loss.float(),
+            torch.empty(x.shape, **f32) if want_x else None,
             torch.zeros(weight.shape, **f32) if want_w else None,
             torch.zeros(weight.shape[0], **f32) if want_b and bias is not None else None,
         )
@@ -142,15 +154,25 @@ class LinearCrossEntropy(torch.autograd.Function):
             _blockwise(x, weight, bias, targets, ctx.ignore_index, ctx.rows, lse, sinks)
         dx, dw, db = sinks.x, sinks.weight, sinks.bias
         return (
-            None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(weight.dtype), None, None, None,
+            None if dx is None else dx.to(x.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(weight.dtype),
+            None,
+            None,
+            None,
         )
 
 
 @torch.no_grad()
 def _blockwise(
-    x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int, rows: int,
-    lse: Tensor | None = None, sinks: GradientSinks | None = None,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int,
+    rows: int,
+    lse: Tensor | None = None,
+    sinks: GradientSinks | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The summed loss and every row's log-sum-exp ``(N,)``, a block of ``rows`` rows at a time. With
     ``sinks``, each block's gradients go there too; with ``lse`` (a backward) the row statistics are taken

@@ -55,8 +55,12 @@ def nmt_name(rnn: str, args: argparse.Namespace) -> str:
 def _trainer(args: argparse.Namespace, name: str, **kwargs: Any) -> pl.Trainer:
     """A quiet CPU Trainer logging to ``<out>/<name>`` (CSV) unless ``kwargs`` say otherwise."""
     options: dict[str, Any] = dict(
-        accelerator="cpu", enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-        default_root_dir=os.path.join(args.out, name), logger=pl.loggers.CSVLogger(args.out, name=name),
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        default_root_dir=os.path.join(args.out, name),
+        logger=pl.loggers.CSVLogger(args.out, name=name),
         num_sanity_val_steps=0,
     )
     return pl.Trainer(**{**options, **kwargs})
@@ -71,14 +75,22 @@ def train(rnn: RnnType, args: argparse.Namespace) -> dict[str, Any]:
     data.prepare_data()
     data.setup("fit")
     model = LanguageModel(
-        data.vocab_size, rnn=rnn, num_layers=1, emb_size=args.size, max_forget_bits=3,
-        dropout_emb=0.0, dropout_input=0.1, dropout_hidden=0.0, dropout_output=0.1, dropconnect=0.0,
-        optimizer=lambda p: torch.optim.Adam(p, lr=args.lr), seed=args.seed,
+        data.vocab_size,
+        rnn=rnn,
+        num_layers=1,
+        emb_size=args.size,
+        max_forget_bits=3,
+        dropout_emb=0.0,
+        dropout_input=0.1,
+        dropout_hidden=0.0,
+        dropout_output=0.1,
+        dropconnect=0.0,
+        optimizer=lambda p: torch.optim.Adam(p, lr=args.lr),
+        seed=args.seed,
     )
     report = MemoryReport(every_n_steps=max(1, args.steps // 10), plot=True)  # ten measured steps per model
     # validation once, after training (the table reports that one)
-    trainer = _trainer(args, rnn, max_steps=args.steps, limit_val_batches=0, gradient_clip_val=0.25,
-                       callbacks=[report])
+    trainer = _trainer(args, rnn, max_steps=args.steps, limit_val_batches=0, gradient_clip_val=0.25, callbacks=[report])
     trainer.fit(model, data)
     metrics = _trainer(args, rnn, logger=False).validate(model, data, verbose=False)[0]
     return {
@@ -98,18 +110,30 @@ def translate(rnn: str, args: argparse.Namespace) -> dict[str, Any]:
     data = SyntheticTranslationDataModule(train_size=args.nmt_train, batch_size=args.nmt_batch, seed=args.seed)
     reversible = rnn.startswith("rev")
     model = TranslationModel(
-        rnn, hidden_size=args.size, embedding_size=args.size, context="emb+slice" if reversible else "hidden",
-        slice_dim=args.slice_dim, max_forget_bits=3, dropout=0.1, beam=5,
+        rnn,
+        hidden_size=args.size,
+        embedding_size=args.size,
+        context="emb+slice" if reversible else "hidden",
+        slice_dim=args.slice_dim,
+        max_forget_bits=3,
+        dropout=0.1,
+        beam=5,
         optimizer=lambda p: torch.optim.Adam(p, lr=args.lr),
     )
     report = MemoryReport(every_n_steps=max(1, args.nmt_steps // 10), plot=False)
-    trainer = _trainer(args, f"nmt-{rnn}", max_steps=args.nmt_steps, limit_val_batches=0, gradient_clip_val=5.0,
-                       callbacks=[report])
+    trainer = _trainer(
+        args, f"nmt-{rnn}", max_steps=args.nmt_steps, limit_val_batches=0, gradient_clip_val=5.0, callbacks=[report]
+    )
     trainer.fit(model, data)
     metrics = trainer.test(model, data, verbose=False)[0]
     summary = {k.removeprefix("memory/"): v for k, v in report.summary().items() if "/layer" not in k}
-    return {"rnn": rnn, "model": nmt_name(rnn, args), "test_bleu": metrics["test_bleu"], "steps": trainer.global_step,
-            **summary}
+    return {
+        "rnn": rnn,
+        "model": nmt_name(rnn, args),
+        "test_bleu": metrics["test_bleu"],
+        "steps": trainer.global_step,
+        **summary,
+    }
 
 
 #: Width of the model column.
@@ -124,13 +148,16 @@ def translation_table(rows: list[dict[str, Any]]) -> str:
     """Test BLEU, measured memory per step with ratios to the baseline (the last row), and the paper's
     accounting per side (actual / optimal ratio; the encoder's counts its stored slice)."""
     base = rows[-1]
-    head = (f"{'model':<{NAME}} {'test BLEU':>9} {'saved KiB':>10} {'vs GRU':>8} {'peak KiB':>9} {'vs GRU':>8} "
-            f"{'encoder actual/optimal':>23} {'decoder actual/optimal':>23}")
+    head = (
+        f"{'model':<{NAME}} {'test BLEU':>9} {'saved KiB':>10} {'vs GRU':>8} {'peak KiB':>9} {'vs GRU':>8} "
+        f"{'encoder actual/optimal':>23} {'decoder actual/optimal':>23}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         sides = [
             f"{r[f'{side}/actual_ratio']:.1f}x / {r[f'{side}/optimal_ratio']:.1f}x"
-            if f"{side}/actual_ratio" in r else "-"
+            if f"{side}/actual_ratio" in r
+            else "-"
             for side in ("encoder", "decoder")
         ]
         lines.append(
@@ -145,8 +172,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     """One table: perplexity vs optimum, measured memory per step (saved for backward, and the step's peak
     without parameter gradients) with its ratio to the baseline (the last row), and the paper's accounting."""
     base = rows[-1]
-    head = (f"{'model':<{NAME}} {'val ppl':>8} {'optimum':>8} {'saved KiB':>10} {'vs GRU':>8} {'peak KiB':>9} "
-            f"{'vs GRU':>8} {'paper actual':>13} {'paper optimal':>14} {'efficiency':>10}")
+    head = (
+        f"{'model':<{NAME}} {'val ppl':>8} {'optimum':>8} {'saved KiB':>10} {'vs GRU':>8} {'peak KiB':>9} "
+        f"{'vs GRU':>8} {'paper actual':>13} {'paper optimal':>14} {'efficiency':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         acct = ("used_bits" in r) and r["used_bits"]
@@ -154,8 +183,11 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['model']:<{NAME}} {r['val_ppl']:>8.3f} {r['optimal_ppl']:>8.3f} {r['saved_bytes'] / 1024:>10.1f} "
             f"{_ratio(base, r, 'saved_bytes')} {r['peak_excl_grad_bytes'] / 1024:>9.1f} "
             f"{_ratio(base, r, 'peak_excl_grad_bytes')} "
-            + (f"{r['actual_ratio']:>12.1f}x {r['optimal_ratio']:>13.1f}x {r['optimal_bits'] / r['used_bits']:>10.2f}"
-               if acct else f"{'-':>13} {'-':>14} {'-':>10}")
+            + (
+                f"{r['actual_ratio']:>12.1f}x {r['optimal_ratio']:>13.1f}x {r['optimal_bits'] / r['used_bits']:>10.2f}"
+                if acct
+                else f"{'-':>13} {'-':>14} {'-':>10}"
+            )
         )
     return "\n".join(lines)
 
@@ -215,9 +247,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--slice-dim", type=int, default=8, help="stored encoder units per step (Emb+slice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="demo_logs", help="logs, MemoryReport JSON/PNG and demo.json")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; the models are small: one is as fast as two on idle cores, and much "
-                             "faster when other work shares them")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; the models are small: one is as fast as two on idle cores, and much "
+        "faster when other work shares them",
+    )
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -236,25 +272,39 @@ def run(args: argparse.Namespace) -> None:
     log = os.path.join(args.out, "train.log")
     count = 4 if args.nmt_steps > 0 else 2
     threads = args.threads
-    print(f"Reversible RNNs and their nn.GRU baselines on embedded synthetic tasks ({threads} CPU "
-          f"thread{'s' if threads != 1 else ''}); training messages: {log}")
+    print(
+        f"Reversible RNNs and their nn.GRU baselines on embedded synthetic tasks ({threads} CPU "
+        f"thread{'s' if threads != 1 else ''}); training messages: {log}"
+    )
     with training_log(log):
         lm_rnns: tuple[RnnType, ...] = ("revgru", "gru")
-        rows = [_run(f"[{i + 1}/{count}]", lm_name(rnn), args.steps, partial(train, rnn, args))
-                for i, rnn in enumerate(lm_rnns)]
-        nmt_rows = [
-            _run(f"[{i + 3}/{count}]", nmt_name(rnn, args), args.nmt_steps, partial(translate, rnn, args))
-            for i, rnn in enumerate(("revgru", "gru"))
-        ] if args.nmt_steps > 0 else []
-    print(f"\nLanguage modelling: a synthetic Markov source ({args.vocab} words), embedding = hidden = {args.size}, "
-          f"{args.steps} steps\n" + table(rows))
+        rows = [
+            _run(f"[{i + 1}/{count}]", lm_name(rnn), args.steps, partial(train, rnn, args))
+            for i, rnn in enumerate(lm_rnns)
+        ]
+        nmt_rows = (
+            [
+                _run(f"[{i + 3}/{count}]", nmt_name(rnn, args), args.nmt_steps, partial(translate, rnn, args))
+                for i, rnn in enumerate(("revgru", "gru"))
+            ]
+            if args.nmt_steps > 0
+            else []
+        )
+    print(
+        f"\nLanguage modelling: a synthetic Markov source ({args.vocab} words), embedding = hidden = {args.size}, "
+        f"{args.steps} steps\n" + table(rows)
+    )
     if nmt_rows:
-        print(f"\nTranslation with attention: the synthetic reordering task, embedding = hidden = {args.size}, "
-              f"{args.nmt_steps} steps, test BLEU with beam 5\n" + translation_table(nmt_rows))
-    print("\nMemory per training step: medians over each model's measured steps (MemoryReport), the same on every "
-          "run.\nsaved: kept from forward for backward; peak: highest allocation above the step's start, without "
-          "parameter\ngradients; vs GRU: the GRU's figure over the model's (above 1: less memory); paper: normal / "
-          "used bits\n(actual), normal / optimal bits (optimal), optimal / used (efficiency).")
+        print(
+            f"\nTranslation with attention: the synthetic reordering task, embedding = hidden = {args.size}, "
+            f"{args.nmt_steps} steps, test BLEU with beam 5\n" + translation_table(nmt_rows)
+        )
+    print(
+        "\nMemory per training step: medians over each model's measured steps (MemoryReport), the same on every "
+        "run.\nsaved: kept from forward for backward; peak: highest allocation above the step's start, without "
+        "parameter\ngradients; vs GRU: the GRU's figure over the model's (above 1: less memory); paper: normal / "
+        "used bits\n(actual), normal / optimal bits (optimal), optimal / used (efficiency)."
+    )
     with open(os.path.join(args.out, "demo.json"), "w") as f:
         json.dump({"lm": rows, "translation": nmt_rows}, f, indent=1)
     print(f"\nwritten: {os.path.join(args.out, 'demo.json')}")

@@ -195,8 +195,11 @@ class MemoryTrace:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device if device.index is not None or device.type != "cuda" else torch.device(
-            "cuda", torch.cuda.current_device())
+        self.device = (
+            device
+            if device.index is not None or device.type != "cuda"
+            else torch.device("cuda", torch.cuda.current_device())
+        )
         self._profile: profile | None = None
         self._hooks: AbstractContextManager[None] | None = None
         self._forwards: list[_Forward] = []
@@ -210,8 +213,10 @@ class MemoryTrace:
     def start(self) -> None:
         """Start tracing (CUDA: also reset the allocator's peak statistics)."""
         if profiler_busy():
-            raise RuntimeError("Another torch profiler is running; MemoryTrace needs its own. Stop the other "
-                               "profiler (e.g. the Trainer's profiler=...) or measure another step.")
+            raise RuntimeError(
+                "Another torch profiler is running; MemoryTrace needs its own. Stop the other "
+                "profiler (e.g. the Trainer's profiler=...) or measure another step."
+            )
         self._forwards = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

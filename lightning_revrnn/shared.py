@@ -133,7 +133,12 @@ class BaselineRNN(nn.Module):
     """
 
     def __init__(
-        self, kind: str, input_size: int, sizes: list[int], input_dropout: float, dropout: float,
+        self,
+        kind: str,
+        input_size: int,
+        sizes: list[int],
+        input_dropout: float,
+        dropout: float,
         dropconnect: float,
     ) -> None:
         super().__init__()

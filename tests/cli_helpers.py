@@ -16,11 +16,28 @@ from pytorch_lightning.callbacks import Callback
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 #: What Lightning's DDP launchers write into ``os.environ`` (a test's leftovers must not reach the child).
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK",
-            "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "GLOBAL_RANK",
+    "RANK",
+    "PL_GLOBAL_SEED",
+    "PL_SEED_WORKERS",
+)
 #: Quiet, small and on one CPU thread: the same arithmetic in every run of a test.
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+QUIET = [
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+]
 
 
 def revrnn(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -28,11 +45,20 @@ def revrnn(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> s
     exit, showing the end of the output."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     tests = str(Path(__file__).resolve().parent)  # configs may name callbacks of this module (ExitAt)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([tests, *filter(None, [env.get("PYTHONPATH")])]))
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([tests, *filter(None, [env.get("PYTHONPATH")])]),
+    )
     try:
-        proc = subprocess.run([sys.executable, "-m", "lightning_revrnn.cli", *args], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightning_revrnn.cli", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as error:
         raise AssertionError(f"revrnn {' '.join(args[:1])} ran past {timeout} s") from error
     if check:
@@ -70,8 +96,9 @@ class ExitAt(Callback):
     def __init__(self, at: int) -> None:
         self.at = at
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.at:
             sys.stdout.flush()
             sys.stderr.flush()

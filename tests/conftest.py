@@ -54,8 +54,17 @@ def _test_device() -> Iterator[None]:
 
 
 #: What Lightning's DDP launchers write into ``os.environ``; a test starts without them and restores them after.
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK",
-            "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "GLOBAL_RANK",
+    "RANK",
+    "PL_GLOBAL_SEED",
+    "PL_SEED_WORKERS",
+)
 
 
 @pytest.fixture
@@ -92,8 +101,13 @@ def run_ddp_script(script: Path, *args: str, cwd: Path, timeout: float = 300) ->
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, str(script), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, str(script), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     leftovers: list[int] = []
     try:

@@ -36,15 +36,32 @@ def build_model(rnn: str = "revgru") -> LanguageModel:
     """The tiny LM of the DDP tests, seeded, without dropout (masks are drawn per (seed, step, rank), so
     with dropout a rank's masks differ from a single process's by design)."""
     torch.manual_seed(0)
-    return LanguageModel(16, rnn=rnn, num_layers=2, emb_size=16, hidden_size=24, dropout_emb=0.0,
-                         dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, dropconnect=0.0,
-                         optimizer=partial(torch.optim.SGD, lr=0.5))
+    return LanguageModel(
+        16,
+        rnn=rnn,
+        num_layers=2,
+        emb_size=16,
+        hidden_size=24,
+        dropout_emb=0.0,
+        dropout_input=0.0,
+        dropout_hidden=0.0,
+        dropout_output=0.0,
+        dropconnect=0.0,
+        optimizer=partial(torch.optim.SGD, lr=0.5),
+    )
 
 
 def build_data() -> SyntheticLMDataModule:
     """Synthetic corpus, global batch :data:`GLOBAL_BATCH` (split over the ranks)."""
-    return SyntheticLMDataModule(vocab_size=16, train_tokens=2000, val_tokens=400, test_tokens=400,
-                                 batch_size=GLOBAL_BATCH, eval_batch_size=GLOBAL_BATCH, bptt=10)
+    return SyntheticLMDataModule(
+        vocab_size=16,
+        train_tokens=2000,
+        val_tokens=400,
+        test_tokens=400,
+        batch_size=GLOBAL_BATCH,
+        eval_batch_size=GLOBAL_BATCH,
+        bptt=10,
+    )
 
 
 class GradSaver(Callback):
@@ -55,8 +72,9 @@ class GradSaver(Callback):
         self.folder = folder
         self.inputs: torch.Tensor | None = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.inputs = batch["inputs"].clone()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -76,8 +94,9 @@ class Checks(Callback):
         self.in_sync = False
         self.distinct_data = False
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.local_batches.append(int(batch["inputs"].shape[1]))
         if self.first_inputs is None:
             self.first_inputs = batch["inputs"].clone()
@@ -101,9 +120,19 @@ def main(folder: str | None = None) -> None:
     model, data, checks = build_model(), build_data(), Checks()
     callbacks: list[Callback] = [checks] if folder is None else [checks, GradSaver(folder)]
     trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, strategy="ddp", max_steps=STEPS, limit_val_batches=2,
-        val_check_interval=STEPS, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.25, callbacks=callbacks,
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        max_steps=STEPS,
+        limit_val_batches=2,
+        val_check_interval=STEPS,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.25,
+        callbacks=callbacks,
     )
     trainer.fit(model, data)
     assert trainer.world_size == WORLD, trainer.world_size
@@ -115,8 +144,11 @@ def main(folder: str | None = None) -> None:
     val_ppl = float(trainer.callback_metrics["val_ppl"])
     assert torch.isfinite(torch.tensor([loss, val_ppl])).all(), (loss, val_ppl)
     if trainer.is_global_zero:
-        print(f"{MARKER} world_size={trainer.world_size} global_step={trainer.global_step} "
-              f"train_loss={loss:.4f} val_ppl={val_ppl:.3f}", flush=True)
+        print(
+            f"{MARKER} world_size={trainer.world_size} global_step={trainer.global_step} "
+            f"train_loss={loss:.4f} val_ppl={val_ppl:.3f}",
+            flush=True,
+        )
     end_process_group()
 
 

@@ -11,8 +11,10 @@ from torch import nn
 def module_state(module: nn.Module) -> dict[str, dict[str, Any]]:
     """Every attribute of ``module`` and of its submodules, the registries (parameters, buffers, submodules,
     hooks) copied one level deep, so an attribute added, replaced or registered later shows up."""
-    return {name: {k: dict(v) if isinstance(v, dict) else v for k, v in vars(m).items()}
-            for name, m in module.named_modules(remove_duplicate=False)}
+    return {
+        name: {k: dict(v) if isinstance(v, dict) else v for k, v in vars(m).items()}
+        for name, m in module.named_modules(remove_duplicate=False)
+    }
 
 
 def assert_same_state(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> None:

@@ -25,8 +25,9 @@ def synthetic_data(batch_size: int = 8, train_size: int = 48) -> SyntheticTransl
     """The embedded reversed word-substitution task at test size: 8 words per language (vocabularies of 12
     ids), sentences of 1-9 words (targets cross no chunk: the gradient tests cover that), 12 validation and
     12 test pairs."""
-    return SyntheticTranslationDataModule(vocab=8, min_len=1, max_len=9, train_size=train_size, val_size=12,
-                                          test_size=12, batch_size=batch_size)
+    return SyntheticTranslationDataModule(
+        vocab=8, min_len=1, max_len=9, train_size=train_size, val_size=12, test_size=12, batch_size=batch_size
+    )
 
 
 def padded_batch(src_lengths: list[int], tgt_lengths: list[int], vocab: int, seed: int = 0) -> TranslationBatch:
@@ -41,8 +42,14 @@ def padded_batch(src_lengths: list[int], tgt_lengths: list[int], vocab: int, see
     tgt_out[torch.tensor(tgt_lengths), torch.arange(B)] = EOS
     tgt_in = torch.cat([torch.full((1, B), BOS), words[:-1]])
     return TranslationBatch(
-        src=src, src_keep=src_keep, tgt_in=tgt_in.masked_fill(~tgt_keep, PAD), tgt_out=tgt_out.masked_fill(~tgt_keep, PAD),
-        tgt_keep=tgt_keep, sources=["x"] * B, references=["y"] * B, indices=list(range(B)),
+        src=src,
+        src_keep=src_keep,
+        tgt_in=tgt_in.masked_fill(~tgt_keep, PAD),
+        tgt_out=tgt_out.masked_fill(~tgt_keep, PAD),
+        tgt_keep=tgt_keep,
+        sources=["x"] * B,
+        references=["y"] * B,
+        indices=list(range(B)),
     )
 
 
@@ -58,7 +65,9 @@ def tiny_model(rnn: str = "revgru", seed: int = 0, vocab: int | None = 13, **kwa
 
 def grads_of(model: torch.nn.Module) -> dict[str, Tensor]:
     """Every parameter's gradient by name (zeros where none arrived)."""
-    return {n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
+    return {
+        n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()
+    }
 
 
 def trained_synthetic(root: Path) -> tuple[TranslationModel, SyntheticTranslationDataModule, Path]:
@@ -66,11 +75,25 @@ def trained_synthetic(root: Path) -> tuple[TranslationModel, SyntheticTranslatio
     its DataModule, and its checkpoint saved from Python (``root/synthetic.ckpt``)."""
     with torch.device("cpu"):
         pl.seed_everything(0, verbose=False)
-        model = tiny_model(vocab=None, hidden_size=16, embedding_size=8, slice_dim=4, dropout=0.0,
-                           optimizer=lambda p: torch.optim.Adam(p, lr=0.02))
+        model = tiny_model(
+            vocab=None,
+            hidden_size=16,
+            embedding_size=8,
+            slice_dim=4,
+            dropout=0.0,
+            optimizer=lambda p: torch.optim.Adam(p, lr=0.02),
+        )
         data = synthetic_data(batch_size=16, train_size=400)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=150, limit_val_batches=0, logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=150,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
         trainer.fit(model, data)
         trainer.save_checkpoint(root / "synthetic.ckpt")
     return model, data, root / "synthetic.ckpt"

@@ -12,18 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, attend_backward
 from lightning_revrnn.chunked_loss import (
     linear_cross_entropy,
     linear_cross_entropy_accumulate,
     rows_per_block,
 )
 from lightning_revrnn.memory import MemoryTrace
+from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, attend_backward
 
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from seq2seq_helpers import padded_batch, tiny_model  # noqa: E402
+from seq2seq_helpers import padded_batch, tiny_model
 
 IGNORE = -100
 N, H, V = 10, 6, 23
@@ -144,8 +144,15 @@ def test_reversible_step_peak_is_bounded_by_the_budget_not_chunk_batch_vocab() -
     """A whole reverse-mode training step of a model with a large target vocabulary: its activation peak
     stays below one chunk's logits (C × B × V float32), which the old head held three of at once."""
     vocab, budget = 6000, 64 * 1024
-    model = tiny_model("revgru", vocab=None, src_vocab_size=40, tgt_vocab_size=vocab, context="emb+slice",
-                       dropout=0.3, head_block_bytes=budget).train()
+    model = tiny_model(
+        "revgru",
+        vocab=None,
+        src_vocab_size=40,
+        tgt_vocab_size=vocab,
+        context="emb+slice",
+        dropout=0.3,
+        head_block_bytes=budget,
+    ).train()
     batch = padded_batch([6, 3, 5, 6, 2, 4, 6, 1], [15, 9, 15, 3, 12, 15, 7, 15], 40)  # T = 16: one full chunk
     chunk_logits = batch.tgt_out.numel() * vocab * 4
     trace = MemoryTrace(torch.device("cpu"))

@@ -27,8 +27,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is smaller than the logging interval.*"),
 ]
 
-LM_DATA: dict[str, Any] = dict(vocab_size=32, batch_size=16, bptt=35, train_tokens=3000, val_tokens=700,
-                               test_tokens=700)
+LM_DATA: dict[str, Any] = dict(
+    vocab_size=32, batch_size=16, bptt=35, train_tokens=3000, val_tokens=700, test_tokens=700
+)
 NMT_DATA: dict[str, Any] = dict(train_size=64, val_size=16, test_size=16, batch_size=16, max_len=12)
 #: Decoding settings are not saved in checkpoints: the command gets the ones the Python model used.
 NMT_DECODING = ["--model.beam", "2", "--model.max_decode_len", "6"]
@@ -40,9 +41,15 @@ def _data_args(values: dict[str, Any]) -> list[str]:
 
 LM_ARGS = ["--config", str(CONFIGS / "synthetic-revgru.yaml"), *_data_args(LM_DATA), *QUIET]
 # The Multi30K config with the embedded translation task in place of the corpus (no download)
-NMT_ARGS = ["--config", str(CONFIGS / "multi30k-revgru.yaml"),
-            "--data", "lightning_revrnn.datamodules.SyntheticTranslationDataModule", *_data_args(NMT_DATA),
-            *QUIET, *NMT_DECODING]
+NMT_ARGS = [
+    "--config",
+    str(CONFIGS / "multi30k-revgru.yaml"),
+    "--data",
+    "lightning_revrnn.datamodules.SyntheticTranslationDataModule",
+    *_data_args(NMT_DATA),
+    *QUIET,
+    *NMT_DECODING,
+]
 
 
 @pytest.fixture(autouse=True)
@@ -54,13 +61,28 @@ def _one_thread() -> Any:
 
 
 def _trainer(**kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
 
 
 def _csv_logger(root: Path, name: str) -> list[str]:
-    return ["--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
-            "--trainer.logger.name", name, "--trainer.logger.version", "0"]
+    return [
+        "--trainer.logger",
+        "pytorch_lightning.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(root),
+        "--trainer.logger.name",
+        name,
+        "--trainer.logger.version",
+        "0",
+    ]
 
 
 def _cli_checkpoint(root: Path) -> Path:
@@ -89,14 +111,32 @@ def test_language_model_checkpoints_work_both_ways(tmp_path: Path) -> None:
     trainer.save_checkpoint(python_ckpt)
     direct = _trainer(limit_test_batches=2).test(model, data, verbose=False)[0]["test_ppl"]
 
-    revrnn("test", *LM_ARGS, "--ckpt_path", str(python_ckpt), "--trainer.limit_test_batches", "2",
-           *_csv_logger(tmp_path, "test"), cwd=tmp_path)
+    revrnn(
+        "test",
+        *LM_ARGS,
+        "--ckpt_path",
+        str(python_ckpt),
+        "--trainer.limit_test_batches",
+        "2",
+        *_csv_logger(tmp_path, "test"),
+        cwd=tmp_path,
+    )
     assert last_value(tmp_path / "test" / "version_0", "test_ppl") == pytest.approx(direct, rel=1e-5)
 
     # revrnn fit -> LanguageModel.load_from_checkpoint
     fit_root = tmp_path / "fit"
-    revrnn("fit", *LM_ARGS, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-           "--trainer.default_root_dir", str(fit_root), *_csv_logger(fit_root, "fit"), cwd=tmp_path)
+    revrnn(
+        "fit",
+        *LM_ARGS,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.default_root_dir",
+        str(fit_root),
+        *_csv_logger(fit_root, "fit"),
+        cwd=tmp_path,
+    )
     cli_ckpt = _cli_checkpoint(tmp_path)
     loaded = LanguageModel.load_from_checkpoint(cli_ckpt)
     assert loaded.hparams["emb_size"] == 64 and loaded.hparams["vocab_size"] == 32  # the config's, the data's
@@ -120,15 +160,38 @@ def test_translation_model_checkpoints_work_both_ways(tmp_path: Path) -> None:
     for key in ("test_loss", "test_bleu"):
         assert last_value(tmp_path / "test" / "version_0", key) == pytest.approx(direct[key], rel=1e-5, abs=1e-6)
     out = tmp_path / "translations.de"
-    revrnn("predict", *NMT_ARGS, "--ckpt_path", str(python_ckpt), "--model.prediction_file", str(out),
-           *_csv_logger(tmp_path, "predict"), cwd=tmp_path)
+    revrnn(
+        "predict",
+        *NMT_ARGS,
+        "--ckpt_path",
+        str(python_ckpt),
+        "--model.prediction_file",
+        str(out),
+        *_csv_logger(tmp_path, "predict"),
+        cwd=tmp_path,
+    )
     assert out.read_text(encoding="utf-8").splitlines() == translations and len(translations) == 16
 
     # revrnn fit -> TranslationModel.load_from_checkpoint (with its vocabularies: it translates on its own)
     fit_root = tmp_path / "fit"
-    revrnn("fit", *NMT_ARGS, "--model.hidden_size", "16", "--model.embedding_size", "8", "--model.slice_dim", "4",
-           "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir",
-           str(fit_root), *_csv_logger(fit_root, "fit"), cwd=tmp_path)
+    revrnn(
+        "fit",
+        *NMT_ARGS,
+        "--model.hidden_size",
+        "16",
+        "--model.embedding_size",
+        "8",
+        "--model.slice_dim",
+        "4",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.default_root_dir",
+        str(fit_root),
+        *_csv_logger(fit_root, "fit"),
+        cwd=tmp_path,
+    )
     cli_ckpt = _cli_checkpoint(tmp_path)
     loaded = TranslationModel.load_from_checkpoint(cli_ckpt, beam=2, max_decode_len=6)
     assert loaded.hparams["hidden_size"] == 16 and loaded.hparams["tgt_vocab_size"] == len(data.tgt_vocab or [])

@@ -59,6 +59,10 @@ def test_memory_figures_are_the_same_on_every_run(tmp_path: Path) -> None:
     for i in range(2):
         demo.main([*args, "--out", str(tmp_path / str(i))])
         result = json.loads((tmp_path / str(i) / "demo.json").read_text())
-        runs.append([[row[k] for k in ("peak_bytes", "peak_excl_grad_bytes", "saved_bytes", "grad_bytes")]
-                     for row in result["lm"] + result["translation"]])
+        runs.append(
+            [
+                [row[k] for k in ("peak_bytes", "peak_excl_grad_bytes", "saved_bytes", "grad_bytes")]
+                for row in result["lm"] + result["translation"]
+            ]
+        )
     assert runs[0] == runs[1]

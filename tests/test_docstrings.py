@@ -14,7 +14,9 @@ import lightning_revrnn
 def _modules() -> list[str]:
     names = [m.name for m in pkgutil.walk_packages(lightning_revrnn.__path__, "lightning_revrnn.")]
     for package in ("lightning_revrnn.callbacks", "lightning_revrnn.datamodules"):  # installed from the root folders
-        names += [package] + [m.name for m in pkgutil.iter_modules(importlib.import_module(package).__path__, f"{package}.")]
+        names += [package] + [
+            m.name for m in pkgutil.iter_modules(importlib.import_module(package).__path__, f"{package}.")
+        ]
     return sorted(set(names) - {"lightning_revrnn.demo", "lightning_revrnn.cli"})
 
 

@@ -8,8 +8,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Source folders and the package names they install as.
-SOURCES = {"lightning_revrnn": ROOT / "lightning_revrnn", "lightning_revrnn.callbacks": ROOT / "callbacks",
-           "lightning_revrnn.datamodules": ROOT / "datamodules"}
+SOURCES = {
+    "lightning_revrnn": ROOT / "lightning_revrnn",
+    "lightning_revrnn.callbacks": ROOT / "callbacks",
+    "lightning_revrnn.datamodules": ROOT / "datamodules",
+}
 #: What each floor may import from the package (besides itself). The core names the fused backend only by a
 #: string, on first use (core.backend.backend_for), never by an import statement.
 ALLOWED = {

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lightning_revrnn import RevGRU, RevLSTM
-from lightning_revrnn.memory import MemoryTrace, _Allocation, _peak, _without_kineto_markers, saved_tensor_bytes
 from lightning_revrnn.core.protocol import CHUNK
+from lightning_revrnn.memory import MemoryTrace, _Allocation, _peak, _without_kineto_markers, saved_tensor_bytes
 
 
 def _saved(rnn: nn.Module, T: int, B: int = 4) -> tuple[int, int, int]:
@@ -179,5 +179,7 @@ def test_only_the_profiler_lines_are_dropped(capfd: pytest.CaptureFixture[str]) 
         print("from Python", file=sys.stderr)
         os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:59] profiler_stop\n")
     captured = capfd.readouterr()  # (pytest collects Python's and the descriptor's writes apart)
-    assert sorted((captured.out + captured.err).splitlines()) == ["[W CPUAllocator.cpp:245] something else",
-                                                                  "from Python"]
+    assert sorted((captured.out + captured.err).splitlines()) == [
+        "[W CPUAllocator.cpp:245] something else",
+        "from Python",
+    ]

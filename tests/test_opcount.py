@@ -60,7 +60,11 @@ def test_counts_host_reads_as_syncs_and_restores_tensor_methods() -> None:
     assert dict(item.syncs) == {"_local_scalar_dense": 1}
     assert item.total_ops == 2  # sum and the scalar read
     assert dict(reads.syncs) == {
-        "_local_scalar_dense": 1, "Tensor.tolist": 1, "Tensor.cpu": 1, "Tensor.to": 1, "Tensor.numpy": 1,
+        "_local_scalar_dense": 1,
+        "Tensor.tolist": 1,
+        "Tensor.cpu": 1,
+        "Tensor.to": 1,
+        "Tensor.numpy": 1,
         "index(bool mask)": 1,
     }
     assert sum(reads.sync_sites.values()) == 6 and all("test_opcount.py" in s for s in reads.sync_sites)

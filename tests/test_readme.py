@@ -22,7 +22,7 @@ def test_user_lightning_module_with_revlstm_trains(tmp_path: Path, monkeypatch: 
     """The user's own truncated-BPTT LightningModule (nn.LSTM swapped for RevLSTM) fits with MemoryReport."""
     monkeypatch.chdir(tmp_path)
     scope: dict[str, object] = {}
-    exec(compile(python_block("class MyLM"), "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    exec(compile(python_block("class MyLM"), "README.md", "exec"), scope)
     trainer = scope["trainer"]
     assert trainer.state.finished and trainer.global_step == 20  # type: ignore[attr-defined]
     model = scope["model"]
@@ -33,7 +33,7 @@ def test_api_block_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     """The API section's example (sizes shrunk so it runs in a second)."""
     monkeypatch.chdir(tmp_path)
     code = python_block("rnn = RevGRU(").replace("650", "64").replace("1150", "96").replace("70, 20", "20, 4")
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102
+    exec(compile(code, "README.md", "exec"), {})
 
 
 # ----------------------------------------------------------------------------------- the docs stay true

@@ -19,13 +19,39 @@ from cli_helpers import CONFIGS, EXIT_CODE, QUIET, revrnn, state_dict
 EVERY = 3
 #: config, its arguments for a small task, whether to kill it too (else: only stopped by max_steps)
 CASES = {
-    "lm": ("synthetic-revgru", ["--data.train_tokens", "6000", "--data.val_tokens", "700",
-                                "--data.test_tokens", "700"], True),
-    "translation": ("multi30k-revgru", ["--data", "lightning_revrnn.datamodules.SyntheticTranslationDataModule",
-                                        "--data.train_size", "160", "--data.val_size", "16", "--data.test_size", "16",
-                                        "--data.batch_size", "16", "--data.max_len", "12", "--model.hidden_size", "16",
-                                        "--model.embedding_size", "8", "--model.slice_dim", "4",
-                                        "--model.max_decode_len", "6", "--trainer.max_epochs", "2"], False),
+    "lm": (
+        "synthetic-revgru",
+        ["--data.train_tokens", "6000", "--data.val_tokens", "700", "--data.test_tokens", "700"],
+        True,
+    ),
+    "translation": (
+        "multi30k-revgru",
+        [
+            "--data",
+            "lightning_revrnn.datamodules.SyntheticTranslationDataModule",
+            "--data.train_size",
+            "160",
+            "--data.val_size",
+            "16",
+            "--data.test_size",
+            "16",
+            "--data.batch_size",
+            "16",
+            "--data.max_len",
+            "12",
+            "--model.hidden_size",
+            "16",
+            "--model.embedding_size",
+            "8",
+            "--model.slice_dim",
+            "4",
+            "--model.max_decode_len",
+            "6",
+            "--trainer.max_epochs",
+            "2",
+        ],
+        False,
+    ),
 }
 
 
@@ -55,8 +81,12 @@ def _position(checkpoint: dict[str, Any]) -> tuple[int, int, int, int]:
     """(global step, epochs the fit loop counts as completed, epoch and windows of the training loader)."""
     fit_loop = checkpoint["loops"]["fit_loop"]
     (loader,) = fit_loop["state_dict"]["combined_loader"]
-    return (checkpoint["global_step"], fit_loop["epoch_progress"]["current"]["completed"], loader["epoch"],
-            loader["windows"])
+    return (
+        checkpoint["global_step"],
+        fit_loop["epoch_progress"]["current"]["completed"],
+        loader["epoch"],
+        loader["windows"],
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -98,8 +128,10 @@ def test_a_stopped_or_killed_fit_resumes_mid_epoch_to_the_uninterrupted_weights(
 def test_every_config_keeps_a_resume_point_inside_the_epoch(config: Path) -> None:
     """last.ckpt every 200 steps (and where max_steps stops) in a folder that is the same on every run, so that
     ``--ckpt_path last`` finds it; the best-by-validation checkpoint is saved after validation."""
-    callbacks = {c["class_path"].rpartition(".")[2]: c.get("init_args", {})
-                 for c in yaml.safe_load(config.read_text())["trainer"]["callbacks"]}
+    callbacks = {
+        c["class_path"].rpartition(".")[2]: c.get("init_args", {})
+        for c in yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+    }
     folder = f"logs/{config.stem}/checkpoints"
     assert callbacks["ResumeCheckpoint"] == {"dirpath": folder, "every_n_train_steps": 200}
     best = callbacks["ModelCheckpoint"]

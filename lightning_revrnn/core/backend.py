@@ -66,30 +66,58 @@ class Backend(ABC):
 
     @abstractmethod
     def half_forward(
-        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored: int,
+        self,
+        cell: ReversibleCell,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored: int,
     ) -> Halves:
         """One group's update: its new int halves and their float values."""
 
     @abstractmethod
     def half_reverse(
-        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored_old: Tensor | None,
+        self,
+        cell: ReversibleCell,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored_old: Tensor | None,
     ) -> tuple[list[Tensor], Record]:
         """Undo one group's update exactly: its old int halves, and the record its backward reads."""
 
     @abstractmethod
     def step_backward(
-        self, cell: ReversibleCell, w: list[Tensor], records: list[Record], d_state: list[Tensor],
-        d_output: Tensor, keep: Tensor | None,
+        self,
+        cell: ReversibleCell,
+        w: list[Tensor],
+        records: list[Record],
+        d_state: list[Tensor],
+        d_output: Tensor,
+        keep: Tensor | None,
     ) -> tuple[list[Tensor], Tensor]:
         """One step's gradients: of the state before it (from ``d_state`` after it plus the step's output
         gradient ``d_output``) and of its input pre-activations ``(B, 2·rows)``."""
 
     # ------------------------------------------------------------------ a step: two half-steps
     def forward_step(
-        self, cell: ReversibleCell, w: list[Tensor], xp: Tensor, state: list[Tensor], state_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None = None, stored: int = 0,
+        self,
+        cell: ReversibleCell,
+        w: list[Tensor],
+        xp: Tensor,
+        state: list[Tensor],
+        state_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None = None,
+        stored: int = 0,
     ) -> Halves:
         """One exact step: group 1 from ``h2``, then group 2 from the new ``h1``. Rows where ``keep``
         (``(B, 1)`` bool, None: all) is False keep their state and buffer words bit for bit. The first
@@ -99,7 +127,14 @@ class Backend(ABC):
         for g in (0, 1):
             idx = cell.own(g)
             new, new_f = self.half_forward(
-                cell, w[g], xps[g], state_f[1 - g], [state[i] for i in idx], [state_f[i] for i in idx], buf, keep,
+                cell,
+                w[g],
+                xps[g],
+                state_f[1 - g],
+                [state[i] for i in idx],
+                [state_f[i] for i in idx],
+                buf,
+                keep,
                 stored if g == 0 else 0,
             )
             for i, v, f in zip(idx, new, new_f):
@@ -107,8 +142,15 @@ class Backend(ABC):
         return state, state_f
 
     def reverse_step(
-        self, cell: ReversibleCell, w: list[Tensor], xp: Tensor, state: list[Tensor], floats: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None = None, stored_old: Tensor | None = None,
+        self,
+        cell: ReversibleCell,
+        w: list[Tensor],
+        xp: Tensor,
+        state: list[Tensor],
+        floats: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None = None,
+        stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Record]]:
         """Reconstruct the state before a step exactly: group 2 (which read the new ``h1``), then group 1
         (which read the restored ``h2``). ``floats``: the float32 values of ``state``'s halves. Returns the
@@ -143,20 +185,41 @@ class EagerBackend(Backend):
     name = "eager"
 
     def half_forward(
-        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored: int,
+        self,
+        cell: ReversibleCell,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored: int,
     ) -> Halves:
         return cell.half_forward(w, xp, other, own, own_f, buf, keep, stored)
 
     def half_reverse(
-        self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored_old: Tensor | None,
+        self,
+        cell: ReversibleCell,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored_old: Tensor | None,
     ) -> tuple[list[Tensor], Record]:
         return cell.half_reverse(w, xp, other, own, own_f, buf, keep, stored_old)
 
     def step_backward(
-        self, cell: ReversibleCell, w: list[Tensor], records: list[Record], d_state: list[Tensor],
-        d_output: Tensor, keep: Tensor | None,
+        self,
+        cell: ReversibleCell,
+        w: list[Tensor],
+        records: list[Record],
+        d_state: list[Tensor],
+        d_output: Tensor,
+        keep: Tensor | None,
     ) -> tuple[list[Tensor], Tensor]:
         return cell.backward_step(w, records, d_state, d_output, keep)
 

@@ -96,9 +96,7 @@ class InformationBuffer:
         (True, True)
     """
 
-    def __init__(
-        self, shape: tuple[int, int], device: torch.device, max_forget_bits: int | None, retain: bool
-    ) -> None:
+    def __init__(self, shape: tuple[int, int], device: torch.device, max_forget_bits: int | None, retain: bool) -> None:
         self.word = torch.zeros(shape, dtype=torch.int64, device=device)
         self.retain = retain
         self.pending: list[PendingDrain] = []

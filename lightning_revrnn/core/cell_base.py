@@ -152,16 +152,30 @@ class ReversibleCell(nn.Module):
     # --------------------------------------------------------------------------------- one group
     @abstractmethod
     def half_forward(
-        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
+        self,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored: int = 0,
     ) -> Halves:
         """One group's update: new (int halves, float halves carrying the surrogate gradient). The first
         ``stored`` units of the own ``h`` are stored units (see :func:`store_units`)."""
 
     @abstractmethod
     def half_reverse(
-        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored_old: Tensor | None = None,
+        self,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], Record]:
         """Undo one group's update: (old int halves, the step's record). ``own_f``: the own halves' float
         values after the update; ``stored_old``: the stored units' old values (int), which the buffer does
@@ -181,7 +195,11 @@ class ReversibleCell(nn.Module):
 
     # ------------------------------------------------------------------------------------------ steps
     def backward_step(
-        self, w: list[Tensor], records: list[Record], d_state: list[Tensor], d_output: Tensor,
+        self,
+        w: list[Tensor],
+        records: list[Record],
+        d_state: list[Tensor],
+        d_output: Tensor,
         keep: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor]:
         """Backpropagate one step from its records (the reference): gradients of the state before the step

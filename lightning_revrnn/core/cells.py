@@ -79,8 +79,15 @@ class RevGRUCell(ReversibleCell):
         return zq, zs, add
 
     def half_forward(
-        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
+        self,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored: int = 0,
     ) -> Halves:
         zr, g, _ = self._gates(w, xp, other)
         zq, zs, add = self._update(zr[:, : self.half_size], g, keep)
@@ -91,8 +98,15 @@ class RevGRUCell(ReversibleCell):
         return [h], [straight_through(to_float(h), h_new)]
 
     def half_reverse(
-        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored_old: Tensor | None = None,
+        self,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], Record]:
         zr, g, r_other = self._gates(w, xp, other)
         zq, zs, add = self._update(zr[:, : self.half_size], g, keep)
@@ -187,8 +201,15 @@ class RevLSTMCell(ReversibleCell):
         return fq, pq, fs, ps, add_c, o
 
     def half_forward(
-        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored: int = 0,
+        self,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored: int = 0,
     ) -> Halves:
         h, c = own
         sig, g = self._gates(w, xp, other)
@@ -203,8 +224,15 @@ class RevLSTMCell(ReversibleCell):
         return [h, c], [straight_through(to_float(h), h_new), c_f]
 
     def half_reverse(
-        self, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor], own_f: list[Tensor],
-        buf: InformationBuffer, keep: Tensor | None, stored_old: Tensor | None = None,
+        self,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored_old: Tensor | None = None,
     ) -> tuple[list[Tensor], Record]:
         h, c = own
         sig, g = self._gates(w, xp, other)
@@ -229,10 +257,13 @@ class RevLSTMCell(ReversibleCell):
         # h_new = ps·h_old + o·tanh(c_new), c_new = fs·c_old + i·g (fs = ps = 1 without forgetting).
         d_c = d_c + torch.ops.aten.tanh_backward(d_h * o_held, tanh_c)
         d_sig = torch.cat([d_c * c_old, d_c * g, d_h * tanh_c, d_h * h_old], 1)  # d f, i, o, p (used)
-        d_pre = torch.cat([
-            torch.ops.aten.sigmoid_backward(d_sig, sig) * self._gate_slopes(sig),
-            torch.ops.aten.tanh_backward(d_c * sig[:, n : 2 * n], g),
-        ], 1)
+        d_pre = torch.cat(
+            [
+                torch.ops.aten.sigmoid_backward(d_sig, sig) * self._gate_slopes(sig),
+                torch.ops.aten.tanh_backward(d_c * sig[:, n : 2 * n], g),
+            ],
+            1,
+        )
         d_pre = masked(d_pre, keep)
         return [d_h * ps, d_c * fs], d_pre, d_pre @ w
 

@@ -41,8 +41,13 @@ class WindowResult:
 
 
 def run_forward(
-    plan: WindowPlan, x: Tensor, state: list[list[Tensor]], state_f: list[list[Tensor]], initial: list[Tensor],
-    out: Tensor | None = None, checksums: Tensor | None = None,
+    plan: WindowPlan,
+    x: Tensor,
+    state: list[list[Tensor]],
+    state_f: list[list[Tensor]],
+    initial: list[Tensor],
+    out: Tensor | None = None,
+    checksums: Tensor | None = None,
 ) -> WindowResult:
     """Run the window forward from each layer's int halves ``state`` and their float values ``state_f`` (the
     cells with autocast off, the stem and head under the caller's). ``initial``: the caller's initial state
@@ -69,8 +74,14 @@ def run_forward(
 
 
 def _chunks(
-    plan: WindowPlan, x: Tensor, state: list[list[Tensor]], state_f: list[list[Tensor]],
-    buffers: list[InformationBuffer], guard: RangeGuard, out: Tensor | None, checksums: Tensor | None,
+    plan: WindowPlan,
+    x: Tensor,
+    state: list[list[Tensor]],
+    state_f: list[list[Tensor]],
+    buffers: list[InformationBuffer],
+    guard: RangeGuard,
+    out: Tensor | None,
+    checksums: Tensor | None,
 ) -> list[Tensor]:
     """The time loop (``state``/``state_f`` advance in place): per chunk the head's value or the outputs."""
     weights = []
@@ -90,7 +101,13 @@ def _chunks(
             outs = []
             for t in range(t0, t1):
                 state[l], state_f[l] = plan.backend.forward_step(
-                    cell, weights[l], xp[t - t0], state[l], state_f[l], buffers[l], plan.step_keep(t),
+                    cell,
+                    weights[l],
+                    xp[t - t0],
+                    state[l],
+                    state_f[l],
+                    buffers[l],
+                    plan.step_keep(t),
                     plan.stored(l),
                 )
                 outs.append(cell.output(state_f[l]))

@@ -37,9 +37,9 @@ def round_forget(scaled: Tensor, max_forget_bits: int | None) -> tuple[Tensor, T
     return zq.to(torch.int64), zq / FORGET_ONE
 
 
-def hold(keep: Tensor | None, forget_ints: list[Tensor | None], factors: list[Tensor], adds: list[Tensor]) -> tuple[
-    list[Tensor | None], list[Tensor], list[Tensor]
-]:
+def hold(
+    keep: Tensor | None, forget_ints: list[Tensor | None], factors: list[Tensor], adds: list[Tensor]
+) -> tuple[list[Tensor | None], list[Tensor], list[Tensor]]:
     """Make one half-update the identity where ``keep`` (``(B, 1)`` bool) is False.
 
     Rounded forget values become ``FORGET_ONE`` (an exact identity multiplication: the buffer word and

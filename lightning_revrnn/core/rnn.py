@@ -219,9 +219,15 @@ class ReversibleRNN(nn.Module):
         needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (x, *init, *params)) or bool(extras))
         reverse = needs_grad and self.mode == "reverse"
         plan = WindowPlan.build(
-            self.cell_list, backend_for(self._fused, differentiable=needs_grad and not reverse),
-            self._input_masks(B, like), [self._dropconnect_mask(c, like) for c in self.cell_list],
-            retain=needs_grad, autocast=AutocastState.capture(x.device), head=head, stem=stem, keep=keep,
+            self.cell_list,
+            backend_for(self._fused, differentiable=needs_grad and not reverse),
+            self._input_masks(B, like),
+            [self._dropconnect_mask(c, like) for c in self.cell_list],
+            retain=needs_grad,
+            autocast=AutocastState.capture(x.device),
+            head=head,
+            stem=stem,
+            keep=keep,
             stored_units=self.stored_units,
         )
         if reverse:

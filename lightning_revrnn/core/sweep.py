@@ -89,7 +89,10 @@ class ReverseSweep(torch.autograd.Function):
         ctx.n_final = [len(s) for s in result.state]
         masks = [m for m in [*plan.input_masks, plan.keep, result.stored_initial, stored_outputs] if m is not None]
         ctx.save_for_backward(
-            x, checksums, *[h for s in result.state for h in s], *masks,
+            x,
+            checksums,
+            *[h for s in result.state for h in s],
+            *masks,
             *[t for b in result.buffers for t in b.tensors()],
         )
         return (result.primary, *result.finals, record)
@@ -163,8 +166,14 @@ class Gradients:
 
 
 def _reverse(
-    record: WindowRecord, x: Tensor, checksums: Tensor, state: list[list[Tensor]], grad_primary: Tensor,
-    grad_final: tuple[Tensor | None, ...], n_state: int, needs_dx: bool,
+    record: WindowRecord,
+    x: Tensor,
+    checksums: Tensor,
+    state: list[list[Tensor]],
+    grad_primary: Tensor,
+    grad_final: tuple[Tensor | None, ...],
+    n_state: int,
+    needs_dx: bool,
 ) -> tuple[Tensor | None, ...]:
     """The reverse sweep: chunk by chunk from the last, reconstruct every layer's states exactly
     (:func:`reconstruct_chunk`), then backpropagate through them like ordinary BPTT (:func:`backprop_chunk`)."""
@@ -178,8 +187,10 @@ def _reverse(
     weights = [[w.detach() for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden)]
     d_state = []
     for l, c in enumerate(cells):
-        gs = [torch.zeros(x.shape[1], c.hidden_size, device=x.device) if g is None else g.float() for g in
-              grad_final[l * n_state : (l + 1) * n_state]]
+        gs = [
+            torch.zeros(x.shape[1], c.hidden_size, device=x.device) if g is None else g.float()
+            for g in grad_final[l * n_state : (l + 1) * n_state]
+        ]
         d_state.append(c.split_state(gs))
     grads = Gradients.zeros(plan, hidden, d_state)
     dx = torch.zeros_like(x) if needs_dx else None
@@ -266,7 +277,11 @@ def head_gradient(plan: WindowPlan, top: Tensor, t0: int, grad_primary: Tensor, 
 
 
 def backprop_chunk(
-    plan: WindowPlan, weights: list[list[Tensor]], layers: list[LayerChunk], d_top: Tensor, t0: int,
+    plan: WindowPlan,
+    weights: list[list[Tensor]],
+    layers: list[LayerChunk],
+    d_top: Tensor,
+    t0: int,
     grads: Gradients,
 ) -> Tensor:
     """BPTT over one reconstructed chunk, top layer first: per step the backend's step backward (with its

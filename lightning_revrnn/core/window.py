@@ -52,17 +52,36 @@ class WindowPlan:
 
     @classmethod
     def build(
-        cls, cells: Sequence[ReversibleCell], backend: Backend, input_masks: Sequence[Tensor | None],
-        hidden_masks: Sequence[SeededMask | None], retain: bool, autocast: AutocastState,
-        head: StepHead | None = None, stem: StepStem | None = None, keep: Tensor | None = None, stored_units: int = 0,
+        cls,
+        cells: Sequence[ReversibleCell],
+        backend: Backend,
+        input_masks: Sequence[Tensor | None],
+        hidden_masks: Sequence[SeededMask | None],
+        retain: bool,
+        autocast: AutocastState,
+        head: StepHead | None = None,
+        stem: StepStem | None = None,
+        keep: Tensor | None = None,
+        stored_units: int = 0,
     ) -> WindowPlan:
         """A plan with its ``extras`` collected from the head and the stem."""
         extras: list[Tensor] = []
         head_slots = tuple(_slot(extras, t) for t in [*trainable(head), *declared_context(head)])
         stem_slots = tuple(_slot(extras, t) for t in [*trainable(stem), *declared_context(stem)])
         return cls(
-            tuple(cells), backend, tuple(input_masks), tuple(hidden_masks), retain, autocast, head, stem, keep,
-            stored_units, tuple(extras), head_slots, stem_slots,
+            tuple(cells),
+            backend,
+            tuple(input_masks),
+            tuple(hidden_masks),
+            retain,
+            autocast,
+            head,
+            stem,
+            keep,
+            stored_units,
+            tuple(extras),
+            head_slots,
+            stem_slots,
         )
 
     def new_buffers(self, batch: int, device: torch.device) -> list[InformationBuffer]:

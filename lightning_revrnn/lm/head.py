@@ -123,8 +123,15 @@ class BoundDecoderHead(StepHead):
         weight, bias = self.decoder.weight, self.decoder.bias
         own = {id(t): acc for t, acc in targets}
         _, d_x = linear_cross_entropy_accumulate(
-            x, weight, bias, flat_targets, d_value, own.get(id(weight)), None if bias is None else own.get(id(bias)),
-            IGNORE, self.block_bytes,
+            x,
+            weight,
+            bias,
+            flat_targets,
+            d_value,
+            own.get(id(weight)),
+            None if bias is None else own.get(id(bias)),
+            IGNORE,
+            self.block_bytes,
         )
         rest = [(t, acc) for t, acc in targets if t is not weight and t is not bias]
         grads = torch.autograd.grad(x, [output, *[t for t, _ in rest]], d_x.to(x.dtype), allow_unused=True)

@@ -23,7 +23,7 @@ from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ddp_script
-from ddp_script import EndProcessGroup, end_process_group  # noqa: E402
+from ddp_script import EndProcessGroup, end_process_group
 
 MARKER = "DDP_REPORT_OK"
 WORLD = 2
@@ -39,8 +39,15 @@ def build_model() -> LanguageModel:
 
 
 def build_data() -> SyntheticLMDataModule:
-    return SyntheticLMDataModule(vocab_size=16, train_tokens=2000, val_tokens=400, test_tokens=400,
-                                 batch_size=GLOBAL_BATCH, eval_batch_size=GLOBAL_BATCH, bptt=BPTT)
+    return SyntheticLMDataModule(
+        vocab_size=16,
+        train_tokens=2000,
+        val_tokens=400,
+        test_tokens=400,
+        batch_size=GLOBAL_BATCH,
+        eval_batch_size=GLOBAL_BATCH,
+        bptt=BPTT,
+    )
 
 
 def run(folder: str, strategy: str) -> tuple[pl.Trainer, MemoryReport]:
@@ -48,9 +55,19 @@ def run(folder: str, strategy: str) -> tuple[pl.Trainer, MemoryReport]:
     report = MemoryReport(every_n_steps=1)
     callbacks: list[pl.Callback] = [report, EndProcessGroup()] if strategy == "ddp_spawn" else [report]
     trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=STEPS, limit_val_batches=1,
-        limit_test_batches=1, num_sanity_val_steps=0, logger=CSVLogger(folder, name="ddp"), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=strategy,
+        max_steps=STEPS,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(folder, name="ddp"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
         default_root_dir=folder,
     )
     model, data = build_model(), build_data()
@@ -70,7 +87,6 @@ def fresh_port(trainer: pl.Trainer | None = None) -> None:
     os.environ.pop("MASTER_PORT", None)
     if trainer is not None:
         trainer.strategy.cluster_environment._main_port = -1  # type: ignore[union-attr]  # Lightning's cache
-
 
 
 def main(folder: str, strategy: str = "ddp") -> None:

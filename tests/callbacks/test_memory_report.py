@@ -27,7 +27,16 @@ pytestmark = [
 ]
 
 VOCAB = 50
-FIELDS = ("normal_bits", "used_bits", "optimal_bits", "stored_bits", "actual_ratio", "optimal_ratio", "drains", "windows")
+FIELDS = (
+    "normal_bits",
+    "used_bits",
+    "optimal_bits",
+    "stored_bits",
+    "actual_ratio",
+    "optimal_ratio",
+    "drains",
+    "windows",
+)
 MEASURED_KEYS = {PREFIX + k for k in MEASURED}
 STEPS = 3
 #: Window length: four chunks of the reverse sweep (its working set is one chunk, the baseline's the window).
@@ -36,9 +45,18 @@ BPTT = 64
 
 def _trainer(root: Path, report: MemoryReport, **kwargs: Any) -> pl.Trainer:
     options: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=STEPS, limit_val_batches=1,
-        logger=CSVLogger(root, name="mem"), log_every_n_steps=1, callbacks=[report], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=STEPS,
+        limit_val_batches=1,
+        logger=CSVLogger(root, name="mem"),
+        log_every_n_steps=1,
+        callbacks=[report],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
     )
     options.update(kwargs)
     return pl.Trainer(**options)
@@ -46,13 +64,21 @@ def _trainer(root: Path, report: MemoryReport, **kwargs: Any) -> pl.Trainer:
 
 def _lm(rnn: str, num_layers: int = 2) -> LanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(VOCAB, rnn=rnn, num_layers=num_layers, emb_size=16, hidden_size=24,
-                         optimizer=partial(torch.optim.SGD, lr=0.5))
+    return LanguageModel(
+        VOCAB, rnn=rnn, num_layers=num_layers, emb_size=16, hidden_size=24, optimizer=partial(torch.optim.SGD, lr=0.5)
+    )
 
 
 def _data(batch_size: int = 8, bptt: int = BPTT) -> SyntheticLMDataModule:
-    return SyntheticLMDataModule(vocab_size=VOCAB, train_tokens=2400, val_tokens=400, test_tokens=400,
-                                 batch_size=batch_size, eval_batch_size=8, bptt=bptt)
+    return SyntheticLMDataModule(
+        vocab_size=VOCAB,
+        train_tokens=2400,
+        val_tokens=400,
+        test_tokens=400,
+        batch_size=batch_size,
+        eval_batch_size=8,
+        bptt=bptt,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,15 +195,25 @@ def test_printed_summary_says_which_model_it_measured(runs: dict[str, Any]) -> N
     for rnn, described in (("revgru", "LanguageModel (rnn: RevGRU)"), ("gru", "LanguageModel (no reversible module)")):
         trainer, report, model, root = runs[rnn]
         text = report.summary_text(model, trainer.log_dir)
-        assert text.splitlines()[0] == (f"MemoryReport of {described}, median over {STEPS} measured steps; "
-                                        f"written to {trainer.log_dir}")
+        assert text.splitlines()[0] == (
+            f"MemoryReport of {described}, median over {STEPS} measured steps; written to {trainer.log_dir}"
+        )
         assert "  peak_excl_grad_bytes" in text
 
 
 def test_plot_can_be_disabled(tmp_path: Path) -> None:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=0, logger=False,
-                         callbacks=[MemoryReport(every_n_steps=1, plot=False)], enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[MemoryReport(every_n_steps=1, plot=False)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(_lm("revgru", num_layers=1), _data(batch_size=4, bptt=10))
     # no logger: the report goes to default_root_dir
     assert (tmp_path / "memory_report.json").is_file()
@@ -277,8 +313,12 @@ def test_peaks_reduced_by_max_and_bits_by_sum() -> None:
     report._windows = {"enc": [module.memory_stats()]}
     trainer: Any = type("T", (), {"strategy": _RecordingStrategy()})()
     measured = report._reduce_measured(trainer, StepMemory(10, 2, 8, 5, 1), torch.device("cpu"))
-    assert measured == {"memory/peak_bytes": 30, "memory/grad_bytes": 6, "memory/peak_excl_grad_bytes": 24,
-                        "memory/saved_bytes": 15}
+    assert measured == {
+        "memory/peak_bytes": 30,
+        "memory/grad_bytes": 6,
+        "memory/peak_excl_grad_bytes": 24,
+        "memory/saved_bytes": 15,
+    }
     accounting = report._reduce_accounting(trainer, torch.device("cpu"))
     assert trainer.strategy.ops == ["max", "sum"]
     stats = module.memory_stats()
@@ -336,12 +376,20 @@ def test_report_dir_says_where_the_report_went(tmp_path: Path) -> None:
     for dirpath in (None, tmp_path / "chosen" / "folder"):
         torch.manual_seed(0)
         model = LanguageModel(16, rnn="revgru", emb_size=8, hidden_size=8)
-        data = SyntheticLMDataModule(vocab_size=16, train_tokens=400, val_tokens=100, test_tokens=100, batch_size=2,
-                                     eval_batch_size=2, bptt=10)
+        data = SyntheticLMDataModule(
+            vocab_size=16, train_tokens=400, val_tokens=100, test_tokens=100, batch_size=2, eval_batch_size=2, bptt=10
+        )
         report = MemoryReport(every_n_steps=1, plot=False, dirpath=dirpath)
-        trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=CSVLogger(str(tmp_path)),
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[report])
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            limit_val_batches=0,
+            logger=CSVLogger(str(tmp_path)),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[report],
+        )
         trainer.fit(model, data)
         expected = str(dirpath) if dirpath is not None else trainer.log_dir
         assert report.report_dir == expected and report.dirpath == (None if dirpath is None else str(dirpath))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 if str(Path(__file__).parent) not in sys.path:  # the script is a sibling module (also run as a script)
     sys.path.insert(0, str(Path(__file__).parent))
 
-from ddp_report_script import BPTT, EMB, GLOBAL_BATCH, MARKER, STEPS, WORLD, run  # noqa: E402
+from ddp_report_script import BPTT, EMB, GLOBAL_BATCH, MARKER, STEPS, WORLD, run
 
 pytestmark = [
     pytest.mark.ddp,
@@ -28,6 +28,8 @@ pytestmark = [
 ]
 
 SCRIPT = Path(__file__).with_name("ddp_report_script.py")
+
+
 def _check_report(root: Path) -> None:
     """One report, in the logger's folder, with WORLD ranks' accounting summed and every step present."""
     reports = sorted(root.rglob("memory_report.json"))
@@ -73,9 +75,17 @@ def test_ddp_spawn_report_goes_to_dirpath_known_in_the_main_process(tmp_path: Pa
     folder = tmp_path / "reports"
     report = MemoryReport(every_n_steps=1, plot=False, dirpath=folder)
     trainer = Trainer(
-        accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=STEPS, limit_val_batches=0,
-        num_sanity_val_steps=0, logger=CSVLogger(str(tmp_path), name="ddp"), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp_spawn",
+        max_steps=STEPS,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(str(tmp_path), name="ddp"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[report, EndProcessGroup()],
     )
     trainer.fit(build_model(), build_data())

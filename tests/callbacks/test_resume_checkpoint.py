@@ -25,11 +25,19 @@ def _fit(folder: Path, **trainer: Any) -> dict[str, Any]:
     """Fit a tiny LM with ResumeCheckpoint(every 4 steps); return its last.ckpt."""
     torch.manual_seed(0)
     model = LanguageModel(16, rnn="revgru", emb_size=8, hidden_size=8, optimizer=partial(torch.optim.SGD, lr=0.5))
-    data = SyntheticLMDataModule(vocab_size=16, train_tokens=800, val_tokens=160, test_tokens=160, batch_size=4,
-                                 eval_batch_size=4, bptt=10)  # 19 windows an epoch
-    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-               limit_val_batches=1, callbacks=[ResumeCheckpoint(str(folder), every_n_train_steps=4)],
-               **trainer).fit(model, data)
+    data = SyntheticLMDataModule(
+        vocab_size=16, train_tokens=800, val_tokens=160, test_tokens=160, batch_size=4, eval_batch_size=4, bptt=10
+    )  # 19 windows an epoch
+    pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        callbacks=[ResumeCheckpoint(str(folder), every_n_train_steps=4)],
+        **trainer,
+    ).fit(model, data)
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
     return dict(torch.load(folder / "last.ckpt", weights_only=False))
 
@@ -37,8 +45,11 @@ def _fit(folder: Path, **trainer: Any) -> dict[str, Any]:
 def _state(checkpoint: dict[str, Any]) -> tuple[int, int, int]:
     """(global step, batches done in the current epoch, epochs the fit loop counts as completed)."""
     loops = checkpoint["loops"]["fit_loop"]
-    return (checkpoint["global_step"], loops["epoch_loop.batch_progress"]["current"]["completed"],
-            loops["epoch_progress"]["current"]["completed"])
+    return (
+        checkpoint["global_step"],
+        loops["epoch_loop.batch_progress"]["current"]["completed"],
+        loops["epoch_progress"]["current"]["completed"],
+    )
 
 
 def test_max_steps_stop_is_saved_inside_the_epoch(tmp_path: Path) -> None:

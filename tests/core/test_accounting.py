@@ -14,7 +14,11 @@ def test_total_sums_every_field_and_keeps_the_parts() -> None:
     b = MemoryAccounting(normal_bits=300, used_bits=30, optimal_bits=torch.tensor(15.0), drains=0, multiplications=8)
     total = MemoryAccounting.total([a, b])
     assert (total.normal_bits, total.used_bits, total.drains, total.multiplications, total.stored_bits) == (
-        400, 40, 1, 12, 2
+        400,
+        40,
+        1,
+        12,
+        2,
     )
     assert total.optimal == 20.0 and total.layers == (a, b)
     assert total.actual_ratio == 10.0 and total.optimal_ratio == 20.0 and total.efficiency == 0.5

@@ -99,7 +99,7 @@ def test_cells_are_exact_float32_under_autocast() -> None:
         out, _h_n = rnn(x)
         expected = nn.GRU(4, 8)(x)[0].dtype  # float32 on the CPU, float16 on CUDA (cuDNN)
     assert out.dtype == expected and torch.equal(out, ref.to(expected))
-    (out ** 2).sum().backward()
+    (out**2).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
@@ -139,11 +139,20 @@ def test_language_model_bf16_mixed_runs_the_decoder_in_bf16(monkeypatch: pytest.
         return logits(x, weight, bias)
 
     monkeypatch.setattr(chunked, "_logits", spy)
-    data = SyntheticLMDataModule(vocab_size=40, train_tokens=600, val_tokens=100, test_tokens=100, batch_size=2,
-                                 eval_batch_size=2, bptt=20)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=2, limit_val_batches=0,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    data = SyntheticLMDataModule(
+        vocab_size=40, train_tokens=600, val_tokens=100, test_tokens=100, batch_size=2, eval_batch_size=2, bptt=20
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     before = model.embedding.weight.detach().clone()
     trainer.fit(model, data)  # the reverse sweep checks every reconstructed state
     assert seen and set(seen) == {BF16}

@@ -24,19 +24,45 @@ class SpyBackend(EagerBackend):
     def __init__(self) -> None:
         self.calls = {"half_forward": 0, "half_reverse": 0, "step_backward": 0}
 
-    def half_forward(self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor],
-                     own_f: list[Tensor], buf: InformationBuffer, keep: Tensor | None, stored: int) -> Halves:
+    def half_forward(
+        self,
+        cell: ReversibleCell,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored: int,
+    ) -> Halves:
         self.calls["half_forward"] += 1
         return super().half_forward(cell, w, xp, other, own, own_f, buf, keep, stored)
 
-    def half_reverse(self, cell: ReversibleCell, w: Tensor, xp: Tensor, other: Tensor, own: list[Tensor],
-                     own_f: list[Tensor], buf: InformationBuffer, keep: Tensor | None,
-                     stored_old: Tensor | None) -> tuple[list[Tensor], Record]:
+    def half_reverse(
+        self,
+        cell: ReversibleCell,
+        w: Tensor,
+        xp: Tensor,
+        other: Tensor,
+        own: list[Tensor],
+        own_f: list[Tensor],
+        buf: InformationBuffer,
+        keep: Tensor | None,
+        stored_old: Tensor | None,
+    ) -> tuple[list[Tensor], Record]:
         self.calls["half_reverse"] += 1
         return super().half_reverse(cell, w, xp, other, own, own_f, buf, keep, stored_old)
 
-    def step_backward(self, cell: ReversibleCell, w: list[Tensor], records: list[Record], d_state: list[Tensor],
-                      d_output: Tensor, keep: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    def step_backward(
+        self,
+        cell: ReversibleCell,
+        w: list[Tensor],
+        records: list[Record],
+        d_state: list[Tensor],
+        d_output: Tensor,
+        keep: Tensor | None,
+    ) -> tuple[list[Tensor], Tensor]:
         self.calls["step_backward"] += 1
         return super().step_backward(cell, w, records, d_state, d_output, keep)
 

@@ -25,8 +25,10 @@ def test_floats_before_reads_the_old_halves_from_named_records() -> None:
     t = [torch.full((1, 2), float(i)) for i in range(10)]
     gru = [GRURecord(*t[:6], h_old=t[6]), GRURecord(*t[:6], h_old=t[7])]
     assert RevGRUCell.floats_before(gru) == [t[6], t[7]]
-    lstm = [LSTMRecord(*t[:6], h_old=t[6], c_old=t[8], c_new=t[0]),
-            LSTMRecord(*t[:6], h_old=t[7], c_old=t[9], c_new=t[0])]
+    lstm = [
+        LSTMRecord(*t[:6], h_old=t[6], c_old=t[8], c_new=t[0]),
+        LSTMRecord(*t[:6], h_old=t[7], c_old=t[9], c_new=t[0]),
+    ]
     assert RevLSTMCell.floats_before(lstm) == [t[6], t[7], t[8], t[9]]
 
 

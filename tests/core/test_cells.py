@@ -54,8 +54,14 @@ def configs(draw, classes=ALL_CLASSES, max_t=400, max_layers=3):
 def build(cfg, mode="reverse"):
     torch.manual_seed(cfg["seed"])
     rnn = cfg["cls"](
-        cfg["input_size"], cfg["hidden"], cfg["layers"], max_forget_bits=cfg["bits"], dropout=cfg["dropout"],
-        input_dropout=cfg["input_dropout"], dropconnect=cfg["dropconnect"], mode=mode,
+        cfg["input_size"],
+        cfg["hidden"],
+        cfg["layers"],
+        max_forget_bits=cfg["bits"],
+        dropout=cfg["dropout"],
+        input_dropout=cfg["input_dropout"],
+        dropconnect=cfg["dropconnect"],
+        mode=mode,
     )
     if cfg["weight_scale"] != 1.0:
         with torch.no_grad():
@@ -190,8 +196,21 @@ def test_stepwise_reconstruction_is_bit_exact(cfg):
 @pytest.mark.parametrize("bits", FORGET_BITS, ids=str)
 def test_stepwise_every_cell_and_forget_limit(cls, bits):
     """Deterministic coverage of every (cell, max_forget_bits) pair, 2 layers, odd T, dropouts on."""
-    cfg = dict(cls=cls, input_size=3, hidden=[6, 4], layers=2, bits=bits, dropout=0.3, input_dropout=0.3,
-               dropconnect=0.5, T=37, batch=3, weight_scale=1.0, state_scale=1.0, seed=1234)
+    cfg = dict(
+        cls=cls,
+        input_size=3,
+        hidden=[6, 4],
+        layers=2,
+        bits=bits,
+        dropout=0.3,
+        input_dropout=0.3,
+        dropconnect=0.5,
+        T=37,
+        batch=3,
+        weight_scale=1.0,
+        state_scale=1.0,
+        seed=1234,
+    )
     rnn, x, hx = build(cfg)
     input_masks, hidden_masks = sample_masks(rnn, x, 7)
     assert all(m is not None for m in input_masks + hidden_masks)
@@ -202,8 +221,21 @@ def test_stepwise_every_cell_and_forget_limit(cls, bits):
 def test_stepwise_with_drains(cls):
     """Saturated forget gates with no limit push ~10 bits per multiplication: words drain into planes,
     and the walk back restores every plane and every state."""
-    cfg = dict(cls=cls, input_size=2, hidden=4, layers=2, bits=None, dropout=0.0, input_dropout=0.0,
-               dropconnect=0.0, T=60, batch=2, weight_scale=1.0, state_scale=1.0, seed=3)
+    cfg = dict(
+        cls=cls,
+        input_size=2,
+        hidden=4,
+        layers=2,
+        bits=None,
+        dropout=0.0,
+        input_dropout=0.0,
+        dropconnect=0.0,
+        T=60,
+        batch=2,
+        weight_scale=1.0,
+        state_scale=1.0,
+        seed=3,
+    )
     rnn, x, hx = build(cfg)
     with torch.no_grad():
         for c in rnn.cells:  # z = σ(very negative) → z* = 1, i.e. forget everything (10 bits per multiply)

@@ -16,8 +16,9 @@ from lightning_revrnn.core.window import WindowPlan, state_checksum
 
 def _plan(rnn: RevGRU, retain: bool) -> WindowPlan:
     cells = list(rnn.cell_list)
-    return WindowPlan.build(cells, EAGER, [None] * len(cells), [None] * len(cells), retain,
-                            AutocastState.capture(torch.device("cpu")))
+    return WindowPlan.build(
+        cells, EAGER, [None] * len(cells), [None] * len(cells), retain, AutocastState.capture(torch.device("cpu"))
+    )
 
 
 def _zero_state(rnn: RevGRU, batch: int) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:

@@ -39,7 +39,8 @@ def fixed_point_hx(rnn, batch: int, seed: int = 0) -> list[Tensor]:
     g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     return [
         to_float(to_fixed(torch.randn(batch, h, generator=g) * 0.5))
-        for h in rnn.hidden_sizes for _ in range(rnn.state_count)
+        for h in rnn.hidden_sizes
+        for _ in range(rnn.state_count)
     ]
 
 
@@ -63,8 +64,9 @@ def exact(rnn, h_n) -> list[Tensor]:
 def close(actual: Tensor, expected: Tensor, what: str, rtol: float = 1e-5, atol_frac: float = 1e-6) -> None:
     """assert_close with an absolute tolerance relative to the gradient's scale (as test_gradients)."""
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol_frac * max(scale, 1e-12),
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=atol_frac * max(scale, 1e-12), msg=lambda m: f"{what}: {m}"
+    )
 
 
 class MaskedDecoder(StepHead):

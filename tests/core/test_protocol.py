@@ -105,7 +105,7 @@ def test_stem_context_and_input_get_the_store_gradient(cls: type) -> None:
         stem.condition = condition * 1.5  # a non-leaf: the output of another computation
         torch.manual_seed(3)
         out, h_n = rnn(x, stem=stem)
-        loss = (out ** 2).sum() + (torch.stack(list(h_n)) if isinstance(h_n, tuple) else h_n).sum()
+        loss = (out**2).sum() + (torch.stack(list(h_n)) if isinstance(h_n, tuple) else h_n).sum()
         tensors = [x, condition, *rnn.parameters(), *stem.parameters()]
         results[mode] = torch.autograd.grad(loss, tensors, allow_unused=True)
     for i, (a, b) in enumerate(zip(results["reverse"], results["store"], strict=True)):

@@ -107,7 +107,11 @@ def _add(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
 
 
 def reference_layer(
-    kind: str, params: dict[str, torch.Tensor], x: torch.Tensor, state: list[list[list[int]]], k: int | None,
+    kind: str,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    state: list[list[list[int]]],
+    k: int | None,
     mutation: str | None,
 ) -> tuple[torch.Tensor, list[list[list[int]]], int]:
     """Run one layer over ``x`` (T, B, I) float64 from fixed-point ``state`` ([h1, h2] or [h1, h2, c1, c2]).
@@ -153,8 +157,13 @@ def reference_layer(
 
 
 def reference_run(
-    kind: str, layer_params: list[dict[str, torch.Tensor]], x: torch.Tensor, h0: list[torch.Tensor],
-    c0: list[torch.Tensor] | None, k: int | None, mutation: str | None = None,
+    kind: str,
+    layer_params: list[dict[str, torch.Tensor]],
+    x: torch.Tensor,
+    h0: list[torch.Tensor],
+    c0: list[torch.Tensor] | None,
+    k: int | None,
+    mutation: str | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], int]:
     """All layers: (top outputs, final h per layer, final c per layer (LSTM), drains)."""
     inp, hs, cs, drains = x, [], [], 0
@@ -223,8 +232,15 @@ def test_the_reference_drains_and_matches_over_a_long_window() -> None:
 MUTATIONS = [
     pytest.param(cls, k, m, id=f"{cls.__name__}-k{k}-{m}")
     for cls in (RevGRU, RevLSTM)
-    for k, m in [(3, "swap_zr"), (None, "swap_zr"), (3, "old_h1"), (None, "old_h1"), (1, "no_forget_limit"),
-                 (3, "no_forget_limit"), (5, "no_forget_limit")]
+    for k, m in [
+        (3, "swap_zr"),
+        (None, "swap_zr"),
+        (3, "old_h1"),
+        (None, "old_h1"),
+        (1, "no_forget_limit"),
+        (3, "no_forget_limit"),
+        (5, "no_forget_limit"),
+    ]
 ]
 
 

@@ -105,7 +105,7 @@ def test_exact_carry_keeps_gradients_of_hx() -> None:
         _, h1 = rnn(x[:10])
         h1 = h1.detach().requires_grad_()
         out, h2 = rnn(x[10:], h1)
-        grads[mode] = torch.autograd.grad((out ** 2).sum() + h2.sum(), h1)[0]
+        grads[mode] = torch.autograd.grad((out**2).sum() + h2.sum(), h1)[0]
     torch.testing.assert_close(grads["reverse"], grads["store"], rtol=1e-5, atol=1e-6)
     assert grads["reverse"].abs().sum() > 0
 
@@ -242,14 +242,21 @@ def test_tied_weight_one_accumulator_and_index_add() -> None:
 
 @pytest.fixture
 def quiet_trainer() -> Iterator[dict[str, object]]:
-    return dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False)
+    return dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_trainer_precision_64_true_says_what_to_use(quiet_trainer: dict[str, object]) -> None:
-    data = SyntheticLMDataModule(vocab_size=50, train_tokens=400, val_tokens=100, test_tokens=100, batch_size=2,
-                                 eval_batch_size=2, bptt=8)
+    data = SyntheticLMDataModule(
+        vocab_size=50, train_tokens=400, val_tokens=100, test_tokens=100, batch_size=2, eval_batch_size=2, bptt=8
+    )
     trainer = pl.Trainer(precision="64-true", fast_dev_run=1, **quiet_trainer)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"precision='64-true'.*Fix: use Trainer\(precision='32-true'\)"):
         trainer.fit(_lm(), data)

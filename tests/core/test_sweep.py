@@ -70,8 +70,9 @@ def flat_tensors(kinds):
 def close(actual, expected, rtol=1e-5, atol_frac=1e-6, what=""):
     """assert_close with an absolute tolerance relative to the gradient's scale."""
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol_frac * max(scale, 1e-12),
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=atol_frac * max(scale, 1e-12), msg=lambda m: f"{what}: {m}"
+    )
 
 
 def run(rnn, mode, x, hx, seed, out_w, state_w, head=None):
@@ -91,16 +92,23 @@ def run(rnn, mode, x, hx, seed, out_w, state_w, head=None):
     params = {n: p.grad.clone() for n, p in rnn.named_parameters()}
     if head is not None:
         params.update({f"head.{n}": p.grad.clone() for n, p in head.named_parameters()})
-    return loss.detach(), primary.detach(), [f.detach() for f in finals], xl.grad, \
-        [t.grad for t in flat_tensors(hl)], params
+    return (
+        loss.detach(),
+        primary.detach(),
+        [f.detach() for f in finals],
+        xl.grad,
+        [t.grad for t in flat_tensors(hl)],
+        params,
+    )
 
 
 def compare_modes(rnn, x, hx, seed=123, head=None, rtol=1e-5, atol_frac=1e-6):
     T, B = x.shape[0], x.shape[1]
     g = torch.Generator(torch.get_default_device()).manual_seed(99)
     out_w = torch.randn(T, B, rnn.hidden_sizes[-1], generator=g)
-    state_w = [torch.randn(B, h, generator=g, dtype=torch.float64)
-               for h in rnn.hidden_sizes for _ in range(rnn.state_count)]
+    state_w = [
+        torch.randn(B, h, generator=g, dtype=torch.float64) for h in rnn.hidden_sizes for _ in range(rnn.state_count)
+    ]
     rev = run(rnn, "reverse", x, hx, seed, out_w, state_w, head)
     sto = run(rnn, "store", x, hx, seed, out_w, state_w, head)
     assert torch.equal(rev[1], sto[1]), "forward outputs differ between modes"
@@ -143,8 +151,12 @@ def test_reverse_gradients_equal_store_per_layer_sizes(cls):
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    cls=st.sampled_from(ALL_CLASSES), layers=st.integers(1, 2), bits=st.sampled_from([1, 2, 3, 5, None]),
-    T=st.integers(1, 60), batch=st.integers(1, 4), hidden=st.sampled_from([2, 4, 6]),
+    cls=st.sampled_from(ALL_CLASSES),
+    layers=st.integers(1, 2),
+    bits=st.sampled_from([1, 2, 3, 5, None]),
+    T=st.integers(1, 60),
+    batch=st.integers(1, 4),
+    hidden=st.sampled_from([2, 4, 6]),
     seed=st.integers(0, 2**16),
 )
 def test_reverse_gradients_equal_store_property(cls, layers, bits, T, batch, hidden, seed):
@@ -316,7 +328,7 @@ def test_gradient_through_carried_state(cls):
         torch.manual_seed(3)
         o1, h1 = rnn(xr[:15])
         o2, h2 = rnn(xr[15:], h1)
-        loss = (o1 ** 2).sum() + (o2 ** 2).sum() + sum((s ** 2).sum() for s in state_list(h2, rnn)).float()
+        loss = (o1**2).sum() + (o2**2).sum() + sum((s**2).sum() for s in state_list(h2, rnn)).float()
         loss.backward()
         grads[mode] = {"x": xr.grad, **{n: p.grad for n, p in rnn.named_parameters()}}
     for name, g in grads["store"].items():
@@ -344,8 +356,15 @@ def test_batch_first_equals_transposed(cls, mode):
         loss = (out * torch.randn(out.shape, generator=g)).sum() + sum(s.sum() for s in state_list(h_n, rnn)).float()
         loss.backward()
         xg = xin.grad.transpose(0, 1) if batch_first else xin.grad
-        results.append((out.detach(), state_list(h_n, rnn), xg, [t.grad for t in flat_tensors(hx)],
-                        {n: p.grad for n, p in rnn.named_parameters()}))
+        results.append(
+            (
+                out.detach(),
+                state_list(h_n, rnn),
+                xg,
+                [t.grad for t in flat_tensors(hx)],
+                {n: p.grad for n, p in rnn.named_parameters()},
+            )
+        )
     a, b = results
     assert torch.equal(a[0], b[0])
     for s, t in zip(a[1], b[1]):
@@ -458,34 +477,35 @@ def _grads_after(cls, mode, step):
 
 def _x_without_grad(rnn, x):
     out, _ = rnn(x.detach())
-    (out ** 2).sum().backward()
+    (out**2).sum().backward()
 
 
 def _frozen_input_weights(rnn, x):
     rnn.cells[0].weight_ih.requires_grad_(False)
     out, _ = rnn(x)
-    (out ** 2).sum().backward()
+    (out**2).sum().backward()
 
 
 def _loss_on_final_state_only(rnn, x):
     _, h_n = rnn(x)
-    sum((s ** 2).sum() for s in state_list(h_n, rnn)).backward()
+    sum((s**2).sum() for s in state_list(h_n, rnn)).backward()
 
 
 def _loss_on_outputs_only(rnn, x):
     out, _ = rnn(x)
-    (out ** 2).sum().backward()
+    (out**2).sum().backward()
 
 
 def _second_backward_retain_graph(rnn, x):
     out, h_n = rnn(x)
-    (out ** 2).sum().backward(retain_graph=True)
-    sum((s ** 2).sum() for s in state_list(h_n, rnn)).backward()
+    (out**2).sum().backward(retain_graph=True)
+    sum((s**2).sum() for s in state_list(h_n, rnn)).backward()
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES, ids=IDS)
 @pytest.mark.parametrize(
-    "step", [_x_without_grad, _frozen_input_weights, _loss_on_final_state_only, _loss_on_outputs_only],
+    "step",
+    [_x_without_grad, _frozen_input_weights, _loss_on_final_state_only, _loss_on_outputs_only],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_partial_gradients_reverse_equals_store(cls, step):
@@ -511,6 +531,6 @@ def test_second_backward_of_forgetting_cells_raises_a_clear_error(cls):
     """The reverse sweep consumes the buffer: a second backward says so instead of reconstructing garbage."""
     rnn = cls(3, 4, mode="reverse")
     out, _ = rnn(torch.randn(6, 2, 3, requires_grad=True))
-    (out ** 2).sum().backward(retain_graph=True)
+    (out**2).sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
-        (out ** 2).sum().backward()
+        (out**2).sum().backward()

@@ -19,8 +19,6 @@ from lightning_revrnn.datamodules import PTBDataModule
 def small_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A tiny PTB-layout corpus in ``tmp_path/ptb`` with ``PTBDataModule.spec`` patched to its hashes."""
     folder = tmp_path / "ptb"
-    spec = write_corpus(
-        folder, {"train": small_text(120, 1), "valid": small_text(30, 2), "test": small_text(30, 3)}
-    )
+    spec = write_corpus(folder, {"train": small_text(120, 1), "valid": small_text(30, 2), "test": small_text(30, 3)})
     monkeypatch.setattr(PTBDataModule, "spec", spec)
     return folder

@@ -61,5 +61,3 @@ def small_text(lines: int, seed: int, words: list[str] = WORDS) -> bytes:
             line.append(words[state % len(words)])
         out.append(" " + " ".join(line) + " \n")
     return "".join(out).encode()
-
-

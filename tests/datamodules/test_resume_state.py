@@ -79,8 +79,9 @@ def test_restored_position_applies_only_to_its_epoch_and_a_finished_pass_continu
     epoch = {"now": 1}
     ds = StreamWindowDataset(streams, 7, variable_bptt=True, seed=4, epoch_fn=lambda: epoch["now"])
     full = list(ds)
-    ds.load_state_dict({**StreamWindowDataset(streams, 7, True, 4).state_dict(), "epoch": 0, "windows": 3,
-                        "finished": False})
+    ds.load_state_dict(
+        {**StreamWindowDataset(streams, 7, True, 4).state_dict(), "epoch": 0, "windows": 3, "finished": False}
+    )
     assert len(list(ds)) == len(full)  # saved in epoch 0, the trainer is in epoch 1: a whole pass
     state = ds.state_dict()
     assert state["finished"] and state["windows"] == len(full)
@@ -95,8 +96,12 @@ def test_resuming_with_other_settings_is_refused() -> None:
     it = iter(ds)
     next(it)
     state = ds.state_dict()
-    for other in (StreamWindowDataset(streams, 8, True, 4), StreamWindowDataset(streams, 7, True, 5),
-                  StreamWindowDataset(streams, 7, False, 4), StreamWindowDataset(streams[:40], 7, True, 4)):
+    for other in (
+        StreamWindowDataset(streams, 8, True, 4),
+        StreamWindowDataset(streams, 7, True, 5),
+        StreamWindowDataset(streams, 7, False, 4),
+        StreamWindowDataset(streams[:40], 7, True, 4),
+    ):
         with pytest.raises(ValueError, match=r"Cannot resume StreamWindowDataset mid-epoch.*same data"):
             other.load_state_dict(state)
 

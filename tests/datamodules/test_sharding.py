@@ -82,7 +82,12 @@ def test_text_sharding_over_1_2_4_ranks(small_corpus: Path, variable_bptt: bool)
 def test_synthetic_sharding_over_1_2_4_ranks() -> None:
     def make() -> SyntheticLMDataModule:
         return SyntheticLMDataModule(
-            train_tokens=3000, val_tokens=800, test_tokens=800, batch_size=8, eval_batch_size=8, bptt=9,
+            train_tokens=3000,
+            val_tokens=800,
+            test_tokens=800,
+            batch_size=8,
+            eval_batch_size=8,
+            bptt=9,
             variable_bptt=True,
         )
 

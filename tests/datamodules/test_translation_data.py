@@ -58,8 +58,9 @@ def _fake_trainer(rank: int, world_size: int, epoch: int = 0) -> SimpleNamespace
 
 
 def _synthetic(**kwargs: Any) -> SyntheticTranslationDataModule:
-    settings: dict[str, Any] = dict(vocab=10, min_len=2, max_len=9, train_size=120, val_size=50, test_size=30,
-                                    batch_size=8, seed=0)
+    settings: dict[str, Any] = dict(
+        vocab=10, min_len=2, max_len=9, train_size=120, val_size=50, test_size=30, batch_size=8, seed=0
+    )
     settings.update(kwargs)
     return SyntheticTranslationDataModule(**settings)
 
@@ -127,8 +128,13 @@ def test_vocabulary_encode_decode_and_state() -> None:
 @pytest.fixture(scope="module")
 def multi30k() -> Multi30KDataModule:
     """Multi30K on the shared data, built once for the module (read-only use)."""
-    _need([MULTI30K_TOK / f"{stem}.lc.norm.tok.{lang}" for stem in ("train", "val", "test_2016_flickr")
-           for lang in ("en", "de")])
+    _need(
+        [
+            MULTI30K_TOK / f"{stem}.lc.norm.tok.{lang}"
+            for stem in ("train", "val", "test_2016_flickr")
+            for lang in ("en", "de")
+        ]
+    )
     dm = Multi30KDataModule(data_dir=str(SHARED / "multi30k"), download=False)
     dm.prepare_data()
     dm.setup("fit")
@@ -142,8 +148,11 @@ def test_multi30k_counts_vocabulary_and_lines(multi30k: Multi30KDataModule) -> N
     assert (multi30k.src_lang, multi30k.tgt_lang) == ("en", "de")
     lines = (MULTI30K_TOK / "val.lc.norm.tok.de").read_text(encoding="utf-8").split("\n")
     assert multi30k.pairs("valid").text.targets[7] == " ".join(lines[7].split())
-    en_words = Counter(w for line in (MULTI30K_TOK / "train.lc.norm.tok.en").read_text(encoding="utf-8")
-                       .splitlines() for w in line.split())
+    en_words = Counter(
+        w
+        for line in (MULTI30K_TOK / "train.lc.norm.tok.en").read_text(encoding="utf-8").splitlines()
+        for w in line.split()
+    )
     assert multi30k.src_vocab_size == len(en_words) + 4  # every training word, plus the specials
     assert multi30k.src_vocab is not None
     counts = [en_words[t] for t in multi30k.src_vocab.tokens[4:]]
@@ -163,8 +172,11 @@ def test_multi30k_batches_keep_the_contract(multi30k: Multi30KDataModule) -> Non
     texts = multi30k.pairs("valid").text
     seen = [i for b in valid for i in b.indices]
     assert sorted(seen) == list(range(1_014))  # every pair once
-    assert all(b.references[j] == texts.targets[i] and b.sources[j] == texts.sources[i]
-               for b in valid for j, i in enumerate(b.indices))
+    assert all(
+        b.references[j] == texts.targets[i] and b.sources[j] == texts.sources[i]
+        for b in valid
+        for j, i in enumerate(b.indices)
+    )
     assert any(bool((b.src == UNK).any()) for b in valid)  # unseen words map to <unk> (open vocabulary)
     predict = list(multi30k.predict_dataloader())
     assert [i for b in predict for i in sorted(b.indices)] == list(range(1_000))  # file order
@@ -342,33 +354,43 @@ def test_training_position_resumes_mid_epoch_and_workers_keep_the_order() -> Non
 TRAIN_EN = (
     "<url>http://www.ted.com/talks/a_talk.html</url>\n<keywords>talks, science</keywords>\n"
     "<speaker>A Speaker</speaker>\n<talkid>1</talkid>\n<title>A Talk</title>\n"
-    "<description>TED Talk Subtitles and Transcript: about \"things\"</description>\n"
+    '<description>TED Talk Subtitles and Transcript: about "things"</description>\n'
     "Hello, World! It's Mr. Smith's \"test\".\n"
     "  Second   sentence -- with well-known words.  \n"
     "\n"
-    "<reviewer href=\"x\">R</reviewer>\n<translator href=\"y\">T</translator>\n"
+    '<reviewer href="x">R</reviewer>\n<translator href="y">T</translator>\n'
     "The end (of it): 3.5% & more.\n"
 )
 TRAIN_DE = (
     "<url>http://www.ted.com/talks/a_talk.html</url>\n<keywords>vortrag, wissenschaft</keywords>\n"
     "<speaker>A Speaker</speaker>\n<talkid>1</talkid>\n<title>Ein Vortrag</title>\n"
     "<description>TED Talk Untertitel</description>\n"
-    "Hallo, Welt! Das ist Herrn Schmidts \"Test\".\n"
+    'Hallo, Welt! Das ist Herrn Schmidts "Test".\n'
     "Zweiter Satz -- mit bekannten Wörtern.\n"
     "Nur deutsch, keine Übersetzung.\n"
-    "<reviewer href=\"x\">R</reviewer>\n<translator href=\"y\">T</translator>\n"
+    '<reviewer href="x">R</reviewer>\n<translator href="y">T</translator>\n'
     "Das Ende (davon): 3,5 % & mehr.\n"
 )
-EXPECTED_EN = ["hello , world ! it 's mr. smith 's \" test \" .", "second sentence -- with well-known words .",
-               "the end ( of it ) : 3.5 % & more ."]
-EXPECTED_DE = ["hallo , welt ! das ist herrn schmidts \" test \" .", "zweiter satz -- mit bekannten wörtern .",
-               "das ende ( davon ) : 3,5 % & mehr ."]
+EXPECTED_EN = [
+    "hello , world ! it 's mr. smith 's \" test \" .",
+    "second sentence -- with well-known words .",
+    "the end ( of it ) : 3.5 % & more .",
+]
+EXPECTED_DE = [
+    'hallo , welt ! das ist herrn schmidts " test " .',
+    "zweiter satz -- mit bekannten wörtern .",
+    "das ende ( davon ) : 3,5 % & mehr .",
+]
 
 
 def _archive(pair: str, extra: dict[str, bytes] | None = None) -> bytes:
     """A WIT3-layout ``<pair>.tgz`` with the two tagged training files (and ``extra`` members)."""
-    members = {f"{pair}/train.tags.{pair}.en": TRAIN_EN.encode(), f"{pair}/train.tags.{pair}.de": TRAIN_DE.encode(),
-               f"{pair}/README": b"readme\n", **(extra or {})}
+    members = {
+        f"{pair}/train.tags.{pair}.en": TRAIN_EN.encode(),
+        f"{pair}/train.tags.{pair}.de": TRAIN_DE.encode(),
+        f"{pair}/README": b"readme\n",
+        **(extra or {}),
+    }
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name, data in members.items():
@@ -404,8 +426,7 @@ def test_iwslt_pipeline_on_a_local_archive(iwslt_dir: Path, monkeypatch: pytest.
     assert train.sources == EXPECTED_EN and train.targets == EXPECTED_DE  # tags, blank and unpaired lines gone
     assert [len(dm.pairs("valid")), len(dm.pairs("test"))] == [993, 1_305]  # tst2013, tst2014
     valid = dm.pairs("valid").text
-    assert valid.sources[0] == ("when i was 11 , i remember waking up one morning to the sound of joy in my "
-                                "house .")
+    assert valid.sources[0] == ("when i was 11 , i remember waking up one morning to the sound of joy in my house .")
     assert valid.targets[0].startswith("als ich 11 jahre alt war ,")
     h_and_m = [s for s in valid.sources if "american vogue" in s]
     assert len(h_and_m) == 1 and "ceo of h & m ," in h_and_m[0]  # "H&amp;M": entity decoded, "&" not escaped
@@ -426,13 +447,22 @@ def test_iwslt_pipeline_on_a_local_archive(iwslt_dir: Path, monkeypatch: pytest.
     assert again.pairs("train").text == train and again.src_vocab == dm.src_vocab
 
 
-def test_iwslt_missing_training_text_names_files_urls_and_folder(iwslt_dir: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_iwslt_missing_training_text_names_files_urls_and_folder(
+    iwslt_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(MissingDataError) as err:
         _iwslt(iwslt_dir, download=False).prepare_data()
     message = str(err.value)
-    for part in ("de-en.tgz", "en-de.tgz", "train.tags.de-en.en", f"{WIT3_TEXTS}/de/en/de-en.tgz",
-                 f"{WIT3_TEXTS}/en/de/en-de.tgz", str(iwslt_dir), "REVRNN_DATA_DIR", "dc7bd534272f5b225ae1"):
+    for part in (
+        "de-en.tgz",
+        "en-de.tgz",
+        "train.tags.de-en.en",
+        f"{WIT3_TEXTS}/de/en/de-en.tgz",
+        f"{WIT3_TEXTS}/en/de/en-de.tgz",
+        str(iwslt_dir),
+        "REVRNN_DATA_DIR",
+        "dc7bd534272f5b225ae1",
+    ):
         assert part in message
     with pytest.raises(MissingDataError, match="setup"):
         _iwslt(iwslt_dir).setup("fit")
@@ -559,8 +589,14 @@ def test_with_a_trainer_epochs_differ_and_predict_keeps_file_order(tmp_path: Pat
     dm = _synthetic()
     dm.setup("fit")
     model = _Recorder(dm.tgt_vocab_size)
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, dm)

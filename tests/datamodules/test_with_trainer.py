@@ -52,8 +52,16 @@ def _fit(dm: pl.LightningDataModule, vocab_size: int, epochs: int) -> _Recorder:
 
 
 def test_variable_bptt_follows_trainer_epoch_and_validation_runs_every_epoch() -> None:
-    kwargs: dict[str, Any] = dict(train_tokens=4000, val_tokens=1000, test_tokens=1000, batch_size=4,
-                                  eval_batch_size=4, bptt=20, variable_bptt=True, seed=5)
+    kwargs: dict[str, Any] = dict(
+        train_tokens=4000,
+        val_tokens=1000,
+        test_tokens=1000,
+        batch_size=4,
+        eval_batch_size=4,
+        bptt=20,
+        variable_bptt=True,
+        seed=5,
+    )
     model = _fit(SyntheticLMDataModule(**kwargs), 32, epochs=3)
     reference = SyntheticLMDataModule(**kwargs)
     reference.setup("fit")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cells import build, independent_roundtrip, sample_masks
+from test_masks import right_padded
 
 from lightning_revrnn import NFRevGRU, NFRevLSTM, RevGRU, RevLSTM
 from lightning_revrnn.core.backend import EAGER, EagerBackend, backend_for
@@ -24,8 +26,6 @@ from lightning_revrnn.core.errors import FusedPathError
 from lightning_revrnn.core.fixed_point import FORGET_ONE, reversible_divide, reversible_multiply, to_float
 from lightning_revrnn.core.records import GRURecord
 from lightning_revrnn.fused import FusedBackend, StageCounter, default_backend
-from test_masks import right_padded
-from test_cells import build, independent_roundtrip, sample_masks
 
 compile_marker = pytest.mark.compile
 B, N = 3, 8  # the integer stages' shape, shared by every test here
@@ -110,7 +110,9 @@ def test_buffer_round_trip_through_the_fused_hooks_with_drains():
         new, new_f = FUSED._apply(fused_buf, h, z, add)
         assert torch.equal(new, eager_buf.multiply(h, z) + add) and torch.equal(new_f, to_float(new))
         assert torch.equal(fused_buf.word, eager_buf.word)
-        assert fused_buf.multiplications == eager_buf.multiplications and len(fused_buf.pending) == len(eager_buf.pending)
+        assert fused_buf.multiplications == eager_buf.multiplications and len(fused_buf.pending) == len(
+            eager_buf.pending
+        )
         steps.append((h, z, add))
         h = new
     assert fused_buf.drained_before == eager_buf.drained_before and fused_buf.drained_before
@@ -146,9 +148,21 @@ def assert_ran_stages(backend: FusedBackend, cell, multiplications: int) -> None
 def test_fused_reverse_rebuilds_every_state_bit_for_bit(cls):
     """The stepwise harness of test_cells on the fused backend: every layer's state after every step
     of a 2-layer window with dropouts is rebuilt bit for bit, and the buffers end empty."""
-    cfg = dict(cls=cls, input_size=5, hidden=2 * N, layers=2, bits=3 if cls in (RevGRU, RevLSTM) else None,
-               dropout=0.3, input_dropout=0.3, dropconnect=0.5, T=37, batch=B, weight_scale=4.0, state_scale=1.0,
-               seed=11)
+    cfg = dict(
+        cls=cls,
+        input_size=5,
+        hidden=2 * N,
+        layers=2,
+        bits=3 if cls in (RevGRU, RevLSTM) else None,
+        dropout=0.3,
+        input_dropout=0.3,
+        dropconnect=0.5,
+        T=37,
+        batch=B,
+        weight_scale=4.0,
+        state_scale=1.0,
+        seed=11,
+    )
     rnn, x, hx = build(cfg)
     input_masks, hidden_masks = sample_masks(rnn, x, 5)
     backend = counted_backend()
@@ -161,8 +175,21 @@ def test_fused_reverse_rebuilds_every_state_bit_for_bit(cls):
 def test_fused_reverse_with_drains_rebuilds_every_state():
     """No forget limit and saturated gates: words drain (check points fall inside steps) and still every
     state comes back."""
-    cfg = dict(cls=RevLSTM, input_size=5, hidden=2 * N, layers=1, bits=None, dropout=0.0, input_dropout=0.0,
-               dropconnect=0.0, T=40, batch=B, weight_scale=4.0, state_scale=1.0, seed=3)
+    cfg = dict(
+        cls=RevLSTM,
+        input_size=5,
+        hidden=2 * N,
+        layers=1,
+        bits=None,
+        dropout=0.0,
+        input_dropout=0.0,
+        dropconnect=0.0,
+        T=40,
+        batch=B,
+        weight_scale=4.0,
+        state_scale=1.0,
+        seed=3,
+    )
     rnn, x, hx = build(cfg)
     backend = counted_backend()
     with torch.no_grad():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,17 +12,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from module_state import assert_same_state, module_state  # tests/ (conftest puts it on the path)
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_revrnn import MemoryAccounting
+from lightning_revrnn.core.protocol import CHUNK
 from lightning_revrnn.datamodules import CopyTasksDataModule, SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
 from lightning_revrnn.memory import saved_tensor_bytes
-from lightning_revrnn.core.protocol import CHUNK
-
-from module_state import assert_same_state, module_state  # tests/ (conftest puts it on the path)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -40,7 +38,9 @@ VOCAB = 16
 NO_DROPOUT = dict(dropout_emb=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, dropconnect=0.0)
 
 
-def make_model(rnn: str = "revgru", num_layers: int = 1, vocab: int = VOCAB, seed: int = 0, **kwargs: Any) -> LanguageModel:
+def make_model(
+    rnn: str = "revgru", num_layers: int = 1, vocab: int = VOCAB, seed: int = 0, **kwargs: Any
+) -> LanguageModel:
     """A tiny LanguageModel with deterministic initialisation and a gentle optimiser."""
     torch.manual_seed(seed)
     kwargs.setdefault("optimizer", partial(torch.optim.SGD, lr=0.5))
@@ -48,15 +48,22 @@ def make_model(rnn: str = "revgru", num_layers: int = 1, vocab: int = VOCAB, see
 
 
 def make_data(**kwargs: Any) -> SyntheticLMDataModule:
-    args: dict[str, Any] = dict(vocab_size=VOCAB, train_tokens=2000, val_tokens=400, test_tokens=400,
-                                batch_size=4, eval_batch_size=4, bptt=10)
+    args: dict[str, Any] = dict(
+        vocab_size=VOCAB, train_tokens=2000, val_tokens=400, test_tokens=400, batch_size=4, eval_batch_size=4, bptt=10
+    )
     args.update(kwargs)
     return SyntheticLMDataModule(**args)
 
 
 def make_trainer(**kwargs: Any) -> pl.Trainer:
-    args: dict[str, Any] = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False)
+    args: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     args.update(kwargs)
     return pl.Trainer(**args)
 
@@ -80,8 +87,9 @@ class LossRecorder(Callback):
     def __init__(self) -> None:
         self.losses: list[tuple[int, int, Tensor]] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses.append((trainer.current_epoch, batch_idx, outputs["loss"].detach().clone()))
 
 
@@ -125,8 +133,11 @@ def _saved_bytes_per_step(rnn: str, B: int, V: int) -> float:
     for T in (20, 80):
         model = make_model(rnn, num_layers=2, vocab=V)
         gen = torch.Generator(torch.get_default_device()).manual_seed(T)
-        batch = {"inputs": torch.randint(V, (T, B), generator=gen),
-                 "targets": torch.randint(V, (T, B), generator=gen), "reset": True}
+        batch = {
+            "inputs": torch.randint(V, (T, B), generator=gen),
+            "targets": torch.randint(V, (T, B), generator=gen),
+            "reset": True,
+        }
         with saved_tensor_bytes(exclude=model.parameters()) as saved:
             loss = model.training_step(batch, 0)
         loss.backward()  # the graph is consistent (and frees the buffers)
@@ -234,8 +245,9 @@ class _StateProbe(Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[int, int, list[Tensor] | None]] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         state = pl_module._hidden.get("train")  # type: ignore[union-attr]
         self.seen.append((trainer.current_epoch, batch_idx, None if state is None else flat(state)))
 
@@ -257,8 +269,9 @@ def test_state_resets_at_epoch_start_and_is_detached() -> None:
 # ---------------------------------------------------------------------------------- reverse vs store
 @pytest.mark.parametrize("rnn", ["revgru", "revlstm"])
 def test_reverse_and_store_modes_agree_with_dropout(rnn: str) -> None:
-    reverse = make_model(rnn, num_layers=2, dropout_emb=0.2, dropout_input=0.3, dropout_hidden=0.3,
-                         dropout_output=0.3, dropconnect=0.4)
+    reverse = make_model(
+        rnn, num_layers=2, dropout_emb=0.2, dropout_input=0.3, dropout_hidden=0.3, dropout_output=0.3, dropconnect=0.4
+    )
     store = copy.deepcopy(reverse)
     store.rnn.mode = "store"
     assert reverse.rnn.mode == "reverse"
@@ -354,7 +367,9 @@ class _NormProbe(Callback):
 
 
 def _grad_norm(module: torch.nn.Module) -> float:
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None])))
+    return float(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
+    )
 
 
 class _ClippedSGD(torch.optim.SGD):
@@ -379,8 +394,14 @@ def test_gradient_accumulation_and_clipping(rnn: str) -> None:
     model = make_model(rnn, num_layers=2, optimizer=partial(_ClippedSGD, lr=0.5))
     before = copy.deepcopy(model.state_dict())
     probe, recorder = _NormProbe(), LossRecorder()
-    trainer = make_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, accumulate_grad_batches=2,
-                           gradient_clip_val=0.1, callbacks=[probe, recorder])
+    trainer = make_trainer(
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.1,
+        callbacks=[probe, recorder],
+    )
     trainer.fit(model, make_data())
     assert len(recorder.losses) == 4 and all(torch.isfinite(l) for *_, l in recorder.losses)
     assert trainer.global_step == 2  # 4 batches / 2 accumulated
@@ -419,14 +440,24 @@ def test_accumulated_gradient_is_mean_of_micro_batches() -> None:
 def test_hparams_restored_and_model_checkpoint_on_val_ppl(tmp_path: Path) -> None:
     model = make_model("revlstm", num_layers=2, max_forget_bits=5, dropout_output=0.25, mode="store", seed=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_ppl", mode="min", save_top_k=1)
-    trainer = make_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2, callbacks=[ckpt],
-                           enable_checkpointing=True)
+    trainer = make_trainer(
+        max_epochs=2, limit_train_batches=3, limit_val_batches=2, callbacks=[ckpt], enable_checkpointing=True
+    )
     trainer.fit(model, make_data())
     assert ckpt.best_model_path and Path(ckpt.best_model_path).is_file()
     assert ckpt.best_model_score is not None and math.isfinite(float(ckpt.best_model_score))
     loaded = LanguageModel.load_from_checkpoint(ckpt.best_model_path)
-    for key in ("vocab_size", "rnn", "num_layers", "emb_size", "hidden_size", "max_forget_bits", "dropout_output",
-                "mode", "seed"):
+    for key in (
+        "vocab_size",
+        "rnn",
+        "num_layers",
+        "emb_size",
+        "hidden_size",
+        "max_forget_bits",
+        "dropout_output",
+        "mode",
+        "seed",
+    ):
         assert loaded.hparams[key] == model.hparams[key], key
     assert loaded.hparams.rnn == "revlstm" and loaded.hparams.max_forget_bits == 5
     assert loaded.rnn.mode == "store" and loaded.rnn.num_layers == 2
@@ -484,8 +515,9 @@ def _perplexity_by_hand(model: LanguageModel, items: list[dict[str, Any]]) -> fl
             out, hx = model.rnn(model.embedding(item["inputs"]), hx)
             logits = model.decoder(out)
             targets = item["targets"]
-            total += float(F.cross_entropy(logits.flatten(0, 1).double(), targets.flatten(), ignore_index=-100,
-                                           reduction="sum"))
+            total += float(
+                F.cross_entropy(logits.flatten(0, 1).double(), targets.flatten(), ignore_index=-100, reduction="sum")
+            )
             count += int((targets != -100).sum())
     return math.exp(total / count)
 

@@ -42,12 +42,31 @@ def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _common(root: Path, name: str) -> list[str]:
     return [
-        "--config", str(SYNTHETIC), *SMALL_DATA,
-        "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-        "--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
-        "--trainer.logger.name", name, "--trainer.log_every_n_steps", "1",
+        "--config",
+        str(SYNTHETIC),
+        *SMALL_DATA,
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.limit_test_batches",
+        "2",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.logger",
+        "pytorch_lightning.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(root),
+        "--trainer.logger.name",
+        name,
+        "--trainer.log_every_n_steps",
+        "1",
     ]
 
 
@@ -87,10 +106,18 @@ def test_fit_then_validate_and_test_from_checkpoint(tmp_path: Path, monkeypatch:
     assert len(val) == 1 and len(test) == 1
 
     # the CLI evaluated the checkpoint's weights: the same numbers from the checkpoint loaded directly
-    data = SyntheticLMDataModule(vocab_size=32, batch_size=16, bptt=35, train_tokens=3000, val_tokens=700,
-                                 test_tokens=700)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=2, limit_test_batches=2)
+    data = SyntheticLMDataModule(
+        vocab_size=32, batch_size=16, bptt=35, train_tokens=3000, val_tokens=700, test_tokens=700
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        limit_test_batches=2,
+    )
     direct_val = trainer.validate(model, data, verbose=False)[0]["val_ppl"]
     direct_test = trainer.test(model, data, verbose=False)[0]["test_ppl"]
     assert val[0] == pytest.approx(direct_val, rel=1e-5)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 if str(Path(__file__).parent) not in sys.path:  # ddp_script is a sibling module (also run as a script)
     sys.path.insert(0, str(Path(__file__).parent))
 
-from ddp_script import GLOBAL_BATCH, MARKER, EndProcessGroup, GradSaver, build_data, build_model  # noqa: E402
+from ddp_script import GLOBAL_BATCH, MARKER, EndProcessGroup, GradSaver, build_data, build_model
 
 pytestmark = [
     pytest.mark.ddp,
@@ -31,12 +31,23 @@ pytestmark = [
 ]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "ddp_script.py"  # shared with the other DDP tests
+
+
 def _one_step(folder: Path, rnn: str, devices: int, **kwargs: Any) -> None:
     spawn_end = [EndProcessGroup()] if kwargs.get("strategy") == "ddp_spawn" else []
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, max_steps=1, limit_train_batches=1, limit_val_batches=0,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[GradSaver(str(folder)), *spawn_end], **kwargs,
+        accelerator="cpu",
+        devices=devices,
+        max_steps=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[GradSaver(str(folder)), *spawn_end],
+        **kwargs,
     )
     trainer.fit(build_model(rnn), build_data())
     if kwargs.get("strategy") != "ddp_spawn":  # spawn does not bring global_step back to the main process
@@ -106,9 +117,7 @@ def _assert_ddp_grads_equal_single(folder: Path, single: dict[str, Any], rnn: st
     _assert_tolerance_rejects_a_lost_rank(single, rnn)
 
 
-@pytest.mark.parametrize(
-    "rnn", ["revgru", "gru"]
-)
+@pytest.mark.parametrize("rnn", ["revgru", "gru"])
 def test_ddp_spawn_gradients_equal_single_process(tmp_path: Path, clean_env: None, rnn: str) -> None:
     single = _single_process_grads(tmp_path, rnn)
     _one_step(tmp_path, rnn, devices=2, strategy="ddp_spawn")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -27,7 +26,7 @@ from lightning_revrnn.lm import LanguageModel
 if str(Path(__file__).parent) not in sys.path:  # ddp_script is a sibling module
     sys.path.insert(0, str(Path(__file__).parent))
 
-from ddp_script import EndProcessGroup  # noqa: E402
+from ddp_script import EndProcessGroup
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -61,8 +60,9 @@ class Crash(Callback):
     def __init__(self, at: int) -> None:
         self.at = at
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.at:
             raise Interrupted(f"interrupted before step {self.at + 1}")
 
@@ -73,29 +73,56 @@ class Windows(Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[int, int, torch.Tensor, bool]] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.seen.append((trainer.current_epoch, batch_idx, batch["inputs"].clone(), bool(batch["reset"])))
 
 
 def _data(variable_bptt: bool) -> SyntheticLMDataModule:
-    return SyntheticLMDataModule(vocab_size=VOCAB, train_tokens=600, val_tokens=160, test_tokens=160, batch_size=4,
-                                 eval_batch_size=4, bptt=10, variable_bptt=variable_bptt, seed=7)
+    return SyntheticLMDataModule(
+        vocab_size=VOCAB,
+        train_tokens=600,
+        val_tokens=160,
+        test_tokens=160,
+        batch_size=4,
+        eval_batch_size=4,
+        bptt=10,
+        variable_bptt=variable_bptt,
+        seed=7,
+    )
 
 
 def _model(rnn: str, seed: int) -> LanguageModel:
     torch.manual_seed(seed)
-    return LanguageModel(VOCAB, rnn=rnn, num_layers=2, emb_size=12, hidden_size=16,  # type: ignore[arg-type]
-                         optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9), seed=3, **DROPOUT)
+    return LanguageModel(
+        VOCAB,
+        rnn=rnn,
+        num_layers=2,
+        emb_size=12,
+        hidden_size=16,  # type: ignore[arg-type]
+        optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9),
+        seed=3,
+        **DROPOUT,
+    )
 
 
-def _fit(rnn: str, variable_bptt: bool, callbacks: list[Callback], ckpt_path: Path | None = None,
-         model_seed: int = 0) -> tuple[LanguageModel, list[warnings.WarningMessage]]:
+def _fit(
+    rnn: str, variable_bptt: bool, callbacks: list[Callback], ckpt_path: Path | None = None, model_seed: int = 0
+) -> tuple[LanguageModel, list[warnings.WarningMessage]]:
     model = _model(rnn, model_seed)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
-                         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-                         callbacks=callbacks)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=EPOCHS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        callbacks=callbacks,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, _data(variable_bptt), ckpt_path=ckpt_path)
@@ -161,8 +188,17 @@ def test_carried_state_is_the_one_before_the_next_window(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------------------------------------------------- DDP
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK",
-            "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "GLOBAL_RANK",
+    "RANK",
+    "PL_GLOBAL_SEED",
+    "PL_SEED_WORKERS",
+)
 
 
 class SaveAt(Callback):
@@ -171,8 +207,9 @@ class SaveAt(Callback):
     def __init__(self, at: int, path: str) -> None:
         self.at, self.path = at, path
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.at:
             trainer.save_checkpoint(self.path)
 
@@ -191,10 +228,19 @@ class SaveParams(Callback):
 def _ddp_fit(callbacks: list[Callback], ckpt_path: Path | None = None, model_seed: int = 0) -> None:
     # Every launch picks a new port and ends its process group (EndProcessGroup, tests/ddp_script.py).
     os.environ.pop("MASTER_PORT", None)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, enable_checkpointing=False,
-                         callbacks=[*callbacks, EndProcessGroup()])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        callbacks=[*callbacks, EndProcessGroup()],
+    )
     trainer.fit(_model("revgru", model_seed), _data(variable_bptt=True), ckpt_path=ckpt_path)
 
 

@@ -61,8 +61,7 @@ def test_multi_bleu_by_hand() -> None:
     references = ["the cat is on the mat today", "the cat the end"]
     expected = 100 * math.exp(1 - 11 / 10) * (8 / 10 * 4 / 8 * 2 / 6 * 1 / 4) ** 0.25
     assert multi_bleu(hypotheses, references) == pytest.approx(expected, rel=1e-12)
-    assert multi_bleu(hypotheses, references) == pytest.approx(sacre(hypotheses, references, tokenize="none"),
-                                                               abs=1e-9)
+    assert multi_bleu(hypotheses, references) == pytest.approx(sacre(hypotheses, references, tokenize="none"), abs=1e-9)
 
 
 def test_zero_matches_at_one_order_give_zero() -> None:
@@ -151,8 +150,10 @@ def test_ddp_sync_sums_statistics_over_ranks() -> None:
     rank1.update(HYPOTHESES[5:], REFERENCES[5:])
     rank0 = TokenizedBLEU(dist_sync_fn=simulated_ranks(rank1), distributed_available_fn=lambda: True)
     rank0.update(HYPOTHESES[:5], REFERENCES[:5])
-    alone = [sacre(HYPOTHESES[:5], REFERENCES[:5], tokenize="none"),
-             sacre(HYPOTHESES[5:], REFERENCES[5:], tokenize="none")]
+    alone = [
+        sacre(HYPOTHESES[:5], REFERENCES[:5], tokenize="none"),
+        sacre(HYPOTHESES[5:], REFERENCES[5:], tokenize="none"),
+    ]
     synced = float(rank0.compute())
     assert abs(synced - sacre(HYPOTHESES, REFERENCES, tokenize="none")) < 1e-9
     assert abs(synced - sum(alone) / 2) > 1

@@ -55,8 +55,11 @@ def random_table(rows: int, vocab: int, seed: int, dtype: torch.dtype = torch.fl
     """Random next-token log-probabilities; with ``ties`` the logits are small integers, so equal
     log-probabilities (exact ties) are common."""
     g = torch.Generator().manual_seed(seed)  # drawn on the CPU, so the same table on any test device
-    logits = torch.randint(0, 3, (rows, vocab), generator=g, device="cpu").to(dtype) if ties else torch.randn(
-        rows, vocab, generator=g, dtype=dtype, device="cpu") * 2
+    logits = (
+        torch.randint(0, 3, (rows, vocab), generator=g, device="cpu").to(dtype)
+        if ties
+        else torch.randn(rows, vocab, generator=g, dtype=dtype, device="cpu") * 2
+    )
     return torch.log_softmax(logits, dim=-1).to(torch.get_default_device())
 
 
@@ -71,8 +74,9 @@ def test_beam_one_equals_greedy(ties: bool, length_penalty: float) -> None:
     for seed in range(3):
         model = TableModel(random_table(997, 8, seed, ties=ties))
         greedy = greedy_search(model.step, starts(batch), reorder, batch, bos, EOS, max_len=max_len)
-        beam = beam_search(model.step, starts(batch), reorder, batch, bos, EOS, beam=1, max_len=max_len,
-                           length_penalty=length_penalty)
+        beam = beam_search(
+            model.step, starts(batch), reorder, batch, bos, EOS, beam=1, max_len=max_len, length_penalty=length_penalty
+        )
         assert beam == greedy
         lengths = {len(out) for out in greedy}
         assert len(lengths) > 2 and max(lengths) <= max_len  # sentences end at different steps
@@ -83,14 +87,28 @@ def test_beam_one_equals_greedy(ties: bool, length_penalty: float) -> None:
 def test_sentence_decodes_the_same_alone_and_in_a_batch(length_penalty: float) -> None:
     bos, batch, max_len = 2, 9, 12
     model = TableModel(random_table(991, 10, seed=5))
-    together = beam_search(model.step, starts(batch), reorder, batch, bos, EOS, beam=4, max_len=max_len,
-                           length_penalty=length_penalty)
-    alone = [beam_search(model.step, starts(batch)[b : b + 1], reorder, 1, bos, EOS, beam=4, max_len=max_len,
-                         length_penalty=length_penalty)[0] for b in range(batch)]
+    together = beam_search(
+        model.step, starts(batch), reorder, batch, bos, EOS, beam=4, max_len=max_len, length_penalty=length_penalty
+    )
+    alone = [
+        beam_search(
+            model.step,
+            starts(batch)[b : b + 1],
+            reorder,
+            1,
+            bos,
+            EOS,
+            beam=4,
+            max_len=max_len,
+            length_penalty=length_penalty,
+        )[0]
+        for b in range(batch)
+    ]
     assert together == alone
     greedy_together = greedy_search(model.step, starts(batch), reorder, batch, bos, EOS, max_len=max_len)
-    greedy_alone = [greedy_search(model.step, starts(batch)[b : b + 1], reorder, 1, bos, EOS, max_len)[0]
-                    for b in range(batch)]
+    greedy_alone = [
+        greedy_search(model.step, starts(batch)[b : b + 1], reorder, 1, bos, EOS, max_len)[0] for b in range(batch)
+    ]
     assert greedy_together == greedy_alone
     assert together != greedy_together  # the beam did search
 
@@ -110,8 +128,17 @@ def test_full_beam_finds_the_best_output_of_an_enumerable_model(length_penalty: 
     assert len(outputs) == 40
     for seed in range(4):
         model = TableModel(random_table(6 * 6**3 * 8, 4, seed, dtype=torch.float64))  # no wrap-around
-        found = beam_search(model.step, starts(batch), reorder, batch, bos, EOS, beam=len(outputs),
-                            max_len=max_len, length_penalty=length_penalty)
+        found = beam_search(
+            model.step,
+            starts(batch),
+            reorder,
+            batch,
+            bos,
+            EOS,
+            beam=len(outputs),
+            max_len=max_len,
+            length_penalty=length_penalty,
+        )
         for b in range(batch):
             scores = [model.score(int(starts(batch)[b]), bos, out, max_len, length_penalty) for out in outputs]
             best = outputs[max(range(len(outputs)), key=scores.__getitem__)]
@@ -139,8 +166,7 @@ def test_length_penalty_prefers_the_longer_hypothesis() -> None:
     model = TableModel(table)
     state = torch.tensor([start])
     assert beam_search(model.step, state, reorder, 1, bos, EOS, beam=2, max_len=max_len) == [[]]
-    assert beam_search(model.step, state, reorder, 1, bos, EOS, beam=2, max_len=max_len,
-                       length_penalty=1.0) == [[0]]
+    assert beam_search(model.step, state, reorder, 1, bos, EOS, beam=2, max_len=max_len, length_penalty=1.0) == [[0]]
     assert model.score(start, bos, [], max_len) > model.score(start, bos, [0], max_len)
     assert model.score(start, bos, [], max_len, 1.0) < model.score(start, bos, [0], max_len, 1.0)
 

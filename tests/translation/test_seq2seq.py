@@ -20,8 +20,8 @@ from lightning_revrnn.translation.model import TranslationModel
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from module_state import assert_same_state, module_state  # noqa: E402
-from seq2seq_helpers import grads_of, padded_batch, synthetic_data, tiny_model  # noqa: E402
+from module_state import assert_same_state, module_state
+from seq2seq_helpers import grads_of, padded_batch, synthetic_data, tiny_model
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -126,7 +126,10 @@ def test_two_bound_windows_coexist() -> None:
     reverse sweep runs its own bound head after the other window was bound) get the gradients they get alone."""
     model = tiny_model("revgru", dropout=0.3).train()
     params = list(model.parameters())
-    batches = [padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13, seed=0), padded_batch(SRC_LENGTHS, LONG_TGT_LENGTHS, 13, seed=1)]
+    batches = [
+        padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13, seed=0),
+        padded_batch(SRC_LENGTHS, LONG_TGT_LENGTHS, 13, seed=1),
+    ]
 
     def loss_of(i: int) -> Tensor:
         torch.manual_seed(i)
@@ -175,10 +178,16 @@ def test_beam_one_equals_greedy_on_the_model(rnn: str) -> None:
     batch = padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13)
     common = dict(batch=4, bos=2, eos=3, max_len=12)
     with torch.no_grad():
-        greedy = greedy_search(model.decode_step, model.initial_decoder_state(batch.src, batch.src_keep),
-                               DecoderState.select, **common)
-        beam1 = beam_search(model.decode_step, model.initial_decoder_state(batch.src, batch.src_keep),
-                            DecoderState.select, beam=1, **common)
+        greedy = greedy_search(
+            model.decode_step, model.initial_decoder_state(batch.src, batch.src_keep), DecoderState.select, **common
+        )
+        beam1 = beam_search(
+            model.decode_step,
+            model.initial_decoder_state(batch.src, batch.src_keep),
+            DecoderState.select,
+            beam=1,
+            **common,
+        )
     assert beam1 == greedy
     assert model.translate(batch.src, batch.src_keep, beam=1) == greedy
     assert len(greedy) == 4 and all(len(ids) <= 12 for ids in greedy)
@@ -268,8 +277,14 @@ def test_without_vocabulary_sizes_or_datamodule_setup_says_what_to_do() -> None:
 
 # ------------------------------------------------------------------------------------------ Lightning
 def _trainer(root: Path, **kwargs: object) -> pl.Trainer:
-    args: dict[str, object] = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                                   enable_model_summary=False, default_root_dir=str(root))
+    args: dict[str, object] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+    )
     args.update(kwargs)
     return pl.Trainer(**args)  # type: ignore[arg-type]
 
@@ -285,8 +300,14 @@ def _fit_validate_test_predict(rnn: str, tmp_path: Path) -> None:
     data = synthetic_data()
     out = tmp_path / "out.de"
     model = tiny_model(rnn, vocab=None, optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
-    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
-                       gradient_clip_val=5.0)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        gradient_clip_val=5.0,
+    )
     trainer.fit(model, data)
     assert trainer.global_step == 2
     assert model.hparams["src_vocab_size"] == len(data.src_vocab) == 12  # 8 words + 4 specials

@@ -29,8 +29,20 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "multi30k-revgru.yaml"
 DATA_DIR = Path(os.environ.get("REVRNN_DATA_DIR", "/work/shared/data"))
-TINY = ["--model.hidden_size", "16", "--model.embedding_size", "8", "--model.slice_dim", "4",
-        "--model.max_decode_len", "6", "--model.beam", "2", "--data.batch_size", "16"]
+TINY = [
+    "--model.hidden_size",
+    "16",
+    "--model.embedding_size",
+    "8",
+    "--model.slice_dim",
+    "4",
+    "--model.max_decode_len",
+    "6",
+    "--model.beam",
+    "2",
+    "--data.batch_size",
+    "16",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -41,20 +53,53 @@ def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _common(root: Path, name: str) -> list[str]:
     return [
-        "--config", str(CONFIG), *TINY, "--data.data_dir", str(DATA_DIR / "multi30k"),
-        "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1", "--trainer.limit_predict_batches", "2",
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-        "--trainer.logger.save_dir", str(root), "--trainer.logger.name", name, "--trainer.log_every_n_steps", "1",
+        "--config",
+        str(CONFIG),
+        *TINY,
+        "--data.data_dir",
+        str(DATA_DIR / "multi30k"),
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.limit_test_batches",
+        "1",
+        "--trainer.limit_predict_batches",
+        "2",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.logger.save_dir",
+        str(root),
+        "--trainer.logger.name",
+        name,
+        "--trainer.log_every_n_steps",
+        "1",
     ]
 
 
 @pytest.mark.skipif(not (DATA_DIR / "multi30k" / "tok").is_dir(), reason="Multi30K not under REVRNN_DATA_DIR")
-def test_fit_test_predict_with_the_multi30k_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fit_test_predict_with_the_multi30k_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # the config's checkpoint folder is relative: logs/multi30k-revgru/checkpoints
-    main(["fit", *_common(tmp_path, "fit"), "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0",
-          "--trainer.callbacks.init_args.every_n_steps", "1"])  # the config's MemoryReport: measure the step
+    main(
+        [
+            "fit",
+            *_common(tmp_path, "fit"),
+            "--trainer.max_steps",
+            "1",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.callbacks.init_args.every_n_steps",
+            "1",
+        ]
+    )  # the config's MemoryReport: measure the step
     fit_dir = tmp_path / "fit" / "version_0"
     with (fit_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -22,9 +22,10 @@ from pytorch_lightning.callbacks import Callback
 if str(Path(__file__).parent) not in sys.path:  # sibling helper modules (also imported by the spawned ranks)
     sys.path.insert(0, str(Path(__file__).parent))
 
-from ddp_script import EndProcessGroup  # noqa: E402
-from lightning_revrnn.datamodules.parallel import collate  # noqa: E402
-from seq2seq_helpers import synthetic_data, tiny_model  # noqa: E402
+from ddp_script import EndProcessGroup
+from seq2seq_helpers import synthetic_data, tiny_model
+
+from lightning_revrnn.datamodules.parallel import collate
 
 pytestmark = [
     pytest.mark.ddp,
@@ -54,7 +55,9 @@ class GradSaver(Callback):
         self.folder = folder
         self.indices: list[int] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.indices = list(batch.indices)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -73,9 +76,18 @@ def _model(rnn: str) -> Any:
 def _one_step(folder: Path, rnn: str, devices: int, **kwargs: Any) -> None:
     spawn_end = [EndProcessGroup()] if kwargs.get("strategy") == "ddp_spawn" else []
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, max_steps=1, limit_train_batches=1, limit_val_batches=0,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[GradSaver(str(folder)), *spawn_end], **kwargs,
+        accelerator="cpu",
+        devices=devices,
+        max_steps=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[GradSaver(str(folder)), *spawn_end],
+        **kwargs,
     )
     trainer.fit(_model(rnn), synthetic_data(batch_size=GLOBAL_BATCH))
 
