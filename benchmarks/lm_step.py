@@ -651,9 +651,10 @@ def table_cells(row: Row) -> list[str]:
     c, s = row.config, row.stats or {}
     cells = [c.model_name, str(c.layers), str(c.seq_len), c.variant_text()]
     if row.error is not None:
-        return cells + [f"ERROR: {row.error}"]
+        return [*cells, f"ERROR: {row.error}"]
     n = row.counts
-    return cells + [
+    return [
+        *cells,
         _num(row.median_ms, 1),
         _num(row.time_ratio, 2),
         _mb(row.held_bytes()),

@@ -727,8 +727,9 @@ def table_cells(row: Row) -> list[str]:
         c.variant_text(),
     ]
     if row.error is not None:
-        return cells + [f"ERROR: {row.error}"]
-    return cells + [
+        return [*cells, f"ERROR: {row.error}"]
+    return [
+        *cells,
         _num(row.median_ms, 0),
         _num(row.time_ratio, 2),
         _mb(row.saved_bytes),

@@ -512,8 +512,9 @@ def table_cells(row: Row) -> list[str]:
         "-" if c.is_baseline else fmt_bits(c.bits),
     ]
     if row.error is not None:
-        return cells + [f"ERROR: {row.error}"]
-    return cells + [
+        return [*cells, f"ERROR: {row.error}"]
+    return [
+        *cells,
         _num(row.median_ms, 1),
         _num(row.time_ratio, 2),
         _num(None if incl is None else incl / MB, 2),

@@ -7,6 +7,7 @@ exactness and gradient tests run unchanged on a GPU. The default is the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -122,10 +123,8 @@ def run_ddp_script(script: Path, *args: str, cwd: Path, timeout: float = 300) ->
             while (leftovers := _group_alive(proc.pid)) and time.monotonic() < deadline:
                 time.sleep(0.2)
         if leftovers or proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     assert not leftovers, f"processes outlived {script.name}: {leftovers}"
     assert proc.returncode == 0, out[-4000:]
     return out

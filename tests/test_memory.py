@@ -31,7 +31,7 @@ def test_reverse_mode_memory_does_not_grow_with_T_except_for_buffer_and_input(cl
     rnn = cls(8, 16, num_layers=2, max_forget_bits=3, dropout=0.2, dropconnect=0.3)
     rest = []
     for T in (20, 40, 80):
-        total, x_bytes, buf_bytes = _saved(rnn, T)
+        total, _x_bytes, buf_bytes = _saved(rnn, T)
         checksum_bytes = 8 * -(-T // CHUNK) * rnn.num_layers  # one int64 fingerprint per layer and chunk
         rest.append(total - buf_bytes - checksum_bytes)
     assert rest[0] == rest[1] == rest[2], rest
@@ -42,14 +42,14 @@ def test_store_mode_memory_grows_with_T_and_reverse_is_far_smaller() -> None:
     store = [_saved_store(rnn, T) for T in (20, 80)]
     assert store[1] > 3 * store[0]
     rnn.mode = "reverse"
-    total, x_bytes, _ = _saved(rnn, 80)
+    total, _x_bytes, _ = _saved(rnn, 80)
     assert store[1] > 5 * total
 
 
 def _saved_store(rnn: nn.Module, T: int) -> int:
     x = torch.randn(T, 4, rnn.input_size, requires_grad=True)
     with saved_tensor_bytes(rnn.parameters()) as saved:
-        out, _ = rnn(x)  # held: only storages some graph still holds when the block ends count
+        _out, _ = rnn(x)  # held: only storages some graph still holds when the block ends count
     return saved.total
 
 

@@ -99,7 +99,7 @@ def _memory_keys(metrics: dict[str, Any]) -> set[str]:
 
 
 def test_reversible_model_logs_measurement_and_accounting(runs: dict[str, Any]) -> None:
-    trainer, report, model, _ = runs["revgru"]
+    trainer, _report, model, _ = runs["revgru"]
     expected = MEASURED_KEYS | {f"memory/{f}" for f in FIELDS} | {f"memory/rnn/{f}" for f in FIELDS}
     expected |= {f"memory/rnn/layer{l}/{f}" for l in range(2) for f in FIELDS}
     assert _memory_keys(trainer.callback_metrics) == expected
@@ -122,7 +122,7 @@ def test_reversible_model_logs_measurement_and_accounting(runs: dict[str, Any]) 
 
 
 def test_baseline_logs_only_the_measurement(runs: dict[str, Any]) -> None:
-    trainer, report, model, _ = runs["gru"]
+    trainer, report, _model, _ = runs["gru"]
     assert _memory_keys(trainer.callback_metrics) == MEASURED_KEYS
     assert _memory_keys(trainer.logged_metrics) == MEASURED_KEYS
     assert all(set(row) == {"step", "world_size", "micro_batches"} | MEASURED_KEYS for row in report.history)
@@ -193,7 +193,7 @@ def test_figure_has_legend_zero_axes_reference_line_and_one_point_per_step(runs:
 
 def test_printed_summary_says_which_model_it_measured(runs: dict[str, Any]) -> None:
     for rnn, described in (("revgru", "LanguageModel (rnn: RevGRU)"), ("gru", "LanguageModel (no reversible module)")):
-        trainer, report, model, root = runs[rnn]
+        trainer, report, model, _root = runs[rnn]
         text = report.summary_text(model, trainer.log_dir)
         assert text.splitlines()[0] == (
             f"MemoryReport of {described}, median over {STEPS} measured steps; written to {trainer.log_dir}"

@@ -177,8 +177,8 @@ def test_carried_state_is_the_one_before_the_next_window(tmp_path: Path) -> None
     model = _model("revgru", 0)
     model.on_load_checkpoint(checkpoint)
     restored = model._hidden["train"]
-    flat_saved = [t for t in torch.utils._pytree.tree_leaves(saved["per_rank"][0])]
-    flat_restored = [t for t in torch.utils._pytree.tree_leaves(restored)]
+    flat_saved = list(torch.utils._pytree.tree_leaves(saved["per_rank"][0]))
+    flat_restored = list(torch.utils._pytree.tree_leaves(restored))
     assert flat_saved and all(torch.equal(a, b) for a, b in zip(flat_saved, flat_restored, strict=True))
 
     checkpoint["revrnn_hidden"] = {"world_size": 2, "per_rank": [saved["per_rank"][0]] * 2}
