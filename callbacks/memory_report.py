@@ -152,7 +152,8 @@ class MemoryReport(Callback):
     def _period(self, trainer: pl.Trainer) -> int:
         if self.every_n_steps is not None:
             return self.every_n_steps
-        return trainer.log_every_n_steps or DEFAULT_EVERY_N_STEPS
+        period: int | None = getattr(trainer, "log_every_n_steps", None)  # not in Trainer's annotations
+        return period or DEFAULT_EVERY_N_STEPS
 
     # ------------------------------------------------------------------------------ measurement hooks
     @override
@@ -233,8 +234,8 @@ class MemoryReport(Callback):
             rows.append((f"{name}/", _summed(windows)))
             for l in range(module.num_layers):
                 rows.append((f"{name}/layer{l}/", _summed([w.layers[l] for w in windows])))
-        values = torch.tensor([r for _, r in rows], dtype=torch.float64, device=device)
-        values = trainer.strategy.reduce(values, reduce_op="sum").cpu().tolist()
+        local = torch.tensor([r for _, r in rows], dtype=torch.float64, device=device)
+        values: list[list[float]] = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
         totals = [
             sum(values[i][j] for i, (prefix, _) in enumerate(rows) if "/layer" not in prefix)
             for j in range(len(SUMMED) + 1)

@@ -36,6 +36,7 @@ from lightning_revrnn.callbacks import MemoryReport
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.datamodules.translation import SyntheticTranslationDataModule
 from lightning_revrnn.lm import LanguageModel, RnnType
+from lightning_revrnn.translation.model import RnnType as TranslationRnn
 from lightning_revrnn.translation.model import TranslationModel
 
 #: Lightning's loggers, whose messages (devices, "Trainer.fit stopped", MemoryReport's summary) go to the log file.
@@ -103,7 +104,7 @@ def train(rnn: RnnType, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def translate(rnn: str, args: argparse.Namespace) -> dict[str, Any]:
+def translate(rnn: TranslationRnn, args: argparse.Namespace) -> dict[str, Any]:
     """Fit one small attention seq2seq model on the synthetic reordering task; return its test BLEU and
     MemoryReport summary (per side for the reversible model)."""
     pl.seed_everything(args.seed, verbose=False)
@@ -278,6 +279,7 @@ def run(args: argparse.Namespace) -> None:
     )
     with training_log(log):
         lm_rnns: tuple[RnnType, ...] = ("revgru", "gru")
+        nmt_rnns: tuple[TranslationRnn, ...] = ("revgru", "gru")
         rows = [
             _run(f"[{i + 1}/{count}]", lm_name(rnn), args.steps, partial(train, rnn, args))
             for i, rnn in enumerate(lm_rnns)
@@ -285,7 +287,7 @@ def run(args: argparse.Namespace) -> None:
         nmt_rows = (
             [
                 _run(f"[{i + 3}/{count}]", nmt_name(rnn, args), args.nmt_steps, partial(translate, rnn, args))
-                for i, rnn in enumerate(("revgru", "gru"))
+                for i, rnn in enumerate(nmt_rnns)
             ]
             if args.nmt_steps > 0
             else []
