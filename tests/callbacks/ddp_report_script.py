@@ -17,13 +17,18 @@ from functools import partial
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import ParallelStrategy
 
 from lightning_revrnn.callbacks import MemoryReport
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ddp_script
-from ddp_script import EndProcessGroup, end_process_group
+# (mypy finds ddp_script only when tests/ddp_script.py is in the same run, as in `make lint-mypy-lenient`)
+from ddp_script import (  # type: ignore[import-not-found, unused-ignore]  # see the line above
+    EndProcessGroup,
+    end_process_group,
+)
 
 MARKER = "DDP_REPORT_OK"
 WORLD = 2
@@ -86,7 +91,10 @@ def fresh_port(trainer: pl.Trainer | None = None) -> None:
     """
     os.environ.pop("MASTER_PORT", None)
     if trainer is not None:
-        trainer.strategy.cluster_environment._main_port = -1  # type: ignore[union-attr]  # Lightning's cache
+        strategy = trainer.strategy
+        assert isinstance(strategy, ParallelStrategy) and strategy.cluster_environment is not None  # ddp_spawn
+        # LightningEnvironment caches the port in a private attribute that ClusterEnvironment does not declare
+        strategy.cluster_environment._main_port = -1  # type: ignore[attr-defined]  # LightningEnvironment's cache
 
 
 def main(folder: str, strategy: str = "ddp") -> None:

@@ -7,19 +7,20 @@ import json
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from lightning_revrnn import RevLSTM
 from lightning_revrnn.callbacks import MemoryReport
 from lightning_revrnn.callbacks.memory_report import MEASURED, PREFIX
 from lightning_revrnn.datamodules import SyntheticLMDataModule
-from lightning_revrnn.lm import LanguageModel
+from lightning_revrnn.lm import LanguageModel, RnnType
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -62,7 +63,7 @@ def _trainer(root: Path, report: MemoryReport, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**options)
 
 
-def _lm(rnn: str, num_layers: int = 2) -> LanguageModel:
+def _lm(rnn: RnnType, num_layers: int = 2) -> LanguageModel:
     torch.manual_seed(0)
     return LanguageModel(
         VOCAB, rnn=rnn, num_layers=num_layers, emb_size=16, hidden_size=24, optimizer=partial(torch.optim.SGD, lr=0.5)
@@ -84,8 +85,9 @@ def _data(batch_size: int = 8, bptt: int = BPTT) -> SyntheticLMDataModule:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One fit of a reversible LM and one of the GRU baseline (same data and sizes), every step measured."""
-    out = {}
-    for rnn in ("revgru", "gru"):
+    out: dict[str, Any] = {}
+    rnns: tuple[RnnType, ...] = ("revgru", "gru")
+    for rnn in rnns:
         root = tmp_path_factory.mktemp(rnn)
         report, model = MemoryReport(every_n_steps=1), _lm(rnn)
         trainer = _trainer(root, report)
@@ -250,6 +252,8 @@ class Tagger(pl.LightningModule):
     """A user's module: a RevLSTM nested in a container, run on two windows per step (truncated BPTT by
     hand, state carried detached), batches sliced from a corpus tensor that the module owns."""
 
+    corpus: Tensor  # a registered buffer
+
     def __init__(self, corpus_rows: int = 10_000, features: int = 8, hidden: int = 16) -> None:
         super().__init__()
         self.blocks = nn.ModuleDict({"encoder": RevLSTM(features, hidden)})
@@ -264,7 +268,8 @@ class Tagger(pl.LightningModule):
         return self.readout(torch.cat([out1, out2]).float()).square().mean()
 
     def train_dataloader(self) -> Any:
-        return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=1)
+        # a tensor is a map-style dataset by duck typing (__getitem__, __len__); DataLoader's type asks for Dataset
+        return torch.utils.data.DataLoader(cast("Dataset[Tensor]", torch.zeros(4, 1)), batch_size=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)

@@ -66,7 +66,7 @@ def test_ddp_spawn_report_goes_to_dirpath_known_in_the_main_process(tmp_path: Pa
     """Without ``dirpath`` the main process cannot tell where a ``ddp_spawn`` fit put the report: its
     ``trainer.log_dir`` names the logger's next version. With it, every process agrees on the folder."""
     from ddp_report_script import build_data, build_model
-    from ddp_script import EndProcessGroup
+    from ddp_script import EndProcessGroup  # type: ignore[import-not-found, unused-ignore]  # as in ddp_report_script.py
     from pytorch_lightning import Trainer
     from pytorch_lightning.loggers import CSVLogger
 

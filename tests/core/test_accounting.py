@@ -36,5 +36,7 @@ def test_as_dict_holds_the_ratios_and_one_mapping_per_layer() -> None:
     stats = rnn.memory_stats()
     flat = stats.as_dict()
     assert flat["actual_ratio"] == stats.actual_ratio and flat["efficiency"] == stats.efficiency
-    assert [layer["normal_bits"] for layer in flat["layers"]] == [s.normal_bits for s in stats.layers]  # type: ignore[union-attr, index]
+    layers = flat["layers"]
+    assert isinstance(layers, list)
+    assert [layer["normal_bits"] for layer in layers] == [s.normal_bits for s in stats.layers]
     assert stats.normal_bits == 32 * 10 * 2 * (4 + 6) * 2  # h and c of both layers, every step

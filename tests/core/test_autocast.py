@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_revrnn import RevGRU, RevLSTM, StepHead, StepStem
+from lightning_revrnn import ReversibleRNN, RevGRU, RevLSTM, StepHead, StepStem
+from lightning_revrnn.core.rnn import Mode
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
 
@@ -49,7 +50,7 @@ class Decoder(StepHead):
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
 
-def run(rnn: nn.Module, mode: str, x: Tensor, stem: LinearStem, head: Decoder) -> tuple[Tensor, list[Tensor]]:
+def run(rnn: ReversibleRNN, mode: Mode, x: Tensor, stem: LinearStem, head: Decoder) -> tuple[Tensor, list[Tensor]]:
     rnn.mode = mode
     params = [*rnn.parameters(), *stem.parameters(), *head.parameters()]
     torch.manual_seed(1)

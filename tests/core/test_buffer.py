@@ -8,6 +8,7 @@ and drain records.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import pytest
 import torch
@@ -23,7 +24,13 @@ from lightning_revrnn.core.numerics import AutocastState
 from lightning_revrnn.core.window import WindowPlan
 
 
-def _run(buf: InformationBuffer, h: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
+class Multiplier(Protocol):
+    """What ``_run`` needs: the buffer, or the plain reference of its drain rule."""
+
+    def multiply(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor: ...
+
+
+def _run(buf: Multiplier, h: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Multiply through ``zs``; return ``h`` after each multiplication."""
     hs = []
     for z in zs:
@@ -337,9 +344,9 @@ def test_accounting_by_hand_gru_chosen_forget_values() -> None:
     with torch.no_grad():
         for p in rnn.parameters():
             p.zero_()
-        rows = rnn.cells[0].hidden_rows
+        rows = rnn.cell_list[0].hidden_rows
         for g, zs in enumerate([(512, 128), (256, 1024)]):
-            rnn.cells[0].bias[g * rows : g * rows + n] = torch.tensor([_bias_for(z, k) for z in zs])
+            rnn.cell_list[0].bias[g * rows : g * rows + n] = torch.tensor([_bias_for(z, k) for z in zs])
     rnn(torch.zeros(3, 1, 1, requires_grad=True))
     stats = rnn.memory_stats()
     assert stats.optimal == 18.0
@@ -358,11 +365,11 @@ def test_accounting_by_hand_lstm_chosen_forget_values() -> None:
     with torch.no_grad():
         for p in rnn.parameters():
             p.zero_()
-        rows = rnn.cells[0].hidden_rows  # per group: f, i, o, p, g (n rows each)
+        rows = rnn.cell_list[0].hidden_rows  # per group: f, i, o, p, g (n rows each)
         for g, (fs, ps) in enumerate([((1024, 512), (256, 128)), ((128, 1024), (512, 512))]):
             base = g * rows
-            rnn.cells[0].bias[base : base + n] = torch.tensor([_bias_for(z, k) for z in fs])
-            rnn.cells[0].bias[base + 3 * n : base + 4 * n] = torch.tensor([_bias_for(z, k) for z in ps])
+            rnn.cell_list[0].bias[base : base + n] = torch.tensor([_bias_for(z, k) for z in fs])
+            rnn.cell_list[0].bias[base + 3 * n : base + 4 * n] = torch.tensor([_bias_for(z, k) for z in ps])
     rnn(torch.zeros(2, 1, 1, requires_grad=True))
     stats = rnn.memory_stats()
     assert stats.optimal == 22.0
@@ -375,13 +382,13 @@ def test_accounting_totals_are_the_sum_of_the_layers() -> None:
     torch.manual_seed(0)
     rnn = RevLSTM(4, [6, 4], num_layers=2, max_forget_bits=None)
     with torch.no_grad():
-        for c in rnn.cells:
+        for c in rnn.cell_list:
             c.bias.fill_(-6.0)  # forget gates near 0: ~10 bits per multiplication, forcing drains
     T, B = 30, 3
     rnn(torch.randn(T, B, 4, requires_grad=True))
     stats = rnn.memory_stats()
     assert stats.drains > 0
-    for layer, (cell, s) in enumerate(zip(rnn.cells, stats.layers)):
+    for layer, (cell, s) in enumerate(zip(rnn.cell_list, stats.layers)):
         assert s.normal_bits == 32 * T * B * cell.hidden_size * 2, layer  # h and c
         assert s.multiplications == 4 * T
         assert 0 < s.optimal <= 4 * T * B * cell.half_size * 10  # at most 10 bits per multiplication

@@ -8,7 +8,7 @@ import torch
 from lightning_revrnn.core.cell_base import add_output_gradient, restore_units, store_units, unbuffered
 from lightning_revrnn.core.cells import RevGRUCell, RevLSTMCell
 from lightning_revrnn.core.fixed_point import FORGET_ONE, to_fixed, to_float
-from lightning_revrnn.core.records import GRURecord, LSTMRecord
+from lightning_revrnn.core.records import GRURecord, LSTMRecord, Record
 
 
 @pytest.mark.parametrize("cls", [RevGRUCell, RevLSTMCell])
@@ -23,11 +23,12 @@ def test_split_and_join_state_are_inverse_and_groups_own_their_halves(cls: type)
 
 def test_floats_before_reads_the_old_halves_from_named_records() -> None:
     t = [torch.full((1, 2), float(i)) for i in range(10)]
-    gru = [GRURecord(*t[:6], h_old=t[6]), GRURecord(*t[:6], h_old=t[7])]
+    other, a, b, c, d, e = t[:6]  # the fields before h_old: values the helper does not read
+    gru: list[Record] = [GRURecord(other, a, b, c, d, e, h_old=t[6]), GRURecord(other, a, b, c, d, e, h_old=t[7])]
     assert RevGRUCell.floats_before(gru) == [t[6], t[7]]
-    lstm = [
-        LSTMRecord(*t[:6], h_old=t[6], c_old=t[8], c_new=t[0]),
-        LSTMRecord(*t[:6], h_old=t[7], c_old=t[9], c_new=t[0]),
+    lstm: list[Record] = [
+        LSTMRecord(other, a, b, c, d, e, h_old=t[6], c_old=t[8], c_new=t[0]),
+        LSTMRecord(other, a, b, c, d, e, h_old=t[7], c_old=t[9], c_new=t[0]),
     ]
     assert RevLSTMCell.floats_before(lstm) == [t[6], t[7], t[8], t[9]]
 
@@ -42,7 +43,8 @@ def test_output_gradient_goes_to_both_halves_or_to_the_stored_units() -> None:
 
 def test_stored_units_bypass_the_buffer_and_round_trip() -> None:
     zq = torch.full((2, 4), 300)
-    assert unbuffered(zq, 2)[:, :2].eq(FORGET_ONE).all() and unbuffered(zq, 2)[:, 2:].eq(300).all()
+    held = unbuffered(zq, 2)
+    assert held is not None and held[:, :2].eq(FORGET_ONE).all() and held[:, 2:].eq(300).all()
     assert unbuffered(None, 2) is None and unbuffered(zq, 0) is zq
     h = to_fixed(torch.randn(2, 4))
     value = torch.randn(2, 4)

@@ -22,7 +22,7 @@ from lightning_revrnn.core.window import WindowPlan
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
 FORGET_BITS = (1, 2, 3, 5, None)
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -165,7 +165,7 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
 
 
 # ------------------------------------------------------------------------------------------- tests
-@settings(max_examples=30, **SETTINGS)
+@settings(SETTINGS, max_examples=30)
 @given(cfg=configs())
 def test_stepwise_reconstruction_is_bit_exact(cfg):
     """Independent of the runtime check: every state of every layer at every step is reconstructed."""
@@ -250,7 +250,7 @@ def test_stepwise_with_drains(cls):
     independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=True)
 
 
-@settings(max_examples=20, **SETTINGS)
+@settings(SETTINGS, max_examples=20)
 @given(cfg=configs(max_t=300))
 def test_reverse_mode_matches_store_end_to_end(cfg):
     """mode="reverse" forward+backward does not raise; outputs and final states equal mode="store"."""
@@ -322,7 +322,9 @@ def test_tampered_buffer_is_detected():
     rnn = RevGRU(2, 4, 1, max_forget_bits=3)
     x = torch.randn(20, 2, 2, requires_grad=True)
     out, _ = rnn(x)
-    buf = rnn.last_window.buffers[0]
+    record = rnn.last_window
+    assert record is not None
+    buf = record.buffers[0]
     word = buf.word.clone()
     word[0, 0] += 1
     buf.word = word

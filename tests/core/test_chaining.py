@@ -69,7 +69,11 @@ def test_decoder_from_encoder_state_reverse_equals_store(cls, padded, with_head,
     assert len(grads_r) == len(grads_s)
     for i, (a, b) in enumerate(zip(grads_r, grads_s)):
         scale = b.abs().max().item()
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(scale, 1e-12), msg=lambda m, i=i: f"grad {i}: {m}")
+
+        def msg(m: str, i: int = i) -> str:
+            return f"grad {i}: {m}"
+
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(scale, 1e-12), msg=msg)
     assert grads_r[0].abs().sum() > 0, "no gradient reached the encoder input through the decoder"
     enc_weight_ih = grads_r[2]
     assert enc_weight_ih.abs().sum() > 0

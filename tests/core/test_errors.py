@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_revrnn import FixedPointOverflowError, ReconstructionError, RevGRU, RevGRUCell, RevLSTM
+from lightning_revrnn.core.rnn import Mode
 
 
 def test_odd_hidden_size_is_rejected_with_a_fix() -> None:
@@ -44,7 +45,7 @@ def test_wrong_input_shape_and_dtype() -> None:
     with pytest.raises(ValueError, match="empty"):
         rnn(torch.randn(0, 2, 4))
     with pytest.raises(TypeError, match="tensor"):
-        rnn([[1.0]])  # type: ignore[arg-type]
+        rnn([[1.0]])
 
 
 def test_wrong_initial_state() -> None:
@@ -67,10 +68,10 @@ def test_overflowing_initial_state_raises() -> None:
 
 
 @pytest.mark.parametrize("mode", ["reverse", "store"])
-def test_nan_weights_raise_instead_of_wrapping(mode: str) -> None:
+def test_nan_weights_raise_instead_of_wrapping(mode: Mode) -> None:
     rnn = RevLSTM(4, 8, mode=mode)
     with torch.no_grad():
-        rnn.cells[0].weight_ih[3, 0] = float("nan")
+        rnn.cell_list[0].weight_ih[3, 0] = float("nan")
     with pytest.raises(FixedPointOverflowError, match="layer 0"):
         rnn(torch.randn(5, 3, 4, requires_grad=True))
     with torch.no_grad(), pytest.raises(FixedPointOverflowError):
@@ -82,9 +83,11 @@ def test_corrupted_buffer_is_detected_and_names_the_layer(target: str) -> None:
     torch.manual_seed(0)
     rnn = RevGRU(4, 8, num_layers=2, max_forget_bits=None)
     with torch.no_grad():
-        rnn.cells[1].bias.fill_(-5.0)  # layer 1 forgets hard: drains happen
+        rnn.cell_list[1].bias.fill_(-5.0)  # layer 1 forgets hard: drains happen
     out, _ = rnn(torch.randn(60, 3, 4, requires_grad=True))
-    buf = rnn.last_window.buffers[1]
+    record = rnn.last_window
+    assert record is not None
+    buf = record.buffers[1]
     if target == "word":
         buf.word = buf.word + 1
     else:
@@ -98,7 +101,9 @@ def test_reconstruction_error_names_the_step() -> None:
     torch.manual_seed(0)
     rnn = RevGRU(4, 8, max_forget_bits=3)
     out, _ = rnn(torch.randn(10, 2, 4, requires_grad=True))
-    buf = rnn.last_window.buffers[0]
+    record = rnn.last_window
+    assert record is not None
+    buf = record.buffers[0]
     buf.word = buf.word ^ 1  # corrupts the last multiplication's bits: the last chunk diverges first
     with pytest.raises(ReconstructionError, match=r"layer 0, reconstructing steps 0\.\.15"):
         out.sum().backward()

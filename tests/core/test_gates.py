@@ -32,6 +32,7 @@ def test_hold_makes_a_step_the_identity_on_masked_rows() -> None:
     keep = torch.tensor([[True], [False]])
     q, f, a = torch.full((2, 3), 5), torch.full((2, 3), 0.5), torch.full((2, 3), 0.25)
     (q2,), (f2,), (a2,) = hold(keep, [q], [f], [a])
+    assert q2 is not None  # a rounded forget value given stays a tensor
     assert q2[1].eq(FORGET_ONE).all() and f2[1].eq(1.0).all() and a2[1].eq(0.0).all()
     assert q2[0].eq(5).all() and f2[0].eq(0.5).all() and a2[0].eq(0.25).all()
     assert hold(None, [q], [f], [a]) == ([q], [f], [a])

@@ -180,9 +180,11 @@ def test_head_parameter_that_feeds_its_context_raises_with_the_fix() -> None:
             self.memory: Tensor | None = None
 
         def forward(self, output: Tensor, start: int) -> Tensor:
+            assert self.memory is not None  # set below, before the encoder runs
             return (output * self.memory.mean(0)).sum() + self.embedding.weight.sum()
 
         def context(self) -> list[Tensor]:
+            assert self.memory is not None
             return [self.memory]
 
     head = SharedHead()

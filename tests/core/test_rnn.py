@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import pytorch_lightning as pl
@@ -12,12 +11,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, RevGRU, RevGRUCell, RevLSTM
+from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, ReversibleRNN, RevGRU, RevGRUCell, RevLSTM
+from lightning_revrnn.core.rnn import Mode
 from lightning_revrnn.core.window import _mix, state_checksum
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
 
-BASELINE = {RevGRU: nn.GRU, NFRevGRU: nn.GRU, RevLSTM: nn.LSTM, NFRevLSTM: nn.LSTM}
+BASELINE: dict[type, type[nn.GRU] | type[nn.LSTM]] = {
+    RevGRU: nn.GRU,
+    NFRevGRU: nn.GRU,
+    RevLSTM: nn.LSTM,
+    NFRevLSTM: nn.LSTM,
+}
 
 
 def states(h: Tensor | tuple[Tensor, Tensor]) -> list[Tensor]:
@@ -84,7 +89,9 @@ def test_carry_uses_changed_rows_as_given() -> None:
         for p in rnn.parameters():
             p.mul_(3.0)
         _, h1 = rnn(torch.randn(25, 3, 3))
-        exact = rnn.exact_state(h1).clone()
+        exact_h1 = rnn.exact_state(h1)
+        assert isinstance(exact_h1, Tensor)  # one GRU layer: a tensor
+        exact = exact_h1.clone()
         reset = h1  # reset in place: the other rows still carry exactly
         reset[:, 1] = 0.0
         exact[:, 1] = 0.0
@@ -207,7 +214,7 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.names: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
 
@@ -221,27 +228,34 @@ def _lm(**kwargs: object) -> LanguageModel:
 def test_tied_weight_one_accumulator_and_index_add() -> None:
     model = _lm().train()
     tokens, targets = torch.randint(0, 50, (40, 3)), torch.randint(0, 50, (40, 3))
+    rnn = model.rnn
+    assert isinstance(rnn, ReversibleRNN)  # rnn="revgru"
     grads = {}
-    for mode in ("store", "reverse"):
-        model.rnn.mode = mode
+    modes: tuple[Mode, ...] = ("store", "reverse")
+    for mode in modes:
+        rnn.mode = mode
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
         stem, head = model.stem.bind(training=True), model.head.bind(targets, training=True)
         total, _ = model.window_loss(tokens, None, stem, head)
         if mode == "reverse":
-            extras = model.rnn.last_window.plan.extras
+            record = rnn.last_window
+            assert record is not None
+            extras = record.plan.extras
             assert sum(e is model.embedding.weight for e in extras) == 1  # one V×E accumulator
         with OpCounter() as ops:
             total.backward()
         if mode == "reverse":  # the embedding rows by index_add, no dense embedding backward per chunk
             assert not any("embedding_dense_backward" in n for n in ops.names)
             assert any("index_add" in n for n in ops.names)
-        grads[mode] = model.embedding.weight.grad.clone()
+        grad = model.embedding.weight.grad
+        assert grad is not None
+        grads[mode] = grad.clone()
     torch.testing.assert_close(grads["reverse"], grads["store"], rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture
-def quiet_trainer() -> Iterator[dict[str, object]]:
+def quiet_trainer() -> dict[str, object]:
     return dict(
         accelerator="cpu",
         devices=1,

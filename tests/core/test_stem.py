@@ -88,7 +88,7 @@ def test_final_state_gradient_reaches_the_weights_with_a_stem() -> None:
     for mode in ("store", "reverse"):
         rnn.mode = mode
         _, h_n = rnn(tokens, stem=stem)
-        grads[mode] = torch.autograd.grad((h_n * 0.37).sum(), [rnn.cells[0].weight_hh, stem.emb.weight])
+        grads[mode] = torch.autograd.grad((h_n * 0.37).sum(), [rnn.cell_list[0].weight_hh, stem.emb.weight])
     assert grads["reverse"][0].abs().max() > 0
     for a, b in zip(grads["store"], grads["reverse"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

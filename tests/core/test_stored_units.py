@@ -111,6 +111,7 @@ def test_carry_across_windows_is_exact_with_stored_units():
         alone, _ = rnn(x[16:17], h_first)
     assert torch.equal(from_rounded, from_exact) and torch.equal(h_a[1], h_b[1])
     assert torch.equal(alone[0], from_exact[0])
+    assert isinstance(exact, tuple) and isinstance(exact[0], torch.Tensor)  # (h, c), one layer: tensors
     assert torch.equal(exact[0][0, :, :2], first[-1].double()), "stored units are not float32-exact"
 
 

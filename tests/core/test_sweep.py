@@ -43,7 +43,7 @@ def make_hx(rnn, batch, scale=0.5, seed=0):
 
 def leaves(kinds):
     """Fresh leaf copies requiring grad (tensors or lists of tensors)."""
-    out = []
+    out: list[torch.Tensor | list[torch.Tensor]] = []
     for k in kinds:
         if isinstance(k, torch.Tensor):
             out.append(k.detach().clone().requires_grad_())
@@ -176,6 +176,7 @@ class Decoder(StepHead):
 
     def forward(self, output, start):
         """Sum over the chunk's steps of the batch-mean cross-entropy."""
+        assert self.targets is not None  # set by the test before the run
         targets = self.targets[start : start + output.shape[0]]
         return F.cross_entropy(self.lin(output).flatten(0, 1), targets.flatten(), reduction="sum") / output.shape[1]
 
@@ -204,7 +205,7 @@ def manual_two_windows(rnn, x, T):
     L, B = len(cells), x.shape[1]
     window = WindowPlan.build(cells, EAGER, [None] * L, [None] * L, False, AutocastState.capture(x.device))
     state = [[torch.zeros(B, c.half_size, dtype=torch.int64) for _ in range(c.state_halves)] for c in cells]
-    outs = []
+    outs: list[torch.Tensor] = []
     with torch.no_grad():
         for chunk in (x[:T], x[T:]):
             state_f = [[to_float(s) for s in st_] for st_ in state]
@@ -355,6 +356,7 @@ def test_batch_first_equals_transposed(cls, mode):
         g = torch.Generator(torch.get_default_device()).manual_seed(0)
         loss = (out * torch.randn(out.shape, generator=g)).sum() + sum(s.sum() for s in state_list(h_n, rnn)).float()
         loss.backward()
+        assert xin.grad is not None
         xg = xin.grad.transpose(0, 1) if batch_first else xin.grad
         results.append(
             (

@@ -135,7 +135,9 @@ def counted_backend() -> FusedBackend:
 def assert_ran_stages(backend: FusedBackend, cell, multiplications: int) -> None:
     """The harness ran on ``backend``'s stages (not the eager cells): every buffered multiplication went
     through an integer stage and was undone by one."""
-    calls = backend.stages.counter.calls
+    counter = backend.stages.counter
+    assert counter is not None  # a counted backend (counted_backend())
+    calls = counter.calls
     assert calls[f"{cell.kind}_gates{(cell.max_forget_bits, cell.forgets)}"] > 0, calls
     if cell.forgets:
         assert calls["multiply_add_logged"] == calls["subtract_divide"] == multiplications, calls
@@ -347,7 +349,7 @@ def test_fused_switch_and_store_mode_stays_eager():
     rnn.fused = True
     assert rnn.fused is True and "fused=True" in repr(rnn)
     with pytest.raises(TypeError, match="fused must be True or False"):
-        rnn.fused = 1
+        rnn.fused = 1  # type: ignore[assignment]  # the wrong type on purpose: the setter rejects it
 
     # Which backend a window's plan gets: an injected backend runs every half-step where nothing records.
     spy = SpyBackend()
