@@ -6,7 +6,7 @@ import copy
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytorch_lightning as pl
@@ -21,6 +21,7 @@ from lightning_revrnn import MemoryAccounting
 from lightning_revrnn.core.protocol import CHUNK
 from lightning_revrnn.datamodules import CopyTasksDataModule, SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
+from lightning_revrnn.lm.model import RnnType
 from lightning_revrnn.memory import saved_tensor_bytes
 
 pytestmark = [
@@ -35,7 +36,9 @@ pytestmark = [
 REVERSIBLE = ["revgru", "revlstm", "nfrevgru", "nfrevlstm"]
 BASELINES = ["gru", "lstm"]
 VOCAB = 16
-NO_DROPOUT = dict(dropout_emb=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, dropconnect=0.0)
+NO_DROPOUT: dict[str, Any] = dict(
+    dropout_emb=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, dropconnect=0.0
+)
 
 
 def make_model(
@@ -44,7 +47,8 @@ def make_model(
     """A tiny LanguageModel with deterministic initialisation and a gentle optimiser."""
     torch.manual_seed(seed)
     kwargs.setdefault("optimizer", partial(torch.optim.SGD, lr=0.5))
-    return LanguageModel(vocab, rnn=rnn, num_layers=num_layers, emb_size=16, hidden_size=24, **kwargs)
+    rnn_type = cast(RnnType, rnn)  # a test's parameter (a string); the model validates it
+    return LanguageModel(vocab, rnn=rnn_type, num_layers=num_layers, emb_size=16, hidden_size=24, **kwargs)
 
 
 def make_data(**kwargs: Any) -> SyntheticLMDataModule:
