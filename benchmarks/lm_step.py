@@ -379,7 +379,7 @@ def build_model(config: Config, device: torch.device) -> LanguageModel:
         model = LanguageModel(
             rnn=cell, vocab_size=config.vocab, num_layers=config.layers, emb_size=config.emb, hidden_size=config.hidden
         )
-    model.log = _no_log  # type: ignore[method-assign]
+    model.log = _no_log  # type: ignore[method-assign]  # logging off: steps run outside a Trainer
     return model.to(device).train()
 
 

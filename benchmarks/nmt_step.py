@@ -494,7 +494,7 @@ def build_subject(config: Config, batch: TranslationBatch, device: torch.device)
             max_forget_bits=config.bits,
             mode="reverse",
         )
-    model.log = _no_log  # type: ignore[method-assign]
+    model.log = _no_log  # type: ignore[method-assign]  # logging off: steps run outside a Trainer
     model = model.to(device).train()
     optimizers = model.configure_optimizers()
     assert isinstance(optimizers, dict)

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     model = LanguageModel.load_from_checkpoint(args.ckpt, map_location="cpu")
-    model.log = lambda *a, **k: None  # type: ignore[method-assign]
+    model.log = lambda *a, **k: None  # type: ignore[method-assign]  # logging off: steps run outside a Trainer
     data = PTBDataModule(batch_size=20, bptt=70)
     data.setup("fit")
     batches = [b for _, b in zip(range(args.windows), data.train_dataloader())]

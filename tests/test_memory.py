@@ -21,7 +21,9 @@ def _saved(rnn: ReversibleRNN, T: int, B: int = 4) -> tuple[int, int, int]:
     x = torch.randn(T, B, rnn.input_size, requires_grad=True)
     with saved_tensor_bytes(rnn.parameters()) as saved:
         out, _ = rnn(x)
-    buffer_bytes = sum(t.untyped_storage().nbytes() for b in rnn.last_window.buffers for t in b.tensors())
+    window = rnn.last_window
+    assert window is not None  # the forward just ran a reverse-mode window
+    buffer_bytes = sum(t.untyped_storage().nbytes() for b in window.buffers for t in b.tensors())
     out.sum().backward()  # the sweep still reconstructs exactly
     return saved.total, x.untyped_storage().nbytes(), buffer_bytes
 
