@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import lightning_revrnn as lr
+from lightning_revrnn.core.rnn import Mode
 
 T, B, E, H, V = 32, 5, 12, 16, 40
 
@@ -28,7 +29,7 @@ def _lm_pieces() -> tuple[type, type]:
     return lr.EmbeddingStem, lr.DecoderHead
 
 
-def _run_head_stem(rnn: nn.Module, tokens: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
+def _run_head_stem(rnn: nn.Module, tokens: Tensor, targets: Tensor, keep: Tensor) -> tuple[Tensor, Any, list[Tensor]]:
     EmbeddingStem, DecoderHead = _lm_pieces()
     torch.manual_seed(3)
     embedding = nn.Embedding(V, E)
@@ -42,7 +43,7 @@ def _run_head_stem(rnn: nn.Module, tokens: Tensor, targets: Tensor, keep: Tensor
     return loss, h_n, [embedding.weight, decoder.bias]
 
 
-def case(cell: str, mode: str, fused: bool, with_head: bool) -> dict[str, Any]:
+def case(cell: str, mode: Mode, fused: bool, with_head: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     cls = {"gru": lr.RevGRU, "lstm": lr.RevLSTM}[cell]
     rnn = cls(E, [H, E], num_layers=2, mode=mode, dropout=0.2, dropconnect=0.3, fused=fused)
@@ -69,13 +70,12 @@ def case(cell: str, mode: str, fused: bool, with_head: bool) -> dict[str, Any]:
             value = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
             extra = []
     exact = rnn.exact_state(h_n)
-    stats = rnn.memory_stats()
-    stats = stats.as_dict() if hasattr(stats, "as_dict") else stats
+    stats = rnn.memory_stats().as_dict()
     value.backward()
-    grads = {n: p.grad.clone() for n, p in rnn.named_parameters()}
-    grads.update({f"extra{i}": t.grad.clone() for i, t in enumerate(extra)})
+    grads = {n: _grad(p) for n, p in rnn.named_parameters()}
+    grads.update({f"extra{i}": _grad(t) for i, t in enumerate(extra)})
     if x is not None:
-        grads["x"] = x.grad.clone()
+        grads["x"] = _grad(x)
     flat = list(exact) if isinstance(exact, tuple) else [exact]
     return {
         "value": value.detach(),
@@ -84,6 +84,12 @@ def case(cell: str, mode: str, fused: bool, with_head: bool) -> dict[str, Any]:
         "stats": _plain(stats),
         "grads": grads,
     }
+
+
+def _grad(t: Tensor) -> Tensor:
+    """A copy of ``t.grad`` (the backward above reached every tensor passed here)."""
+    assert t.grad is not None
+    return t.grad.clone()
 
 
 def _plain(stats: Any) -> Any:
@@ -97,7 +103,8 @@ def _plain(stats: Any) -> Any:
 def all_cases(with_fused: bool) -> dict[str, Any]:
     out = {}
     for cell in ("gru", "lstm"):
-        for mode in ("reverse", "store"):
+        modes: tuple[Mode, ...] = ("reverse", "store")
+        for mode in modes:
             for fused in (False, True) if with_fused else (False,):
                 if fused and mode == "store":
                     continue  # store training differentiates the eager cells either way

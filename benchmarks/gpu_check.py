@@ -143,9 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     has_gpu = torch.cuda.is_available()
     slug = card_slug()
     device = torch.device("cuda" if has_gpu else "cpu")
-    print(
-        f"gpu-check on {torch.cuda.get_device_name() if has_gpu else 'no GPU: CPU parts only'}, torch {torch.__version__}"
-    )
+    where = torch.cuda.get_device_name() if has_gpu else "no GPU: CPU parts only"
+    print(f"gpu-check on {where}, torch {torch.__version__}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     steps: list[dict[str, Any]] = []
     py = sys.executable

@@ -70,7 +70,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,16 +81,17 @@ from typing_extensions import override
 from lightning_revrnn import ReversibleRNN
 from lightning_revrnn.fused import FusedBackend, StageCounter
 from lightning_revrnn.lm.head import BoundDecoderHead
-from lightning_revrnn.lm.model import Batch, LanguageModel
+from lightning_revrnn.lm.model import Batch, LanguageModel, RnnType
 from lightning_revrnn.memory import MemoryTrace, saved_tensor_bytes
 from lightning_revrnn.shared import BoundEmbeddingStem
 
-try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.lm_step``
-    from opcount import count_step
-    from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
-except ImportError:  # pragma: no cover - depends on how the file is run
-    from benchmarks.opcount import count_step
-    from benchmarks.rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
+# Siblings are imported by their own names: run as a script, benchmarks/ is already sys.path[0]; run as
+# ``python -m benchmarks.lm_step`` (or imported), this puts it there. The imports below rely on it.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from opcount import count_step
+from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
 
 #: The paper's PTB sizes (2 layers: lower 1150 units, top = emb 650), used unless ``--small`` or a flag overrides.
 PAPER_PRESET: dict[str, Any] = {
@@ -358,17 +359,27 @@ def build_model(config: Config, device: torch.device) -> LanguageModel:
     """A fresh model seeded with ``torch.manual_seed(0)``, logging disabled, in training mode."""
     torch.manual_seed(0)
     sizes = dict(vocab_size=config.vocab, num_layers=config.layers, emb_size=config.emb, hidden_size=config.hidden)
+    cell = cast(RnnType, config.cell)  # a command-line choice (a string); the model validates it
     model: LanguageModel
     if config.variant == "rev":
         model = LanguageModel(
-            rnn=f"rev{config.cell}", max_forget_bits=config.bits, mode="reverse", fused=config.fused, **sizes
+            rnn=cast(RnnType, f"rev{cell}"),
+            max_forget_bits=config.bits,
+            mode="reverse",
+            fused=config.fused,
+            vocab_size=config.vocab,
+            num_layers=config.layers,
+            emb_size=config.emb,
+            hidden_size=config.hidden,
         )
     elif config.variant == "ckpt":
         assert config.chunk is not None
-        model = CheckpointedLM(rnn=config.cell, chunk=config.chunk, **sizes)
+        model = CheckpointedLM(rnn=cell, chunk=config.chunk, **sizes)
     else:
-        model = LanguageModel(rnn=config.cell, **sizes)
-    model.log = _no_log  # type: ignore[method-assign]
+        model = LanguageModel(
+            rnn=cell, vocab_size=config.vocab, num_layers=config.layers, emb_size=config.emb, hidden_size=config.hidden
+        )
+    model.log = _no_log  # type: ignore[method-assign]  # logging off: steps run outside a Trainer
     return model.to(device).train()
 
 

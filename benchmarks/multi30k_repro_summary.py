@@ -105,7 +105,10 @@ def summarise(root: str, model: str, accounting_batches: int) -> dict[str, Any]:
     test_rows = read_csv(newest(os.path.join(root, f"{model}-test", "version_*", "metrics.csv")))
     fit_rows = read_csv(fit_csv)
     timing_path = os.path.join(root, model, "timing.json")
-    timing = json.load(open(timing_path)) if os.path.isfile(timing_path) else {}
+    timing: dict[str, Any] = {}
+    if os.path.isfile(timing_path):
+        with open(timing_path) as f:
+            timing = json.load(f)
     ckpt = os.path.join(fit_dir, "checkpoints", "last.ckpt") if fit_dir else None
     steps = timing.get("steps")
     result: dict[str, Any] = {
@@ -134,7 +137,9 @@ def optimizer_of(fit_dir: str | None) -> str | None:
     path = os.path.join(fit_dir, "config.yaml") if fit_dir else None
     if path is None or not os.path.isfile(path):
         return None
-    spec = (yaml.safe_load(open(path)).get("model") or {}).get("init_args", {}).get("optimizer") or {}
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    spec = (config.get("model") or {}).get("init_args", {}).get("optimizer") or {}
     if "class_path" not in spec:
         return None
     lr = (spec.get("init_args") or {}).get("lr")

@@ -32,10 +32,11 @@ Per configuration:
 1. a warm-up step;
 2. one step traced with :class:`~lightning_revrnn.memory.MemoryTrace` (the library's allocation trace,
    what ``MemoryReport`` logs; its pack hook keeps a detached alias, so that a graph the step discards
-   without backward is freed as it is without the trace, and its storages do not count as saved): ``saved`` = storages allocated in the forward and held by autograd for
-   backward; ``peak`` = highest allocation level above the step's start over forward, backward, clipping and
-   the optimizer step (on CUDA: the allocator's ``max_memory_allocated``), ``grad`` = parameter gradients
-   allocated in it, ``peak excl. grad`` = the peak without them: the step's activation memory (activations,
+   without backward is freed as it is without the trace, and its storages do not count as saved):
+   ``saved`` = storages allocated in the forward and held by autograd for backward; ``peak`` = highest
+   allocation level above the step's start over forward, backward, clipping and the optimizer step (on CUDA:
+   the allocator's ``max_memory_allocated``), ``grad`` = parameter gradients allocated in it, ``peak excl.
+   grad`` = the peak without them: the step's activation memory (activations,
    the reverse sweeps' buffers and temporaries), the figure the issue's targets compare. On CUDA, also the
    bytes still allocated right after the forward ("held"). The paper's accounting of the encoder and of the
    decoder (``model.memory_stats()``: actual = normal/used bits, optimal = normal/optimal bits; the
@@ -64,8 +65,8 @@ chunk) plus one chunk's backward (three ``C × B × vocab`` float tensors: 3 × 
 V=18,726``); at Multi30K sizes (``T ≈ 14``) one chunk is the whole target.
 
 ``--head-chunk C`` is a diagnostic: it sets the target steps the attention/generator/loss head runs at once
-(``lightning_revrnn.core.sweep.CHUNK`` and ``lightning_revrnn.translation.attention.CHUNK``, 16 in the library) for every row,
-to show how much of the peak the chunk's ``C × B × vocab`` logits are.
+(``lightning_revrnn.core.sweep.CHUNK`` and ``lightning_revrnn.translation.attention.CHUNK``, 16 in the library)
+for every row, to show how much of the peak the chunk's ``C × B × vocab`` logits are.
 
 Usage::
 
@@ -84,8 +85,9 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -96,12 +98,14 @@ from lightning_revrnn.datamodules.bucketing import training_plan
 from lightning_revrnn.datamodules.parallel import EncodedPairs, ParallelText, TranslationBatch, collate
 from lightning_revrnn.datamodules.vocabulary import SPECIALS
 from lightning_revrnn.memory import MemoryTrace, StepMemory
-from lightning_revrnn.translation.model import TranslationModel
+from lightning_revrnn.translation.model import ContextType, RnnType, TranslationModel
 
-try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.nmt_step``
-    from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
-except ImportError:  # pragma: no cover - depends on how the file is run
-    from benchmarks.rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
+# Siblings are imported by their own names: run as a script, benchmarks/ is already sys.path[0]; run as
+# ``python -m benchmarks.nmt_step`` (or imported), this puts it there. The imports below rely on it.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rnn import BITS_CHOICES, MB, STAT_KEYS, device_slug, fixed_width_table, fmt_bits, parse_bits, sync
 
 MULTI30K = "multi30k"
 #: The paper's Multi30K model and batch, used unless ``--small`` or a flag overrides them.
@@ -471,25 +475,26 @@ def build_subject(config: Config, batch: TranslationBatch, device: torch.device)
     """A fresh model seeded with ``torch.manual_seed(0)``, logging disabled, in training mode, and the
     optimizer its ``configure_optimizers`` returns (the paper's SGD)."""
     torch.manual_seed(0)
-    sizes = dict(
+    sized = partial(
+        TranslationModel,
         hidden_size=config.hidden,
         embedding_size=config.emb,
         num_layers=1,
         src_vocab_size=config.src_vocab,
         tgt_vocab_size=config.tgt_vocab,
     )
+    # cell and context are command-line choices (strings); the model validates them.
     if config.is_baseline:
-        model = TranslationModel(rnn=config.cell, context="hidden", **sizes)  # type: ignore[arg-type]
+        model = sized(rnn=cast(RnnType, config.cell), context="hidden")
     else:
-        model = TranslationModel(
-            rnn=f"rev{config.cell}",
-            context=config.context,  # type: ignore[arg-type]
+        model = sized(
+            rnn=cast(RnnType, f"rev{config.cell}"),
+            context=cast(ContextType, config.context),
             slice_dim=config.slice_dim,
             max_forget_bits=config.bits,
             mode="reverse",
-            **sizes,
         )
-    model.log = _no_log  # type: ignore[method-assign]
+    model.log = _no_log  # type: ignore[method-assign]  # logging off: steps run outside a Trainer
     model = model.to(device).train()
     optimizers = model.configure_optimizers()
     assert isinstance(optimizers, dict)
@@ -567,7 +572,7 @@ def measure_group(
 ) -> list[Row]:
     """Memory of every configuration of one group, then ``repeats`` interleaved timing rounds. A failing
     configuration is recorded in its row (and left out of the rounds), the others still run."""
-    rows = [Row(config=c, shape=shape.summary(), head_chunk=sweep_module.CHUNK) for c in configs]
+    rows = [Row(config=c, shape=shape.summary(), head_chunk=vars(sweep_module)["CHUNK"]) for c in configs]
     subjects: list[Subject | None] = []
     for config, row in zip(configs, rows):
         started = time.perf_counter()
@@ -587,11 +592,11 @@ def measure_group(
             flush=True,
         )
     for r in range(repeats):
-        for subject, row in zip(subjects, rows):
-            if subject is None or row.error is not None:
+        for prepared, row in zip(subjects, rows):
+            if prepared is None or row.error is not None:
                 continue
             try:
-                row.times_ms.append(timed_step(subject, device))
+                row.times_ms.append(timed_step(prepared, device))
             except Exception as exc:
                 row.error = f"{type(exc).__name__}: {exc}"
         print(
@@ -801,7 +806,7 @@ def write_json(
         "threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "memory_metric": "MemoryTrace: peak_excl_grad_bytes (CUDA: allocator peak) and saved_bytes",
-        "head_chunk": sweep_module.CHUNK,
+        "head_chunk": vars(sweep_module)["CHUNK"],
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "batches": {
             label: {**shape.summary(), "src_lengths": list(shape.src_lengths), "tgt_lengths": list(shape.tgt_lengths)}
@@ -926,8 +931,10 @@ def resolve_data(args: argparse.Namespace) -> dict[str, BatchShape]:
 
 def set_head_chunk(chunk: int) -> None:
     """Diagnostic: the head's target steps per chunk, in the reverse sweep and in the baselines' chunked head."""
-    sweep_module.CHUNK = chunk
-    attention_module.CHUNK = chunk  # type: ignore[attr-defined]
+    # Both modules read CHUNK as their own global (imported from core.protocol, so not re-exported): set it in
+    # each module's namespace.
+    vars(sweep_module)["CHUNK"] = chunk
+    vars(attention_module)["CHUNK"] = chunk
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
@@ -956,7 +963,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     targets = check_targets(rows, device)
     print(format_table(rows))
     print()
-    print(legend(device, shapes, sweep_module.CHUNK))
+    print(legend(device, shapes, vars(sweep_module)["CHUNK"]))
     print()
     print(format_targets(targets))
     write_json(args.out, device, args, rows, targets, shapes)

@@ -14,14 +14,25 @@ import json
 import os
 import statistics
 from collections.abc import Sequence
+from typing import TypedDict
 
 
-def read_run(folder: str) -> dict[str, object]:
+class Run(TypedDict):
+    """What :func:`read_run` reads from one model's CSV log."""
+
+    log: str
+    train_steps: int
+    val_ppl: dict[int, float]
+    memory_median: dict[str, float]
+
+
+def read_run(folder: str) -> Run:
     """Validation curve and memory medians of the newest CSV log under ``folder``."""
     paths = sorted(glob.glob(os.path.join(folder, "version_*", "metrics.csv")))
     if not paths:
         raise FileNotFoundError(f"no metrics.csv under {folder}: run benchmarks/ptb_repro.sh first")
-    rows = list(csv.DictReader(open(paths[-1])))
+    with open(paths[-1]) as f:
+        rows = list(csv.DictReader(f))
     curve = {int(r["step"]): float(r["val_ppl"]) for r in rows if r.get("val_ppl")}
     memory: dict[str, float] = {}
     for key in (
@@ -46,17 +57,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/ptb-repro.json")
     args = parser.parse_args(argv)
     runs = {m: read_run(os.path.join(args.root, f"ptb-{m}")) for m in args.models}
-    steps = sorted(set.intersection(*(set(r["val_ppl"]) for r in runs.values())))  # type: ignore[arg-type]
+    steps = sorted(set.intersection(*(set(r["val_ppl"]) for r in runs.values())))
     print(f"{'step':>6} " + " ".join(f"{m + ' val ppl':>16}" for m in args.models))
     for s in steps:
-        print(f"{s:>6} " + " ".join(f"{runs[m]['val_ppl'][s]:>16.2f}" for m in args.models))  # type: ignore[index]
-    base = runs[args.models[-1]]["memory_median"]["activation_bytes"]  # type: ignore[index]
+        print(f"{s:>6} " + " ".join(f"{runs[m]['val_ppl'][s]:>16.2f}" for m in args.models))
+    base = runs[args.models[-1]]["memory_median"]["activation_bytes"]
     for m, r in runs.items():
         mem = r["memory_median"]
-        line = f"{m}: {r['train_steps']} steps, activation {mem['activation_bytes'] / 2**20:.2f} MiB/step"  # type: ignore[index]
-        line += f" ({base / mem['activation_bytes']:.1f}x less than {args.models[-1]})"  # type: ignore[index]
-        if "actual_ratio" in mem:  # type: ignore[operator]
-            line += f", paper actual {mem['actual_ratio']:.1f}x, optimal {mem['optimal_ratio']:.1f}x"  # type: ignore[index]
+        line = f"{m}: {r['train_steps']} steps, activation {mem['activation_bytes'] / 2**20:.2f} MiB/step"
+        line += f" ({base / mem['activation_bytes']:.1f}x less than {args.models[-1]})"
+        if "actual_ratio" in mem:
+            line += f", paper actual {mem['actual_ratio']:.1f}x, optimal {mem['optimal_ratio']:.1f}x"
         print(line)
     summary = {
         "command": "STEPS=600 VAL_EVERY=150 bash benchmarks/ptb_repro.sh  (REVRNN_DATA_DIR=../shared/data)",

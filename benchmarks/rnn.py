@@ -51,13 +51,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_revrnn import RevGRU, RevLSTM
+from lightning_revrnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.memory import saved_tensor_bytes
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as ``benchmarks.rnn``
-    from opcount import StepCounts, count_step, marginal_per_step_layer
-except ImportError:  # pragma: no cover - depends on how the file is run
-    from benchmarks.opcount import StepCounts, count_step, marginal_per_step_layer
+# Siblings are imported by their own names: run as a script, benchmarks/ is already sys.path[0]; run as
+# ``python -m benchmarks.rnn`` (or imported), this puts it there. The imports below rely on it.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from opcount import StepCounts, count_step, marginal_per_step_layer
 
 #: Sizes of the paper's experiments, used unless ``--small`` or an explicit flag overrides them.
 PAPER_PRESET: dict[str, Any] = {
@@ -296,7 +298,9 @@ def time_steps(model: nn.Module, x: Tensor, device: torch.device, repeats: int) 
 def count_ops(model: nn.Module, x: Tensor) -> StepCounts:
     """Op and sync counts of one step (forward, ``out.sum()`` uncounted, backward) on ``x``, gradients
     cleared afterwards."""
-    counts = count_step(lambda: model(x)[0], x.shape[0], model.num_layers, to_loss=lambda out: out.sum())
+    layers = model.num_layers  # RevGRU/RevLSTM and nn.GRU/nn.LSTM all carry it
+    assert isinstance(layers, int)
+    counts = count_step(lambda: model(x)[0], x.shape[0], layers, to_loss=lambda out: out.sum())
     model.zero_grad(set_to_none=True)
     x.grad = None
     return counts
@@ -314,6 +318,7 @@ def measure_counts(model: nn.Module, x: Tensor, short_len: int, row: Row) -> Non
 
 def reversible_stats(model: nn.Module) -> dict[str, Any]:
     """The paper's accounting of the last forward (totals and per layer)."""
+    assert isinstance(model, ReversibleRNN)
     stats = model.memory_stats().as_dict()
     return {**{k: stats[k] for k in STAT_KEYS}, "layers": stats["layers"]}
 

@@ -18,10 +18,17 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_revrnn import ReversibleCell, ReversibleRNN
 from lightning_revrnn.datamodules import PTBDataModule
 from lightning_revrnn.lm import LanguageModel
 
 KEYS = ("actual_ratio", "optimal_ratio", "efficiency", "normal_bits", "used_bits", "optimal_bits")
+
+
+def _number(value: object) -> float:
+    """One figure of ``MemoryAccounting.as_dict()`` (the KEYS are all numbers)."""
+    assert isinstance(value, (int, float))
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -33,20 +40,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     model = LanguageModel.load_from_checkpoint(args.ckpt, map_location="cpu")
-    model.log = lambda *a, **k: None  # type: ignore[method-assign]
+    model.log = lambda *a, **k: None  # type: ignore[method-assign]  # logging off: steps run outside a Trainer
     data = PTBDataModule(batch_size=20, bptt=70)
     data.setup("fit")
     batches = [b for _, b in zip(range(args.windows), data.train_dataloader())]
     rows = []
     for k in (2, 3, 5, None):
+        assert isinstance(model.rnn, ReversibleRNN)  # a reversible checkpoint: its cells hold the budget
         for cell in model.rnn.cells:
+            assert isinstance(cell, ReversibleCell)
             cell.max_forget_bits = k
-        stats = []
+        stats: list[dict[str, object]] = []
         model.train()
         for batch in batches:
             model.training_step(batch, 0)  # forward only; the graph is dropped
-            stats.append(model.memory_stats().as_dict())
-        row = {"max_forget_bits": k, **{key: statistics.median(s[key] for s in stats) for key in KEYS}}
+            accounting = model.memory_stats()
+            assert accounting is not None  # a reversible model after a training step
+            stats.append(accounting.as_dict())
+        row = {"max_forget_bits": k, **{key: statistics.median(_number(s[key]) for s in stats) for key in KEYS}}
         rows.append(row)
         print(
             f"k={k!s:>4}  actual {row['actual_ratio']:6.2f}x  optimal {row['optimal_ratio']:6.2f}x  "
@@ -57,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         json.dump(
             {
                 "checkpoint": args.ckpt,
-                "trained_k": model.hparams.max_forget_bits,
+                "trained_k": model.hparams["max_forget_bits"],
                 "windows": args.windows,
                 "rows": rows,
             },

@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -25,6 +25,7 @@ from pytorch_lightning.callbacks import Callback
 
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
+from lightning_revrnn.lm.model import RnnType
 
 MARKER = "DDP_SCRIPT_OK"
 GLOBAL_BATCH = 4
@@ -38,7 +39,7 @@ def build_model(rnn: str = "revgru") -> LanguageModel:
     torch.manual_seed(0)
     return LanguageModel(
         16,
-        rnn=rnn,
+        rnn=cast(RnnType, rnn),  # a test's parameter (a string); the model validates it
         num_layers=2,
         emb_size=16,
         hidden_size=24,
@@ -104,6 +105,7 @@ class Checks(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         gathered = pl_module.all_gather(flat)  # (world, n)
+        assert isinstance(gathered, torch.Tensor)
         assert gathered.shape[0] == trainer.world_size == WORLD, gathered.shape
         self.in_sync = all(torch.equal(gathered[0], g) for g in gathered[1:])
         assert self.first_inputs is not None

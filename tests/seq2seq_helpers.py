@@ -5,7 +5,7 @@ the DDP test's spawned ranks, so it must stay importable from ``tests/``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -18,7 +18,7 @@ from lightning_revrnn.datamodules.translation import (
     SyntheticTranslationDataModule,
     TranslationBatch,
 )
-from lightning_revrnn.translation.model import TranslationModel
+from lightning_revrnn.translation.model import RnnType, TranslationModel
 
 
 def synthetic_data(batch_size: int = 8, train_size: int = 48) -> SyntheticTranslationDataModule:
@@ -60,7 +60,7 @@ def tiny_model(rnn: str = "revgru", seed: int = 0, vocab: int | None = 13, **kwa
     args.update(kwargs)
     if vocab is not None:
         args.update(src_vocab_size=vocab, tgt_vocab_size=vocab)
-    return TranslationModel(rnn, **args)
+    return TranslationModel(cast(RnnType, rnn), **args)  # a test's parameter (a string); the model validates it
 
 
 def grads_of(model: torch.nn.Module) -> dict[str, Tensor]:

@@ -72,6 +72,7 @@ def test_value_and_gradients_equal_cross_entropy(bias: bool) -> None:
 def test_accumulate_adds_scaled_gradients_into_the_callers_buffers() -> None:
     x, w, b, targets = _inputs()
     want = F.cross_entropy(F.linear(x, w, b), targets, ignore_index=IGNORE, reduction="sum")
+    assert b is not None
     dx, dw, db = torch.autograd.grad(want, [x, w, b])
     w_acc, b_acc = torch.ones(V, H), torch.ones(V)  # earlier chunks' gradients: added to, not overwritten
     loss, got_dx = linear_cross_entropy_accumulate(x, w, b, targets, 0.5, w_acc, b_acc, IGNORE, THREE_ROWS)

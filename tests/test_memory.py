@@ -9,19 +9,21 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_revrnn import RevGRU, RevLSTM
+from lightning_revrnn import ReversibleRNN, RevGRU, RevLSTM
 from lightning_revrnn.core.protocol import CHUNK
 from lightning_revrnn.memory import MemoryTrace, _Allocation, _peak, _without_kineto_markers, saved_tensor_bytes
 
 
-def _saved(rnn: nn.Module, T: int, B: int = 4) -> tuple[int, int, int]:
+def _saved(rnn: ReversibleRNN, T: int, B: int = 4) -> tuple[int, int, int]:
     """(saved bytes allocated in the forward, input bytes, buffer bytes) for one reverse-mode window; the
     input exists before the forward, so it is not counted (its bytes are returned for comparison)."""
     torch.manual_seed(0)
     x = torch.randn(T, B, rnn.input_size, requires_grad=True)
     with saved_tensor_bytes(rnn.parameters()) as saved:
         out, _ = rnn(x)
-    buffer_bytes = sum(t.untyped_storage().nbytes() for b in rnn.last_window.buffers for t in b.tensors())
+    window = rnn.last_window
+    assert window is not None  # the forward just ran a reverse-mode window
+    buffer_bytes = sum(t.untyped_storage().nbytes() for b in window.buffers for t in b.tensors())
     out.sum().backward()  # the sweep still reconstructs exactly
     return saved.total, x.untyped_storage().nbytes(), buffer_bytes
 
@@ -46,7 +48,7 @@ def test_store_mode_memory_grows_with_T_and_reverse_is_far_smaller() -> None:
     assert store[1] > 5 * total
 
 
-def _saved_store(rnn: nn.Module, T: int) -> int:
+def _saved_store(rnn: ReversibleRNN, T: int) -> int:
     x = torch.randn(T, 4, rnn.input_size, requires_grad=True)
     with saved_tensor_bytes(rnn.parameters()) as saved:
         _out, _ = rnn(x)  # held: only storages some graph still holds when the block ends count

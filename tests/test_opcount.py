@@ -108,7 +108,7 @@ def test_reverse_sweep_syncs_per_window_do_not_grow_with_t(cls: type[RevGRU]) ->
         torch.manual_seed(0)
         rnn = cls(4, 6, num_layers=1, max_forget_bits=3)
         x = torch.randn(T, 3, 4, requires_grad=True)
-        counts[T] = opcount.count_step(lambda: rnn(x)[0], steps=T, layers=1, to_loss=lambda out: out.sum())
+        counts[T] = opcount.count_step(lambda rnn=rnn, x=x: rnn(x)[0], steps=T, layers=1, to_loss=lambda out: out.sum())
         if T == 64:
             assert rnn.memory_stats().drains > 0  # the drain path ran
     short, long = counts[16], counts[64]

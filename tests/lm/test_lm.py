@@ -6,7 +6,7 @@ import copy
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import pytest
 import pytorch_lightning as pl
@@ -17,10 +17,11 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_revrnn import MemoryAccounting
+from lightning_revrnn import MemoryAccounting, ReversibleRNN
 from lightning_revrnn.core.protocol import CHUNK
 from lightning_revrnn.datamodules import CopyTasksDataModule, SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
+from lightning_revrnn.lm.model import RnnType
 from lightning_revrnn.memory import saved_tensor_bytes
 
 pytestmark = [
@@ -35,7 +36,9 @@ pytestmark = [
 REVERSIBLE = ["revgru", "revlstm", "nfrevgru", "nfrevlstm"]
 BASELINES = ["gru", "lstm"]
 VOCAB = 16
-NO_DROPOUT = dict(dropout_emb=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, dropconnect=0.0)
+NO_DROPOUT: dict[str, Any] = dict(
+    dropout_emb=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, dropconnect=0.0
+)
 
 
 def make_model(
@@ -44,7 +47,8 @@ def make_model(
     """A tiny LanguageModel with deterministic initialisation and a gentle optimiser."""
     torch.manual_seed(seed)
     kwargs.setdefault("optimizer", partial(torch.optim.SGD, lr=0.5))
-    return LanguageModel(vocab, rnn=rnn, num_layers=num_layers, emb_size=16, hidden_size=24, **kwargs)
+    rnn_type = cast(RnnType, rnn)  # a test's parameter (a string); the model validates it
+    return LanguageModel(vocab, rnn=rnn_type, num_layers=num_layers, emb_size=16, hidden_size=24, **kwargs)
 
 
 def make_data(**kwargs: Any) -> SyntheticLMDataModule:
@@ -176,6 +180,7 @@ def test_carried_state_equals_explicit_run(rnn: str) -> None:
         _, h1 = model.rnn(embed(b[1]["inputs"]), h0)
         _, h01 = model.rnn(embed(torch.cat([b[0]["inputs"], b[1]["inputs"]])))
     if rnn in REVERSIBLE:  # the model carries the exact (float64) state; h_n is its float32 rounding
+        assert isinstance(model.rnn, ReversibleRNN)
         h0, h1, h01 = (model.rnn.exact_state(h) for h in (h0, h1, h01))
         for got, want in zip(after_first, flat(h0), strict=True):
             assert torch.equal(got, want)
@@ -238,7 +243,7 @@ class _NeverReset(pl.LightningDataModule):
         self.items = [dict(b, reset=False) for b in batches(make_data())[:3]]
 
     def train_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(self.items, batch_size=None)
+        return DataLoader(self.items, batch_size=None)  # type: ignore[arg-type]  # a list is a map-style dataset (__getitem__, __len__); typeshed wants Dataset
 
 
 class _StateProbe(Callback):
@@ -248,7 +253,8 @@ class _StateProbe(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        state = pl_module._hidden.get("train")  # type: ignore[union-attr]
+        assert isinstance(pl_module, LanguageModel)
+        state = pl_module._hidden.get("train")
         self.seen.append((trainer.current_epoch, batch_idx, None if state is None else flat(state)))
 
 
@@ -273,6 +279,7 @@ def test_reverse_and_store_modes_agree_with_dropout(rnn: str) -> None:
         rnn, num_layers=2, dropout_emb=0.2, dropout_input=0.3, dropout_hidden=0.3, dropout_output=0.3, dropconnect=0.4
     )
     store = copy.deepcopy(reverse)
+    assert isinstance(store.rnn, ReversibleRNN)
     store.rnn.mode = "store"
     assert reverse.rnn.mode == "reverse"
     b = batches(make_data())[0]
@@ -291,13 +298,14 @@ def test_reverse_and_store_modes_agree_with_dropout(rnn: str) -> None:
     clean = copy.deepcopy(reverse)
     for module in (clean.stem, clean.head):
         module.dropout = 0.0
+    assert isinstance(clean.rnn, ReversibleRNN)
     clean.rnn.dropout = clean.rnn.input_dropout = clean.rnn.dropconnect = 0.0
     assert not torch.allclose(clean.training_step(b, 0).detach(), losses[0])
 
 
 def test_store_mode_constructor_argument() -> None:
     model = make_model("revgru", mode="store")
-    assert model.rnn.mode == "store" and model.hparams.mode == "store"
+    assert model.rnn.mode == "store" and model.hparams["mode"] == "store"
 
 
 # ------------------------------------------------------------------------------- bound stem and head
@@ -375,9 +383,9 @@ def _grad_norm(module: torch.nn.Module) -> float:
 class _ClippedSGD(torch.optim.SGD):
     """SGD recording the gradient norm it actually steps with (after Lightning's clipping)."""
 
-    stepped: list[float] = []
+    stepped: ClassVar[list[float]] = []
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -425,7 +433,7 @@ def test_accumulated_gradient_is_mean_of_micro_batches() -> None:
 
     class _Two(pl.LightningDataModule):
         def train_dataloader(self) -> DataLoader[Any]:
-            return DataLoader(b, batch_size=None)
+            return DataLoader(b, batch_size=None)  # type: ignore[arg-type]  # a list is a map-style dataset (__getitem__, __len__); typeshed wants Dataset
 
     trainer = make_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[_Grab()])
     trainer.fit(model, _Two())
@@ -459,7 +467,7 @@ def test_hparams_restored_and_model_checkpoint_on_val_ppl(tmp_path: Path) -> Non
         "seed",
     ):
         assert loaded.hparams[key] == model.hparams[key], key
-    assert loaded.hparams.rnn == "revlstm" and loaded.hparams.max_forget_bits == 5
+    assert loaded.hparams["rnn"] == "revlstm" and loaded.hparams["max_forget_bits"] == 5
     assert loaded.rnn.mode == "store" and loaded.rnn.num_layers == 2
     assert "optimizer" not in loaded.hparams
     # the weights are the checkpoint's
@@ -475,7 +483,9 @@ def _first_batch_of_epoch(recorder: LossRecorder, epoch: int) -> Tensor:
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_resume_from_checkpoint_continues_the_run(tmp_path: Path) -> None:
     kwargs: dict[str, Any] = dict(limit_train_batches=4, limit_val_batches=2)
-    drop = dict(dropout_emb=0.1, dropout_input=0.2, dropout_hidden=0.2, dropout_output=0.2, dropconnect=0.3)
+    drop: dict[str, Any] = dict(
+        dropout_emb=0.1, dropout_input=0.2, dropout_hidden=0.2, dropout_output=0.2, dropconnect=0.3
+    )
 
     whole = LossRecorder()
     trainer = make_trainer(max_epochs=2, callbacks=[whole], **kwargs)

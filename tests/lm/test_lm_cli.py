@@ -96,8 +96,8 @@ def test_fit_then_validate_and_test_from_checkpoint(tmp_path: Path, monkeypatch:
     assert (fit_dir / "memory_report.json").is_file()  # the config's MemoryReport callback ran
 
     model = LanguageModel.load_from_checkpoint(ckpt)
-    assert model.hparams.vocab_size == 32  # read from the DataModule in setup()
-    assert model.hparams.emb_size == 64
+    assert model.hparams["vocab_size"] == 32  # read from the DataModule in setup()
+    assert model.hparams["emb_size"] == 64
 
     main(["validate", *_common(tmp_path, "validate"), "--ckpt_path", str(ckpt)])
     val = [float(r["val_ppl"]) for r in _metrics(_only_version(tmp_path, "validate")) if r.get("val_ppl")]

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from lightning_revrnn import DecoderHead, EmbeddingStem, RevGRU
+from lightning_revrnn.core.rnn import Mode
 from lightning_revrnn.memory import MemoryTrace
 
 V, E, T, B = 3000, 16, 40, 6
 
 
-def _step(block_bytes: int | None, mode: str = "reverse", trace: bool = False) -> tuple[torch.Tensor, list, int]:
+def _step(block_bytes: int | None, mode: Mode = "reverse", trace: bool = False) -> tuple[torch.Tensor, list, int]:
     """One LM window (tied embedding/decoder, dropout on): the summed loss, the gradients, the step's peak bytes
     without parameter gradients."""
     torch.manual_seed(0)
@@ -38,7 +39,7 @@ def _step(block_bytes: int | None, mode: str = "reverse", trace: bool = False) -
 
 
 @pytest.mark.parametrize("mode", ["reverse", "store"])
-def test_blockwise_head_equals_the_plain_head(mode: str) -> None:
+def test_blockwise_head_equals_the_plain_head(mode: Mode) -> None:
     plain_loss, plain_grads, _ = _step(None, mode)
     loss, grads, _ = _step(64 * 2**10, mode)  # 64 KiB: 2 rows of the 3000-word vocabulary per block
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-4)

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytorch_lightning as pl
@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from lightning_revrnn.datamodules import SyntheticLMDataModule
 from lightning_revrnn.lm import LanguageModel
+from lightning_revrnn.lm.model import RnnType
 
 if str(Path(__file__).parent) not in sys.path:  # ddp_script is a sibling module
     sys.path.insert(0, str(Path(__file__).parent))
@@ -36,7 +37,9 @@ pytestmark = [
 ]
 
 VOCAB = 16
-DROPOUT = dict(dropout_emb=0.1, dropout_input=0.2, dropout_hidden=0.2, dropout_output=0.2, dropconnect=0.3)
+DROPOUT: dict[str, Any] = dict(
+    dropout_emb=0.1, dropout_input=0.2, dropout_hidden=0.2, dropout_output=0.2, dropconnect=0.3
+)
 EPOCHS = 2
 
 
@@ -97,10 +100,10 @@ def _model(rnn: str, seed: int) -> LanguageModel:
     torch.manual_seed(seed)
     return LanguageModel(
         VOCAB,
-        rnn=rnn,
+        rnn=cast(RnnType, rnn),  # a test's parameter (a string); the model validates it
         num_layers=2,
         emb_size=12,
-        hidden_size=16,  # type: ignore[arg-type]
+        hidden_size=16,
         optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9),
         seed=3,
         **DROPOUT,

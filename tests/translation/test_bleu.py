@@ -1,5 +1,5 @@
-"""BLEU (lightning_revrnn.translation.bleu): multi-bleu.perl's formula against sacreBLEU and against counts worked out by
-hand, the zero-match and brevity cases, and the two torchmetrics metrics against ``sacrebleu.corpus_bleu``,
+"""BLEU (lightning_revrnn.translation.bleu): multi-bleu.perl's formula against sacreBLEU and against counts worked
+out by hand, the zero-match and brevity cases, and the two torchmetrics metrics against ``sacrebleu.corpus_bleu``,
 accumulated over updates and summed (not averaged) over simulated DDP ranks."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ REFERENCES = [
 
 
 def sacre(hypotheses: list[str], references: list[str], **kwargs: object) -> float:
-    return sacrebleu.corpus_bleu(hypotheses, [references], **kwargs).score  # type: ignore[arg-type]
+    return sacrebleu.corpus_bleu(hypotheses, [references], **kwargs).score
 
 
 def test_fixture_matches_at_every_order() -> None:

@@ -12,6 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_revrnn import ReversibleRNN
+from lightning_revrnn.core.rnn import Mode
 from lightning_revrnn.translation.decoder_state import DecoderState
 from lightning_revrnn.translation.decoding import beam_search, greedy_search
 from lightning_revrnn.translation.encoder import STORED_UNIT_BITS
@@ -40,8 +42,9 @@ LONG_TGT_LENGTHS = [17, 2, 9, 1]
 
 
 def _loss_and_grads(
-    model: TranslationModel, mode: str, tgt_lengths: list[int] = TGT_LENGTHS
+    model: TranslationModel, mode: Mode, tgt_lengths: list[int] = TGT_LENGTHS
 ) -> tuple[Tensor, dict[str, Tensor]]:
+    assert isinstance(model.encoder, ReversibleRNN) and isinstance(model.decoder, ReversibleRNN)
     model.encoder.mode = model.decoder.mode = mode
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)  # the same dropout masks in both modes
@@ -224,7 +227,7 @@ def test_encoder_accounting_adds_the_stored_slice() -> None:
     model = tiny_model("revgru", context="emb+slice").train()
     batch = padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13)
     model.summed_loss(batch).backward()
-    encoder = model.memory_stats().encoder  # type: ignore[union-attr]
+    encoder = model.memory_stats().encoder
     S, B = batch.src.shape
     assert encoder.stored_bits == STORED_UNIT_BITS * 3 * S * B
     buffered = encoder.used_bits - encoder.stored_bits
@@ -241,7 +244,7 @@ def test_hidden_context_saves_nothing_in_the_encoder() -> None:
     """Attending over the whole state stores it all: the encoder's ratio falls to at most 1 (the paper's 300H)."""
     model = tiny_model("revgru", context="hidden").train()
     model.summed_loss(padded_batch(SRC_LENGTHS, TGT_LENGTHS, 13)).backward()
-    assert model.memory_summary()["encoder"]["actual_ratio"] <= 1  # type: ignore[index]
+    assert model.memory_summary()["encoder"]["actual_ratio"] <= 1
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -249,7 +252,9 @@ def test_defaults_follow_the_paper() -> None:
     assert tiny_model("revgru").context_type == "emb+slice"
     assert tiny_model("gru").context_type == "hidden"
     for rnn, lr in (("lstm", 1.0), ("revlstm", 0.5), ("gru", 0.2), ("revgru", 0.2)):
-        optimizer = tiny_model(rnn).configure_optimizers()["optimizer"]  # type: ignore[index]
+        optimizers = tiny_model(rnn).configure_optimizers()
+        assert isinstance(optimizers, dict)
+        optimizer = optimizers["optimizer"]
         assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == lr
 
 
@@ -310,6 +315,7 @@ def _fit_validate_test_predict(rnn: str, tmp_path: Path) -> None:
     )
     trainer.fit(model, data)
     assert trainer.global_step == 2
+    assert data.src_vocab is not None
     assert model.hparams["src_vocab_size"] == len(data.src_vocab) == 12  # 8 words + 4 specials
     metrics = trainer.callback_metrics
     for key in ("train_loss", "val_loss", "val_ppl", "val_bleu"):
