@@ -11,22 +11,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from ddp_script import DIST_ENV
 from pytorch_lightning.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-#: What Lightning's DDP launchers write into ``os.environ`` (a test's leftovers must not reach the child).
-DIST_ENV = (
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "NODE_RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "GLOBAL_RANK",
-    "RANK",
-    "PL_GLOBAL_SEED",
-    "PL_SEED_WORKERS",
-)
 #: Quiet, small and on one CPU thread: the same arithmetic in every run of a test.
 QUIET = [
     "--trainer.enable_progress_bar",

@@ -32,6 +32,8 @@ for _folder in (Path(__file__).parent, Path(__file__).parent / "core"):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
+from ddp_script import DIST_ENV  # noqa: E402  # after the sys.path entries above
+
 #: The device tests create their tensors on (``REVRNN_TEST_DEVICE``; default ``cpu``).
 TEST_DEVICE = os.environ.get("REVRNN_TEST_DEVICE", "cpu")
 
@@ -52,20 +54,6 @@ def _test_device() -> Iterator[None]:
         return
     with torch.device(TEST_DEVICE):
         yield
-
-
-#: What Lightning's DDP launchers write into ``os.environ``; a test starts without them and restores them after.
-DIST_ENV = (
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "NODE_RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "GLOBAL_RANK",
-    "RANK",
-    "PL_GLOBAL_SEED",
-    "PL_SEED_WORKERS",
-)
 
 
 @pytest.fixture

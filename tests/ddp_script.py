@@ -1,6 +1,6 @@
 """A few DDP (``strategy="ddp"``) training steps of a reversible LM on 2 CPU processes (gloo).
 
-Run by ``tests/test_ddp.py`` as a subprocess: Lightning's ``ddp`` strategy relaunches this script for
+Run by ``tests/lm/test_lm_ddp.py`` as a subprocess: Lightning's ``ddp`` strategy relaunches this script for
 rank 1, which must not happen inside pytest. Exits non-zero on any failure; on success rank 0 prints a
 line starting with :data:`MARKER`. With an output folder, every rank saves its gradients of the first
 optimizer step there (``grads-world2-rank{r}.pt``, see :class:`GradSaver`) for comparison with a single
@@ -28,6 +28,19 @@ from lightning_revrnn.lm import LanguageModel
 from lightning_revrnn.lm.model import RnnType
 
 MARKER = "DDP_SCRIPT_OK"
+#: What Lightning's DDP launchers write into ``os.environ``: a test starts without them and restores them after, and
+#: a child process must not inherit a test's leftovers.
+DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "GLOBAL_RANK",
+    "RANK",
+    "PL_GLOBAL_SEED",
+    "PL_SEED_WORKERS",
+)
 GLOBAL_BATCH = 4
 WORLD = 2
 STEPS = 3

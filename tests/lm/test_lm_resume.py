@@ -27,7 +27,7 @@ from lightning_revrnn.lm.model import RnnType
 if str(Path(__file__).parent) not in sys.path:  # ddp_script is a sibling module
     sys.path.insert(0, str(Path(__file__).parent))
 
-from ddp_script import EndProcessGroup
+from ddp_script import DIST_ENV, EndProcessGroup
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -191,17 +191,6 @@ def test_carried_state_is_the_one_before_the_next_window(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------------------------------------------------- DDP
-DIST_ENV = (
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "NODE_RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "GLOBAL_RANK",
-    "RANK",
-    "PL_GLOBAL_SEED",
-    "PL_SEED_WORKERS",
-)
 
 
 class SaveAt(Callback):
