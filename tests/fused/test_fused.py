@@ -389,9 +389,9 @@ def step_records(backend, cell, w, xp, state, keep, stored):
     """One step forward and back on ``backend`` from ``state`` (int halves; its first ``stored`` units of
     ``h1`` stored): the two groups' records. The reverse rebuilds ``state`` bit for bit."""
     buf = InformationBuffer((B, cell.half_size), torch.device("cpu"), cell.max_forget_bits, retain=True)
-    after, after_f = cell.forward_step(backend, w, xp, state, [to_float(s) for s in state], buf, keep, stored)
+    after, after_f = backend.forward_step(cell, w, xp, state, [to_float(s) for s in state], buf, keep, stored)
     stored_old = state[0][:, :stored] if stored else None
-    before, records = cell.reverse_step(backend, w, xp, after, after_f, buf, keep, stored_old)
+    before, records = backend.reverse_step(cell, w, xp, after, after_f, buf, keep, stored_old)
     for got, want in zip(before, state, strict=True):
         assert torch.equal(got, want)
     assert buf.is_empty()
