@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_helpers import QUIET
 
 from lightning_revrnn.cli import main
 from lightning_revrnn.datamodules.bucketing import evaluation_plan
@@ -66,14 +67,7 @@ def _common(root: Path, name: str) -> list[str]:
         "2",
         "--trainer.default_root_dir",
         str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "1",
+        *QUIET,
         "--trainer.logger.save_dir",
         str(root),
         "--trainer.logger.name",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import QUIET
 
 from lightning_revrnn.cli import main
 from lightning_revrnn.translation.model import TranslationModel
@@ -112,14 +113,7 @@ def test_a_checkpoint_written_by_revrnn_fit(tmp_path: Path, monkeypatch: pytest.
             "0",
             "--trainer.logger",
             "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.devices",
-            "1",
+            *QUIET,
             "--trainer.default_root_dir",
             str(tmp_path),
         ]
