@@ -22,11 +22,12 @@ state, so the recomputed logits are the forward's); the softmax, the loss and th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_revrnn.core.numerics import AutocastState
 
@@ -97,6 +98,34 @@ def linear_cross_entropy_accumulate(
     )
     assert sinks.x is not None
     return loss, sinks.x
+
+
+def linear_cross_entropy_into(
+    x: Tensor,
+    linear: nn.Linear,
+    targets: Tensor,
+    scale: Tensor | float,
+    accumulators: Sequence[tuple[Tensor, Tensor]],
+    ignore_index: int = -100,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> Tensor:
+    """:func:`linear_cross_entropy_accumulate` for an ``nn.Linear`` inside the reverse sweep: its weight and bias
+    gradients go into their accumulators among the sweep's ``(tensor, accumulator)`` pairs (matched by identity;
+    a parameter not among them gets none), and the gradient of ``x`` comes back in ``x``'s dtype."""
+    own = {id(t): acc for t, acc in accumulators}
+    bias = linear.bias
+    _, d_x = linear_cross_entropy_accumulate(
+        x,
+        linear.weight,
+        bias,
+        targets,
+        scale,
+        own.get(id(linear.weight)),
+        None if bias is None else own.get(id(bias)),
+        ignore_index,
+        block_bytes,
+    )
+    return d_x.to(x.dtype)
 
 
 def check_shapes(x: Tensor, weight: Tensor, targets: Tensor) -> None:

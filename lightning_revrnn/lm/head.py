@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_accumulate
+from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_into
 from lightning_revrnn.core.dropout import locked_mask
 from lightning_revrnn.core.protocol import StepHead, add_gradients
 
@@ -114,26 +114,15 @@ class BoundDecoderHead(StepHead):
     ) -> Tensor | None:
         """Reverse sweep, once per chunk: the gradient of ``forward(output, start) · d_value`` with respect to
         ``output``. The decoder's weight and bias gradients go straight into their accumulators, a block of rows
-        at a time (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy_accumulate`): no ``C × B × vocab``
+        at a time (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy_into`): no ``C × B × vocab``
         logits and no ``vocab × emb`` gradient per chunk."""
         if self.block_bytes is None:
             return super().accumulate_grads(output, start, d_value, targets)
         flat_targets = self.targets[start : start + output.shape[0]].flatten()
         x = self.dropped(output).flatten(0, 1)  # graph: output (and the dropout mask)
+        d_x = linear_cross_entropy_into(x, self.decoder, flat_targets, d_value, targets, IGNORE, self.block_bytes)
         weight, bias = self.decoder.weight, self.decoder.bias
-        own = {id(t): acc for t, acc in targets}
-        _, d_x = linear_cross_entropy_accumulate(
-            x,
-            weight,
-            bias,
-            flat_targets,
-            d_value,
-            own.get(id(weight)),
-            None if bias is None else own.get(id(bias)),
-            IGNORE,
-            self.block_bytes,
-        )
         rest = [(t, acc) for t, acc in targets if t is not weight and t is not bias]
-        grads = torch.autograd.grad(x, [output, *[t for t, _ in rest]], d_x.to(x.dtype), allow_unused=True)
+        grads = torch.autograd.grad(x, [output, *[t for t, _ in rest]], d_x, allow_unused=True)
         add_gradients(rest, grads[1:])
         return grads[0]

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_accumulate
+from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_into
 from lightning_revrnn.core.dropout import locked_mask
 from lightning_revrnn.core.protocol import CHUNK, StepHead, add_gradients
 from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, attend_backward
@@ -248,7 +248,7 @@ class BoundAttentionHead(StepHead):
         start) · d_value`` with respect to ``output`` (a leaf requiring grad), adding the gradient of every
         ``(tensor, accumulator)`` target into its accumulator. The generator's weight and bias gradients go
         straight into theirs, block of rows by block
-        (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy_accumulate`), so neither a ``C × B × vocab``
+        (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy_into`), so neither a ``C × B × vocab``
         logits tensor nor a per-chunk ``vocab × H`` gradient exists; attention, dropout and the context get theirs
         from autograd, as before."""
         if self.block_bytes is None:  # the plain head: autograd for everything
@@ -260,18 +260,9 @@ class BoundAttentionHead(StepHead):
         context.requires_grad_()  # a leaf: the attention core's backward is written out below
         attentional = self.output_layer(context, output).flatten(0, 1)  # graph: context, output, W_c
         generator, own = self.generator, {id(t): acc for t, acc in targets}
-        _, d_attentional = linear_cross_entropy_accumulate(
-            attentional,
-            generator.weight,
-            generator.bias,
-            flat_targets,
-            d_value,
-            own.get(id(generator.weight)),
-            None if generator.bias is None else own.get(id(generator.bias)),
-            IGNORE,
-            self.block_bytes,
+        d_attentional = linear_cross_entropy_into(
+            attentional, generator, flat_targets, d_value, targets, IGNORE, self.block_bytes
         )
-        d_attentional = d_attentional.to(attentional.dtype)
         (d_context,) = torch.autograd.grad(attentional, [context], d_attentional, retain_graph=True)
         embedding_acc = None if self.embedding_weight is None else own.get(id(self.embedding_weight))
         stored_acc = None if self.stored is None else own.get(id(self.stored))
