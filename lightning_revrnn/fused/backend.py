@@ -8,6 +8,10 @@ only where no autograd records (the forward of ``mode="reverse"``, evaluation, t
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,9 +28,15 @@ class FusedBackend(Backend):
     """The exact half-steps as compiled stages: per group a gate stage (floats around the GEMMs), an integer
     stage per multiplication (through the buffer word), and per step one backward stage.
 
+    On CUDA the integer stages are the hand-written Triton kernels of :mod:`lightning_revrnn.fused.triton_kernels`
+    (one kernel each, no compiled-function guards to evaluate per call); elsewhere they are compiled stages. Both
+    compute the reference's integers bit for bit, so the choice changes no result.
+
     Args:
         counter: count every stage call and the kernels it ran (benchmarks; see
             :class:`~lightning_revrnn.fused.stages.StageCounter`).
+        triton: run the integer stages as Triton kernels: ``None`` on CUDA when Triton imports, ``True``
+            everywhere (on the CPU only under ``TRITON_INTERPRET=1``: the tests), ``False`` never.
 
     Example::
 
@@ -38,8 +48,32 @@ class FusedBackend(Backend):
 
     name = "fused"
 
-    def __init__(self, counter: StageCounter | None = None) -> None:
+    def __init__(self, counter: StageCounter | None = None, triton: bool | None = None) -> None:
         self.stages = Stages(counter)
+        self.triton = triton
+
+    # ------------------------------------------------------------------------------ integer stages
+    def _uses_triton(self, device: torch.device) -> bool:
+        if self.triton is None:
+            return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        return self.triton
+
+    def _integer_stage(self, name: str, device: torch.device) -> Callable[..., Any]:
+        """The integer stage ``name`` (``multiply_add``, ``multiply_add_logged``, ``subtract_divide``) for
+        tensors on ``device``."""
+        if not self._uses_triton(device):
+            return self.stages.get(name)
+        kernel: Callable[..., Any] = getattr(importlib.import_module("lightning_revrnn.fused.triton_kernels"), name)
+        counter = self.stages.counter
+        if counter is None:
+            return kernel
+
+        def counted(*args: Tensor) -> Any:
+            counter.calls[name] += 1
+            counter.kernels[name] += 1
+            return kernel(*args)
+
+        return counted
 
     # ------------------------------------------------------------------------------------ buffer
     def _apply(self, buf: InformationBuffer, h: Tensor, z: Tensor | None, add: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,9 +86,10 @@ class FusedBackend(Backend):
             log2 = buf.log2_z_units
             if log2 is None:
                 log2 = torch.zeros(word.shape, dtype=torch.float64, device=word.device)
-            h, h_f, word, buf.log2_z_units = self.stages.multiply_add(True)(h, z, word, add, log2)
+            stage = self._integer_stage("multiply_add_logged", h.device)
+            h, h_f, word, buf.log2_z_units = stage(h, z, word, add, log2)
         else:
-            h, h_f, word = self.stages.multiply_add(False)(h, z, word, add)
+            h, h_f, word = self._integer_stage("multiply_add", h.device)(h, z, word, add)
         buf.end_multiply(word)
         return h, h_f
 
@@ -62,7 +97,7 @@ class FusedBackend(Backend):
         """Inverse of :meth:`_apply`: the old int half and its float32 value."""
         if z is None:
             return self.stages.subtract_term()(h, add)  # type: ignore[no-any-return]
-        h, h_f, word = self.stages.subtract_divide()(h, add, z, buf.begin_divide())
+        h, h_f, word = self._integer_stage("subtract_divide", h.device)(h, add, z, buf.begin_divide())
         buf.end_divide(word)
         return h, h_f
 
