@@ -8,7 +8,8 @@ records. The backend is chosen once per window (:func:`backend_for`), never per 
 * :class:`EagerBackend` runs the cells' own equations (:mod:`lightning_revrnn.core.cells`): the reference,
   differentiable (``mode="store"`` trains through it), the CPU default.
 * ``FusedBackend`` (:mod:`lightning_revrnn.fused`) runs the same equations as a few compiled kernels and is
-  tested against the reference. It runs only where no autograd records.
+  tested against the reference. It runs only where no autograd records; ``fused="auto"`` (the default) uses it
+  on CUDA.
 
 A backend must keep reconstruction exact: every float that feeds rounding in a half-step's reverse must be
 computed by the same code, on the same shapes, as in its forward.
@@ -17,8 +18,11 @@ computed by the same code, on the same shapes, as in its forward.
 from __future__ import annotations
 
 import importlib
+import warnings
 from abc import ABC, abstractmethod
+from typing import Literal
 
+import torch
 from torch import Tensor
 
 from lightning_revrnn.core.buffer import InformationBuffer
@@ -178,7 +182,10 @@ class EagerBackend(Backend):
 
     Example::
 
-        >>> backend_for(fused=True, differentiable=True).name  # autograd records: only the reference can
+        >>> cpu = torch.device("cpu")
+        >>> backend_for(fused=True, differentiable=True, device=cpu).name  # autograd records: only the reference
+        'eager'
+        >>> backend_for(fused="auto", differentiable=False, device=cpu).name  # "auto": the reference off CUDA
         'eager'
     """
 
@@ -227,12 +234,45 @@ class EagerBackend(Backend):
 EAGER = EagerBackend()
 
 
-def backend_for(fused: bool | Backend, differentiable: bool) -> Backend:
-    """The backend for one window: the reference when ``fused`` is False or autograd must record the window
-    (``differentiable``: ``mode="store"`` training; the reference is the only differentiable backend), else
-    ``fused`` itself when it is a backend, or the fused backend.
+#: What a module's ``fused`` argument takes: ``"auto"`` (the fused backend on CUDA, the reference elsewhere),
+#: True/False, or a backend instance (benchmarks inject a counting one).
+Fused = bool | Literal["auto"] | Backend
+#: The device types on which ``fused="auto"`` runs the fused backend: where launches, not arithmetic, set a step's
+#: time. On the CPU the eager reference is as fast (docs/benchmarks.md) and needs no compiler.
+AUTO_FUSED_DEVICES = ("cuda",)
+
+
+def check_fused(value: object) -> Fused:
+    """A module's ``fused`` argument, checked."""
+    if not isinstance(value, (bool, Backend)) and value != "auto":
+        raise TypeError(f"fused must be True, False or 'auto', got {value!r}.")
+    if value is True and not hasattr(torch, "compile"):
+        raise RuntimeError(
+            f"fused=True needs torch.compile, which torch {torch.__version__} does not have. Fix: fused=False "
+            "(the eager path computes the same exact algorithm), or install torch >= 2.1."
+        )
+    return value
+
+
+def warn_fallback(owner: str, failure: Exception) -> None:
+    """The one warning of a ``fused="auto"`` module whose fused backend failed (it runs the reference from then)."""
+    warnings.warn(
+        f"{owner}(fused='auto'): the fused backend failed, so this module runs the eager reference backend from "
+        f"now on (exact, slower on a GPU). Why: {failure} To silence this, build the module with fused=False; to "
+        "get the fast path back, fix the cause and set module.fused = 'auto'.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def backend_for(fused: Fused, differentiable: bool, device: torch.device) -> Backend:
+    """The backend for one window on ``device``: the reference when ``fused`` is False (or ``"auto"`` off CUDA)
+    or autograd must record the window (``differentiable``: ``mode="store"`` training; the reference is the only
+    differentiable backend), else ``fused`` itself when it is a backend, or the fused backend.
 
     The fused backend is imported here, on first use, so that importing the core never imports it."""
+    if fused == "auto":
+        fused = device.type in AUTO_FUSED_DEVICES
     if not fused or differentiable:
         return EAGER
     if isinstance(fused, Backend):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Sequence
 from typing import ClassVar, Literal, cast
@@ -10,11 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_revrnn.core.accounting import MemoryAccounting
-from lightning_revrnn.core.backend import Backend, backend_for
+from lightning_revrnn.core.backend import EAGER, Fused, backend_for, check_fused, warn_fallback
+from lightning_revrnn.core.buffer import InformationBuffer
 from lightning_revrnn.core.carry import ExactCarry
 from lightning_revrnn.core.cell_base import ReversibleCell
 from lightning_revrnn.core.cells import NFRevGRUCell, NFRevLSTMCell, RevGRUCell, RevLSTMCell
 from lightning_revrnn.core.dropout import SeededMask, locked_mask
+from lightning_revrnn.core.errors import FusedPathError
 from lightning_revrnn.core.fixed_point import straight_through, to_fixed, to_float
 from lightning_revrnn.core.forward import WindowResult, run_forward
 from lightning_revrnn.core.graph_checks import check_declared_inputs, declared_context, trainable
@@ -50,13 +53,14 @@ class ReversibleRNN(nn.Module):
             ``stored_bits`` (32 per unit and step), in ``used_bits`` and ``optimal_bits``.
         mode: ``"reverse"`` (reconstruct states in backward) or ``"store"`` (ordinary autograd through the
             same fixed-point forward). Settable later as ``rnn.mode``.
-        fused: run the exact half-steps as ``torch.compile`` stages (:mod:`lightning_revrnn.fused`: C++
-            kernels on the CPU, Triton on CUDA) wherever no autograd records: the forward of
-            ``mode="reverse"``, its reverse sweep and evaluation (``mode="store"`` training keeps the eager
-            cells). Exact like the eager path (forward and reverse share each compiled stage), but its float
-            gates may differ from eager ones in the last bits, so a fused and an eager run of the same model
-            follow slightly different trajectories. Each new shape compiles once (seconds). Settable later
-            as ``rnn.fused`` (between windows, not between a forward and its backward).
+        fused: run the exact half-steps on the fused backend (:mod:`lightning_revrnn.fused`: ``torch.compile``
+            stages, Triton kernels on CUDA) wherever no autograd records: the forward of ``mode="reverse"``,
+            its reverse sweep and evaluation (``mode="store"`` training keeps the eager cells). ``"auto"`` (the
+            default): on CUDA tensors, where launches set a step's time; the eager reference elsewhere. If the
+            fused backend fails to compile, an ``"auto"`` module warns once, naming why, and runs the reference
+            from then on (True raises :class:`~lightning_revrnn.core.errors.FusedPathError`). Exact, but its
+            float gates may differ from eager ones in the last bits (slightly different trajectories). Each
+            new shape compiles once (seconds). Settable between windows as ``rnn.fused``.
 
     ``out, h_n = rnn(x, hx=None, head=None, stem=None, keep=None)``: as ``nn.GRU``/``nn.LSTM`` (the same result
     dtypes under autocast; inside, the cells always compute in exact float32 fixed point). ``h_n`` carries
@@ -101,7 +105,7 @@ class ReversibleRNN(nn.Module):
         batch_first: bool = False,
         stored_units: int = 0,
         mode: Mode = "reverse",
-        fused: bool | Backend = False,
+        fused: Fused = "auto",
     ) -> None:
         super().__init__()
         if isinstance(hidden_size, int):
@@ -148,22 +152,16 @@ class ReversibleRNN(nn.Module):
         self._mode = value
 
     @property
-    def fused(self) -> bool | Backend:
+    def fused(self) -> Fused:
         """Whether the cells run on the fused backend where no autograd records (see the class docstring); a
         :class:`~lightning_revrnn.core.backend.Backend` instance runs that backend instead (benchmarks inject
-        a counting one). Settable between windows, not between a forward and its backward."""
+        a counting one). Settable between windows, not between a forward and its backward. ``"auto"`` turns
+        into False after the fused backend failed (with a warning)."""
         return self._fused
 
     @fused.setter
-    def fused(self, value: bool | Backend) -> None:
-        if not isinstance(value, (bool, Backend)):
-            raise TypeError(f"fused must be True or False, got {value!r}.")
-        if value is True and not hasattr(torch, "compile"):
-            raise RuntimeError(
-                f"fused=True needs torch.compile, which torch {torch.__version__} does not have. Fix: fused=False "
-                "(the eager path computes the same exact algorithm), or install torch >= 2.1."
-            )
-        self._fused = value
+    def fused(self, value: Fused) -> None:
+        self._fused = check_fused(value)
 
     @property
     def last_window(self) -> WindowRecord | None:
@@ -186,7 +184,7 @@ class ReversibleRNN(nn.Module):
         return self.cell_list[0].halves_per_group
 
     def extra_repr(self) -> str:
-        fused = ", fused=True" if self.fused is not False else ""
+        fused = "" if self.fused == "auto" else f", fused={self.fused is not False}"
         return f"mode={self.mode!r}, batch_first={self.batch_first}{fused}"
 
     # ------------------------------------------------------------------------------------- forward
@@ -220,7 +218,7 @@ class ReversibleRNN(nn.Module):
         reverse = needs_grad and self.mode == "reverse"
         plan = WindowPlan.build(
             self.cell_list,
-            backend_for(self._fused, differentiable=needs_grad and not reverse),
+            backend_for(self._fused, differentiable=needs_grad and not reverse, device=x.device),
             self._input_masks(B, like),
             [self._dropconnect_mask(c, like) for c in self.cell_list],
             retain=needs_grad,
@@ -232,15 +230,13 @@ class ReversibleRNN(nn.Module):
         )
         if reverse:
             check_declared_inputs(head, stem, plan.autocast, x, self.hidden_sizes[-1])
-            args = (plan, self.state_count, x, *init, *params, *plan.extras)
-            res = ReverseSweep.apply(*args)  # type: ignore[no-untyped-call]  # Function.apply is unannotated
-            primary, finals, record = res[0], list(res[1:-1]), res[-1]
-            buffers, final_exact = record.buffers, record.final_exact
-            self._last_window = weakref.ref(record)  # the graph owns the record until backward frees it
-        else:
-            result = self._forward_autograd(plan, x, init)
-            primary, finals, buffers, final_exact = result.primary, result.finals, result.buffers, result.final_exact
-            self._last_window = None
+        try:
+            primary, finals, buffers, final_exact = self._window(plan, x, init, params, reverse)
+        except FusedPathError as failure:
+            if self._fused != "auto" or plan.backend is EAGER:
+                raise
+            plan = self._fall_back(plan, failure)
+            primary, finals, buffers, final_exact = self._window(plan, x, init, params, reverse)
         if needs_grad:
             self._stats = tuple(  # per layer; summed when read, so the forward adds no op for it
                 buf.stats(32 * T * B * c.hidden_size * c.halves_per_group, stored_bits=32 * T * B * plan.stored(l))
@@ -252,6 +248,27 @@ class ReversibleRNN(nn.Module):
         h_n = self._pack_state([f.to(dtype) for f in finals])
         self._carry.remember(self._flat_state(h_n), final_exact)
         return primary, h_n
+
+    def _window(
+        self, plan: WindowPlan, x: Tensor, init: list[Tensor], params: Sequence[Tensor], reverse: bool
+    ) -> tuple[Tensor, list[Tensor], list[InformationBuffer], list[Tensor]]:
+        """Run the window (by reversal or through autograd): the primary result, the final states (float32),
+        the buffers and the exact final state."""
+        if reverse:
+            args = (plan, self.state_count, x, *init, *params, *plan.extras)
+            res = ReverseSweep.apply(*args)  # type: ignore[no-untyped-call]  # Function.apply is unannotated
+            record: WindowRecord = res[-1]
+            self._last_window = weakref.ref(record)  # the graph owns the record until backward frees it
+            return res[0], list(res[1:-1]), record.buffers, record.final_exact
+        result = self._forward_autograd(plan, x, init)
+        self._last_window = None
+        return result.primary, result.finals, result.buffers, result.final_exact
+
+    def _fall_back(self, plan: WindowPlan, failure: FusedPathError) -> WindowPlan:
+        """``fused="auto"`` and the fused backend failed: warn once, run the reference from now on."""
+        warn_fallback(type(self).__name__, failure)
+        self._fused = False
+        return dataclasses.replace(plan, backend=EAGER)
 
     def _result_dtype(self, x: Tensor, stem: StepStem | None) -> torch.dtype:
         """The dtype ``nn.GRU``/``nn.LSTM`` would return (see :attr:`autocast_results`)."""

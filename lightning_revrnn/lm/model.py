@@ -76,7 +76,7 @@ class LanguageModel(CheckpointFileCheck, pl.LightningModule):
         dropout_*: embedding (word-level), input, between layers (hidden), output; ``dropconnect`` on
             the hidden-to-hidden weights. Defaults are the paper's.
         mode: reversible training mode, ``"reverse"`` or ``"store"``.
-        fused: reversible models run their exact half-steps as ``torch.compile`` stages (see
+        fused: reversible models run their exact half-steps on the fused backend: ``"auto"`` on CUDA, True, False (see
             :class:`~lightning_revrnn.core.rnn.ReversibleRNN`); the baselines ignore it.
         optimizer: a factory from parameters to a torch optimiser (default: SGD, lr 20, wd 1.2e-6).
         lr_factor: multiply the learning rate by this when validation perplexity stalls (÷4).
@@ -103,7 +103,7 @@ class LanguageModel(CheckpointFileCheck, pl.LightningModule):
         dropout_output: float = 0.4,
         dropconnect: float = 0.5,
         mode: Literal["reverse", "store"] = "reverse",
-        fused: bool = False,
+        fused: bool | Literal["auto"] = "auto",
         optimizer: OptimizerCallable = default_optimizer,
         lr_factor: float = 0.25,
         seed: int = 0,

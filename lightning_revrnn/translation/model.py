@@ -77,8 +77,8 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         dropout: locked dropout on the RNN inputs and between layers, on the attentional output and on the
             attention memory (the paper's 0.4 everywhere).
         mode: reversible training mode, ``"reverse"`` or ``"store"`` (the gradient reference).
-        fused: reversible encoder and decoder run their exact half-steps as ``torch.compile`` stages (see
-            :class:`~lightning_revrnn.core.rnn.ReversibleRNN`); the baselines ignore it.
+        fused: reversible encoder and decoder run their exact half-steps on the fused backend: ``"auto"`` on
+            CUDA, True, False (see :class:`~lightning_revrnn.core.rnn.ReversibleRNN`); the baselines ignore it.
         optimizer: a factory from parameters to an optimiser. Default: the paper's SGD, lr 1 (LSTM),
             0.5 (RevLSTM), 0.2 (GRU, RevGRU). Clip gradients with ``Trainer(gradient_clip_val=5)``.
         lr_factor: multiply the learning rate by this when validation perplexity does not improve.
@@ -124,7 +124,7 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
         max_forget_bits: int | None = 3,
         dropout: float = 0.4,
         mode: Literal["reverse", "store"] = "reverse",
-        fused: bool = False,
+        fused: bool | Literal["auto"] = "auto",
         optimizer: OptimizerCallable | None = None,
         lr_factor: float = 0.5,
         beam: int = 5,

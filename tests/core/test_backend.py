@@ -15,6 +15,8 @@ from lightning_revrnn.core.buffer import InformationBuffer
 from lightning_revrnn.core.cell_base import Halves, ReversibleCell
 from lightning_revrnn.core.records import Record
 
+CPU = torch.device("cpu")
+
 
 class SpyBackend(EagerBackend):
     """The reference arithmetic, counting what the loops ask of it."""
@@ -69,9 +71,11 @@ class SpyBackend(EagerBackend):
 
 def test_backend_for_gives_the_reference_wherever_autograd_records() -> None:
     spy = SpyBackend()
-    assert backend_for(False, differentiable=False) is EAGER
-    assert backend_for(spy, differentiable=True) is EAGER  # mode="store" training: only the reference differentiates
-    assert backend_for(spy, differentiable=False) is spy
+    assert backend_for(False, differentiable=False, device=CPU) is EAGER
+    assert (
+        backend_for(spy, differentiable=True, device=CPU) is EAGER
+    )  # mode="store" training: only the reference differentiates
+    assert backend_for(spy, differentiable=False, device=CPU) is spy
 
 
 def test_an_injected_backend_runs_every_half_step_of_reverse_training_with_identical_results() -> None:

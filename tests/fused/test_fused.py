@@ -13,6 +13,9 @@ Every test that compiles is marked ``compile`` and left out of the default run (
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from test_cells import build, independent_roundtrip, sample_masks
@@ -32,6 +35,8 @@ B, N = 3, 8  # the integer stages' shape, shared by every test here
 #: The backend ``fused=True`` modules use: the tests that call it directly share its compiled stages with them.
 FUSED = default_backend()
 stages = FUSED.stages  # its Stages: the integer stages are tested through them
+
+CPU = torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------ integer stages
@@ -296,6 +301,44 @@ def test_failed_compile_names_the_fix(monkeypatch):
     _fused_forward_raises(monkeypatch, broken_compile, "fused=False")
 
 
+def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    """``fused="auto"`` where the fused backend cannot compile: one RuntimeWarning naming the cause, the window
+    rerun on the reference (the same masks, so the same results as a ``fused=False`` module), ``fused`` False
+    from then on and no further warning. (Here the CPU stands in for CUDA, the device "auto" picks.)"""
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr("lightning_revrnn.core.backend.AUTO_FUSED_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr("lightning_revrnn.fused.default_backend", FusedBackend)  # a fresh one: it compiles now
+    torch.manual_seed(0)
+    rnn = RevGRU(5, 2 * N, 2, dropout=0.3, dropconnect=0.5)
+    reference = copy.deepcopy(rnn)
+    reference.fused = False
+    x = torch.randn(7, B, 5)
+
+    def train_step(module):
+        torch.manual_seed(1)  # the same dropout masks for both modules
+        out, h_n = module(x.clone().requires_grad_())
+        (out.sum() + h_n.square().sum()).backward()
+        return out.detach(), h_n.detach(), [p.grad for p in module.parameters()]
+
+    with pytest.warns(RuntimeWarning, match=r"fused='auto'.*failed.*no C\+\+ compiler.*fused=False"):
+        got = train_step(rnn)
+    assert rnn.fused is False
+    want = train_step(reference)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for a, b in zip(got[2], want[2], strict=True):
+        assert torch.equal(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_step(rnn)
+    rnn.fused = True  # asked for explicitly, the failure raises
+    with pytest.raises(FusedPathError, match=r"no C\+\+ compiler"):
+        train_step(rnn)
+
+
 def test_recompile_limit_names_batch_sizes_as_the_fix(monkeypatch):
     """Past dynamo's recompile limit (fullgraph stages fail hard there, never falling back to eager, which could
     round differently in reverse) the error says why and how to avoid it."""
@@ -337,18 +380,21 @@ def test_fused_switch_and_store_mode_stays_eager():
     """``fused`` is settable later (True/False or a backend), and the backend is chosen once per window: the
     fused one (or the injected one) only where autograd records nothing; ``mode="store"`` training (autograd
     recording) gets the eager reference."""
-    assert backend_for(False, differentiable=False) is EAGER
-    assert backend_for(True, differentiable=True) is EAGER  # grad recording: eager
-    assert backend_for(True, differentiable=False) is default_backend()
+    assert backend_for(False, differentiable=False, device=CPU) is EAGER
+    assert backend_for(True, differentiable=True, device=CPU) is EAGER  # grad recording: eager
+    assert backend_for(True, differentiable=False, device=CPU) is default_backend()
     injected = FusedBackend()
-    assert backend_for(injected, differentiable=False) is injected
-    assert backend_for(injected, differentiable=True) is EAGER
+    assert backend_for(injected, differentiable=False, device=CPU) is injected
+    assert backend_for(injected, differentiable=True, device=CPU) is EAGER
 
     rnn = RevLSTM(5, [2 * N, 4], 2)
-    assert rnn.fused is False and "fused=True" not in repr(rnn)
+    assert rnn.fused == "auto" and "fused" not in repr(rnn)  # the default: fused on CUDA, the reference here
+    assert backend_for("auto", differentiable=False, device=CPU) is EAGER
+    assert backend_for("auto", differentiable=False, device=torch.device("cuda")) is default_backend()
+    assert backend_for("auto", differentiable=True, device=torch.device("cuda")) is EAGER
     rnn.fused = True
     assert rnn.fused is True and "fused=True" in repr(rnn)
-    with pytest.raises(TypeError, match="fused must be True or False"):
+    with pytest.raises(TypeError, match="fused must be True, False or 'auto'"):
         rnn.fused = 1  # type: ignore[assignment]  # the wrong type on purpose: the setter rejects it
 
     # Which backend a window's plan gets: an injected backend runs every half-step where nothing records.
