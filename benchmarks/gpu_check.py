@@ -4,9 +4,13 @@ Runs, each as a subprocess with its own time limit so one failure does not hide 
 
 1. the exactness and gradient tests (``tests/core/test_cells.py``, ``tests/core/test_sweep.py``, ...) with every tensor
    created on the GPU (``REVRNN_TEST_DEVICE=cuda``, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``);
-2. a count of host-device synchronisations of a reverse-mode forward and backward, at two window lengths, so
-   the per-step and per-window counts separate (``torch.cuda.set_sync_debug_mode``);
-3. ``benchmarks/lm_step.py`` on CUDA, side by side with the nn.GRU / nn.LSTM LM (cuDNN), T 70 and 1000.
+2. a count of host-device synchronisations (``torch.cuda.set_sync_debug_mode``) and of CUDA kernels
+   (``torch.profiler``) of a reverse-mode forward and backward, at two window lengths, so the per-step and
+   per-window counts separate, for the default backend (``fused="auto"``: the fused one on CUDA) and the eager
+   reference;
+3. ``benchmarks/lm_step.py`` on CUDA, side by side with the nn.GRU / nn.LSTM LM (cuDNN), T 70 (1 and 2
+   layers) and 1000, eager and fused rows; ``benchmarks/nmt_step.py`` at Multi30K sizes against the cuDNN
+   baseline (the default backend).
 
 Prints a summary table and writes ``benchmarks/results/gpu-check-<card>.json`` (the benchmarks write their own
 JSON beside it). Without a GPU it says so and runs the CPU parts (the syncs are not counted: the CPU has none).
@@ -48,9 +52,11 @@ EXACTNESS_TESTS = [
     "tests/translation/test_decoding.py",
     "tests/translation/test_seq2seq.py",
     "tests/fused/test_fused.py",
+    "tests/fused/test_triton_kernels.py",
+    "tests/core/test_capture_safety.py",
 ]
 #: Test files whose tests are marked ``compile`` (left out of the default run): run with ``-m compile`` added.
-COMPILE_TESTS = {"tests/fused/test_fused.py"}
+COMPILE_TESTS = {"tests/fused/test_fused.py", "tests/fused/test_triton_kernels.py"}
 
 
 def card_slug() -> str:
@@ -87,18 +93,21 @@ def pytest_summary(tail: str) -> str:
     return lines[-1].strip("= ") if lines else "no summary line"
 
 
-def count_syncs(cell: str, seq_len: int, device: torch.device) -> dict[str, int]:
-    """Host syncs flagged by ``set_sync_debug_mode`` in one reverse-mode forward and one backward."""
+def window_counts(cell: str, seq_len: int, device: torch.device, fused: bool | str) -> dict[str, int]:
+    """Host syncs (``set_sync_debug_mode``) and CUDA kernels (``torch.profiler``) of one reverse-mode forward and
+    one backward: one layer 650, batch 20, 3 bits."""
+    from torch.profiler import ProfilerActivity, profile
+
     from lightning_revrnn import RevGRU, RevLSTM
 
     torch.manual_seed(0)
-    rnn = {"gru": RevGRU, "lstm": RevLSTM}[cell](650, 650, 1, max_forget_bits=3).to(device)
+    rnn = {"gru": RevGRU, "lstm": RevLSTM}[cell](650, 650, 1, max_forget_bits=3, fused=fused).to(device)
     x = torch.randn(seq_len, 20, 650, device=device, requires_grad=True)
-    rnn(x)[0].sum().backward()  # warm-up: first-call allocations and library loading are not the loop's syncs
-    counts = {}
+    rnn(x)[0].sum().backward()  # warm-up: compiles, first-call allocations and library loading
+    counts: dict[str, int] = {}
     for phase in ("forward", "backward"):
         torch.cuda.synchronize(device)
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CUDA]) as prof:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
@@ -108,21 +117,27 @@ def count_syncs(cell: str, seq_len: int, device: torch.device) -> dict[str, int]
                     out.backward()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counts[phase] = sum("synchroniz" in str(w.message) for w in caught)
+            torch.cuda.synchronize(device)
+        counts[f"{phase}_syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+        counts[f"{phase}_kernels"] = sum(
+            1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "Memcpy"
+        )
     return counts
 
 
 def sync_report(device: torch.device) -> dict[str, Any]:
-    """Syncs per window at T and 2T; their difference divided by T is the count per step."""
+    """Syncs and kernels per window at T and 2T, per backend; their difference divided by T is the count per
+    step and layer."""
     report: dict[str, Any] = {}
-    for cell in ("gru", "lstm"):
-        short, long = count_syncs(cell, 70, device), count_syncs(cell, 140, device)
-        report[cell] = {
-            "T70": short,
-            "T140": long,
-            "per_step": {k: (long[k] - short[k]) / 70 for k in short},
-            "per_window": {k: short[k] - 70 * (long[k] - short[k]) / 70 for k in short},
-        }
+    for fused in ("auto", False):
+        for cell in ("gru", "lstm"):
+            short, long = window_counts(cell, 70, device, fused), window_counts(cell, 140, device, fused)
+            report[f"{cell}-{'default' if fused == 'auto' else 'eager'}"] = {
+                "T70": short,
+                "T140": long,
+                "per_step": {k: (long[k] - short[k]) / 70 for k in short},
+                "per_window": {k: short[k] - 70 * (long[k] - short[k]) / 70 for k in short},
+            }
     return report
 
 
@@ -179,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             steps.append(step)
     syncs = sync_report(device) if has_gpu else None
     if syncs:
-        print("\n=== host syncs (set_sync_debug_mode), one layer 650, batch 20, 3 bits")
+        print("\n=== host syncs (set_sync_debug_mode) and CUDA kernels (profiler), one layer 650, batch 20, 3 bits")
         print(json.dumps(syncs, indent=1))
-    bench = ["--device", device.type, "--bits", "3", "--ckpt-chunks"]
+    bench = ["--device", device.type, "--bits", "3", "--ckpt-chunks", "--fused", "--interleave"]
     if args.skip_bench:
         pass
     elif has_gpu:
@@ -224,6 +239,22 @@ def main(argv: list[str] | None = None) -> int:
                     str(RESULTS / f"lm_step-{slug}-T1000.json"),
                 ],
                 left(170),
+            )
+        )
+        steps.append(
+            run_step(
+                "translation step Multi30K",
+                [
+                    py,
+                    "benchmarks/nmt_step.py",
+                    "--device",
+                    "cuda",
+                    "--sizes",
+                    "multi30k",
+                    "--out",
+                    str(RESULTS / f"nmt_step-{slug}-multi30k.json"),
+                ],
+                left(90),
             )
         )
     else:
