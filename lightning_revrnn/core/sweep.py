@@ -181,10 +181,11 @@ def _reverse(
     cells = plan.cells
     T, L = x.shape[0], len(cells)
     state = [list(s) for s in state]
-    # Hidden weights: the same (DropConnect-masked) tensors as in forward; their gradient goes through the
-    # mask once at the end.
-    hidden = [plan.hidden_weights(l) for l in range(L)]
-    weights = [[w.detach() for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden)]
+    # Hidden weights: the same (DropConnect-masked) tensors as in forward, without a graph (autograd would keep
+    # the mask alive through the sweep); their gradient goes through the mask once at the end (_hidden_grad).
+    with torch.no_grad():
+        hidden = [plan.hidden_weights(l) for l in range(L)]
+    weights = [[w for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden)]
     d_state = []
     for l, c in enumerate(cells):
         gs = [
@@ -215,13 +216,21 @@ def _reverse(
             plan.stem.accumulate_grads(x_chunk, x0, d_x0, targets)
     _check_reconstruction(record.buffers, diverged)
     params_grads: list[Tensor | None] = []
+    del hidden, weights
     for l, c in enumerate(cells):
-        d_hidden = torch.autograd.grad(hidden[l], c.weight_hh, grads.weight_hh[l])[0]
-        params_grads += [grads.weight_ih[l], grads.bias[l], d_hidden]
+        params_grads += [grads.weight_ih[l], grads.bias[l], _hidden_grad(plan, l, grads.weight_hh[l])]
     d_initial: list[Tensor | None] = []
     for l, c in enumerate(cells):
         d_initial += c.join_state(grads.state[l])
     return (None, None, dx, *d_initial, *params_grads, *grads.extras)
+
+
+def _hidden_grad(plan: WindowPlan, layer: int, d_masked: Tensor) -> Tensor:
+    """The gradient of ``weight_hh`` from that of the masked weights ``weight_hh * mask``: times the mask (redrawn
+    from its seed after the sweep, when the chunk's records are gone), in place, so the accumulator becomes the
+    parameter's ``.grad``."""
+    mask = plan.hidden_masks[layer]
+    return d_masked if mask is None else d_masked.mul_(mask.materialize())
 
 
 def reconstruct_chunk(
