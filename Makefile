@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # The fused path's tests (torch.compile; a few minutes, left out of `make test`).
 test-compile: $(STAMP)
-	$(BIN)/python -m pytest -q -m compile tests/fused/test_fused.py
+	$(BIN)/python -m pytest -q -m compile tests/fused
 
 # Static checks (config in pyproject.toml): ruff lint, ruff format check, mypy strict on the package and lenient on
 # tests/ and benchmarks/. -k: every check runs and reports even when an earlier one fails.

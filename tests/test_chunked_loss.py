@@ -154,7 +154,7 @@ def test_reversible_step_peak_is_bounded_by_the_budget_not_chunk_batch_vocab() -
         dropout=0.3,
         head_block_bytes=budget,
     ).train()
-    batch = padded_batch([6, 3, 5, 6, 2, 4, 6, 1], [15, 9, 15, 3, 12, 15, 7, 15], 40)  # T = 16: one full chunk
+    batch = padded_batch([6, 3, 5, 6, 2, 4, 6, 1], [15, 9, 15, 3, 12, 15, 7, 15], 40)  # T = 16: two full chunks
     chunk_logits = batch.tgt_out.numel() * vocab * 4
     trace = MemoryTrace(torch.device("cpu"))
     model.summed_loss(batch).backward()  # warm-up (allocator, lazy init)

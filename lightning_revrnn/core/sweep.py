@@ -185,7 +185,7 @@ def _reverse(
     # the mask alive through the sweep); their gradient goes through the mask once at the end (_hidden_grad).
     with torch.no_grad():
         hidden = [plan.hidden_weights(l) for l in range(L)]
-    weights = [[w for w in hw.split(c.hidden_rows, 0)] for c, hw in zip(cells, hidden)]
+    weights = [list(hw.split(c.hidden_rows, 0)) for c, hw in zip(cells, hidden)]
     d_state = []
     for l, c in enumerate(cells):
         gs = [
@@ -214,10 +214,10 @@ def _reverse(
             targets = [(plan.extras[i], grads.extras[i]) for i in plan.stem_slots]
             targets += [(x_chunk, dx[t0:t1])] if dx is not None else []
             plan.stem.accumulate_grads(x_chunk, x0, d_x0, targets)
-    _check_reconstruction(record.buffers, diverged)
+    _check_reconstruction(record.buffers, diverged, T)
     params_grads: list[Tensor | None] = []
     del hidden, weights
-    for l, c in enumerate(cells):
+    for l in range(L):
         params_grads += [grads.weight_ih[l], grads.bias[l], _hidden_grad(plan, l, grads.weight_hh[l])]
     d_initial: list[Tensor | None] = []
     for l, c in enumerate(cells):
@@ -340,7 +340,7 @@ def _linear_param_grads(d_weight: Tensor, d_bias: Tensor, d_out: Tensor, inputs:
     d_bias.add_(d_out.sum(0))
 
 
-def _check_reconstruction(buffers: list[InformationBuffer], diverged: Tensor) -> None:
+def _check_reconstruction(buffers: list[InformationBuffer], diverged: Tensor, steps: int) -> None:
     """One host read: every chunk's reconstructed states matched forward's checksums and every buffer is
     back to empty; else a :class:`ReconstructionError` naming the layer and steps."""
     words = [b.word.any() for b in buffers]
@@ -350,9 +350,10 @@ def _check_reconstruction(buffers: list[InformationBuffer], diverged: Tensor) ->
     bad = diverged.nonzero().tolist()
     if bad:
         chunk, l = max(bad)  # the reverse sweep meets the latest chunk first
+        first = chunk * CHUNK
         raise ReconstructionError(
-            f"Reverse sweep diverged: layer {l}, reconstructing steps {chunk * CHUNK}..{(chunk + 1) * CHUNK - 1} "
-            f"did not give the state forward had before step {chunk * CHUNK} bit for bit ({len(bad)} "
+            f"Reverse sweep diverged: layer {l}, reconstructing steps {first}..{min(first + CHUNK, steps) - 1} "
+            f"did not give the state forward had before step {first} bit for bit ({len(bad)} "
             "(chunk, layer) states differ). The saved buffer was modified, or forward and backward ran with "
             "different numerics (autocast, TF32, threads, device)."
         )

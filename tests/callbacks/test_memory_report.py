@@ -136,8 +136,8 @@ def test_reversible_step_memory_is_far_below_the_baseline(runs: dict[str, Any]) 
     logits_bytes = BPTT * 8 * VOCAB * 4  # T · B · vocab float32: the baseline keeps its logits for backward
     r, b = [row[PREFIX + "saved_bytes"] for row in rev], [row[PREFIX + "saved_bytes"] for row in base]
     assert min(b) >= logits_bytes and max(r) < logits_bytes / 5, (r, b)
-    # The peak: the reverse sweep works on 16-step chunks (each chunk's states and gates, head logits), so
-    # its peak stays flat while the baseline's grows with T (see the README's measurements); at T 64 (four
+    # The peak: the reverse sweep works on CHUNK-step chunks (each chunk's states and gates, head logits), so
+    # its peak stays flat while the baseline's grows with T (see the README's measurements); at T 64 (eight
     # chunks) it is below the baseline's even for this tiny model.
     r, b = [row[PREFIX + "peak_excl_grad_bytes"] for row in rev], [row[PREFIX + "peak_excl_grad_bytes"] for row in base]
     assert max(r) < min(b), (r, b)

@@ -15,7 +15,6 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import TEST_DEVICE
 from test_cells import build, independent_roundtrip, sample_masks
 from test_fused import B, N, edge_case_operands
 
@@ -26,6 +25,8 @@ from lightning_revrnn.fused import FusedBackend, StageCounter
 
 pytest.importorskip("triton")
 MODULE = "lightning_revrnn.fused.triton_kernels"
+#: Where the kernels run: the CPU (interpreted) unless ``make gpu-check`` sets ``REVRNN_TEST_DEVICE=cuda``.
+TEST_DEVICE = os.environ.get("REVRNN_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,8 @@ def test_carried_state_equals_explicit_run(rnn: str) -> None:
             # models start each window with an empty information buffer, whose bits enter the state, so for
             # them only the window-by-window run above is bit-identical). Exactly only where the first
             # layer's input GEMMs have the same shapes: with bptt 10 the second window's steps are rows
-            # 10-19 of one 16-step chunk (CHUNK) in the long run but a 10-step chunk of their own, and a
+            # 10-19 of the 8-step chunks (CHUNK) 8-15 and 16-23 in the long run but chunks 0-7 and 8-9 of
+            # their own, and a
             # BLAS may round a GEMM over a different row count differently in the last bit. Then each half
             # update h ← h + round(add) differs by at most 2 units of 2^-23 directly, 2 updates per layer and
             # step: 2 layers × 20 steps give ≤ 160 units; twice that for propagation through later gates

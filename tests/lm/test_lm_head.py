@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_revrnn import DecoderHead, EmbeddingStem, RevGRU
+from lightning_revrnn.core.protocol import CHUNK
 from lightning_revrnn.core.rnn import Mode
 from lightning_revrnn.memory import MemoryTrace
 
@@ -50,5 +51,5 @@ def test_blockwise_head_equals_the_plain_head(mode: Mode) -> None:
 def test_the_step_peak_follows_the_budget_not_the_logits() -> None:
     _, _, plain = _step(None, trace=True)
     _, _, blockwise = _step(64 * 2**10, trace=True)
-    chunk_logits = 16 * B * V * 4  # one chunk's float32 logits: what the plain head allocates (several times)
+    chunk_logits = CHUNK * B * V * 4  # one chunk's float32 logits: what the plain head allocates (several times)
     assert plain - blockwise > chunk_logits, (plain, blockwise)
