@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from lightning_revrnn.core.backend import Fused
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 #: Test files whose every test compares reconstructed states or gradients (the ones that must hold on CUDA).
@@ -93,7 +95,7 @@ def pytest_summary(tail: str) -> str:
     return lines[-1].strip("= ") if lines else "no summary line"
 
 
-def window_counts(cell: str, seq_len: int, device: torch.device, fused: bool | str) -> dict[str, int]:
+def window_counts(cell: str, seq_len: int, device: torch.device, fused: Fused) -> dict[str, int]:
     """Host syncs (``set_sync_debug_mode``) and CUDA kernels (``torch.profiler``) of one reverse-mode forward and
     one backward: one layer 650, batch 20, 3 bits."""
     from torch.profiler import ProfilerActivity, profile
@@ -129,7 +131,8 @@ def sync_report(device: torch.device) -> dict[str, Any]:
     """Syncs and kernels per window at T and 2T, per backend; their difference divided by T is the count per
     step and layer."""
     report: dict[str, Any] = {}
-    for fused in ("auto", False):
+    backends: tuple[Fused, ...] = ("auto", False)
+    for fused in backends:
         for cell in ("gru", "lstm"):
             short, long = window_counts(cell, 70, device, fused), window_counts(cell, 140, device, fused)
             report[f"{cell}-{'default' if fused == 'auto' else 'eager'}"] = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def test_a_reverse_training_window_reads_the_host_once_each_way(cls, stored_unit
 
 
 @pytest.mark.parametrize("rnn", ["revgru", "revlstm"])
-def test_a_language_model_window_with_its_head_and_stem(rnn: str) -> None:
+def test_a_language_model_window_with_its_head_and_stem(rnn: Literal["revgru", "revlstm"]) -> None:
     """The LM's training window: embedding stem and blockwise decoder head run inside the sweep, guarded."""
     torch.manual_seed(0)
     model = LanguageModel(rnn=rnn, vocab_size=50, emb_size=16, hidden_size=16, num_layers=2, head_block_bytes=4096)
