@@ -8,7 +8,9 @@ the low 32 bits of its words into an int32 plane row. The rule reads one example
 example computes bit for bit the same alone, in a batch or on any DDP rank.
 
 The forward decides drains on the device and never waits: check points queue dense planes and masks
-(:class:`PendingDrain`), and :meth:`InformationBuffer.finish` compacts them with one host read per window.
+(:class:`PendingDrain`), and :meth:`InformationBuffer.finish` compacts them with one host read per window; in
+the same read :meth:`InformationBuffer.pack` learns how many bytes the final words hold and keeps them so
+(:mod:`~lightning_revrnn.core.packing`) until the reverse sweep unpacks them.
 The reverse sweep replays each drain for exactly the examples that drained, so the buffer is empty again
 (every word zero, no plane) after a full sweep. docs/design.md has the proof that no word overflows and the
 memory this costs.
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.fixed_point import R_Z, bits_per_multiply, reversible_divide, reversible_multiply
+from lightning_revrnn.core.packing import PackedWords, pack_words, packed_byte_counts, unpack_words
 
 #: A word must be below ``2^WORD_LIMIT_BITS`` before a multiplication (so ``word·2^R_Z`` fits in int64).
 WORD_LIMIT_BITS = 63 - R_Z
@@ -97,7 +100,8 @@ class InformationBuffer:
     """
 
     def __init__(self, shape: tuple[int, int], device: torch.device, max_forget_bits: int | None, retain: bool) -> None:
-        self.word = torch.zeros(shape, dtype=torch.int64, device=device)
+        self._word: Tensor | None = torch.zeros(shape, dtype=torch.int64, device=device)
+        self._packed: PackedWords | None = None  # the words between forward and reverse (see pack)
         self.retain = retain
         self.pending: list[PendingDrain] = []
         self._planes: list[Tensor] = []
@@ -112,6 +116,32 @@ class InformationBuffer:
         #: Σ log2 z* per unit (float64) since the last :meth:`stats` (retaining only): the optimal bits' source.
         self.log2_z_units: Tensor | None = None
         self._log2_z_sum: Tensor | None = None  # Σ log2 z* over units, up to the last stats()
+
+    @property
+    def word(self) -> Tensor:
+        """The int64 words (unpacked first if :meth:`pack` packed them)."""
+        if self._word is None:
+            assert self._packed is not None
+            self._word, self._packed = unpack_words(self._packed), None
+        return self._word
+
+    @word.setter
+    def word(self, value: Tensor) -> None:
+        self._word, self._packed = value, None
+
+    def packed_size(self) -> Tensor:
+        """End of a window's forward: how many bytes :meth:`pack` will store the words in (int64 ``(1,)`` on the
+        device, for the caller's one host read; empty without ``retain``: nothing to keep)."""
+        if not self.retain:
+            return self.word.new_zeros(0)
+        self._byte_counts = packed_byte_counts(self.word)
+        return self._byte_counts.long().sum().reshape(1)
+
+    def pack(self, total: int) -> None:
+        """Keep the words in the bytes they hold until the reverse sweep (``total``: the value of
+        :meth:`packed_size`, read on the host). :attr:`word` unpacks them again."""
+        self._packed, self._word = pack_words(self.word, self._byte_counts, total), None
+        del self._byte_counts
 
     # ------------------------------------------------------------------------------------ forward
     def multiply(self, h: Tensor, z: Tensor) -> Tensor:
@@ -272,14 +302,16 @@ class InformationBuffer:
         """What must live until the reverse sweep: the planes, the drains' row indices and the current
         words (after :meth:`finish`, which this calls)."""
         self.finish()
-        return [*self._planes, *[r for r in self._drained_rows if r is not None], self.word]
+        words = [self._packed.counts, self._packed.data] if self._packed is not None else [self.word]
+        return [*self._planes, *[r for r in self._drained_rows if r is not None], *words]
 
     def stats(self, normal_bits: int, stored_bits: int = 0) -> MemoryAccounting:
         """The window's accounting (after :meth:`finish`, which this calls); see
         :class:`~lightning_revrnn.core.accounting.MemoryAccounting`.
         ``stored_bits``: the layer's stored units, added to ``used_bits`` and ``optimal_bits``."""
         self.finish()
-        units = self.word.numel()
+        units = self._packed.counts.numel() if self._packed is not None else self.word.numel()
+        word_bits = self._packed.bits if self._packed is not None else units * 64
         optimal: float | Tensor = 0.0
         if self.log2_z_units is not None:  # fold into one number: no per-unit tensor lives on
             total = self.log2_z_units.sum()
@@ -289,7 +321,7 @@ class InformationBuffer:
             optimal = self.multiplications * units * R_Z - self._log2_z_sum
         plane_bits = sum(p.numel() for p in self._planes) * DRAIN_BITS
         index_bits = sum(r.numel() * r.element_size() * 8 for r in self._drained_rows if r is not None)
-        used = plane_bits + index_bits + units * 64 + self.multiplications
+        used = plane_bits + index_bits + word_bits + self.multiplications
         return MemoryAccounting(
             normal_bits=normal_bits,
             used_bits=(used if self.multiplications else 0) + stored_bits,

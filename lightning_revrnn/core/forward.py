@@ -138,11 +138,13 @@ def _finals(
 
 
 def _end_of_window_read(guard: RangeGuard, buffers: list[InformationBuffer]) -> None:
-    """The forward's one host read: whether every range the guard observed is fine, and how many examples
-    drained at each of every buffer's check points (the buffers then compact their drain records)."""
+    """The forward's one host read: whether every range the guard observed is fine, how many examples drained
+    at each of every buffer's check points (the buffers then compact their drain records), and in how many
+    bytes each buffer's final words fit (the buffers then pack them)."""
     flag = guard.in_range()
     counts = [b.drain_counts() for b in buffers]
-    parts = ([] if flag is None else [flag.reshape(1).long()]) + counts
+    sizes = [b.packed_size() for b in buffers]
+    parts = ([] if flag is None else [flag.reshape(1).long()]) + counts + sizes
     host = torch.cat(parts).tolist() if parts else []
     if flag is not None:
         guard.check(bool(host.pop(0)))
@@ -150,3 +152,6 @@ def _end_of_window_read(guard: RangeGuard, buffers: list[InformationBuffer]) -> 
         n = c.numel()
         buf.finish(host[:n])
         host = host[n:]
+    for buf, size in zip(buffers, sizes):
+        if size.numel():
+            buf.pack(host.pop(0))

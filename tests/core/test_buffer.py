@@ -304,6 +304,13 @@ def test_accounting_by_hand_with_drains(second_forgets: bool) -> None:
     assert stats.used_bits == (778 if second_forgets else 602)
     assert stats.optimal == 10 * n * M * (2 if second_forgets else 1)  # Σ -log2(z*/1024)
     assert stats.drains == 2 * drained and stats.multiplications == M
+    # The window's end packs the final words: 2^36 - 1 takes 5 bytes, a zero word none, plus a count byte each.
+    size = buf.packed_size()
+    assert size.tolist() == [5 * n * drained]
+    buf.pack(int(size))
+    packed = 8 * (B * n + 5 * n * drained)
+    assert buf.stats(normal_bits=1000).used_bits == planes + indices + packed + M == (682 if second_forgets else 386)
+    assert sum(t.numel() * t.element_size() * 8 for t in buf.tensors()) == planes + indices + packed
     assert torch.equal(_reverse(buf, h, [z] * M), torch.full((B, n), -1, dtype=torch.int64)) and buf.is_empty()
 
 
@@ -319,8 +326,10 @@ def test_accounting_by_hand_single_unit() -> None:
     assert zq == 576
     assert stats.normal_bits == 32 * 1 * 1 * 2  # 32 · T · B · H
     assert stats.optimal == pytest.approx(2 * math.log2(FORGET_ONE / zq))  # two multiplications
-    assert stats.used_bits == 64 + 2  # one 64-bit word, one flag bit per multiplication
-    assert stats.actual_ratio == pytest.approx(64 / 66)
+    # h* stays 0 (zero input and weights), so the multiplications push no bit: the packed word is its count
+    # byte alone, plus one flag bit per multiplication
+    assert stats.used_bits == 8 + 2
+    assert stats.actual_ratio == pytest.approx(64 / 10)
     assert stats.multiplications == 2 and stats.drains == 0
     assert stats.layers[0].used_bits == stats.used_bits
 
@@ -337,8 +346,8 @@ def _bias_for(z_star: int, k: int | None) -> float:
 def test_accounting_by_hand_gru_chosen_forget_values() -> None:
     """RevGRU, B=1, H=4 (two units per half), no limit, zero weights, T=3; z* chosen per unit:
     group 1 (512, 128), group 2 (256, 1024). Σ -log2(z*/1024) = 1 + 3 + 2 + 0 = 6 bits per step, 18 in all.
-    Six multiplications stay below the first look (bound 30 at check point 3), so: no drain, used =
-    2 words × 64 + 6 flags = 134."""
+    Six multiplications stay below the first look (bound 30 at check point 3), so: no drain; h* stays 0 (zero
+    weights: g = 0), so the words stay 0 and pack to their count bytes: used = 2 × 8 + 6 flags = 22."""
     k, n = None, 2
     rnn = RevGRU(1, 2 * n, max_forget_bits=k)
     with torch.no_grad():
@@ -350,16 +359,17 @@ def test_accounting_by_hand_gru_chosen_forget_values() -> None:
     rnn(torch.zeros(3, 1, 1, requires_grad=True))
     stats = rnn.memory_stats()
     assert stats.optimal == 18.0
-    assert stats.used_bits == 134 and stats.drains == 0 and stats.multiplications == 6
+    assert stats.used_bits == 22 and stats.drains == 0 and stats.multiplications == 6
     assert stats.normal_bits == 32 * 3 * 1 * 4
-    assert stats.efficiency == 18 / 134 and stats.actual_ratio == 384 / 134
+    assert stats.efficiency == 18 / 22 and stats.actual_ratio == 384 / 22
 
 
 def test_accounting_by_hand_lstm_chosen_forget_values() -> None:
     """RevLSTM, B=1, H=4, k=3, zero weights, T=2; forget values chosen per unit: group 1 f* (1024, 512),
     p* (256, 128); group 2 f* (128, 1024), p* (512, 512). Bits per step: (0+1) + (2+3) + (3+0) + (1+1) = 11,
     22 in all. Eight multiplications (c1, h1, c2, h2 per step) before the second check point (period 8):
-    no drain, used = 2 words × 64 + 8 flags = 136; normal counts h and c: 32·T·B·H·2 = 512."""
+    no drain; c* and h* stay 0 (g = 0), so the words pack to their count bytes: used = 2 × 8 + 8 flags = 24;
+    normal counts h and c: 32·T·B·H·2 = 512."""
     k, n = 3, 2
     rnn = RevLSTM(1, 2 * n, max_forget_bits=k)
     with torch.no_grad():
@@ -373,9 +383,9 @@ def test_accounting_by_hand_lstm_chosen_forget_values() -> None:
     rnn(torch.zeros(2, 1, 1, requires_grad=True))
     stats = rnn.memory_stats()
     assert stats.optimal == 22.0
-    assert stats.used_bits == 136 and stats.drains == 0 and stats.multiplications == 8
+    assert stats.used_bits == 24 and stats.drains == 0 and stats.multiplications == 8
     assert stats.normal_bits == 512
-    assert stats.efficiency == 22 / 136
+    assert stats.efficiency == 22 / 24
 
 
 def test_accounting_totals_are_the_sum_of_the_layers() -> None:
