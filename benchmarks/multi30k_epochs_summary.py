@@ -127,6 +127,7 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     for r in runs:
         style = "-" if r["model"].startswith("Rev") else "--"
         ax.plot(range(1, len(r["val_bleu"]) + 1), r["val_bleu"], style, marker="o", label=r["model"])
+    ax.set_xticks(range(1, max((len(r["val_bleu"]) for r in runs), default=1) + 1))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation BLEU (greedy, tokenised)")
     ax.set_title("Multi30K en→de: reversible vs baseline at equal epochs")
