@@ -167,6 +167,23 @@ def verify_bytes(path: Path, data: bytes, spec: CorpusSpec) -> None:
             raise checksum_error(path, expected, actual, spec)
 
 
+def read_verified(spec: CorpusSpec, data_dir: Path, name: str) -> bytes:
+    """The bytes of ``data_dir / name``, checked against ``spec``'s hash; a missing file raises
+    :func:`missing_error` (setup() found it absent: prepare_data() downloads it)."""
+    path = data_dir / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise missing_error(
+            spec,
+            data_dir,
+            [path.name],
+            "setup() found it absent (prepare_data() downloads missing files; a Trainer calls it first).",
+        ) from None
+    verify_bytes(path, data, spec)
+    return data
+
+
 def verify_file(path: Path, spec: CorpusSpec) -> None:
     """Check ``path`` against ``spec``'s hash (files without one pass)."""
     expected = spec.sha256.get(path.name)

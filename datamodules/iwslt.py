@@ -37,8 +37,7 @@ from .download import (
     _failure,
     default_data_dir,
     ensure_files,
-    missing_error,
-    verify_bytes,
+    read_verified,
 )
 from .errors import ChecksumMismatchError, CorpusFormatError, MissingDataError
 from .iwslt_text import aligned_segments, cached_tokenization, tokenized_pairs, training_sentences, user_cache_dir
@@ -325,18 +324,7 @@ class IWSLT2016DataModule(TranslationDataModule):
         return cached_tokenization(self.cache_dirs, "train", digest, (self.src_lang, self.tgt_lang), tokenize)
 
     def _xml_bytes(self, key: str) -> bytes:
-        path = self.data_dir / self.spec.files[key]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise missing_error(
-                self.spec,
-                self.data_dir,
-                [path.name],
-                "setup() found it absent (prepare_data() downloads missing files; a Trainer calls it first).",
-            ) from None
-        verify_bytes(path, data, self.spec)
-        return data
+        return read_verified(self.spec, self.data_dir, self.spec.files[key])
 
     def _dev_test_text(self, split: str) -> ParallelText:
         keys = (f"{split}.{self.src_lang}", f"{split}.{self.tgt_lang}")

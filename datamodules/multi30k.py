@@ -13,7 +13,7 @@ from pathlib import Path
 from typing_extensions import override
 
 from .corpus import decode_utf8, split_lines
-from .download import CorpusSpec, FileMirror, default_data_dir, ensure_files, missing_error, verify_bytes
+from .download import CorpusSpec, FileMirror, default_data_dir, ensure_files, read_verified
 from .errors import CorpusFormatError
 from .parallel import ParallelText
 from .preprocessing import MULTI30K_PREPROCESSING
@@ -90,18 +90,9 @@ class Multi30KDataModule(TranslationDataModule):
         ensure_files(self.spec, self.tok_dir, download=self.download)
 
     def _lines(self, key: str) -> list[str]:
-        path = self.tok_dir / self.spec.files[key]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise missing_error(
-                self.spec,
-                self.tok_dir,
-                [path.name],
-                "setup() found it absent (prepare_data() downloads missing files; a Trainer calls it first).",
-            ) from None
-        verify_bytes(path, data, self.spec)
-        return [" ".join(line.split()) for line in split_lines(decode_utf8(data, str(path)))]
+        name = self.spec.files[key]
+        data = read_verified(self.spec, self.tok_dir, name)
+        return [" ".join(line.split()) for line in split_lines(decode_utf8(data, str(self.tok_dir / name)))]
 
     @override
     def read_split(self, split: str) -> ParallelText:

@@ -13,8 +13,7 @@ from .download import (
     FileMirror,
     default_data_dir,
     ensure_files,
-    missing_error,
-    verify_bytes,
+    read_verified,
 )
 from .streams import TokenStreamDataModule
 
@@ -142,17 +141,7 @@ class TextCorpusDataModule(TokenStreamDataModule):
 
     def _read(self, split: str) -> list[str]:
         path = self.path(split)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise missing_error(
-                self.spec,
-                self.data_dir,
-                [path.name],
-                "setup() found it absent (prepare_data() downloads missing files; a Trainer calls it first).",
-            ) from None
-        verify_bytes(path, data, self.spec)
-        return tokenize_bytes(data, str(path))
+        return tokenize_bytes(read_verified(self.spec, self.data_dir, path.name), str(path))
 
     def load_splits(self, splits: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Build the vocabulary from ``train`` (once) and encode ``splits``."""
