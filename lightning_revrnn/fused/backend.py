@@ -11,6 +11,7 @@ import functools
 import importlib
 import importlib.util
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ class FusedBackend(Backend):
     # ------------------------------------------------------------------------------ integer stages
     def _uses_triton(self, device: torch.device) -> bool:
         if self.triton is None:
-            return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            return device.type == "cuda" and _triton_installed()
         return self.triton
 
     def _integer_stage(self, name: str, device: torch.device) -> Callable[..., Any]:
@@ -63,7 +64,7 @@ class FusedBackend(Backend):
         tensors on ``device``."""
         if not self._uses_triton(device):
             return self.stages.get(name)
-        kernel: Callable[..., Any] = getattr(importlib.import_module("lightning_revrnn.fused.triton_kernels"), name)
+        kernel: Callable[..., Any] = getattr(_triton_kernels(), name)
         counter = self.stages.counter
         if counter is None:
             return kernel
@@ -179,6 +180,18 @@ class FusedBackend(Backend):
     ) -> tuple[list[Tensor], Tensor]:
         stage = self.stages.step_backward(cell.kind, cell.forget_slope, cell.forgets)
         return stage(w, records, d_state, d_output, keep)  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Whether Triton can be imported (looked up once: the answer is asked per multiplication)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType:
+    """:mod:`lightning_revrnn.fused.triton_kernels`, imported on first use (it imports Triton)."""
+    return importlib.import_module("lightning_revrnn.fused.triton_kernels")
 
 
 @functools.cache
