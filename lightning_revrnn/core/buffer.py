@@ -134,14 +134,12 @@ class InformationBuffer:
         device, for the caller's one host read; empty without ``retain``: nothing to keep)."""
         if not self.retain:
             return self.word.new_zeros(0)
-        self._byte_counts = packed_byte_counts(self.word)
-        return self._byte_counts.long().sum().reshape(1)
+        return packed_byte_counts(self.word).long().sum().reshape(1)
 
     def pack(self, total: int) -> None:
         """Keep the words in the bytes they hold until the reverse sweep (``total``: the value of
         :meth:`packed_size`, read on the host). :attr:`word` unpacks them again."""
-        self._packed, self._word = pack_words(self.word, self._byte_counts, total), None
-        del self._byte_counts
+        self._packed, self._word = pack_words(self.word, packed_byte_counts(self.word), total), None
 
     # ------------------------------------------------------------------------------------ forward
     def multiply(self, h: Tensor, z: Tensor) -> Tensor:
