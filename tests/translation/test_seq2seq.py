@@ -69,7 +69,11 @@ def test_reverse_gradients_equal_store_for_the_whole_model(rnn: str, context: st
     model = tiny_model(rnn, context=context, dropout=0.3).train()
     loss_s, grads_s = _loss_and_grads(model, "store")
     loss_r, grads_r = _loss_and_grads(model, "reverse")
-    assert torch.equal(loss_r, loss_s)  # the same forward arithmetic in both modes
+    # The same RNN states in both modes (reverse mode checks them bit for bit against forward's checksums), but the
+    # attention head's value comes from two implementations: blockwise over source positions in the sweep's
+    # forward (no graph), plain autograd attention in store mode. They associate sums differently, so the losses
+    # agree to float tolerance, not bit for bit (they did on some CPUs' kernels and chunk lengths, by chance).
+    _assert_close(loss_r, loss_s, "loss")
     assert set(grads_r) == set(grads_s)
     for name in grads_s:
         _assert_close(grads_r[name], grads_s[name], name)
@@ -83,7 +87,7 @@ def test_two_layer_revlstm_reverse_equals_store_across_chunks() -> None:
     model = tiny_model("revlstm", num_layers=2, context="emb+slice", dropout=0.3).train()
     loss_s, grads_s = _loss_and_grads(model, "store", LONG_TGT_LENGTHS)
     loss_r, grads_r = _loss_and_grads(model, "reverse", LONG_TGT_LENGTHS)
-    assert torch.equal(loss_r, loss_s)
+    _assert_close(loss_r, loss_s, "loss")  # two attention implementations: see the test above
     for name in grads_s:
         _assert_close(grads_r[name], grads_s[name], name)
     assert float(grads_r["encoder.cells.0.weight_hh"].abs().sum()) > 0
