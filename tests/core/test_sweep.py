@@ -102,8 +102,11 @@ def run(rnn, mode, x, hx, seed, out_w, state_w, head=None):
     )
 
 
-def compare_modes(rnn, x, hx, seed=123, head=None, rtol=1e-5, atol_frac=1e-6):
+def compare_modes(rnn, x, hx, seed=123, head=None, rtol=1e-5, atol_frac=None):
     T, B = x.shape[0], x.shape[1]
+    # A parameter gradient sums T·B per-step terms in float32 in a different order in each mode: each order is
+    # within T·B·2^-24 of the exact sum, relative to the terms' size (here: the gradient's scale).
+    atol_frac = max(1e-6, 2 * T * B * 2.0**-24) if atol_frac is None else atol_frac
     g = torch.Generator(torch.get_default_device()).manual_seed(99)
     out_w = torch.randn(T, B, rnn.hidden_sizes[-1], generator=g)
     state_w = [
