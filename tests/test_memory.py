@@ -127,8 +127,8 @@ def test_only_frees_of_blocks_allocated_in_the_trace_lower_the_level() -> None:
 def test_the_same_step_measures_the_same_peak_every_time() -> None:
     """Identical steps, the state carried: from the fifth on, each step frees the exact carry kept from a step
     four earlier (allocated in that step's trace), which must not lower this step's peak. The buffer's final
-    words are packed in as many bytes as they hold, which depends on the carried state: the peak less those
-    bytes is the same every step."""
+    words are packed in as many bits as they hold, which depends on the carried state: the peak less what the
+    buffers hold is the same every step."""
     torch.manual_seed(0)
     rnn = RevGRU(8, 16)
     x = torch.randn(20, 4, 8)
@@ -140,7 +140,7 @@ def test_the_same_step_measures_the_same_peak_every_time() -> None:
         out, h_n = rnn(x, h_n)
         window = rnn.last_window
         assert window is not None
-        packed.append(sum(t.numel() for b in window.buffers for t in b.tensors() if t.dtype == torch.uint8))
+        packed.append(sum(t.numel() * t.element_size() for b in window.buffers for t in b.tensors()))
         out.sum().backward()
         h_n = h_n.detach()
         peaks.append(trace.stop(rnn.parameters()).peak_bytes)

@@ -20,10 +20,10 @@ class MemoryAccounting:
     """What a window of a reversible layer (or a sum of layers) stores, in bits.
 
     ``normal_bits``: what storing the states would take (32 per hidden value per step, ×2 with a cell state);
-    ``used_bits``: what the buffer actually holds (drained plane rows, the row indices of partial drains, the
-    final words, one flag bit per multiplication) plus ``stored_bits``; ``optimal_bits``: the floor
-    ``Σ -log2 z*`` over the buffered multiplications plus ``stored_bits``, kept on the device until read (a
-    forward never waits for it); ``drains``: example drains; ``stored_bits``: stored units (attention slices,
+    ``used_bits``: what the buffer actually holds (the drained 32-bit slots and the bit-packed final words
+    and stack depths) plus ``stored_bits``; ``optimal_bits``: the floor ``Σ -log2 z*`` over the buffered
+    multiplications plus ``stored_bits``, kept on the device until read (a forward never waits for it);
+    ``drains``: slots drained (one per unit and drain); ``stored_bits``: stored units (attention slices,
     32 bits per unit and step), already counted in ``used_bits`` and ``optimal_bits``; ``layers``: the parts a
     total was summed from (empty for one layer).
 

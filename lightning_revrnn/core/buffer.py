@@ -1,69 +1,52 @@
 """The information buffer: where a layer keeps the bits that forgetting destroys (spec sections 3-4).
 
-Each layer owns one int64 *word* per (batch, hidden/2) unit, shared by all of its multiplications; a word must
-stay below ``2^(63 - R_Z)`` before a multiplication. Instead of snapshotting every word when one nears the
-limit (the reference code), the buffer *drains* example by example: at every check point (every
-:func:`check_period` multiplications) each example whose largest word has more than ``DRAIN_BITS`` bits moves
-the low 32 bits of its words into an int32 plane row. The rule reads one example's own words only, so an
-example computes bit for bit the same alone, in a batch or on any DDP rank.
+Each layer owns one int64 *word* per (batch, hidden/2) unit, shared by all of its multiplications, and a
+stack of 32-bit slots per unit. Like an rANS coder renormalising, every unit drains on its own, decided from
+its own word alone:
 
-The forward decides drains on the device and never waits: check points queue dense planes and masks
-(:class:`PendingDrain`), and :meth:`InformationBuffer.finish` compacts them with one host read per window; in
-the same read :meth:`InformationBuffer.pack` learns how many bytes the final words hold and keeps them so
-(:mod:`~lightning_revrnn.core.packing`) until the reverse sweep unpacks them.
-The reverse sweep replays each drain for exactly the examples that drained, so the buffer is empty again
-(every word zero, no plane) after a full sweep. docs/design.md has the proof that no word overflows and the
-memory this costs.
+- **Forward.** Before a multiplication by ``z*``, a unit whose word is at least ``z*·2^32`` moves the word's
+  low 32 bits onto its stack (:meth:`InformationBuffer.begin_multiply`). Every word stays below ``2^42``
+  (:data:`WORD_BITS`): without a drain the multiplication keeps it below ``z*·2^32·2^R_Z/z*``, and after one
+  it is at least ``z*``, so the multiplication lifts it to at least ``2^R_Z`` (:data:`FLOOR`), and words never
+  shrink under multiplication.
+- **Reverse.** Undoing a multiplication gives back the word it started from: below :data:`FLOOR` on a unit
+  whose stack is not empty means that multiplication was preceded by a drain (a unit with slots never rests
+  below the floor otherwise), so the slot is popped back (:meth:`InformationBuffer.end_divide`). No flag, no
+  record per multiplication, no decision involving another unit or example.
+
+The forward never reads the device: slots are written into a dense stack sized by a host-known bound
+(:func:`stack_capacity`). At the window's end one host read (:meth:`InformationBuffer.window_sizes`) tells
+:meth:`InformationBuffer.finish` how many slots there are and how many bits the final words need: the slots are
+compacted unit after unit (int32), the final words and depths packed at the bit level
+(:mod:`~lightning_revrnn.core.packing`) until the reverse sweep unpacks them. After a full sweep every word is
+zero and every stack empty. docs/design.md has the proofs and what this costs.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_revrnn.core.accounting import MemoryAccounting
 from lightning_revrnn.core.fixed_point import R_Z, bits_per_multiply, reversible_divide, reversible_multiply
-from lightning_revrnn.core.packing import PackedWords, pack_words, packed_byte_counts, unpack_words
+from lightning_revrnn.core.packing import PackedWords, pack_units, payload_bits, unpack_units
 
-#: A word must be below ``2^WORD_LIMIT_BITS`` before a multiplication (so ``word·2^R_Z`` fits in int64).
-WORD_LIMIT_BITS = 63 - R_Z
-#: Bits moved from each of a drained example's words into its plane row per drain; an example drains at a
-#: check point when its largest word has more than this many bits.
+#: Bits a drain moves from a word onto its unit's stack.
 DRAIN_BITS = 32
+#: Every word at rest is below ``2^WORD_BITS`` (so ``word·2^R_Z`` fits in int64 with room to spare).
+WORD_BITS = DRAIN_BITS + R_Z
+#: A unit that has drained rests at or above this; below it, after an undone multiplication, it had drained.
+FLOOR = 1 << R_Z
 _DRAIN_MASK = (1 << DRAIN_BITS) - 1
-_DRAIN_OFFSET = 1 << (DRAIN_BITS - 1)  # stores [0, 2^32) in int32 as [-2^31, 2^31)
 
 
-def row_index_dtype(batch: int) -> torch.dtype:
-    """The smallest integer dtype that holds every row index of a batch: the stored indices of partial drains."""
-    if batch <= 256:
-        return torch.uint8
-    return torch.int16 if batch <= 2**15 else torch.int32
+def stack_capacity(multiplications: int, max_forget_bits: int | None) -> int:
+    """Slots a unit can have drained after ``multiplications``: ``m·k // 31``.
 
-
-def check_period(max_forget_bits: int | None) -> int:
-    """Multiplications from one drain check point to the next: ``1 + (WORD_LIMIT_BITS - DRAIN_BITS) // k``.
-
-    The largest period for which words of at most ``DRAIN_BITS`` bits after a check point stay below
-    ``2^WORD_LIMIT_BITS`` until the next one (see the module docstring).
+    ``log2(word + 1)`` starts at 0, grows by at most ``k`` per multiplication and drops by at least 31 per
+    drain (a drained word is at least ``2^32``), so ``31·drains ≤ m·k``.
     """
-    return 1 + (WORD_LIMIT_BITS - DRAIN_BITS) // bits_per_multiply(max_forget_bits)
-
-
-@dataclass(frozen=True)
-class PendingDrain:
-    """One check point decided on the device and not yet compacted (see :meth:`InformationBuffer.finish`).
-
-    ``before``: the index of the multiplication the check point preceded; ``plane``: int32
-    ``(batch, hidden_size // 2)``, the low 32 bits of every example's words (offset into int32), drained or
-    not; ``drained``: bool ``(batch,)``, which examples drained.
-    """
-
-    before: int
-    plane: Tensor
-    drained: Tensor
+    return multiplications * bits_per_multiply(max_forget_bits) // (DRAIN_BITS - 1)
 
 
 class InformationBuffer:
@@ -73,20 +56,15 @@ class InformationBuffer:
         shape: ``(batch, hidden_size // 2)``: one word per unit of a half state.
         device: where the words live.
         max_forget_bits: the cell's ``k`` (``None``: up to ``R_Z`` bits per multiplication).
-        retain: keep drained planes (training). Without it (evaluation) drained bits are dropped and no
-            drain is recorded, so memory stays ``O(batch·H)`` and the forward never synchronises; the
-            arithmetic, drains included, is identical.
+        retain: keep the drained slots (training). Without it (evaluation) drained bits are dropped, so memory
+            stays ``O(batch·H)``; the arithmetic, drains included, is identical.
 
-    The forward (:meth:`multiply`) decides drains on the device and queues them as :class:`PendingDrain`
-    records; :meth:`finish` (once at the end of a window's forward) compacts them with one host read.
-    The compacted drain records are four parallel lists, one entry per check point at which some example
-    drained: :attr:`drained_before` (the index of the multiplication the drain preceded),
-    :attr:`drained_rows` (row indices on the device in :func:`row_index_dtype`, ``None`` when every example
-    drained), :attr:`drained_counts` (how many examples drained) and :attr:`planes` (int32,
-    ``(drained examples, hidden_size // 2)``). Every reader of them (these properties, :meth:`divide`,
-    :meth:`stats`, :meth:`tensors`) calls :meth:`finish` first, so none ever sees a half-compacted buffer;
-    after :meth:`finish` has run they read no device value. ``syncs`` counts the host reads of the forward
-    (at most one per :meth:`finish` with pending records).
+    Forward: :meth:`multiply` (or :meth:`begin_multiply` / :meth:`end_multiply` around a backend's kernel),
+    then :meth:`finish` once at the window's end (one host read, or none when the caller passes the values of
+    :meth:`window_sizes` it read itself). Reverse: :meth:`divide` (or :meth:`begin_divide` /
+    :meth:`end_divide`). ``syncs`` counts the forward's host reads. After :meth:`finish`, :attr:`stack` holds
+    every slot (int32: a word's low 32 bits, as its int32 cast keeps them), unit after unit, oldest first,
+    after one unused element (so a unit's top slot is at ``start + depth``, and ``start`` is never -1).
 
     Example::
 
@@ -101,152 +79,110 @@ class InformationBuffer:
 
     def __init__(self, shape: tuple[int, int], device: torch.device, max_forget_bits: int | None, retain: bool) -> None:
         self._word: Tensor | None = torch.zeros(shape, dtype=torch.int64, device=device)
-        self._packed: PackedWords | None = None  # the words between forward and reverse (see pack)
+        self._packed: PackedWords | None = None  # the words and depths between forward and reverse
         self.retain = retain
-        self.pending: list[PendingDrain] = []
-        self._planes: list[Tensor] = []
-        self._drained_before: list[int] = []
-        self._drained_rows: list[Tensor | None] = []
-        self._drained_counts: list[int] = []
+        self.max_forget_bits = max_forget_bits
+        # forward: each unit's slots so far and the dense stack they are written into (slot, batch, unit)
+        self._depth = torch.zeros(shape, dtype=torch.int64, device=device)
+        self._dense = torch.empty((0, *shape), dtype=torch.int32, device=device)
+        # after finish(): the slots, unit after unit; in reverse, each unit's top slot and the one below its first
+        self.stack: Tensor | None = None
+        self._start: Tensor | None = None
+        self._top: Tensor | None = None
         self.multiplications = 0
+        self.drains = 0  # slots drained in the window (known once finish() has run)
         self.syncs = 0
         self._step_bits = bits_per_multiply(max_forget_bits)
-        self._period = check_period(max_forget_bits)
-        self._bound = 0  # every word is < 2^_bound (host-side, never read from the device)
         #: Σ log2 z* per unit (float64) since the last :meth:`stats` (retaining only): the optimal bits' source.
         self.log2_z_units: Tensor | None = None
         self._log2_z_sum: Tensor | None = None  # Σ log2 z* over units, up to the last stats()
 
     @property
     def word(self) -> Tensor:
-        """The int64 words (unpacked first if :meth:`pack` packed them)."""
+        """The int64 words (unpacked first if :meth:`finish` packed them)."""
         if self._word is None:
-            assert self._packed is not None
-            self._word, self._packed = unpack_words(self._packed), None
+            assert self._packed is not None and self.stack is not None
+            self._word, depth = unpack_units(self._packed)
+            self._start = depth.flatten().cumsum(0).view(depth.shape) - depth
+            self._top, self._packed = self._start + depth, None  # stack[0] unused: a unit's slots start + 1..top
         return self._word
 
     @word.setter
     def word(self, value: Tensor) -> None:
-        self._word, self._packed = value, None
-
-    def packed_size(self) -> Tensor:
-        """End of a window's forward: how many bytes :meth:`pack` will store the words in (int64 ``(1,)`` on the
-        device, for the caller's one host read; empty without ``retain``: nothing to keep)."""
-        if not self.retain:
-            return self.word.new_zeros(0)
-        return packed_byte_counts(self.word).long().sum().reshape(1)
-
-    def pack(self, total: int) -> None:
-        """Keep the words in the bytes they hold until the reverse sweep (``total``: the value of
-        :meth:`packed_size`, read on the host). :attr:`word` unpacks them again."""
-        self._packed, self._word = pack_words(self.word, packed_byte_counts(self.word), total), None
+        self._word = value
 
     # ------------------------------------------------------------------------------------ forward
     def multiply(self, h: Tensor, z: Tensor) -> Tensor:
-        """Forward: ``h* ← h*·z*/2^R_Z``, pushing the lost bits (after a check point's drains). No host read.
+        """Forward: ``h* ← h*·z*/2^R_Z``, pushing the lost bits (after the units' drains). No host read.
         The reference arithmetic; a fast backend does the same through :meth:`begin_multiply` /
         :meth:`end_multiply` around its own kernel."""
-        h, word = reversible_multiply(h, z, self.begin_multiply())
+        h, word = reversible_multiply(h, z, self.begin_multiply(z))
         if self.retain:  # the optimal bits: log2 z* per unit (float64), summed over units by stats()
             log2_z = torch.log2(z)  # float32 (NaN where z* came from NaN gates: the range guard reports those)
             self.log2_z_units = log2_z.double() if self.log2_z_units is None else self.log2_z_units + log2_z
         self.end_multiply(word)
         return h
 
-    def begin_multiply(self) -> Tensor:
-        """Before a multiplication: run the check point's drains if one falls here, and return the word to
-        multiply with. A backend then calls :meth:`end_multiply` with the new word (and, when retaining, adds
+    def begin_multiply(self, z: Tensor) -> Tensor:
+        """Before a multiplication by ``z``: drain the units that need it and return the word to multiply
+        with. A backend then calls :meth:`end_multiply` with the new word (and, when retaining, adds
         ``log2 z*`` per unit into :attr:`log2_z_units`)."""
-        self._check_point()
-        return self.word
+        if self.stack is not None:
+            raise RuntimeError("This buffer's forward is finished (its words are packed); start a new window.")
+        word = self.word
+        # Until log2(word + 1) ≤ m·k can reach log2(z*_min·2^32) = 42 - k, no unit can drain.
+        if (self.multiplications + 1) * self._step_bits <= WORD_BITS:
+            return word
+        drains = word >= (z << DRAIN_BITS)
+        if self.retain:
+            self._push(word.to(torch.int32), drains)  # the cast keeps the low 32 bits
+        return torch.where(drains, word >> DRAIN_BITS, word)
+
+    def _push(self, low: Tensor, drains: Tensor) -> None:
+        """Write every unit's low bits at its stack's next slot; only the draining units keep them."""
+        needed = stack_capacity(self.multiplications, self.max_forget_bits) + 1  # + the slot a write may fill
+        if self._dense.shape[0] < needed:  # grow by half at least: amortised copies
+            grown = max(needed, self._dense.shape[0] * 3 // 2)
+            extra = self._dense.new_zeros((grown - self._dense.shape[0], *self._dense.shape[1:]))
+            self._dense = torch.cat([self._dense, extra])
+        slot = self._depth.clamp(max=needed - 1)  # within the bound anyway, unless z* was garbage (NaN gates)
+        self._dense.scatter_(0, slot[None], low[None])
+        self._depth += drains
 
     def end_multiply(self, word: Tensor) -> None:
         """After a multiplication: keep its new word and count it."""
         self.word = word
-        self._bound += self._step_bits
         self.multiplications += 1
 
-    def _check_point(self) -> None:
-        """Before a multiplication: a check point's drains when one falls here and a word may need it."""
-        if self.multiplications % self._period == 0 and self._bound > DRAIN_BITS:
-            self._drain_full_examples()
+    def window_sizes(self) -> Tensor:
+        """End of a window's forward, on the device for the caller's one host read: int64 ``(3,)``, the slots
+        drained, the largest depth and the final words' bits below their leading ones (empty without
+        ``retain``: nothing to keep)."""
+        if not self.retain:
+            return self._depth.new_zeros(0)
+        return torch.cat([self._depth.sum().reshape(1), self._depth.amax().reshape(1), payload_bits(self.word)])
 
-    def _drain_full_examples(self) -> None:
-        """A check point on the device: every example whose largest word exceeds 32 bits drains."""
-        drained = self.word.amax(1) > _DRAIN_MASK
-        if self.retain:
-            plane = ((self.word & _DRAIN_MASK) - _DRAIN_OFFSET).to(torch.int32)
-            self.pending.append(PendingDrain(self.multiplications, plane, drained))
-        self.word = torch.where(drained[:, None], self.word >> DRAIN_BITS, self.word)
-        self._bound = DRAIN_BITS
+    def finish(self, sizes: list[int] | None = None) -> None:
+        """End of a window's forward: compact the slots unit after unit and pack the words and depths.
 
-    def drain_counts(self) -> Tensor:
-        """How many examples drained at each pending check point: int64 on the device, for :meth:`finish`
-        (so a caller can read several buffers' counts, and anything else, in one host read)."""
-        if not self.pending:
-            return self.word.new_zeros(0)
-        return torch.stack([p.drained for p in self.pending]).sum(1)
-
-    def finish(self, counts: list[int] | None = None) -> None:
-        """End of a window's forward: compact the pending drains into the stored records.
-
-        One host read for all pending check points (how many examples drained at each), unless the caller
-        read :meth:`drain_counts` itself and passes them as ``counts``; none when nothing is pending
-        (evaluation, or no check point ran on the device). A check point where every
-        example drained keeps its dense plane as is; one where some drained keeps their rows (in
-        ascending order, selected on the device) and their indices; one where none drained is dropped.
-        Idempotent: a second call finds nothing pending. Multiplications may follow (their check points
-        wait for the next call).
-        """
-        if not self.pending:
+        One host read (the values of :meth:`window_sizes`) unless the caller passes them as ``sizes``; none
+        without ``retain``. Idempotent."""
+        if not self.retain or self.stack is not None:
             return
-        masks = torch.stack([p.drained for p in self.pending])
-        if counts is None:
-            counts = masks.sum(1).tolist()  # the forward's one synchronisation
+        if sizes is None:
+            sizes = self.window_sizes().tolist()  # the forward's one synchronisation
         self.syncs += 1
-        batch = masks.shape[1]
-        # Per check point, the drained rows first, each group in ascending order (a stable sort of 0/1 keys).
-        order = torch.argsort((~masks).to(torch.int8), dim=1, stable=True)
-        for record, count, rows in zip(self.pending, counts, order):
-            if count == 0:
-                continue
-            if count == batch:
-                self._record(record.before, record.plane, None, count)
-            else:
-                rows = rows[:count]
-                self._record(record.before, record.plane.index_select(0, rows), rows.to(row_index_dtype(batch)), count)
-        self.pending = []
-
-    def _record(self, before: int, plane: Tensor, rows: Tensor | None, count: int) -> None:
-        self._drained_before.append(before)
-        self._planes.append(plane)
-        self._drained_rows.append(rows)
-        self._drained_counts.append(count)
-
-    # ---------------------------------------------------------------------------- drain records
-    @property
-    def planes(self) -> list[Tensor]:
-        """The drained plane rows per drain record (int32, ``(drained examples, hidden_size // 2)``)."""
-        self.finish()
-        return self._planes
-
-    @property
-    def drained_before(self) -> list[int]:
-        """Per drain record, the index of the multiplication the drain preceded."""
-        self.finish()
-        return self._drained_before
-
-    @property
-    def drained_rows(self) -> list[Tensor | None]:
-        """Per drain record, the drained rows (:func:`row_index_dtype`), or ``None`` when all drained."""
-        self.finish()
-        return self._drained_rows
-
-    @property
-    def drained_counts(self) -> list[int]:
-        """Per drain record, how many examples drained."""
-        self.finish()
-        return self._drained_counts
+        slots, deepest, payload = sizes
+        depth, dense = self._depth, self._dense
+        start = depth.flatten().cumsum(0).view(depth.shape) - depth + 1  # stack[0] is the unused element
+        stack = torch.zeros(slots + 2, dtype=torch.int32, device=depth.device)  # + 1: where unused slots go
+        for j in range(deepest):
+            stack.scatter_(0, torch.where(j < depth, start + j, slots + 1).flatten(), dense[j].flatten())
+        self.stack = stack[: slots + 1].clone() if slots else stack[:0].clone()
+        self.drains = slots
+        self._packed = pack_units(self.word, depth, int(deepest).bit_length(), payload)
+        self._word = None
+        self._depth, self._dense = depth.new_zeros(0), dense[:0]
 
     # ------------------------------------------------------------------------------------ reverse
     def divide(self, h: Tensor, z: Tensor) -> Tensor:
@@ -269,47 +205,43 @@ class InformationBuffer:
         return self.word
 
     def end_divide(self, word: Tensor) -> None:
-        """After undoing a multiplication: keep the restored word, and replay the drain that preceded the
-        multiplication, if one did."""
+        """After undoing a multiplication: keep the restored word, and pop a slot back into every unit whose
+        word fell below :data:`FLOOR` while its stack is not empty (the units that drained before it)."""
+        assert self.stack is not None and self._top is not None and self._start is not None
+        # no slot at all, or no unit could have drained yet before this multiplication (see begin_multiply)
+        if self.drains and (self.multiplications + 1) * self._step_bits > WORD_BITS:
+            drained = (word < FLOOR) & (self._top > self._start)
+            low = self.stack[self._top].to(torch.int64) & _DRAIN_MASK
+            word = torch.where(drained, (word << DRAIN_BITS) | low, word)
+            self._top -= drained.to(torch.int64)
         self.word = word
-        if self._drained_before and self._drained_before[-1] == self.multiplications:
-            self._undo_drain()
 
-    def _undo_drain(self) -> None:
-        self._drained_before.pop()
-        self._drained_counts.pop()
-        stored = self._drained_rows.pop()
-        rows = None if stored is None else stored.long()
-        low = self._planes.pop().to(torch.int64) + _DRAIN_OFFSET
-        words = self.word if rows is None else self.word.index_select(0, rows)
-        restored = (words << DRAIN_BITS) | low
-        self.word = restored if rows is None else self.word.index_copy(0, rows, restored)
+    def remaining(self) -> Tensor:
+        """On the device: whether any word is non-zero or any slot not popped (a full sweep leaves none)."""
+        left = self.word.any()
+        if self._top is not None and self._start is not None:
+            left = left | (self._top != self._start).any()
+        return left | self._depth.any()
 
     def is_empty(self) -> bool:
-        """True once a reverse sweep has undone every multiplication: no record left, every word zero."""
-        return (
-            not self.pending
-            and not self._planes
-            and not self._drained_before
-            and self.multiplications == 0
-            and not bool(self.word.any())
-        )
+        """True once a reverse sweep has undone every multiplication: every word zero, every slot popped."""
+        return self.multiplications == 0 and not bool(self.remaining())
 
     # ---------------------------------------------------------------------------------- accounting
     def tensors(self) -> list[Tensor]:
-        """What must live until the reverse sweep: the planes, the drains' row indices and the current
-        words (after :meth:`finish`, which this calls)."""
+        """What must live until the reverse sweep: the slots and the packed words (after :meth:`finish`,
+        which this calls; the words themselves without ``retain``)."""
         self.finish()
-        words = [self._packed.counts, self._packed.data] if self._packed is not None else [self.word]
-        return [*self._planes, *[r for r in self._drained_rows if r is not None], *words]
+        if self.stack is None:
+            return [self.word]
+        return [self.stack, self._packed.stream if self._packed is not None else self.word]
 
     def stats(self, normal_bits: int, stored_bits: int = 0) -> MemoryAccounting:
         """The window's accounting (after :meth:`finish`, which this calls); see
         :class:`~lightning_revrnn.core.accounting.MemoryAccounting`.
         ``stored_bits``: the layer's stored units, added to ``used_bits`` and ``optimal_bits``."""
-        self.finish()
-        units = self._packed.counts.numel() if self._packed is not None else self.word.numel()
-        word_bits = self._packed.bits if self._packed is not None else units * 64
+        used = sum(t.numel() * t.element_size() * 8 for t in self.tensors())
+        units = self.word.numel() if self._packed is None else self._packed.shape[0] * self._packed.shape[1]
         optimal: float | Tensor = 0.0
         if self.log2_z_units is not None:  # fold into one number: no per-unit tensor lives on
             total = self.log2_z_units.sum()
@@ -317,14 +249,11 @@ class InformationBuffer:
             self.log2_z_units = None
         if self._log2_z_sum is not None:
             optimal = self.multiplications * units * R_Z - self._log2_z_sum
-        plane_bits = sum(p.numel() for p in self._planes) * DRAIN_BITS
-        index_bits = sum(r.numel() * r.element_size() * 8 for r in self._drained_rows if r is not None)
-        used = plane_bits + index_bits + word_bits + self.multiplications
         return MemoryAccounting(
             normal_bits=normal_bits,
             used_bits=(used if self.multiplications else 0) + stored_bits,
             optimal_bits=optimal + stored_bits,
-            drains=sum(self._drained_counts),
+            drains=self.drains,
             multiplications=self.multiplications,
             stored_bits=stored_bits,
         )

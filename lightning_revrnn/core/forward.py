@@ -138,20 +138,15 @@ def _finals(
 
 
 def _end_of_window_read(guard: RangeGuard, buffers: list[InformationBuffer]) -> None:
-    """The forward's one host read: whether every range the guard observed is fine, how many examples drained
-    at each of every buffer's check points (the buffers then compact their drain records), and in how many
-    bytes each buffer's final words fit (the buffers then pack them)."""
+    """The forward's one host read: whether every range the guard observed is fine, and for every buffer how
+    many slots it drained, its deepest stack and its final words' bits (the buffers then compact and pack)."""
     flag = guard.in_range()
-    counts = [b.drain_counts() for b in buffers]
-    sizes = [b.packed_size() for b in buffers]
-    parts = ([] if flag is None else [flag.reshape(1).long()]) + counts + sizes
+    sizes = [b.window_sizes() for b in buffers]
+    parts = ([] if flag is None else [flag.reshape(1).long()]) + sizes
     host = torch.cat(parts).tolist() if parts else []
     if flag is not None:
         guard.check(bool(host.pop(0)))
-    for buf, c in zip(buffers, counts):
-        n = c.numel()
-        buf.finish(host[:n])
-        host = host[n:]
     for buf, size in zip(buffers, sizes):
         if size.numel():
-            buf.pack(host.pop(0))
+            buf.finish(host[: size.numel()])
+            host = host[size.numel() :]

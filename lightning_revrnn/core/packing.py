@@ -1,13 +1,18 @@
-"""Final buffer words stored in as many bytes as they hold.
+"""A buffer's final words and stack depths stored at the bit level between a window's forward and reverse.
 
-After a window's forward every unit's buffer word (int64, ``0 ≤ word < 2^53``) holds only the bits forgotten
-since its example's last drain: on short windows or lightly forgetting units a few bits, far from 64. The
-buffer keeps them, from the end of the forward to the start of the reverse sweep, as :class:`PackedWords`: each
-word's significant bytes (little-endian, unit after unit) and how many there are (0-7, one byte per unit).
+After a window's forward every unit has a word (int64, ``0 ≤ word < 2^42``: the bits forgotten since its last
+drain) and a stack depth (how many 32-bit slots it drained). Both are kept, from the end of the forward to the
+start of the reverse sweep, in one int64 bit stream (:class:`PackedWords`):
 
-:func:`packed_byte_counts` runs on the device; the caller reads their sum with the window's one host read and
-passes it to :func:`pack_words`. :func:`unpack_words` gathers the words back with fixed-shape operations only
-(no host read), so the reverse sweep stays capture-safe.
+- a fixed-width header per unit, in unit order: the word's bit length ``n`` (:data:`LENGTH_BITS` bits), then
+  its depth (``depth_bits`` bits, the fewest that hold the window's largest depth; 0 when nothing drained);
+- then each word's bits below its leading one (``n - 1`` bits; the leading one is implied by ``n``), unit
+  after unit.
+
+The headers sit at fixed places, so the reverse sweep reads all of them at once and finds every word's place
+by a cumulative sum: :func:`pack_units` and :func:`unpack_units` use fixed-shape scatters and gathers only
+(no host read). The caller reads the payload's total bits with the window's one host read
+(:func:`payload_bits`) and passes it to :func:`pack_units`.
 """
 
 from __future__ import annotations
@@ -17,61 +22,90 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: A word has fewer than 53 significant bits, so at most 7 bytes.
-MAX_BYTES = 7
+#: Bits of a header's length field: a word at rest has at most 42 significant bits.
+LENGTH_BITS = 6
+#: Bits of the stream held per int64 (the sign bit stays 0).
+STREAM_BITS = 63
+_STREAM_MASK = (1 << STREAM_BITS) - 1
 
 
 @dataclass(frozen=True)
 class PackedWords:
-    """``counts``: uint8 ``(batch, units)``, the bytes each word holds; ``data``: uint8 ``(Σ counts,)``, each
-    word's low bytes first, in row-major unit order."""
+    """``stream``: int64, the headers and then the words' bits (bit ``i`` of the stream is bit ``i % 63`` of
+    ``stream[i // 63]``); ``shape``: the words' ``(batch, units)``; ``depth_bits``: the width of a header's
+    depth field."""
 
-    counts: Tensor
-    data: Tensor
+    stream: Tensor
+    shape: tuple[int, int]
+    depth_bits: int
 
     @property
     def bits(self) -> int:
-        """What the two tensors occupy."""
-        return 8 * (self.counts.numel() + self.data.numel())
+        """What the stream occupies."""
+        return 64 * self.stream.numel()
 
 
-def packed_byte_counts(word: Tensor) -> Tensor:
-    """How many bytes each word needs (uint8, 0 for a zero word): the number of ``i`` with ``word ≥ 256^i``."""
-    counts = torch.zeros(word.shape, dtype=torch.uint8, device=word.device)
-    for i in range(MAX_BYTES):
-        counts += word >= (1 << (8 * i))
-    return counts
+def bit_lengths(word: Tensor) -> Tensor:
+    """Each word's significant bits (int64; 0 for a zero word). Exact: a word below 2^53 is exact in float64."""
+    return torch.frexp(word.double()).exponent.long()
 
 
-def _byte_planes(word: Tensor) -> Tensor:
-    """``(…, MAX_BYTES)``: byte ``i`` of every word at index ``i``."""
-    shifts = torch.arange(0, 8 * MAX_BYTES, 8, device=word.device)
-    return (word[..., None] >> shifts) & 0xFF
+def payload_bits(word: Tensor) -> Tensor:
+    """On the device, int64 ``(1,)``: the bits the words occupy below their leading ones (for the host read)."""
+    return (bit_lengths(word) - 1).clamp(min=0).sum().reshape(1)
 
 
-def pack_words(word: Tensor, counts: Tensor, total: int) -> PackedWords:
-    """The words' significant bytes (``counts`` from :func:`packed_byte_counts`, ``total`` their sum, read on
-    the host by the caller: the buffer folds it into the window's one read). Fixed-shape scatter: no read here."""
-    counts_long = counts.long()
-    starts = counts_long.flatten().cumsum(0).view(counts.shape) - counts_long
-    byte = torch.arange(MAX_BYTES, device=word.device)
-    # every byte plane goes to its place, the bytes a word does not need to one slot past the end
-    where = torch.where(byte < counts_long[..., None], starts[..., None] + byte, total)
-    data = torch.empty(total + 1, dtype=torch.uint8, device=word.device)
-    data.scatter_(0, where.flatten(), _byte_planes(word).to(torch.uint8).flatten())
-    return PackedWords(counts, data[:total].clone())
+def pack_bits(values: Tensor, lengths: Tensor, starts: Tensor, total_bits: int) -> Tensor:
+    """``values[i]`` (``0 ≤ values[i] < 2^lengths[i]``, ``lengths ≤ 62``) written at bit ``starts[i]`` of a stream
+    of ``total_bits`` bits, :data:`STREAM_BITS` per int64 (so no stream word is negative and shifts are logical);
+    the fields must not overlap. A field spans at most two stream words: its low part is added into the first
+    and its high part into the next (disjoint bits: adding is or-ing)."""
+    words = -(-total_bits // STREAM_BITS)
+    # + 2: where the empty parts of fields ending at the stream's end land
+    stream = torch.zeros(words + 2, dtype=torch.int64, device=values.device)
+    index, shift = starts // STREAM_BITS, starts % STREAM_BITS
+    stream.scatter_add_(0, index, (values << shift) & _STREAM_MASK)
+    stream.scatter_add_(0, index + 1, values >> (STREAM_BITS - shift))
+    return stream[:words].clone()
 
 
-def unpack_words(packed: PackedWords) -> Tensor:
-    """The int64 words back, bit for bit, by fixed-shape gathers (no host read)."""
-    counts = packed.counts.long()
-    ends = counts.flatten().cumsum(0).view(counts.shape)
-    starts = ends - counts
-    word = torch.zeros(counts.shape, dtype=torch.int64, device=counts.device)
-    if packed.data.numel() == 0:
-        return word
-    last = packed.data.numel() - 1
-    for i in range(MAX_BYTES):
-        byte = packed.data[(starts + i).clamp(max=last)].long()
-        word |= torch.where(i < counts, byte, 0) << (8 * i)
-    return word
+def unpack_bits(stream: Tensor, lengths: Tensor, starts: Tensor) -> Tensor:
+    """The values :func:`pack_bits` wrote at ``starts`` with ``lengths`` (int64, by gathers)."""
+    if stream.numel() == 0:
+        return torch.zeros_like(starts)
+    index, shift = starts // STREAM_BITS, starts % STREAM_BITS
+    low = stream[index.clamp(max=stream.numel() - 1)] >> shift
+    high = stream[(index + 1).clamp(max=stream.numel() - 1)] << (STREAM_BITS - shift)
+    return (low | high) & ((1 << lengths) - 1)
+
+
+def pack_units(word: Tensor, depth: Tensor, depth_bits: int, payload: int) -> PackedWords:
+    """Pack the words and depths (``payload``: the value of :func:`payload_bits`, read on the host;
+    ``depth_bits``: enough bits for the largest depth). Fixed-shape scatter: no read here."""
+    n = bit_lengths(word).flatten()
+    units = n.numel()
+    header_bits = LENGTH_BITS + depth_bits
+    header = n | (depth.flatten() << LENGTH_BITS)
+    body_lengths = (n - 1).clamp(min=0)
+    body = torch.where(n > 0, word.flatten() - (1 << body_lengths), 0)
+    body_starts = units * header_bits + body_lengths.cumsum(0) - body_lengths
+    header_starts = torch.arange(units, device=word.device) * header_bits
+    values = torch.cat([header, body])
+    lengths = torch.cat([torch.full_like(n, header_bits), body_lengths])
+    stream = pack_bits(values, lengths, torch.cat([header_starts, body_starts]), units * header_bits + payload)
+    return PackedWords(stream, (word.shape[0], word.shape[1]), depth_bits)
+
+
+def unpack_units(packed: PackedWords) -> tuple[Tensor, Tensor]:
+    """The words and depths back (int64, bit for bit), by fixed-shape gathers (no host read)."""
+    units = packed.shape[0] * packed.shape[1]
+    header_bits = LENGTH_BITS + packed.depth_bits
+    device = packed.stream.device
+    header_starts = torch.arange(units, device=device) * header_bits
+    header = unpack_bits(packed.stream, torch.full_like(header_starts, header_bits), header_starts)
+    n, depth = header & ((1 << LENGTH_BITS) - 1), header >> LENGTH_BITS
+    body_lengths = (n - 1).clamp(min=0)
+    body_starts = units * header_bits + body_lengths.cumsum(0) - body_lengths
+    body = unpack_bits(packed.stream, body_lengths, body_starts)
+    word = torch.where(n > 0, body | (1 << body_lengths), 0)
+    return word.view(packed.shape), depth.view(packed.shape)

@@ -343,9 +343,9 @@ def _linear_param_grads(d_weight: Tensor, d_bias: Tensor, d_out: Tensor, inputs:
 def _check_reconstruction(buffers: list[InformationBuffer], diverged: Tensor, steps: int) -> None:
     """One host read: every chunk's reconstructed states matched forward's checksums and every buffer is
     back to empty; else a :class:`ReconstructionError` naming the layer and steps."""
-    words = [b.word.any() for b in buffers]
-    undone = all(not b.planes and not b.drained_before and b.multiplications == 0 for b in buffers)
-    if undone and not bool(torch.stack([diverged.any(), *words]).any()):
+    left = [b.remaining() for b in buffers]
+    undone = all(b.multiplications == 0 for b in buffers)
+    if undone and not bool(torch.stack([diverged.any(), *left]).any()):
         return
     bad = diverged.nonzero().tolist()
     if bad:

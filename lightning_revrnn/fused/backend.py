@@ -82,7 +82,7 @@ class FusedBackend(Backend):
         half and its float32 value."""
         if z is None:
             return self.stages.add_term()(h, add)  # type: ignore[no-any-return]
-        word = buf.begin_multiply()
+        word = buf.begin_multiply(z)
         if buf.retain:
             log2 = buf.log2_z_units
             if log2 is None:

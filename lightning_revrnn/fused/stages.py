@@ -22,10 +22,10 @@ float math:
   rounded in any implementation (exact via float64 for ``|h*| < 2^53``, and the scaling by ``2^-R_H`` is
   exact), so it equals the eager :func:`~lightning_revrnn.core.fixed_point.to_float` bit for bit.
 
-The drain check points stay in :class:`~lightning_revrnn.core.buffer.InformationBuffer` (eager, before the
-multiplications they precede); an integer stage takes and returns the buffer word (and, when the buffer
-retains, the per-unit ``Σ log2 z*`` accumulator), one multiplication per call, so a check point may fall
-between any two multiplications of a step.
+The units' drains stay in :class:`~lightning_revrnn.core.buffer.InformationBuffer` (eager, before the
+multiplication they precede, and the pops after the division they follow); an integer stage takes and
+returns the buffer word (and, when the buffer retains, the per-unit ``Σ log2 z*`` accumulator), one
+multiplication per call.
 
 Compile cost: one compile per (stage, forget limit, shapes, keep mask or not); ``dynamic=False``, and no
 Python value that changes per step enters a stage. Stages run only without autograd (the forward of

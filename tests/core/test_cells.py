@@ -137,12 +137,14 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
 
     for buf, cell in zip(buffers, cells):
         assert buf.multiplications == T * cell.multiplications_per_step
+        buf.finish()
+        assert buf.stack is not None
         if not cell.forgets:
-            assert not buf.planes and not bool(buf.word.any()), "a no-forgetting cell touched its buffer"
+            assert not buf.stack.numel() and not bool(buf.word.any()), "a no-forgetting cell touched its buffer"
 
-    drains = [len(b.drained_before) for b in buffers]
+    drains = [b.stack.numel() for b in buffers if b.stack is not None]
     if expect_drains:
-        assert all(d > 0 for d in drains) and all(b.planes for b in buffers), drains
+        assert all(d > 0 for d in drains), drains
 
     # Backwards, chunk by chunk; within a chunk each layer from the top, step by step (any order of
     # layers works: each has its own buffer and its inputs are recorded).
@@ -160,7 +162,6 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
                     assert torch.equal(got, want), f"layer {l}, half {k}: state before step {t} not reconstructed"
     for l, buf in enumerate(buffers):
         assert buf.is_empty(), f"buffer of layer {l} not empty after the reverse walk"
-        assert not buf.planes and not buf.drained_before and buf.multiplications == 0
     return torch.cat(outputs), finals, drains
 
 

@@ -78,7 +78,7 @@ def test_nan_weights_raise_instead_of_wrapping(mode: Mode) -> None:
         rnn(torch.randn(5, 3, 4))
 
 
-@pytest.mark.parametrize("target", ["word", "plane"])
+@pytest.mark.parametrize("target", ["word", "stack"])
 def test_corrupted_buffer_is_detected_and_names_the_layer(target: str) -> None:
     torch.manual_seed(0)
     rnn = RevGRU(4, 8, num_layers=2, max_forget_bits=None)
@@ -91,8 +91,8 @@ def test_corrupted_buffer_is_detected_and_names_the_layer(target: str) -> None:
     if target == "word":
         buf.word = buf.word + 1
     else:
-        assert buf.planes, "the setup must produce drained planes"
-        buf.planes[0] = buf.planes[0] ^ 1
+        assert buf.stack is not None and buf.stack.numel(), "the setup must drain"
+        buf.stack = buf.stack ^ 1
     with pytest.raises(ReconstructionError, match="layer 1"):
         out.sum().backward()
 

@@ -39,7 +39,7 @@ def test_forward_returns_outputs_states_buffers_and_checksums_and_leaves_its_inp
     assert torch.equal(result.primary, out) and torch.equal(result.finals[-1], h_n[-1])
     assert all(a is b for a, b in zip(state[0], given[0])), "the caller's state lists are not rewritten"
     assert checksums[0].eq(state_checksum(state[0])).all()  # before the first chunk: the initial state
-    assert [b.syncs for b in result.buffers] == [1, 1] and all(not b.pending for b in result.buffers)
+    assert [b.syncs for b in result.buffers] == [1, 1] and all(b.stack is not None for b in result.buffers)
     assert result.stored_initial is None and result.final_exact[0].dtype == torch.float64
 
 

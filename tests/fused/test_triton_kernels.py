@@ -103,10 +103,10 @@ def test_buffer_round_trip_through_the_kernels(kernels):
         z = torch.randint(FORGET_ONE // 8, FORGET_ONE + 1, (B, N), generator=g).to(TEST_DEVICE)
         add = torch.randint(-(2**23), 2**23 + 1, (B, N), generator=g).to(TEST_DEVICE)
         history.append((h, z, add))
-        h, _, word = kernels.multiply_add(h, z, buf.begin_multiply(), add)
+        h, _, word = kernels.multiply_add(h, z, buf.begin_multiply(z), add)
         buf.end_multiply(word)
     buf.finish()
-    assert buf.planes, "60 multiplications of up to 3 bits drain at least once"
+    assert buf.stack is not None and buf.stack.numel(), "60 multiplications of up to 3 bits drain at least once"
     for old, z, add in reversed(history):
         h, _, word = kernels.subtract_divide(h, add, z, buf.begin_divide())
         buf.end_divide(word)
