@@ -1,20 +1,21 @@
-"""Buffer efficiency (optimal / used bits) with the final words as 64-bit words and packed to their bytes, side by
-side in one process, on trained Multi30K weights (encoder and decoder) and on random-weight LM-sized RNNs.
+"""Buffer efficiency (optimal / used bits) of the library's buffer layout, beside an earlier layout's run.
 
-Each case runs the same training-mode windows twice: once with :meth:`InformationBuffer.packed_size` switched
-off (the words stay int64: the layout before packing) and once as the library runs. Reports medians over the
-windows of the actual ratio (normal / used bits), the optimal ratio (normal / optimal bits) and the efficiency
-(optimal / used bits). Prints a table and writes JSON (``--out``).
+Cases: a trained Multi30K translation model (encoder and decoder; ``--ckpt``), a trained PTB language model at
+T 70 and T 1000 (``--lm-ckpt``), and random-weight LM-sized RNNs (input 650, hidden 1150, batch 20, 3 bits) at
+T 70 and T 1000. Each case runs training-mode windows and reports medians over them of the actual ratio
+(normal / used bits), the optimal ratio (normal / optimal bits) and the efficiency (optimal / used bits).
+The figures are deterministic (integer arithmetic on fixed weights and data), so an earlier layout is compared
+by running this same script against that version of the package (``PYTHONPATH=<old tree>``, ``--label``) and
+passing its JSON as ``--before``: the table then shows both side by side. Prints a table and writes JSON.
 
-Usage: ``python benchmarks/buffer_efficiency.py [--ckpt CKPT] [--batches 10] [--out JSON]``; ``--ckpt`` a
-reversible ``TranslationModel`` checkpoint (default: the Multi30K-at-equal-epochs RevGRU's ``last.ckpt``; the
-trained rows are left out when it is missing). Needs ``REVRNN_DATA_DIR`` with ``multi30k/`` for the trained rows.
+Usage: ``python benchmarks/buffer_efficiency.py [--ckpt CKPT] [--lm-ckpt CKPT] [--batches 10] [--label NAME]
+[--before JSON] [--out JSON]``. Trained rows are left out when their checkpoint is missing; they need
+``REVRNN_DATA_DIR`` with ``multi30k/`` and ``ptb/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -26,27 +27,8 @@ import torch
 
 from lightning_revrnn import RevGRU, RevLSTM
 from lightning_revrnn.core.accounting import MemoryAccounting
-from lightning_revrnn.core.buffer import InformationBuffer
 
-LAYOUTS = ("int64 words", "packed words")
-
-
-@contextlib.contextmanager
-def layout(name: str) -> Iterator[None]:
-    """Run windows with the final words packed (the library) or kept as int64 words (packing switched off)."""
-    if name == "packed words":
-        yield
-        return
-    original = InformationBuffer.packed_size
-
-    def unpacked(self: InformationBuffer) -> torch.Tensor:
-        return self.word.new_zeros(0)
-
-    InformationBuffer.packed_size = unpacked  # type: ignore[method-assign]  # the benchmark's switch
-    try:
-        yield
-    finally:
-        InformationBuffer.packed_size = original  # type: ignore[method-assign]
+Row = dict[str, Any]
 
 
 def medians(stats: list[MemoryAccounting]) -> dict[str, float]:
@@ -55,29 +37,26 @@ def medians(stats: list[MemoryAccounting]) -> dict[str, float]:
         "optimal_ratio": statistics.median(s.optimal_ratio for s in stats),
         "efficiency": statistics.median(s.efficiency for s in stats),
         "used_bits": statistics.median(s.used_bits for s in stats),
+        "windows": len(stats),
     }
 
 
-def random_rnn_rows(batches: int) -> list[dict[str, Any]]:
-    """LM-sized RNNs (input 650, hidden 1150, batch 20, 3 bits) with random weights, T 70 and 1000."""
+def random_rnn_rows(batches: int) -> list[Row]:
+    """LM-sized RNNs with random weights, T 70 and 1000."""
     rows = []
     for cls in (RevGRU, RevLSTM):
         for T in (70, 1000):
-            for name in LAYOUTS:
-                torch.manual_seed(0)
-                rnn = cls(650, 1150, 1, max_forget_bits=3)
-                stats = []
-                with layout(name):
-                    for _ in range(max(1, batches // (5 if T == 1000 else 1))):
-                        rnn(torch.randn(T, 20, 650, requires_grad=True))
-                        stats.append(rnn.memory_stats())
-                rows.append(
-                    {"case": f"{cls.__name__} random weights", "side": "-", "T": T, "layout": name, **medians(stats)}
-                )
+            torch.manual_seed(0)
+            rnn = cls(650, 1150, 1, max_forget_bits=3)
+            stats = []
+            for _ in range(max(1, batches // (5 if T == 1000 else 1))):
+                rnn(torch.randn(T, 20, 650, requires_grad=True))
+                stats.append(rnn.memory_stats())
+            rows.append({"case": f"{cls.__name__} random weights", "side": "-", "T": T, **medians(stats)})
     return rows
 
 
-def trained_rows(ckpt: str, batches: int) -> list[dict[str, Any]]:
+def translation_rows(ckpt: str, batches: int) -> list[Row]:
     """The checkpoint's encoder and decoder on the first Multi30K training batches (training mode)."""
     from lightning_revrnn.datamodules import Multi30KDataModule
     from lightning_revrnn.translation.model import TranslationModel
@@ -86,53 +65,91 @@ def trained_rows(ckpt: str, batches: int) -> list[dict[str, Any]]:
     model.train()
     data = Multi30KDataModule(batch_size=64, max_len=50, download=False)
     data.setup("fit")
+    per_side: dict[str, list[MemoryAccounting]] = {}
+    torch.manual_seed(0)
+    for _, batch in zip(range(batches), data.train_dataloader()):
+        model.summed_loss(batch)
+        stats = model.memory_stats()
+        assert stats is not None, "a reversible checkpoint"
+        for side, s in stats.sides():
+            per_side.setdefault(side, []).append(s)
+    case = f"Multi30K {model.hparams['rnn']} trained"
+    return [{"case": case, "side": side, "T": "Multi30K", **medians(s)} for side, s in per_side.items()]
+
+
+def _lm_windows(model: Any, bptt: int, batches: int) -> Iterator[MemoryAccounting]:
+    """Training-mode windows of the PTB training stream, the state carried from window to window."""
+    from lightning_revrnn.datamodules import PTBDataModule
+
+    data = PTBDataModule(batch_size=20, bptt=bptt, download=False)
+    data.setup("fit")
+    hx = None
+    torch.manual_seed(0)
+    for _, batch in zip(range(batches), data.train_dataloader()):
+        stem, head = model.stem.bind(training=True), model.head.bind(batch["targets"], training=True)
+        _, h_n = model.window_loss(batch["inputs"], hx, stem, head)
+        hx = model.rnn.exact_state(h_n)
+        stats = model.memory_stats()
+        assert stats is not None, "a reversible checkpoint"
+        yield stats
+
+
+def lm_rows(ckpt: str, batches: int) -> list[Row]:
+    """The checkpoint's language model on PTB's first training windows, T 70 and T 1000."""
+    from lightning_revrnn.lm.model import LanguageModel
+
+    model = LanguageModel.load_from_checkpoint(ckpt, map_location="cpu")
+    model.train()
+    case = f"PTB {model.hparams['rnn']} trained"
     rows = []
-    for name in LAYOUTS:
-        per_side: dict[str, list[MemoryAccounting]] = {}
-        torch.manual_seed(0)
-        with layout(name):
-            for _, batch in zip(range(batches), data.train_dataloader()):
-                model.summed_loss(batch)
-                stats = model.memory_stats()
-                assert stats is not None, "a reversible checkpoint"
-                for side, s in stats.sides():
-                    per_side.setdefault(side, []).append(s)
-        for side, stats_list in per_side.items():
-            case = f"Multi30K {model.hparams['rnn']} trained"
-            rows.append({"case": case, "side": side, "T": "Multi30K", "layout": name, **medians(stats_list)})
+    for T in (70, 1000):
+        stats = list(_lm_windows(model, T, max(1, batches // (5 if T == 1000 else 1))))
+        rows.append({"case": case, "side": "-", "T": T, **medians(stats)})
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| case | side | T | layout | actual ratio | optimal ratio | efficiency |",
-        "|---|---|---|---|---|---|---|",
-    ]
-
-    def fmt(value: float) -> str:
-        return f"{value:.2f}"
-
+def table(rows: list[Row], before: list[Row], labels: tuple[str, str]) -> str:
+    """One line per case: the earlier layout's figures (when given) beside this run's, then the layouts' names."""
+    old = {(r["case"], r["side"], str(r["T"])): r for r in before}
+    head, rule = "| case | side | T | optimal ratio |", "|---|---|---|---|"
+    if before:
+        head, rule = head + " actual ratio before | efficiency before |", rule + "---|---|"
+    lines = [head + " actual ratio | efficiency |", rule + "---|---|"]
     for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['side']} | {r['T']} | {r['layout']} | {fmt(r['actual_ratio'])} | "
-            f"{fmt(r['optimal_ratio'])} | {fmt(r['efficiency'])} |"
-        )
+        line = f"| {r['case']} | {r['side']} | {r['T']} | {r['optimal_ratio']:.2f} |"
+        if before:
+            b = old.get((r["case"], r["side"], str(r["T"])))
+            line += " - | - |" if b is None else f" {b['actual_ratio']:.2f} | {b['efficiency']:.2f} |"
+        lines.append(line + f" {r['actual_ratio']:.2f} | {r['efficiency']:.2f} |")
+    if before:
+        lines.append(f"\nbefore: {labels[0]}; after: {labels[1]}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default="benchmarks/results/multi30k-epochs/revgru/checkpoints/last.ckpt")
+    parser.add_argument("--lm-ckpt", default="benchmarks/results/ptb-revgru-600/last.ckpt")
     parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--label", default="per-unit slots, bit-packed words")
+    parser.add_argument("--before", help="JSON of an earlier layout's run of this script")
     parser.add_argument("--out", default="benchmarks/results/buffer-efficiency-cpu.json")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    rows = trained_rows(args.ckpt, args.batches) if os.path.isfile(args.ckpt) else []
+    rows = translation_rows(args.ckpt, args.batches) if os.path.isfile(args.ckpt) else []
+    rows += lm_rows(args.lm_ckpt, args.batches) if os.path.isfile(args.lm_ckpt) else []
     rows += random_rnn_rows(args.batches)
-    print(table(rows))
+    before: dict[str, Any] = {"label": "", "rows": []}
+    if args.before:
+        with open(args.before) as f:
+            before = json.load(f)
+    print(table(rows, before["rows"], (before["label"], args.label)))
+    result = {"label": args.label, "ckpt": args.ckpt, "lm_ckpt": args.lm_ckpt, "batches": args.batches, "rows": rows}
+    if args.before:
+        result["before"] = before
     with open(args.out, "w") as f:
-        json.dump({"ckpt": args.ckpt, "batches": args.batches, "rows": rows}, f, indent=1)
+        json.dump(result, f, indent=1)
         f.write("\n")
     print(f"wrote {args.out}")
 
