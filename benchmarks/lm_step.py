@@ -79,6 +79,7 @@ from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
 from lightning_revrnn import ReversibleRNN
+from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
 from lightning_revrnn.fused import FusedBackend, StageCounter
 from lightning_revrnn.lm.head import BoundDecoderHead
 from lightning_revrnn.lm.model import Batch, LanguageModel, RnnType
@@ -242,6 +243,8 @@ class Config:
     chunk: int | None = None
     #: Reversible rows only: the fused path (``fused=True``, torch.compile stages).
     fused: bool = False
+    #: Reversible rows only: the LM head's byte budget in MiB (``head_block_bytes``); None: the library default.
+    head_mib: int | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -263,7 +266,7 @@ class Config:
     def variant_text(self) -> str:
         """The table's variant column."""
         if self.variant == "rev":
-            return f"k={fmt_bits(self.bits)}"
+            return f"k={fmt_bits(self.bits)}" + ("" if self.head_mib is None else f" head {self.head_mib}M")
         return f"C={self.chunk}" if self.variant == "ckpt" else "-"
 
     def label(self) -> str:
@@ -351,6 +354,8 @@ def build_configs(args: argparse.Namespace) -> list[Config]:
                     configs.append(Config(**{**asdict(base), "variant": "rev", "bits": b}))
                     if args.fused:  # the fused path beside the eager one, timed in the same rounds
                         configs.append(Config(**{**asdict(base), "variant": "rev", "bits": b, "fused": True}))
+                    for mib in args.head_block_mib:  # other head budgets beside the default, same rounds
+                        configs.append(Config(**{**asdict(base), "variant": "rev", "bits": b, "head_mib": mib}))
     return configs
 
 
@@ -367,6 +372,7 @@ def build_model(config: Config, device: torch.device) -> LanguageModel:
             max_forget_bits=config.bits,
             mode="reverse",
             fused=config.fused,
+            head_block_bytes=DEFAULT_BLOCK_BYTES if config.head_mib is None else config.head_mib * 2**20,
             vocab_size=config.vocab,
             num_layers=config.layers,
             emb_size=config.emb,
@@ -719,7 +725,13 @@ def check_cpu_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
     results = []
     for row in rows:
         c = row.config
-        if c.variant != "rev" or c.bits != TARGET_BITS or row.error is not None or row.time_ratio is None:
+        if (
+            c.variant != "rev"
+            or c.bits != TARGET_BITS
+            or c.head_mib is not None
+            or row.error is not None
+            or row.time_ratio is None
+        ):
             continue
         at_70 = c.seq_len == 70
         results.append(
@@ -858,6 +870,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--fused",
         action="store_true",
         help="also the reversible models with fused=True (torch.compile stages), beside the eager ones",
+    )
+    p.add_argument(
+        "--head-block-mib",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the reversible models with these LM-head byte budgets (MiB), beside the default one",
     )
     p.add_argument(
         "--interleave",

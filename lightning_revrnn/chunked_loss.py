@@ -14,10 +14,11 @@ Two entry points, one arithmetic (:func:`_blockwise`):
   ``V × H`` gradient temporary exists either.
 
 Memory: per block one ``rows × V`` float32 tensor (the logits, turned into probabilities and then into their
-gradient in place), plus, under autocast, the GEMM's low-precision output before its float32 copy: hence
-:data:`LIVE_BLOCKS` = 2 in :func:`rows_per_block`. Autocast: the logits GEMM follows the caller's autocast (bf16
-under ``precision="bf16-mixed"``, as the ``nn.Linear`` it replaces; the backward re-enters the forward's
-state, so the recomputed logits are the forward's); the softmax, the loss and the gradient GEMMs run in float32.
+gradient in place), plus, under autocast to a lower precision, the GEMM's output before its float32 copy: 2
+such tensors then (:func:`live_blocks`), 1 in float32, so a block has as many rows as fit the budget.
+Autocast: the logits GEMM follows the caller's autocast (bf16 under ``precision="bf16-mixed"``, as the
+``nn.Linear`` it replaces; the backward re-enters the forward's state, so the recomputed logits are the
+forward's); the softmax, the loss and the gradient GEMMs run in float32.
 """
 
 from __future__ import annotations
@@ -31,20 +32,26 @@ from torch import Tensor, nn
 
 from lightning_revrnn.core.numerics import AutocastState
 
-#: Default byte budget of the row-block temporaries (see :func:`rows_per_block`): 8 MiB, i.e. 56 rows of an
-#: 18,726-word vocabulary (Multi30K German), still large enough for GEMMs that run at full speed.
-DEFAULT_BLOCK_BYTES = 8 * 2**20
-#: ``rows × V`` tensors a block has alive at once: the float32 logits (turned into the gradient in place) and,
-#: under autocast, the GEMM's low-precision output before its float32 copy.
-LIVE_BLOCKS = 2
+#: Default byte budget of the row-block temporaries (see :func:`rows_per_block`): 4 MiB, i.e. 56 float32 rows of
+#: an 18,726-word vocabulary (Multi30K German) or 104 of PTB's 10,000: GEMMs that run near full speed. A larger
+#: budget runs faster and raises the step's peak (docs/benchmarks.md has the trade-off measured).
+DEFAULT_BLOCK_BYTES = 4 * 2**20
 
 
-def rows_per_block(vocab: int, block_bytes: int, element_bytes: int = 4) -> int:
-    """Rows per block so that a block's :data:`LIVE_BLOCKS` ``rows × vocab`` temporaries fit ``block_bytes``
-    (at least one row: a budget below that gives one-row blocks)."""
+def live_blocks(device_type: str) -> int:
+    """``rows × V`` tensors a block has alive at once: the float32 logits (turned into the gradient in place) and,
+    under autocast to a lower precision, the GEMM's output before its float32 copy."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != torch.float32:
+        return 2
+    return 1
+
+
+def rows_per_block(vocab: int, block_bytes: int, live: int = 1, element_bytes: int = 4) -> int:
+    """Rows per block so that a block's ``live`` ``rows × vocab`` temporaries (:func:`live_blocks`) fit
+    ``block_bytes`` (at least one row: a budget below that gives one-row blocks)."""
     if block_bytes <= 0:
         raise ValueError(f"block_bytes must be positive, got {block_bytes}. Fix: a budget in bytes, e.g. 8 * 2**20.")
-    return max(1, block_bytes // (LIVE_BLOCKS * vocab * element_bytes))
+    return max(1, block_bytes // (live * vocab * element_bytes))
 
 
 def linear_cross_entropy(
@@ -67,7 +74,7 @@ def linear_cross_entropy(
         block_bytes: budget of the row-block temporaries (:func:`rows_per_block`).
     """
     check_shapes(x, weight, targets)
-    rows = rows_per_block(weight.shape[0], block_bytes)
+    rows = rows_per_block(weight.shape[0], block_bytes, live_blocks(x.device.type))
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not wants_grad:  # evaluation, the sweep's forward: the value only, nothing kept
         return _blockwise(x, weight, bias, targets, ignore_index, rows)[0]
@@ -91,7 +98,7 @@ def linear_cross_entropy_accumulate(
     ``weight_grad`` ``(V, H)`` and ``bias_grad`` ``(V,)`` (float32 accumulators; None: not wanted). No graph is
     recorded."""
     check_shapes(x, weight, targets)
-    rows = rows_per_block(weight.shape[0], block_bytes)
+    rows = rows_per_block(weight.shape[0], block_bytes, live_blocks(x.device.type))
     sinks = GradientSinks(scale, torch.empty(x.shape, dtype=torch.float32, device=x.device), weight_grad, bias_grad)
     loss, _ = _blockwise(
         x.detach(), weight.detach(), None if bias is None else bias.detach(), targets, ignore_index, rows, sinks=sinks

@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_revrnn.chunked_loss import (
     linear_cross_entropy,
     linear_cross_entropy_accumulate,
+    live_blocks,
     rows_per_block,
 )
 from lightning_revrnn.memory import MemoryTrace
@@ -27,8 +28,8 @@ from seq2seq_helpers import padded_batch, tiny_model
 
 IGNORE = -100
 N, H, V = 10, 6, 23
-#: 3 rows per block: 10 rows give blocks of 3, 3, 3, 1.
-THREE_ROWS = 3 * 2 * V * 4
+#: 3 float32 rows per block: 10 rows give blocks of 3, 3, 3, 1.
+THREE_ROWS = 3 * V * 4
 
 
 def _close(got: Tensor, want: Tensor) -> None:
@@ -47,7 +48,11 @@ def _inputs(bias: bool = True) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
 
 
 def test_rows_per_block_follows_the_budget() -> None:
-    assert rows_per_block(V, THREE_ROWS) == 3
+    assert rows_per_block(V, THREE_ROWS) == 3  # float32: the logits are the block's one rows × V tensor
+    assert rows_per_block(V, 2 * THREE_ROWS, live=2) == 3
+    assert live_blocks("cpu") == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert live_blocks("cpu") == 2  # the bf16 GEMM output and its float32 copy
     assert rows_per_block(V, 1) == 1  # below one row: one-row blocks
     with pytest.raises(ValueError, match="block_bytes must be positive"):
         rows_per_block(V, 0)

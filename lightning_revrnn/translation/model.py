@@ -98,8 +98,9 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
             values under one hyperparameter name).
         head_block_bytes: reversible models: byte budget of the decoder head's generator + cross-entropy
             temporaries (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy`: rows of logits at a time,
-            ``budget / (2 · 4 · tgt_vocab)`` rows per block, at least one), so the head's memory does not grow
-            with chunk × batch × vocabulary. Default 8 MiB (56 rows at Multi30K's 18,726 German words). The
+            ``budget / (4 · tgt_vocab)`` float32 rows per block, half that under bf16/fp16 autocast, at least one),
+            so the head's memory does not grow with chunk × batch × vocabulary. Default 4 MiB (56 rows at
+            Multi30K's 18,726 German words). The
             baselines ignore it (plain ``nn.Linear`` + ``F.cross_entropy``).
 
     Logged: ``train_loss``, ``train_ppl`` (per step, per target token of this rank's batch); ``val_loss``,
