@@ -58,6 +58,8 @@ class InformationBuffer:
         max_forget_bits: the cell's ``k`` (``None``: up to ``R_Z`` bits per multiplication).
         retain: keep the drained slots (training). Without it (evaluation) drained bits are dropped, so memory
             stays ``O(batch·H)``; the arithmetic, drains included, is identical.
+        multiplications: how many the window will make, when known: the dense stack is then sized once, at the
+            first drain, for all of them (no growth, so no moment with two copies of it).
 
     Forward: :meth:`multiply` (or :meth:`begin_multiply` / :meth:`end_multiply` around a backend's kernel),
     then :meth:`finish` once at the window's end (one host read, or none when the caller passes the values of
@@ -77,11 +79,19 @@ class InformationBuffer:
         (True, True)
     """
 
-    def __init__(self, shape: tuple[int, int], device: torch.device, max_forget_bits: int | None, retain: bool) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        device: torch.device,
+        max_forget_bits: int | None,
+        retain: bool,
+        multiplications: int | None = None,
+    ) -> None:
         self._word: Tensor | None = torch.zeros(shape, dtype=torch.int64, device=device)
         self._packed: PackedWords | None = None  # the words and depths between forward and reverse
         self.retain = retain
         self.max_forget_bits = max_forget_bits
+        self._expected = multiplications
         # forward: each unit's slots so far and the dense stack they are written into (slot, batch, unit)
         self._depth = torch.zeros(shape, dtype=torch.int64, device=device)
         self._dense = torch.empty((0, *shape), dtype=torch.int32, device=device)
@@ -141,8 +151,9 @@ class InformationBuffer:
     def _push(self, low: Tensor, drains: Tensor) -> None:
         """Write every unit's low bits at its stack's next slot; only the draining units keep them."""
         needed = stack_capacity(self.multiplications, self.max_forget_bits) + 1  # + the slot a write may fill
-        if self._dense.shape[0] < needed:  # grow by half at least: amortised copies
-            grown = max(needed, self._dense.shape[0] * 3 // 2)
+        if self._dense.shape[0] < needed:  # the whole window's worth if known, else grow by half at least
+            window = stack_capacity(self._expected or 0, self.max_forget_bits) + 1
+            grown = max(needed, window, self._dense.shape[0] * 3 // 2)
             extra = self._dense.new_zeros((grown - self._dense.shape[0], *self._dense.shape[1:]))
             self._dense = torch.cat([self._dense, extra])
         slot = self._depth.clamp(max=needed - 1)  # within the bound anyway, unless z* was garbage (NaN gates)

@@ -58,7 +58,7 @@ def run_forward(
     guard = RangeGuard()
     for i, t in enumerate(initial):
         guard.observe(f"initial state tensor {i}", t)
-    buffers = plan.new_buffers(x.shape[1], x.device)
+    buffers = plan.new_buffers(x.shape[1], x.shape[0], x.device)
     state, state_f = [list(s) for s in state], [list(s) for s in state_f]
     stored_initial = None
     if plan.stored_units:  # stored units hold float32 values exactly (to_fixed ∘ to_float keeps a float32 value)

@@ -84,9 +84,14 @@ class WindowPlan:
             stem_slots,
         )
 
-    def new_buffers(self, batch: int, device: torch.device) -> list[InformationBuffer]:
-        """Fresh (empty) buffers, one per layer, for this window's forward."""
-        return [InformationBuffer((batch, c.half_size), device, c.max_forget_bits, self.retain) for c in self.cells]
+    def new_buffers(self, batch: int, steps: int, device: torch.device) -> list[InformationBuffer]:
+        """Fresh (empty) buffers, one per layer, for this window's forward of ``steps`` steps."""
+        return [
+            InformationBuffer(
+                (batch, c.half_size), device, c.max_forget_bits, self.retain, steps * c.multiplications_per_step
+            )
+            for c in self.cells
+        ]
 
     def chunk_input(self, inputs: Tensor, t0: int, t1: int) -> Tensor:
         """The first layer's float32 input for steps ``t0..t1-1`` (through the stem, if any, under the

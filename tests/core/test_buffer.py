@@ -106,6 +106,24 @@ def test_worst_case_forgetting_stays_within_the_bounds(k: int | None) -> None:
     assert buf.is_empty()
 
 
+def test_a_window_of_known_length_sizes_its_dense_stack_once() -> None:
+    """Told the window's multiplications, the buffer allocates the dense stack once, at the first possible
+    drain, for all of them: it never grows (growing copies it, two copies alive at once); the same results."""
+    torch.manual_seed(7)
+    B, n, M, k = 2, 3, 120, 3
+    zs = [torch.full((B, n), forget_floor(k), dtype=torch.int64) for _ in range(M)]
+    h0 = torch.randint(-(2**30), 2**30, (B, n), dtype=torch.int64)
+    sized = InformationBuffer((B, n), torch.get_default_device(), k, retain=True, multiplications=M)
+    growing = InformationBuffer((B, n), torch.get_default_device(), k, retain=True)
+    shapes = set()
+    h, h_growing = h0, h0
+    for z in zs:
+        h, h_growing = sized.multiply(h, z), growing.multiply(h_growing, z)
+        shapes.add(sized._dense.shape[0])
+    assert shapes == {0, stack_capacity(M, k) + 1}
+    assert torch.equal(h, h_growing) and _slots(sized) == _slots(growing)
+
+
 def test_drains_of_a_unit_do_not_depend_on_any_other_unit() -> None:
     """Units forgetting at very different rates, run as one batch and each alone (a 1×1 buffer). Pure integer
     ops, so bit-exactness is guaranteed: every unit's h, word and slots must be identical in both runs."""
