@@ -90,19 +90,44 @@ class BoundEmbeddingStem(StepStem):
         x: Tensor = self.embedding(inputs)
         return x if self.word_mask is None else x * self.word_mask[inputs]
 
+    def _plain(self) -> bool:
+        """Whether the lookup's gradient is its rows, added up by index (no padding index, norm or scaling)."""
+        emb = self.embedding
+        return emb.padding_idx is None and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse
+
+    @override
+    def context_accumulator(self, tensor: Tensor, inputs: Tensor) -> Tensor:
+        """The weight's gradient per looked-up row ``(T, B, E)`` when the window has fewer tokens than the
+        vocabulary has words (a translation batch: a fraction of the ``V × E`` accumulator); else as by default."""
+        weight = self.embedding.weight
+        if tensor is weight and self._plain() and inputs.numel() < weight.shape[0]:
+            return weight.new_zeros((*inputs.shape, weight.shape[1]), dtype=torch.float32)
+        return super().context_accumulator(tensor, inputs)
+
+    @override
+    def context_gradient(self, tensor: Tensor, accumulator: Tensor, inputs: Tensor) -> Tensor:
+        """The weight's ``V × E`` gradient from per-row accumulation, built once the sweep is done."""
+        if accumulator.shape == tensor.shape:
+            return accumulator
+        rows = accumulator.reshape(-1, accumulator.shape[-1])
+        return torch.zeros_like(tensor, dtype=accumulator.dtype).index_add_(0, inputs.reshape(-1), rows)
+
     @override
     def accumulate_grads(
         self, inputs: Tensor, output: Tensor, d_output: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
     ) -> None:
-        """The embedding weight's gradient by ``index_add_`` of the chunk's rows into its accumulator (no
-        dense ``V × E`` gradient per chunk); any other target by autograd."""
-        weight, emb = self.embedding.weight, self.embedding
-        plain = emb.padding_idx is None and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse
+        """The embedding weight's gradient: the chunk's rows added by ``index_add_`` into a ``V × E``
+        accumulator, or into the chunk's slice of a per-row one (no dense ``V × E`` gradient per chunk either
+        way); any other target by autograd."""
+        weight = self.embedding.weight
         rest = []
         for tensor, acc in targets:
-            if tensor is weight and plain:
+            if tensor is weight and self._plain():
                 rows = d_output if self.word_mask is None else d_output * self.word_mask[inputs]
-                acc.index_add_(0, inputs.reshape(-1), rows.reshape(-1, rows.shape[-1]).to(acc.dtype))
+                if acc.shape == weight.shape:
+                    acc.index_add_(0, inputs.reshape(-1), rows.reshape(-1, rows.shape[-1]).to(acc.dtype))
+                else:
+                    acc += rows
             else:
                 rest.append((tensor, acc))
         super().accumulate_grads(inputs, output, d_output, rest)

@@ -85,6 +85,16 @@ class StepHead(nn.Module, metaclass=ABCMeta):
         add_gradients(targets, grads[1:])
         return grads[0]
 
+    def context_accumulator(self, tensor: Tensor) -> Tensor:
+        """Reverse sweep: the zeroed accumulator :meth:`accumulate_grads` receives for ``tensor`` (one of the
+        head's parameters or :meth:`context`). Default: zeros of its shape. A head whose gradient reaches a few
+        rows of a large tensor may keep a smaller one, turned into the gradient by :meth:`context_gradient`."""
+        return torch.zeros_like(tensor)
+
+    def context_gradient(self, tensor: Tensor, accumulator: Tensor) -> Tensor:
+        """End of the reverse sweep: ``tensor``'s gradient from its accumulator. Default: the accumulator."""
+        return accumulator
+
 
 #: Steps per chunk: one input-projection GEMM per chunk and layer, and the reverse sweep's working set (a chunk's
 #: records, activations and head block). 8 rather than 16 halves that working set, the LM step's peak at T 70 (PTB
@@ -128,6 +138,18 @@ class StepStem(nn.Module, metaclass=ABCMeta):
     def context(self) -> Sequence[Tensor]:
         """Tensors the stem reads that are not its parameters; as :meth:`StepHead.context`. Default: none."""
         return ()
+
+    def context_accumulator(self, tensor: Tensor, inputs: Tensor) -> Tensor:
+        """Reverse sweep: the zeroed accumulator for ``tensor`` (one of the stem's parameters or :meth:`context`),
+        given the window's ``inputs``. Default: zeros of its shape, handed whole to every chunk's
+        :meth:`accumulate_grads`. One of another shape is per step (leading dimension ``T``): each chunk gets
+        its steps' slice, and :meth:`context_gradient` turns it into the gradient (an embedding's looked-up rows
+        when the window has fewer tokens than the vocabulary has words)."""
+        return torch.zeros_like(tensor)
+
+    def context_gradient(self, tensor: Tensor, accumulator: Tensor, inputs: Tensor) -> Tensor:
+        """End of the reverse sweep: ``tensor``'s gradient from its accumulator. Default: the accumulator."""
+        return accumulator
 
     def accumulate_grads(
         self, inputs: Tensor, output: Tensor, d_output: Tensor, targets: Sequence[tuple[Tensor, Tensor]]

@@ -154,15 +154,45 @@ class Gradients:
     state: list[list[Tensor]]
 
     @classmethod
-    def zeros(cls, plan: WindowPlan, hidden: list[Tensor], state: list[list[Tensor]]) -> Gradients:
+    def zeros(cls, plan: WindowPlan, hidden: list[Tensor], state: list[list[Tensor]], inputs: Tensor) -> Gradients:
+        """Zeroed accumulators; the head's tensors get the one the head asks for, then the stem's the one the stem
+        asks for (``context_accumulator``; a tensor both read gets the head's)."""
         cells = plan.cells
+
+        def accumulator(i: int, tensor: Tensor) -> Tensor:
+            if plan.head is not None and i in plan.head_slots:
+                return plan.head.context_accumulator(tensor)
+            if plan.stem is not None and i in plan.stem_slots:
+                return plan.stem.context_accumulator(tensor, inputs)
+            return torch.zeros_like(tensor)
+
+        extras = [accumulator(i, e) for i, e in enumerate(plan.extras)]
         return cls(
             weight_ih=[torch.zeros_like(c.weight_ih) for c in cells],
             bias=[torch.zeros_like(c.bias) for c in cells],
             weight_hh=[torch.zeros_like(w) for w in hidden],
-            extras=[torch.zeros_like(e) for e in plan.extras],
+            extras=extras,
             state=state,
         )
+
+    def stem_targets(self, plan: WindowPlan, t0: int, t1: int) -> list[tuple[Tensor, Tensor]]:
+        """The stem's ``(tensor, accumulator)`` pairs for the chunk ``t0:t1``: a per-step accumulator sliced."""
+        pairs = []
+        for i in plan.stem_slots:
+            tensor, acc = plan.extras[i], self.extras[i]
+            pairs.append((tensor, acc if acc.shape == tensor.shape else acc[t0:t1]))
+        return pairs
+
+    def extras_gradients(self, plan: WindowPlan, inputs: Tensor) -> list[Tensor]:
+        """The extra tensors' gradients from their accumulators (the head and the stem turn their own back)."""
+        grads = list(self.extras)
+        for i in plan.stem_slots:
+            if plan.stem is not None and i not in plan.head_slots:
+                grads[i] = plan.stem.context_gradient(plan.extras[i], grads[i], inputs)
+        for i in plan.head_slots:
+            if plan.head is not None:
+                grads[i] = plan.head.context_gradient(plan.extras[i], grads[i])
+        return grads
 
 
 def _reverse(
@@ -193,7 +223,7 @@ def _reverse(
             for g in grad_final[l * n_state : (l + 1) * n_state]
         ]
         d_state.append(c.split_state(gs))
-    grads = Gradients.zeros(plan, hidden, d_state)
+    grads = Gradients.zeros(plan, hidden, d_state, x)
     dx = torch.zeros_like(x) if needs_dx else None
     diverged = torch.zeros_like(checksums, dtype=torch.bool)
     for t0 in reversed(range(0, T, CHUNK)):
@@ -211,9 +241,11 @@ def _reverse(
             if dx is not None:
                 dx[t0:t1] = d_x0
         else:
-            targets = [(plan.extras[i], grads.extras[i]) for i in plan.stem_slots]
+            targets = grads.stem_targets(plan, t0, t1)
             targets += [(x_chunk, dx[t0:t1])] if dx is not None else []
             plan.stem.accumulate_grads(x_chunk, x0, d_x0, targets)
+        # this chunk's records and activations go now, not when the next chunk's are already built
+        del layers, top, d_top, d_x0, x0, x_chunk
     _check_reconstruction(record.buffers, diverged, T)
     params_grads: list[Tensor | None] = []
     del hidden, weights
@@ -222,7 +254,7 @@ def _reverse(
     d_initial: list[Tensor | None] = []
     for l, c in enumerate(cells):
         d_initial += c.join_state(grads.state[l])
-    return (None, None, dx, *d_initial, *params_grads, *grads.extras)
+    return (None, None, dx, *d_initial, *params_grads, *grads.extras_gradients(plan, x))
 
 
 def _hidden_grad(plan: WindowPlan, layer: int, d_masked: Tensor) -> Tensor:

@@ -284,6 +284,25 @@ class BoundAttentionHead(StepHead):
         gradients (the units' into the encoder's sweep)."""
         return [t for t in (self.stored, self.embedding_weight) if t is not None]
 
+    def _compact(self, tensor: Tensor) -> bool:
+        """Whether the sweep accumulates ``tensor``'s gradient by looked-up row: the embedding alias, blockwise."""
+        return tensor is self.embedding_weight and self.block_bytes is not None
+
+    @override
+    def context_accumulator(self, tensor: Tensor) -> Tensor:
+        """The embedding alias's gradient is accumulated per looked-up row, ``(S, B, E)``, not as a ``V × E``
+        tensor through the whole sweep; the rest as by default."""
+        if self._compact(tensor):
+            return tensor.new_zeros((*self.src.shape, tensor.shape[1]))
+        return super().context_accumulator(tensor)
+
+    @override
+    def context_gradient(self, tensor: Tensor, accumulator: Tensor) -> Tensor:
+        """The embedding alias's ``V × E`` gradient from its rows, built once the sweep is done."""
+        if self._compact(tensor):
+            return torch.zeros_like(tensor).index_add_(0, self.src.flatten(), accumulator.flatten(0, 1))
+        return accumulator
+
     def chunked(self, outputs: Tensor) -> Tensor:
         """The head's sum over all steps of decoder outputs ``(T, B, H)``, computed :data:`CHUNK` steps at a
         time in plain autograd (the baselines: at most ``CHUNK × B × vocab`` logits at once in forward;

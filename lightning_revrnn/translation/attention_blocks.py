@@ -101,7 +101,7 @@ def attend_backward(
 ) -> Tensor:
     """The gradient of the queries ``(C, B, D)`` given the context's ``d_context`` ``(C, B, D)`` (``q`` and
     ``weights`` as given to / returned by :func:`attend`). The memory's gradient is added block by block into
-    ``embedding_grad`` ``(V, E)`` (the looked-up rows) and ``stored_grad`` ``(S, B, D_s)``; None: not wanted."""
+    ``embedding_grad`` ``(S, B, E)`` (the looked-up rows') and ``stored_grad`` ``(S, B, D_s)``; None: not wanted."""
     q, d_context = q.detach(), d_context.detach()
     d_weights = torch.empty_like(weights)
     for pos in memory.ranges():
@@ -117,8 +117,7 @@ def attend_backward(
             continue
         d_memory = torch.einsum("kbs,kbd->sbd", left[..., pos], right)
         if embedding_grad is not None:
-            rows = d_memory[..., :E].reshape(-1, E)
-            embedding_grad.index_add_(0, memory.src[pos].reshape(-1), rows.to(embedding_grad.dtype))
+            embedding_grad[pos] += d_memory[..., :E]
         if stored_grad is not None:
             stored_grad[pos] += d_memory[..., E:]
         del d_memory
