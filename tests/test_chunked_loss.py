@@ -139,11 +139,13 @@ def test_blockwise_attention_equals_autograd_over_the_whole_memory() -> None:
     memory = MemoryBlocks(src, keep, emb_weight, stored, rows=2)
     weights, context = attend(q, memory)
     _close(context, want.detach())
-    emb_acc, stored_acc = torch.zeros(Vs, E), torch.zeros(S, B, Ds)
-    d_q = attend_backward(q, weights, d_context, memory, emb_acc, stored_acc)
+    emb_rows, stored_acc = torch.zeros(S, B, E), torch.zeros(S, B, Ds)  # the looked-up rows' gradients
+    d_q = attend_backward(q, weights, d_context, memory, emb_rows, stored_acc)
+    emb_acc = torch.zeros(Vs, E).index_add_(0, src.flatten(), emb_rows.flatten(0, 1))
     for got, ref in zip((d_q, emb_acc, stored_acc), want_grads):
         _close(got, ref)
     assert float(stored_acc[~keep].abs().sum()) == 0.0  # padded sources get no gradient
+    assert float(emb_rows[~keep].abs().sum()) == 0.0
 
 
 def test_reversible_step_peak_is_bounded_by_the_budget_not_chunk_batch_vocab() -> None:
