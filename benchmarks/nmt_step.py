@@ -65,8 +65,8 @@ chunk) plus one chunk's backward (three ``C × B × vocab`` float tensors: 3 × 
 V=18,726``); at Multi30K sizes (``T ≈ 14``) one chunk is the whole target.
 
 ``--head-chunk C`` is a diagnostic: it sets the target steps the attention/generator/loss head runs at once
-(``lightning_revrnn.core.sweep.CHUNK`` and ``lightning_revrnn.translation.attention.CHUNK``, 16 in the library)
-for every row, to show how much of the peak the chunk's ``C × B × vocab`` logits are.
+(``lightning_revrnn.core.sweep.CHUNK``, 4 in the library, and ``lightning_revrnn.translation.attention.BASELINE_CHUNK``
+of the baselines, 8) for every row, to show how much of the peak the chunk's ``C × B × vocab`` logits are.
 
 Usage::
 
@@ -765,7 +765,8 @@ def legend(device: torch.device, shapes: dict[str, BatchShape], head_chunk: int)
         f"peak MB: {peak} above the step's start, parameter gradients excluded (grad MB: those gradients). "
         "saved×, peak×: baseline MB / this MB. loss: of the traced step. S, T: padded source and decoder steps. "
         "enc/dec act, opt: the paper's accounting of the encoder / decoder (normal/used, normal/optimal bits; the "
-        f"encoder's stored slice included), initial weights. Head chunk: {head_chunk} target steps."
+        f"encoder's stored slice included), initial weights. Sweep chunk: {head_chunk} target steps; "
+        f"the baselines' head: {attention_module.BASELINE_CHUNK}."
     )
     origins = "; ".join(f"{label}: {shape.origin}" for label, shape in shapes.items())
     return f"{text}\nBatches: {origins}."
@@ -866,7 +867,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--head-chunk",
         type=int,
-        help="diagnostic: target steps per head chunk (lightning_revrnn.core.sweep.CHUNK, default 16)",
+        help="diagnostic: target steps per head chunk (the sweep's CHUNK, 4, and the baselines' 8)",
     )
     p.add_argument("--repeats", type=int, help="timed steps per row after the warm-up and traced step (default 3)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
@@ -931,10 +932,10 @@ def resolve_data(args: argparse.Namespace) -> dict[str, BatchShape]:
 
 def set_head_chunk(chunk: int) -> None:
     """Diagnostic: the head's target steps per chunk, in the reverse sweep and in the baselines' chunked head."""
-    # Both modules read CHUNK as their own global (imported from core.protocol, so not re-exported): set it in
-    # each module's namespace.
+    # The sweep reads CHUNK as its own global (imported from core.protocol, so not re-exported): set it in its
+    # namespace.
     vars(sweep_module)["CHUNK"] = chunk
-    vars(attention_module)["CHUNK"] = chunk
+    attention_module.BASELINE_CHUNK = chunk
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:

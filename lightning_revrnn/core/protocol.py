@@ -97,9 +97,10 @@ class StepHead(nn.Module, metaclass=ABCMeta):
 
 
 #: Steps per chunk: one input-projection GEMM per chunk and layer, and the reverse sweep's working set (a chunk's
-#: records, activations and head block). 8 rather than 16 halves that working set, the LM step's peak at T 70 (PTB
-#: sizes, CPU: RevGRU 22.6 -> 13.1 MB, RevLSTM 31.8 -> 18.9 MB) at no measurable step time; 4 cost the RevLSTM ~20%.
-CHUNK = 8
+#: records, activations and head block). 4 rather than 8 halves that working set: LM step peak at T 70 (PTB sizes,
+#: CPU) RevGRU 12.7 -> 9.4 MB, RevLSTM 16.7 -> 12.8 MB; step time in alternating runs RevGRU 1.41x / 1.32x the
+#: GRU's (8 steps: 1.51x / 1.43x: the LM head's 80-row chunks fit one block), RevLSTM 1.95x / 1.76x (1.72x / 1.70x).
+CHUNK = 4
 
 
 class StepStem(nn.Module, metaclass=ABCMeta):

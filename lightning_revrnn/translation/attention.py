@@ -50,11 +50,14 @@ from typing_extensions import override
 
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_into
 from lightning_revrnn.core.dropout import locked_mask
-from lightning_revrnn.core.protocol import CHUNK, StepHead, add_gradients
+from lightning_revrnn.core.protocol import StepHead, add_gradients
 from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, attend_backward
 
 #: Target positions the loss ignores (``F.cross_entropy``'s ``ignore_index``).
 IGNORE = -100
+#: Target steps the baselines' head runs at once (:meth:`BoundAttentionHead.chunked`): 8, as it has since the
+#: reversible sweep also worked on 8-step chunks, so the baselines' figures stay comparable across versions.
+BASELINE_CHUNK = 8
 
 
 class LuongAttention(nn.Module):
@@ -304,10 +307,11 @@ class BoundAttentionHead(StepHead):
         return accumulator
 
     def chunked(self, outputs: Tensor) -> Tensor:
-        """The head's sum over all steps of decoder outputs ``(T, B, H)``, computed :data:`CHUNK` steps at a
-        time in plain autograd (the baselines: at most ``CHUNK × B × vocab`` logits at once in forward;
-        autograd still keeps each chunk's for backward)."""
-        return torch.stack([self(outputs[t : t + CHUNK], t) for t in range(0, outputs.shape[0], CHUNK)]).sum()
+        """The head's sum over all steps of decoder outputs ``(T, B, H)``, computed :data:`BASELINE_CHUNK` steps
+        at a time in plain autograd (the baselines: at most ``BASELINE_CHUNK × B × vocab`` logits at once in
+        forward; autograd still keeps each chunk's for backward)."""
+        steps = BASELINE_CHUNK
+        return torch.stack([self(outputs[t : t + steps], t) for t in range(0, outputs.shape[0], steps)]).sum()
 
 
 class SparseGradAlias(torch.autograd.Function):

@@ -187,16 +187,15 @@ def test_carried_state_equals_explicit_run(rnn: str) -> None:
         for got, want in zip(carried, flat(h1), strict=True):
             assert torch.equal(got, want)
         if rnn.startswith("nf"):
-            # Without forgetting there is no buffer, so windows compose into one long run (the forgetting
-            # models start each window with an empty information buffer, whose bits enter the state, so for
-            # them only the window-by-window run above is bit-identical). Exactly only where the first
-            # layer's input GEMMs have the same shapes: with bptt 10 the second window's steps are rows
-            # 10-19 of the 8-step chunks (CHUNK) 8-15 and 16-23 in the long run but chunks 0-7 and 8-9 of
-            # their own, and a
-            # BLAS may round a GEMM over a different row count differently in the last bit. Then each half
-            # update h ← h + round(add) differs by at most 2 units of 2^-23 directly, 2 updates per layer and
-            # step: 2 layers × 20 steps give ≤ 160 units; twice that for propagation through later gates
-            # (Lipschitz ≲ 1 here): 320 units ≈ 3.8e-5. A lost or wrong carry moves the state by O(0.1).
+            # Without forgetting there is no buffer, so windows compose into one long run (the forgetting models start
+            # each window with an empty information buffer, whose bits enter the state, so for them only the window-by-
+            # window run above is bit-identical). Exactly only where the first layer's input GEMMs have the same shapes:
+            # with bptt 10 the second window's steps 10-19 fall in the long run's CHUNK-step chunks from step 8 (4-step
+            # chunks: 8-11, 12-15, 16-19), but in chunks of their own from step 10, and a BLAS may round a GEMM over a
+            # different row count differently in the last bit. Then each half update h ← h + round(add) differs by at
+            # most 2 units of 2^-23 directly, 2 updates per layer and step: 2 layers × 20 steps give ≤ 160 units; twice
+            # that for propagation through later gates (Lipschitz ≲ 1 here): 320 units ≈ 3.8e-5. A lost or wrong carry
+            # moves the state by O(0.1).
             for got, whole in zip(carried, flat(h01), strict=True):
                 torch.testing.assert_close(got, whole, rtol=0, atol=320 * 2.0**-23)
             # Windows of CHUNK steps each start on a chunk boundary: the same GEMMs on the same shapes.

@@ -37,7 +37,7 @@ REVERSIBLE = ["revgru", "revlstm"]
 ALL_RNNS = ["revgru", "revlstm", "gru", "lstm"]
 #: Sources of 1-7 tokens and targets of 1-9 (+EOS) in one padded batch.
 SRC_LENGTHS, TGT_LENGTHS = [7, 1, 4, 6], [9, 2, 6, 1]
-#: Targets crossing the CHUNK boundaries (every 8 steps) of the decoder's sweep.
+#: Targets crossing the CHUNK boundaries (every 4 steps) of the decoder's sweep.
 LONG_TGT_LENGTHS = [17, 2, 9, 1]
 
 
