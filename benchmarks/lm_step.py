@@ -55,6 +55,7 @@ Usage::
     python benchmarks/lm_step.py                 # the paper's sizes (very long on CPU)
     python benchmarks/lm_step.py --small         # smoke run, well under a minute on 2 cores
     python benchmarks/lm_step.py --seq-lens 70 --layers 1 --bits 3 --repeats 1 --threads 1
+    python benchmarks/lm_step.py --seq-lens 70 --layers 1 --ckpt-chunks --interleave --chunk 8   # the sweep's chunk
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ from typing_extensions import override
 
 from lightning_revrnn import ReversibleRNN
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
+from lightning_revrnn.core import forward as forward_module
+from lightning_revrnn.core import sweep as sweep_module
 from lightning_revrnn.fused import FusedBackend, StageCounter
 from lightning_revrnn.lm.head import BoundDecoderHead
 from lightning_revrnn.lm.model import Batch, LanguageModel, RnnType
@@ -879,6 +882,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also the reversible models with these LM-head byte budgets (MiB), beside the default one",
     )
     p.add_argument(
+        "--chunk",
+        type=int,
+        help="diagnostic: steps per chunk of the reversible models' window and sweep (the library's CHUNK, 4)",
+    )
+    p.add_argument(
         "--interleave",
         action="store_true",
         help="time the configurations of one (cell, layers, T) group in turns, one step each per round "
@@ -920,6 +928,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.chunk is not None:  # the forward and the sweep read CHUNK as their own globals (as nmt_step does)
+        vars(forward_module)["CHUNK"] = vars(sweep_module)["CHUNK"] = args.chunk
     if args.out is None:
         suffix = "-small" if args.small else ""  # a smoke run never overwrites the real results
         args.out = Path(__file__).resolve().parent / "results" / f"lm_step-{device_slug(device)}{suffix}.json"
