@@ -884,7 +884,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--chunk",
         type=int,
-        help="diagnostic: steps per chunk of the reversible models' window and sweep (the library's CHUNK, 4)",
+        help="diagnostic: steps per chunk of the reversible models' window and sweep (the library: 4 up to 128 "
+        "steps, else 8)",
     )
     p.add_argument(
         "--interleave",
@@ -928,8 +929,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.chunk is not None:  # the forward and the sweep read CHUNK as their own globals (as nmt_step does)
-        vars(forward_module)["CHUNK"] = vars(sweep_module)["CHUNK"] = args.chunk
+    if args.chunk is not None:  # the forward and the sweep read chunk_steps as their own globals
+        vars(forward_module)["chunk_steps"] = vars(sweep_module)["chunk_steps"] = lambda steps: args.chunk
     if args.out is None:
         suffix = "-small" if args.small else ""  # a smoke run never overwrites the real results
         args.out = Path(__file__).resolve().parent / "results" / f"lm_step-{device_slug(device)}{suffix}.json"

@@ -65,8 +65,9 @@ chunk) plus one chunk's backward (three ``C × B × vocab`` float tensors: 3 × 
 V=18,726``); at Multi30K sizes (``T ≈ 14``) one chunk is the whole target.
 
 ``--head-chunk C`` is a diagnostic: it sets the target steps the attention/generator/loss head runs at once
-(``lightning_revrnn.core.sweep.CHUNK``, 4 in the library, and ``lightning_revrnn.translation.attention.BASELINE_CHUNK``
-of the baselines, 8) for every row, to show how much of the peak the chunk's ``C × B × vocab`` logits are.
+(the sweep's ``chunk_steps``: 4 up to 128 steps, else 8, in the library; and the baselines'
+``lightning_revrnn.translation.attention.BASELINE_CHUNK``, 8) for every row, to show how much of the peak the
+chunk's ``C × B × vocab`` logits are.
 
 Usage::
 
@@ -92,6 +93,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+import lightning_revrnn.core.forward as forward_module
 import lightning_revrnn.core.sweep as sweep_module
 import lightning_revrnn.translation.attention as attention_module
 from lightning_revrnn.datamodules.bucketing import training_plan
@@ -572,7 +574,7 @@ def measure_group(
 ) -> list[Row]:
     """Memory of every configuration of one group, then ``repeats`` interleaved timing rounds. A failing
     configuration is recorded in its row (and left out of the rounds), the others still run."""
-    rows = [Row(config=c, shape=shape.summary(), head_chunk=vars(sweep_module)["CHUNK"]) for c in configs]
+    rows = [Row(config=c, shape=shape.summary(), head_chunk=sweep_chunk(shape)) for c in configs]
     subjects: list[Subject | None] = []
     for config, row in zip(configs, rows):
         started = time.perf_counter()
@@ -756,7 +758,7 @@ def format_table(rows: Sequence[Row]) -> str:
     return fixed_width_table(COLUMNS, KEY_COLUMNS, body, [r.config.is_baseline for r in rows])
 
 
-def legend(device: torch.device, shapes: dict[str, BatchShape], head_chunk: int) -> str:
+def legend(device: torch.device, shapes: dict[str, BatchShape], head_chunk: dict[str, int]) -> str:
     """What the columns mean, and where the batches came from."""
     peak = "CUDA allocator peak" if device.type == "cuda" else "peak of the step's own allocations (trace)"
     text = (
@@ -765,7 +767,7 @@ def legend(device: torch.device, shapes: dict[str, BatchShape], head_chunk: int)
         f"peak MB: {peak} above the step's start, parameter gradients excluded (grad MB: those gradients). "
         "saved×, peak×: baseline MB / this MB. loss: of the traced step. S, T: padded source and decoder steps. "
         "enc/dec act, opt: the paper's accounting of the encoder / decoder (normal/used, normal/optimal bits; the "
-        f"encoder's stored slice included), initial weights. Sweep chunk: {head_chunk} target steps; "
+        f"encoder's stored slice included), initial weights. Sweep chunk (target steps): {head_chunk}; "
         f"the baselines' head: {attention_module.BASELINE_CHUNK}."
     )
     origins = "; ".join(f"{label}: {shape.origin}" for label, shape in shapes.items())
@@ -807,7 +809,7 @@ def write_json(
         "threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "memory_metric": "MemoryTrace: peak_excl_grad_bytes (CUDA: allocator peak) and saved_bytes",
-        "head_chunk": vars(sweep_module)["CHUNK"],
+        "head_chunk": {label: sweep_chunk(shape) for label, shape in shapes.items()},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "batches": {
             label: {**shape.summary(), "src_lengths": list(shape.src_lengths), "tgt_lengths": list(shape.tgt_lengths)}
@@ -867,7 +869,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--head-chunk",
         type=int,
-        help="diagnostic: target steps per head chunk (the sweep's CHUNK, 4, and the baselines' 8)",
+        help="diagnostic: target steps per head chunk (the sweep's: 4 up to 128 steps, else 8; the baselines' 8)",
     )
     p.add_argument("--repeats", type=int, help="timed steps per row after the warm-up and traced step (default 3)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
@@ -930,11 +932,15 @@ def resolve_data(args: argparse.Namespace) -> dict[str, BatchShape]:
     return shapes
 
 
+def sweep_chunk(shape: BatchShape) -> int:
+    """Target steps per chunk of the decoder's sweep for this batch shape (its padded decoder steps)."""
+    return int(vars(sweep_module)["chunk_steps"](shape.tgt_steps))
+
+
 def set_head_chunk(chunk: int) -> None:
     """Diagnostic: the head's target steps per chunk, in the reverse sweep and in the baselines' chunked head."""
-    # The sweep reads CHUNK as its own global (imported from core.protocol, so not re-exported): set it in its
-    # namespace.
-    vars(sweep_module)["CHUNK"] = chunk
+    # The forward and the sweep read chunk_steps as their own globals (imported from core.protocol): set it there.
+    vars(forward_module)["chunk_steps"] = vars(sweep_module)["chunk_steps"] = lambda steps: chunk
     attention_module.BASELINE_CHUNK = chunk
 
 
@@ -964,7 +970,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     targets = check_targets(rows, device)
     print(format_table(rows))
     print()
-    print(legend(device, shapes, vars(sweep_module)["CHUNK"]))
+    print(legend(device, shapes, {label: sweep_chunk(shape) for label, shape in shapes.items()}))
     print()
     print(format_targets(targets))
     write_json(args.out, device, args, rows, targets, shapes)

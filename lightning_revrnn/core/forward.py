@@ -2,7 +2,7 @@
 ``mode="reverse"`` all run :func:`run_forward`, so every mode computes bit-identical states.
 
 Chunk by chunk, layer by layer: a layer's input projection is one GEMM per chunk of
-:data:`~lightning_revrnn.core.protocol.CHUNK` steps, then its steps; the reverse sweep recomputes each chunk in
+:func:`~lightning_revrnn.core.protocol.chunk_steps` steps, then its steps; the reverse sweep recomputes each chunk in
 the same order and shapes. The forward reads the device once, at its end (:func:`_end_of_window_read`).
 """
 
@@ -17,7 +17,7 @@ from lightning_revrnn.core.buffer import InformationBuffer
 from lightning_revrnn.core.cell_base import store_units
 from lightning_revrnn.core.fixed_point import RangeGuard, straight_through, to_float
 from lightning_revrnn.core.numerics import cells_context
-from lightning_revrnn.core.protocol import CHUNK
+from lightning_revrnn.core.protocol import chunk_steps
 from lightning_revrnn.core.window import WindowPlan, state_checksum
 
 
@@ -90,12 +90,13 @@ def _chunks(
         guard.observe(f"layer {l}: hidden weights", hidden)
         weights.append(list(hidden.split(c.hidden_rows, 0)))
     results: list[Tensor] = []
-    for t0 in range(0, x.shape[0], CHUNK):
-        t1 = min(t0 + CHUNK, x.shape[0])
+    chunk = chunk_steps(x.shape[0])
+    for t0 in range(0, x.shape[0], chunk):
+        t1 = min(t0 + chunk, x.shape[0])
         inp = plan.chunk_input(x, t0, t1)
         for l, cell in enumerate(plan.cells):
             if checksums is not None:
-                checksums[t0 // CHUNK, l] = state_checksum(state[l])
+                checksums[t0 // chunk, l] = state_checksum(state[l])
             xp = plan.projection(l, inp)
             guard.observe(f"layer {l}: input pre-activations", xp)
             outs = []

@@ -96,11 +96,23 @@ class StepHead(nn.Module, metaclass=ABCMeta):
         return accumulator
 
 
-#: Steps per chunk: one input-projection GEMM per chunk and layer, and the reverse sweep's working set (a chunk's
-#: records, activations and head block). 4 rather than 8 halves that working set: LM step peak at T 70 (PTB sizes,
-#: CPU) RevGRU 12.7 -> 9.4 MB, RevLSTM 16.7 -> 12.8 MB; step time in alternating runs RevGRU 1.41x / 1.32x the
-#: GRU's (8 steps: 1.51x / 1.43x: the LM head's 80-row chunks fit one block), RevLSTM 1.95x / 1.76x (1.72x / 1.70x).
+#: Steps per chunk of a window of at most :data:`LONG_WINDOW` steps: one input-projection GEMM per chunk and
+#: layer, and the reverse sweep's working set (a chunk's records, activations and head block). 4 rather than 8
+#: halves that working set: LM step peak at T 70 (PTB sizes, CPU) RevGRU 12.7 -> 9.4 MB (22x below the GRU LM),
+#: RevLSTM 16.7 -> 12.8 MB; translation at Multi30K 8.6x -> 10.4x below the GRU; step time in alternating runs
+#: RevGRU 1.41x / 1.32x the GRU's (8 steps: 1.51x / 1.43x), RevLSTM 1.95x / 1.76x (1.72x / 1.70x).
 CHUNK = 4
+#: Steps per chunk of a longer window. There the window's own state (buffer, accumulators) sets the peak and twice
+#: the chunks cost time: at T 1000 the 4-step chunks' step took 1.64x (RevGRU) / 2.15x (RevLSTM) the baselines'
+#: against 1.43x / 1.80x with 8, for a peak 187x / 122x below them instead of 155x / 117x.
+LONG_CHUNK = 8
+#: Windows longer than this many steps use :data:`LONG_CHUNK`.
+LONG_WINDOW = 128
+
+
+def chunk_steps(steps: int) -> int:
+    """Steps per chunk of a window of ``steps`` steps (the forward and its reverse sweep chunk it alike)."""
+    return CHUNK if steps <= LONG_WINDOW else LONG_CHUNK
 
 
 class StepStem(nn.Module, metaclass=ABCMeta):

@@ -24,7 +24,7 @@ from lightning_revrnn.core.fixed_point import to_fixed, to_float
 from lightning_revrnn.core.forward import run_forward
 from lightning_revrnn.core.gates import masked
 from lightning_revrnn.core.numerics import cells_context, matmul_precision_state
-from lightning_revrnn.core.protocol import CHUNK
+from lightning_revrnn.core.protocol import chunk_steps
 from lightning_revrnn.core.records import Record
 from lightning_revrnn.core.window import WindowPlan, state_checksum
 
@@ -78,7 +78,7 @@ class ReverseSweep(torch.autograd.Function):
         state = [[to_fixed(h) for h in hs] for hs in h0]
         state_f = [[to_float(s) for s in st] for st in state]
         T, B = x.shape[0], x.shape[1]
-        checksums = torch.zeros(-(-T // CHUNK), len(cells), dtype=torch.int64, device=x.device)
+        checksums = torch.zeros(-(-T // chunk_steps(T)), len(cells), dtype=torch.int64, device=x.device)
         units = plan.stored_units or cells[-1].hidden_size
         out = None if plan.head is not None else torch.empty(T, B, units, dtype=torch.float32, device=x.device)
         ctx.precision = matmul_precision_state()
@@ -226,15 +226,16 @@ def _reverse(
     grads = Gradients.zeros(plan, hidden, d_state, x)
     dx = torch.zeros_like(x) if needs_dx else None
     diverged = torch.zeros_like(checksums, dtype=torch.bool)
-    for t0 in reversed(range(0, T, CHUNK)):
-        t1 = min(t0 + CHUNK, T)
+    chunk = chunk_steps(T)
+    for t0 in reversed(range(0, T, chunk)):
+        t1 = min(t0 + chunk, T)
         x_chunk = x[t0:t1]
         if dx is not None and plan.stem is not None:  # a leaf of the chunk's recomputed stem graph
             x_chunk = x_chunk.detach().requires_grad_()
         x0 = plan.chunk_input(x_chunk, 0, t1 - t0)
         layers, top = reconstruct_chunk(record, weights, x0.detach(), state, t0)
         for l in range(L):
-            diverged[t0 // CHUNK, l] = state_checksum(state[l]) != checksums[t0 // CHUNK, l]
+            diverged[t0 // chunk, l] = state_checksum(state[l]) != checksums[t0 // chunk, l]
         d_top = head_gradient(plan, top, t0, grad_primary, grads)
         d_x0 = backprop_chunk(plan, weights, layers, d_top, t0, grads)
         if plan.stem is None:
@@ -382,9 +383,9 @@ def _check_reconstruction(buffers: list[InformationBuffer], diverged: Tensor, st
     bad = diverged.nonzero().tolist()
     if bad:
         chunk, l = max(bad)  # the reverse sweep meets the latest chunk first
-        first = chunk * CHUNK
+        first, last = chunk * chunk_steps(steps), min((chunk + 1) * chunk_steps(steps), steps) - 1
         raise ReconstructionError(
-            f"Reverse sweep diverged: layer {l}, reconstructing steps {first}..{min(first + CHUNK, steps) - 1} "
+            f"Reverse sweep diverged: layer {l}, reconstructing steps {first}..{last} "
             f"did not give the state forward had before step {first} bit for bit ({len(bad)} "
             "(chunk, layer) states differ). The saved buffer was modified, or forward and backward ran with "
             "different numerics (autocast, TF32, threads, device)."

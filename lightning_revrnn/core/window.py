@@ -111,8 +111,8 @@ class WindowPlan:
 
     def projection(self, layer: int, inputs: Tensor) -> Tensor:
         """A layer's input pre-activations for one chunk, ``(C, B, 2·rows)`` from its inputs ``(C, B, ·)``
-        before dropout: one GEMM per chunk, the same in forward and reverse (chunks always start at
-        multiples of :data:`~lightning_revrnn.core.protocol.CHUNK`, so the shapes agree too)."""
+        before dropout: one GEMM per chunk, the same in forward and reverse (chunks always start at multiples
+        of the chunk length, :func:`~lightning_revrnn.core.protocol.chunk_steps`, so the shapes agree too)."""
         return self.cells[layer].project_input(self.layer_input(layer, inputs))
 
     def layer_input(self, layer: int, x: Tensor) -> Tensor:

@@ -55,8 +55,8 @@ from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, 
 
 #: Target positions the loss ignores (``F.cross_entropy``'s ``ignore_index``).
 IGNORE = -100
-#: Target steps the baselines' head runs at once (:meth:`BoundAttentionHead.chunked`): 8, as it has since the
-#: reversible sweep also worked on 8-step chunks, so the baselines' figures stay comparable across versions.
+#: Target steps the baselines' head runs at once (:meth:`BoundAttentionHead.chunked`): 8, as since the reversible
+#: sweep's chunks were 8 steps long, so the baselines' figures stay comparable across versions.
 BASELINE_CHUNK = 8
 
 

@@ -17,7 +17,7 @@ from lightning_revrnn import NFRevGRU, NFRevLSTM, ReconstructionError, RevGRU, R
 from lightning_revrnn.core.backend import EAGER, Backend
 from lightning_revrnn.core.fixed_point import to_fixed, to_float
 from lightning_revrnn.core.numerics import AutocastState
-from lightning_revrnn.core.protocol import CHUNK
+from lightning_revrnn.core.protocol import chunk_steps
 from lightning_revrnn.core.window import WindowPlan
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
@@ -113,10 +113,11 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
     recorded = [[list(s) for s in state]]  # recorded[t][l]: layer l's int halves after t steps
     inputs = {}  # (layer, chunk start) -> the layer's inputs over the chunk, as the module computes them
     outputs = []
+    chunk = chunk_steps(T)  # the module's chunks: the input GEMMs on the same shapes
     with torch.no_grad():
         weights = [list(window.hidden_weights(l).split(c.hidden_rows, 0)) for l, c in enumerate(cells)]
-        for t0 in range(0, T, CHUNK):  # chunk by chunk, layer by layer, as the module runs
-            t1 = min(t0 + CHUNK, T)
+        for t0 in range(0, T, chunk):  # chunk by chunk, layer by layer, as the module runs
+            t1 = min(t0 + chunk, T)
             inp = x[t0:t1]
             for l, cell in enumerate(cells):
                 inputs[l, t0] = inp
@@ -148,8 +149,8 @@ def independent_roundtrip(rnn, x, hx, input_masks, hidden_masks, expect_drains=F
 
     # Backwards, chunk by chunk; within a chunk each layer from the top, step by step (any order of
     # layers works: each has its own buffer and its inputs are recorded).
-    for t0 in reversed(range(0, T, CHUNK)):
-        t1 = min(t0 + CHUNK, T)
+    for t0 in reversed(range(0, T, chunk)):
+        t1 = min(t0 + chunk, T)
         for l in range(len(cells) - 1, -1, -1):
             cell = cells[l]
             with torch.no_grad():

@@ -23,7 +23,7 @@ from lightning_revrnn.core.dropout import SeededMask
 from lightning_revrnn.core.fixed_point import to_fixed, to_float
 from lightning_revrnn.core.forward import run_forward
 from lightning_revrnn.core.numerics import AutocastState
-from lightning_revrnn.core.protocol import CHUNK
+from lightning_revrnn.core.protocol import CHUNK, LONG_CHUNK, LONG_WINDOW, chunk_steps
 from lightning_revrnn.core.window import WindowPlan
 
 ALL_CLASSES = (RevGRU, RevLSTM, NFRevGRU, NFRevLSTM)
@@ -139,6 +139,16 @@ def test_reverse_gradients_equal_store(cls, layers, bits):
     rnn = cls(3, 8, layers, max_forget_bits=bits, dropout=0.3, input_dropout=0.2, dropconnect=0.4)
     x = torch.randn(23, 3, 3)
     compare_modes(rnn, x, make_hx(rnn, 3))
+
+
+@pytest.mark.parametrize("cls", [RevGRU, RevLSTM], ids=lambda c: c.__name__)
+def test_long_window_chunks_by_eight_and_equals_store(cls):
+    """A window longer than LONG_WINDOW steps runs in LONG_CHUNK-step chunks (a ragged last one), the same
+    gradients as autograd through the stored forward, every state rebuilt bit for bit."""
+    assert (chunk_steps(LONG_WINDOW), chunk_steps(LONG_WINDOW + 1)) == (CHUNK, LONG_CHUNK) == (4, 8)
+    torch.manual_seed(5)
+    rnn = cls(3, 4, 2, max_forget_bits=3, dropout=0.2, dropconnect=0.3)
+    compare_modes(rnn, torch.randn(LONG_WINDOW + 11, 2, 3), make_hx(rnn, 2))
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES, ids=IDS)
