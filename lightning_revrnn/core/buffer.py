@@ -193,7 +193,8 @@ class InformationBuffer:
         self.drains = slots
         self._packed = pack_units(self.word, depth, int(deepest).bit_length(), payload)
         self._word = None
-        self._depth, self._dense = depth.new_zeros(0), dense[:0]
+        # new empty tensors, not views: a view (dense[:0]) would keep the dense stack's storage alive until backward
+        self._depth, self._dense = depth.new_zeros(0), dense.new_empty((0, *dense.shape[1:]))
 
     # ------------------------------------------------------------------------------------ reverse
     def divide(self, h: Tensor, z: Tensor) -> Tensor:

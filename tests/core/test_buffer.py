@@ -122,6 +122,8 @@ def test_a_window_of_known_length_sizes_its_dense_stack_once() -> None:
         shapes.add(sized._dense.shape[0])
     assert shapes == {0, stack_capacity(M, k) + 1}
     assert torch.equal(h, h_growing) and _slots(sized) == _slots(growing)
+    # finished, the buffer holds its compact tensors only: the dense stack's storage is released (not kept by a view)
+    assert sized._dense.untyped_storage().nbytes() == 0 == growing._dense.untyped_storage().nbytes()
 
 
 def test_drains_of_a_unit_do_not_depend_on_any_other_unit() -> None:
