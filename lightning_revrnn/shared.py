@@ -17,7 +17,7 @@ from torch.func import functional_call
 from typing_extensions import override
 
 from lightning_revrnn.core.dropout import locked_mask
-from lightning_revrnn.core.protocol import StepStem
+from lightning_revrnn.core.protocol import StepStem, lookup_gradient
 
 #: The baselines' recurrent layers (cuDNN where available).
 BASELINES: dict[str, type[nn.GRU] | type[nn.LSTM]] = {"gru": nn.GRU, "lstm": nn.LSTM}
@@ -107,10 +107,7 @@ class BoundEmbeddingStem(StepStem):
     @override
     def context_gradient(self, tensor: Tensor, accumulator: Tensor, inputs: Tensor) -> Tensor:
         """The weight's ``V × E`` gradient from per-row accumulation, built once the sweep is done."""
-        if accumulator.shape == tensor.shape:
-            return accumulator
-        rows = accumulator.reshape(-1, accumulator.shape[-1])
-        return torch.zeros_like(tensor, dtype=accumulator.dtype).index_add_(0, inputs.reshape(-1), rows)
+        return accumulator if accumulator.shape == tensor.shape else lookup_gradient(tensor, inputs, accumulator)
 
     @override
     def accumulate_grads(

@@ -24,6 +24,14 @@ def add_gradients(targets: Sequence[tuple[Tensor, Tensor]], grads: Sequence[Tens
             acc.add_(grad)
 
 
+def lookup_gradient(weight: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
+    """The gradient of a lookup table ``weight`` ``(V, E)`` from its looked-up rows' gradients ``rows``
+    ``(*indices.shape, E)``: each row added into its index's (the form of ``context_gradient`` for an
+    accumulator kept per looked-up row)."""
+    dense = torch.zeros_like(weight, dtype=rows.dtype)
+    return dense.index_add_(0, indices.reshape(-1), rows.reshape(-1, rows.shape[-1]))
+
+
 class StepHead(nn.Module, metaclass=ABCMeta):
     """An output head run inside the sweep, e.g. decoder + cross-entropy, a chunk of steps at a time.
 

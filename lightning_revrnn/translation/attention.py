@@ -50,7 +50,7 @@ from typing_extensions import override
 
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES, linear_cross_entropy, linear_cross_entropy_into
 from lightning_revrnn.core.dropout import locked_mask
-from lightning_revrnn.core.protocol import StepHead, add_gradients
+from lightning_revrnn.core.protocol import StepHead, add_gradients, lookup_gradient
 from lightning_revrnn.translation.attention_blocks import MemoryBlocks, attend, attend_backward
 
 #: Target positions the loss ignores (``F.cross_entropy``'s ``ignore_index``).
@@ -303,7 +303,7 @@ class BoundAttentionHead(StepHead):
     def context_gradient(self, tensor: Tensor, accumulator: Tensor) -> Tensor:
         """The embedding alias's ``V × E`` gradient from its rows, built once the sweep is done."""
         if self._compact(tensor):
-            return torch.zeros_like(tensor).index_add_(0, self.src.flatten(), accumulator.flatten(0, 1))
+            return lookup_gradient(tensor, self.src, accumulator)
         return accumulator
 
     def chunked(self, outputs: Tensor) -> Tensor:
