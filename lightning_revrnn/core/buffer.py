@@ -24,6 +24,8 @@ zero and every stack empty. docs/design.md has the proofs and what this costs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -47,6 +49,31 @@ def stack_capacity(multiplications: int, max_forget_bits: int | None) -> int:
     drain (a drained word is at least ``2^32``), so ``31·drains ≤ m·k``.
     """
     return multiplications * bits_per_multiply(max_forget_bits) // (DRAIN_BITS - 1)
+
+
+@dataclass(frozen=True)
+class DrainSite:
+    """Where a kernel that drains by itself puts a multiplication's drains
+    (:meth:`InformationBuffer.begin_kernel_multiply`): every unit whose word is at least ``z*·2^32`` writes the
+    word's low 32 bits into ``stack[min(depth, last)]`` and advances its ``depth`` by one, in place, then
+    multiplies with the word shifted right by 32. ``stack`` ``(slots, *shape)`` int32 and ``depth`` ``(*shape)``
+    int64 are contiguous; both None without ``retain`` (the words drain, their bits are dropped)."""
+
+    stack: Tensor | None
+    depth: Tensor | None
+    last: int
+
+
+@dataclass(frozen=True)
+class PopSite:
+    """Where a kernel that pops by itself finds the slots of an undone multiplication
+    (:meth:`InformationBuffer.begin_kernel_divide`): every unit whose restored word is below :data:`FLOOR` while
+    ``top > start`` takes ``stack[top]``'s 32 bits back under its word and lowers its ``top`` by one, in place.
+    ``top`` and ``start`` ``(*shape)`` int64 (contiguous); ``stack`` the compacted int32 slots."""
+
+    stack: Tensor
+    top: Tensor
+    start: Tensor
 
 
 class InformationBuffer:
@@ -137,26 +164,45 @@ class InformationBuffer:
         """Before a multiplication by ``z``: drain the units that need it and return the word to multiply
         with. A backend then calls :meth:`end_multiply` with the new word (and, when retaining, adds
         ``log2 z*`` per unit into :attr:`log2_z_units`)."""
-        if self.stack is not None:
-            raise RuntimeError("This buffer's forward is finished (its words are packed); start a new window.")
+        if not self._may_drain():
+            return self.word
         word = self.word
-        # Until log2(word + 1) ≤ m·k can reach log2(z*_min·2^32) = 42 - k, no unit can drain.
-        if (self.multiplications + 1) * self._step_bits <= WORD_BITS:
-            return word
         drains = word >= (z << DRAIN_BITS)
         if self.retain:
             self._push(word.to(torch.int32), drains)  # the cast keeps the low 32 bits
         return torch.where(drains, word >> DRAIN_BITS, word)
 
-    def _push(self, low: Tensor, drains: Tensor) -> None:
-        """Write every unit's low bits at its stack's next slot; only the draining units keep them."""
+    def begin_kernel_multiply(self) -> tuple[Tensor, DrainSite | None]:
+        """:meth:`begin_multiply` for a kernel that drains by itself: the word before any drain and, once a unit
+        may drain, where its drains go (None before: the kernel multiplies only). Then :meth:`end_multiply`."""
+        if not self._may_drain():
+            return self.word, None
+        if not self.retain:
+            return self.word, DrainSite(None, None, 0)
+        last = self._reserve()  # may replace the dense stack: read it after
+        return self.word, DrainSite(self._dense, self._depth, last)
+
+    def _may_drain(self) -> bool:
+        """Before a multiplication of the forward: whether any unit may drain. Until ``log2(word + 1) ≤ m·k`` can
+        reach ``log2(z*_min·2^32) = 42 - k``, none can."""
+        if self.stack is not None:
+            raise RuntimeError("This buffer's forward is finished (its words are packed); start a new window.")
+        return (self.multiplications + 1) * self._step_bits > WORD_BITS
+
+    def _reserve(self) -> int:
+        """Size the dense stack for this multiplication's writes (the whole window's worth at once if known, else
+        grown by half at least) and return the highest slot a write may use."""
         needed = stack_capacity(self.multiplications, self.max_forget_bits) + 1  # + the slot a write may fill
-        if self._dense.shape[0] < needed:  # the whole window's worth if known, else grow by half at least
+        if self._dense.shape[0] < needed:
             window = stack_capacity(self._expected or 0, self.max_forget_bits) + 1
             grown = max(needed, window, self._dense.shape[0] * 3 // 2)
             extra = self._dense.new_zeros((grown - self._dense.shape[0], *self._dense.shape[1:]))
             self._dense = torch.cat([self._dense, extra])
-        slot = self._depth.clamp(max=needed - 1)  # within the bound anyway, unless z* was garbage (NaN gates)
+        return needed - 1
+
+    def _push(self, low: Tensor, drains: Tensor) -> None:
+        """Write every unit's low bits at its stack's next slot; only the draining units keep them."""
+        slot = self._depth.clamp(max=self._reserve())  # within the bound anyway, unless z* was garbage (NaN gates)
         self._dense.scatter_(0, slot[None], low[None])
         self._depth += drains
 
@@ -216,12 +262,30 @@ class InformationBuffer:
         self.multiplications -= 1
         return self.word
 
+    def begin_kernel_divide(self) -> tuple[Tensor, PopSite | None]:
+        """:meth:`begin_divide` for a kernel that pops by itself: the word to divide with and, where a unit may
+        have drained before this multiplication, where its slots are (None: the kernel divides only). Then
+        :meth:`end_kernel_divide`."""
+        word = self.begin_divide()
+        if not self._may_pop():
+            return word, None
+        assert self.stack is not None and self._top is not None and self._start is not None
+        return word, PopSite(self.stack, self._top, self._start)
+
+    def end_kernel_divide(self, word: Tensor) -> None:
+        """After a kernel undid a multiplication and popped its slots: keep the restored word."""
+        self.word = word
+
+    def _may_pop(self) -> bool:
+        """After :meth:`begin_divide`: whether a unit may have drained before this multiplication (there are slots,
+        and enough multiplications came before it: see :meth:`_may_drain`)."""
+        return bool(self.drains) and (self.multiplications + 1) * self._step_bits > WORD_BITS
+
     def end_divide(self, word: Tensor) -> None:
         """After undoing a multiplication: keep the restored word, and pop a slot back into every unit whose
         word fell below :data:`FLOOR` while its stack is not empty (the units that drained before it)."""
         assert self.stack is not None and self._top is not None and self._start is not None
-        # no slot at all, or no unit could have drained yet before this multiplication (see begin_multiply)
-        if self.drains and (self.multiplications + 1) * self._step_bits > WORD_BITS:
+        if self._may_pop():
             drained = (word < FLOOR) & (self._top > self._start)
             low = self.stack[self._top].to(torch.int64) & _DRAIN_MASK
             word = torch.where(drained, (word << DRAIN_BITS) | low, word)

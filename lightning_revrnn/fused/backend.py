@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_revrnn.core.backend import Backend
-from lightning_revrnn.core.buffer import InformationBuffer
+from lightning_revrnn.core.buffer import DrainSite, InformationBuffer
 from lightning_revrnn.core.cell_base import Halves, ReversibleCell, restore_units, store_units, unbuffered
 from lightning_revrnn.core.fixed_point import to_float
 from lightning_revrnn.core.records import GRURecord, LSTMRecord, Record
@@ -30,8 +30,9 @@ class FusedBackend(Backend):
     stage per multiplication (through the buffer word), and per step one backward stage.
 
     On CUDA the integer stages are the hand-written Triton kernels of :mod:`lightning_revrnn.fused.triton_kernels`
-    (one kernel each, no compiled-function guards to evaluate per call); elsewhere they are compiled stages. Both
-    compute the reference's integers bit for bit, so the choice changes no result.
+    (one kernel each, the buffer's drains or pops inside it, no compiled-function guards to evaluate per call);
+    elsewhere they are compiled stages, with the drains and pops as ATen ops around them. Both compute the
+    reference's integers bit for bit, so the choice changes no result.
 
     Args:
         counter: count every stage call and the kernels it ran (benchmarks; see
@@ -82,15 +83,21 @@ class FusedBackend(Backend):
         half and its float32 value."""
         if z is None:
             return self.stages.add_term()(h, add)  # type: ignore[no-any-return]
-        word = buf.begin_multiply(z)
+        # a Triton kernel drains the units itself; before a compiled stage the buffer drains them (ATen ops)
+        drain: list[DrainSite | None] = []
+        if self._uses_triton(h.device):
+            word, site = buf.begin_kernel_multiply()
+            drain.append(site)
+        else:
+            word = buf.begin_multiply(z)
         if buf.retain:
             log2 = buf.log2_z_units
             if log2 is None:
                 log2 = torch.zeros(word.shape, dtype=torch.float64, device=word.device)
             stage = self._integer_stage("multiply_add_logged", h.device)
-            h, h_f, word, buf.log2_z_units = stage(h, z, word, add, log2)
+            h, h_f, word, buf.log2_z_units = stage(h, z, word, add, log2, *drain)
         else:
-            h, h_f, word = self._integer_stage("multiply_add", h.device)(h, z, word, add)
+            h, h_f, word = self._integer_stage("multiply_add", h.device)(h, z, word, add, *drain)
         buf.end_multiply(word)
         return h, h_f
 
@@ -98,8 +105,14 @@ class FusedBackend(Backend):
         """Inverse of :meth:`_apply`: the old int half and its float32 value."""
         if z is None:
             return self.stages.subtract_term()(h, add)  # type: ignore[no-any-return]
-        h, h_f, word = self._integer_stage("subtract_divide", h.device)(h, add, z, buf.begin_divide())
-        buf.end_divide(word)
+        stage = self._integer_stage("subtract_divide", h.device)
+        if self._uses_triton(h.device):  # the kernel pops the slots itself
+            word, site = buf.begin_kernel_divide()
+            h, h_f, word = stage(h, add, z, word, site)
+            buf.end_kernel_divide(word)
+        else:
+            h, h_f, word = stage(h, add, z, buf.begin_divide())
+            buf.end_divide(word)
         return h, h_f
 
     # ------------------------------------------------------------------------------------ steps

@@ -19,7 +19,7 @@ from test_cells import build, independent_roundtrip, sample_masks
 from test_fused import B, N, edge_case_operands
 
 from lightning_revrnn import RevGRU, RevLSTM
-from lightning_revrnn.core.buffer import InformationBuffer
+from lightning_revrnn.core.buffer import DRAIN_BITS, FLOOR, DrainSite, InformationBuffer, PopSite
 from lightning_revrnn.core.fixed_point import FORGET_ONE, reversible_divide, reversible_multiply, to_float
 from lightning_revrnn.fused import FusedBackend, StageCounter
 
@@ -112,6 +112,72 @@ def test_buffer_round_trip_through_the_kernels(kernels):
         buf.end_divide(word)
         assert torch.equal(h, old)
     assert buf.is_empty()
+
+
+@pytest.mark.parametrize("retain", [True, False], ids=["retain", "evaluation"])
+def test_kernels_drain_and_pop_as_the_buffer_does(kernels, retain):
+    """Drains and pops inside the kernels (``begin_kernel_multiply`` / ``begin_kernel_divide``) against the buffer's
+    own ATen ops, step by step from the same operands: the same states and words, the same slots and packed words
+    at the window's end, and back to the same empty buffer."""
+    g = torch.Generator().manual_seed(7)
+    device = torch.device(TEST_DEVICE)
+    steps = 150
+    ref, fused = (InformationBuffer((B, N), device, 3, retain=retain, multiplications=steps) for _ in range(2))
+    h = h_ref = torch.randint(-(2**40), 2**40, (B, N), generator=g).to(device)
+    history = []
+    for _ in range(steps):
+        z = torch.randint(FORGET_ONE // 8, FORGET_ONE + 1, (B, N), generator=g).to(device)
+        add = torch.randint(-(2**23), 2**23 + 1, (B, N), generator=g).to(device)
+        history.append((h, z, add))
+        h_ref, word = reversible_multiply(h_ref, z, ref.begin_multiply(z))
+        h_ref = h_ref + add
+        ref.end_multiply(word)
+        word, site = fused.begin_kernel_multiply()
+        h, _, word = kernels.multiply_add(h, z, word, add, site)
+        fused.end_multiply(word)
+        assert torch.equal(h, h_ref) and torch.equal(fused.word, ref.word)
+    sizes = ref.window_sizes()
+    assert torch.equal(fused.window_sizes(), sizes)
+    if not retain:
+        return  # evaluation: the words drained the same; nothing was kept to reverse
+    assert int(sizes[0]) > 2 * B * N, "150 multiplications of about 0.7 bits each drain every unit twice or more"
+    ref.finish()
+    fused.finish()
+    assert all(torch.equal(a, b) for a, b in zip(ref.tensors(), fused.tensors()))
+    for old, z, add in reversed(history):
+        word, pop = fused.begin_kernel_divide()
+        h, h_f, word = kernels.subtract_divide(h, add, z, word, pop)
+        fused.end_kernel_divide(word)
+        h_ref, word = reversible_divide(h_ref - add, z, ref.begin_divide())
+        ref.end_divide(word)
+        assert torch.equal(h, old) and torch.equal(h_ref, old) and torch.equal(fused.word, ref.word)
+        assert torch.equal(h_f, to_float(old))
+    assert fused.is_empty() and ref.is_empty()
+
+
+def test_kernel_drain_and_pop_boundaries(kernels):
+    """At the thresholds, by hand: a word of exactly ``z*·2^32`` drains, one below does not; after an undone
+    multiplication a word below ``FLOOR`` pops where slots are left, ``FLOOR`` itself and an empty stack do not.
+    ``z* = 2^R_Z`` multiplies by one, so the words pass the arithmetic unchanged."""
+    device = torch.device(TEST_DEVICE)
+    one = torch.full((1, 4), FORGET_ONE, dtype=torch.int64, device=device)
+    zeros = torch.zeros_like(one)
+    at = FORGET_ONE << DRAIN_BITS
+    word = torch.tensor([[at, at - 1, at + 5, 0]], device=device)
+    stack = torch.full((3, 1, 4), -1, dtype=torch.int32, device=device)
+    depth = torch.tensor([[0, 0, 2, 1]], device=device)
+    _, _, out = kernels.multiply_add(zeros, one, word, zeros, DrainSite(stack, depth, last=2))
+    assert out.tolist() == [[FORGET_ONE, at - 1, FORGET_ONE, 0]]  # shifted by 32 where drained, times one
+    assert depth.tolist() == [[1, 0, 3, 1]]
+    assert stack[0, 0, 0] == 0 and stack[2, 0, 2] == 5 and int((stack != -1).sum()) == 2  # only drains wrote
+
+    slots = torch.tensor([0, 7, -2, 9], dtype=torch.int32, device=device)  # slot 0 unused, as after finish()
+    top = torch.tensor([[1, 2, 3, 0]], device=device)
+    start = torch.tensor([[0, 1, 3, 0]], device=device)
+    word = torch.tensor([[FLOOR - 1, FLOOR, 5, 3]], device=device)
+    _, _, back = kernels.subtract_divide(zeros, zeros, one, word, PopSite(slots, top, start))
+    assert back.tolist() == [[((FLOOR - 1) << 32) | 7, FLOOR, 5, 3]]  # units 2, 3: no slots left
+    assert top.tolist() == [[0, 2, 3, 0]]
 
 
 @pytest.mark.compile
