@@ -62,28 +62,24 @@ def test_reversible_parts_are_timed_inside_the_sweep_without_overlap() -> None:
         assert parts["rest"] >= 0
 
 
+def _wrapped_callables() -> list[object]:
+    """What :func:`step_parts.instrumented` replaces, as found now."""
+    return [
+        Backend.forward_step,
+        WindowPlan.projection,
+        WindowPlan.head_value,
+        sweep_module.reconstruct_chunk,
+        sweep_module.backprop_chunk,
+        sweep_module.head_gradient,
+        BaselineRNN.forward,
+    ]
+
+
 def test_instrumentation_puts_the_originals_back() -> None:
-    originals = [
-        Backend.forward_step,
-        WindowPlan.projection,
-        WindowPlan.head_value,
-        sweep_module.reconstruct_chunk,
-        sweep_module.backprop_chunk,
-        sweep_module.head_gradient,
-        BaselineRNN.forward,
-    ]
+    originals = _wrapped_callables()
     with step_parts.instrumented(step_parts.PartClock()):
-        assert Backend.forward_step is not originals[0]
-    after = [
-        Backend.forward_step,
-        WindowPlan.projection,
-        WindowPlan.head_value,
-        sweep_module.reconstruct_chunk,
-        sweep_module.backprop_chunk,
-        sweep_module.head_gradient,
-        BaselineRNN.forward,
-    ]
-    assert all(a is b for a, b in zip(originals, after))
+        assert not any(a is b for a, b in zip(originals, _wrapped_callables()))
+    assert all(a is b for a, b in zip(originals, _wrapped_callables()))
 
 
 def test_main_writes_shares_of_the_excess(tmp_path: Path) -> None:
