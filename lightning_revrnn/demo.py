@@ -12,7 +12,7 @@
 Prints one line per model as it trains, then the two tables (models by name; memory figures are medians over
 each model's measured steps and the same on every run). What training writes to stderr (Lightning's messages,
 warnings, MemoryReport's summaries) goes to ``<out>/train.log``; logs, MemoryReport JSON/PNG and ``demo.json``
-to ``--out``. Needs no download; under a minute on one CPU thread (``--threads``), also on busy cores.
+to ``--out``. Needs no download; one to two minutes on one CPU thread (``--threads``), also on busy cores.
 """
 
 from __future__ import annotations
