@@ -114,20 +114,24 @@ def test_buffer_round_trip_through_the_kernels(kernels):
     assert buf.is_empty()
 
 
-@pytest.mark.parametrize("retain", [True, False], ids=["retain", "evaluation"])
-def test_kernels_drain_and_pop_as_the_buffer_does(kernels, retain):
+@pytest.mark.parametrize(
+    ("retain", "hint"), [(True, True), (True, False), (False, True)], ids=["retain", "growing", "evaluation"]
+)
+def test_kernels_drain_and_pop_as_the_buffer_does(kernels, retain, hint):
     """Drains and pops inside the kernels (``begin_kernel_multiply`` / ``begin_kernel_divide``) against the buffer's
     own ATen ops, step by step from the same operands: the same states and words, the same slots and packed words
-    at the window's end, and back to the same empty buffer."""
+    at the window's end, and back to the same empty buffer. Several kernel programs (more units than a block);
+    ``growing``: no size hint, so the dense stack grows while the kernels write into it."""
     g = torch.Generator().manual_seed(7)
     device = torch.device(TEST_DEVICE)
-    steps = 150
-    ref, fused = (InformationBuffer((B, N), device, 3, retain=retain, multiplications=steps) for _ in range(2))
-    h = h_ref = torch.randint(-(2**40), 2**40, (B, N), generator=g).to(device)
+    steps, shape = 150, (5, 300)  # 1500 units: two programs of BLOCK
+    hint_steps = steps if hint else None
+    ref, fused = (InformationBuffer(shape, device, 3, retain=retain, multiplications=hint_steps) for _ in range(2))
+    h = h_ref = torch.randint(-(2**40), 2**40, shape, generator=g).to(device)
     history = []
     for _ in range(steps):
-        z = torch.randint(FORGET_ONE // 8, FORGET_ONE + 1, (B, N), generator=g).to(device)
-        add = torch.randint(-(2**23), 2**23 + 1, (B, N), generator=g).to(device)
+        z = torch.randint(FORGET_ONE // 8, FORGET_ONE + 1, shape, generator=g).to(device)
+        add = torch.randint(-(2**23), 2**23 + 1, shape, generator=g).to(device)
         history.append((h, z, add))
         h_ref, word = reversible_multiply(h_ref, z, ref.begin_multiply(z))
         h_ref = h_ref + add
@@ -140,7 +144,7 @@ def test_kernels_drain_and_pop_as_the_buffer_does(kernels, retain):
     assert torch.equal(fused.window_sizes(), sizes)
     if not retain:
         return  # evaluation: the words drained the same; nothing was kept to reverse
-    assert int(sizes[0]) > 2 * B * N, "150 multiplications of about 0.7 bits each drain every unit twice or more"
+    assert int(sizes[0]) > 2 * h.numel(), "150 multiplications of about 0.7 bits each drain every unit twice or more"
     ref.finish()
     fused.finish()
     assert all(torch.equal(a, b) for a, b in zip(ref.tensors(), fused.tensors()))
@@ -171,12 +175,13 @@ def test_kernel_drain_and_pop_boundaries(kernels):
     assert depth.tolist() == [[1, 0, 3, 1]]
     assert stack[0, 0, 0] == 0 and stack[2, 0, 2] == 5 and int((stack != -1).sum()) == 2  # only drains wrote
 
-    slots = torch.tensor([0, 7, -2, 9], dtype=torch.int32, device=device)  # slot 0 unused, as after finish()
+    slots = torch.tensor([0, -2, 7, 9], dtype=torch.int32, device=device)  # slot 0 unused, as after finish()
     top = torch.tensor([[1, 2, 3, 0]], device=device)
     start = torch.tensor([[0, 1, 3, 0]], device=device)
     word = torch.tensor([[FLOOR - 1, FLOOR, 5, 3]], device=device)
     _, _, back = kernels.subtract_divide(zeros, zeros, one, word, PopSite(slots, top, start))
-    assert back.tolist() == [[((FLOOR - 1) << 32) | 7, FLOOR, 5, 3]]  # units 2, 3: no slots left
+    # the slot's 32 bits come back unsigned (-2 is 0xFFFFFFFE); units 2, 3: no slots left
+    assert back.tolist() == [[((FLOOR - 1) << 32) | 0xFFFFFFFE, FLOOR, 5, 3]]
     assert top.tolist() == [[0, 2, 3, 0]]
 
 
