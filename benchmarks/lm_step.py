@@ -81,8 +81,7 @@ from typing_extensions import override
 
 from lightning_revrnn import ReversibleRNN
 from lightning_revrnn.chunked_loss import DEFAULT_BLOCK_BYTES
-from lightning_revrnn.core import forward as forward_module
-from lightning_revrnn.core import sweep as sweep_module
+from lightning_revrnn.core import protocol
 from lightning_revrnn.fused import FusedBackend, StageCounter
 from lightning_revrnn.lm.head import BoundDecoderHead
 from lightning_revrnn.lm.model import Batch, LanguageModel, RnnType
@@ -929,8 +928,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.chunk is not None:  # the forward and the sweep read chunk_steps as their own globals
-        vars(forward_module)["chunk_steps"] = vars(sweep_module)["chunk_steps"] = lambda steps: args.chunk
+    if args.chunk is not None:  # chunk_steps reads them at each call
+        protocol.CHUNK = protocol.LONG_CHUNK = args.chunk
     if args.out is None:
         suffix = "-small" if args.small else ""  # a smoke run never overwrites the real results
         args.out = Path(__file__).resolve().parent / "results" / f"lm_step-{device_slug(device)}{suffix}.json"

@@ -93,8 +93,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-import lightning_revrnn.core.forward as forward_module
-import lightning_revrnn.core.sweep as sweep_module
+import lightning_revrnn.core.protocol as protocol
 import lightning_revrnn.translation.attention as attention_module
 from lightning_revrnn.datamodules.bucketing import training_plan
 from lightning_revrnn.datamodules.parallel import EncodedPairs, ParallelText, TranslationBatch, collate
@@ -934,13 +933,12 @@ def resolve_data(args: argparse.Namespace) -> dict[str, BatchShape]:
 
 def sweep_chunk(shape: BatchShape) -> int:
     """Target steps per chunk of the decoder's sweep for this batch shape (its padded decoder steps)."""
-    return int(vars(sweep_module)["chunk_steps"](shape.tgt_steps))
+    return protocol.chunk_steps(shape.tgt_steps)
 
 
 def set_head_chunk(chunk: int) -> None:
     """Diagnostic: the head's target steps per chunk, in the reverse sweep and in the baselines' chunked head."""
-    # The forward and the sweep read chunk_steps as their own globals (imported from core.protocol): set it there.
-    vars(forward_module)["chunk_steps"] = vars(sweep_module)["chunk_steps"] = lambda steps: chunk
+    protocol.CHUNK = protocol.LONG_CHUNK = chunk  # chunk_steps reads them at each call
     attention_module.BASELINE_CHUNK = chunk
 
 
