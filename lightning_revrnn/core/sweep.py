@@ -184,14 +184,15 @@ class Gradients:
         return pairs
 
     def extras_gradients(self, plan: WindowPlan, inputs: Tensor) -> list[Tensor]:
-        """The extra tensors' gradients from their accumulators (the head and the stem turn their own back)."""
-        grads = list(self.extras)
-        for i in plan.stem_slots:
-            if plan.stem is not None and i not in plan.head_slots:
-                grads[i] = plan.stem.context_gradient(plan.extras[i], grads[i], inputs)
-        for i in plan.head_slots:
-            if plan.head is not None:
-                grads[i] = plan.head.context_gradient(plan.extras[i], grads[i])
+        """The extra tensors' gradients from their accumulators: each turned back by whoever chose it in
+        :meth:`zeros` (the head before the stem)."""
+        grads = []
+        for i, (tensor, acc) in enumerate(zip(plan.extras, self.extras)):
+            if plan.head is not None and i in plan.head_slots:
+                acc = plan.head.context_gradient(tensor, acc)
+            elif plan.stem is not None and i in plan.stem_slots:
+                acc = plan.stem.context_gradient(tensor, acc, inputs)
+            grads.append(acc)
         return grads
 
 
@@ -383,7 +384,8 @@ def _check_reconstruction(buffers: list[InformationBuffer], diverged: Tensor, st
     bad = diverged.nonzero().tolist()
     if bad:
         chunk, l = max(bad)  # the reverse sweep meets the latest chunk first
-        first, last = chunk * chunk_steps(steps), min((chunk + 1) * chunk_steps(steps), steps) - 1
+        size = chunk_steps(steps)
+        first, last = chunk * size, min((chunk + 1) * size, steps) - 1
         raise ReconstructionError(
             f"Reverse sweep diverged: layer {l}, reconstructing steps {first}..{last} "
             f"did not give the state forward had before step {first} bit for bit ({len(bad)} "

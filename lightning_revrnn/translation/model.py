@@ -100,8 +100,7 @@ class TranslationModel(CheckpointFileCheck, TranslationDecoding, pl.LightningMod
             temporaries (:func:`~lightning_revrnn.chunked_loss.linear_cross_entropy`: rows of logits at a time,
             ``budget / (4 · tgt_vocab)`` float32 rows per block, half that under bf16/fp16 autocast, at least one),
             so the head's memory does not grow with chunk × batch × vocabulary. Default 4 MiB (56 rows at
-            Multi30K's 18,726 German words). The
-            baselines ignore it (plain ``nn.Linear`` + ``F.cross_entropy``).
+            Multi30K's 18,726 German words). The baselines ignore it (plain ``nn.Linear`` + ``F.cross_entropy``).
 
     Logged: ``train_loss``, ``train_ppl`` (per step, per target token of this rank's batch); ``val_loss``,
     ``val_ppl``, ``val_bleu`` (greedy decoding, to keep validation cheap), ``test_loss``, ``test_ppl``,
