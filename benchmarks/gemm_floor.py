@@ -1,0 +1,273 @@
+"""The floor under the reversible LM step's time: its matrix products alone, beside both whole steps.
+
+The reversible method does more matrix products than the ``nn.*`` LM, whatever its elementwise code costs: the
+head's logits GEMM runs twice (once for the forward's loss, once in the reverse sweep, which may not keep
+``T x B x V`` logits), the input projections twice (forward and sweep), and the hidden GEMMs once more (the
+reconstruction). This script measures that floor, and what is left for everything else under a time target.
+
+One training step of each model (:mod:`lm_step`'s models, sizes and batch) runs under :class:`ProductRecorder`,
+a dispatch mode that records every matrix product (:data:`PRODUCTS`: ``mm``, ``addmm``, ``addmm_``, ...) with its
+operands' shapes, strides and storages, in order, and counts every other op as :mod:`opcount` does (views,
+aliases and allocations left out). :class:`ProductReplay` then runs the recorded products alone, in the same order,
+on random operands of the same shapes and strides; operands that shared a storage in the step share one in the
+replay (a weight read by every step stays one tensor), so caches see the same reuse. The two whole steps and the
+replay run in turns (``--repeats`` rounds after a warm-up; medians).
+
+Columns: the ``nn.*`` LM's step, the reversible step, the replay of its products (``floor``; ``(head)``: of those
+the head's, the products with an operand of the vocabulary's size), the step and the floor as ratios to the
+``nn.*`` step, the reversible step's ops outside the products, the time they take on average
+(``(step - floor) / ops``), and the average that ``--target`` times the ``nn.*`` step would leave them
+(``(target * nn.* step - floor) / ops``). The ``nn.*`` LM's recurrence is oneDNN's fused LSTM/GRU, one op whose
+own GEMMs cannot be replayed apart: its step is measured whole.
+
+Usage::
+
+    python benchmarks/gemm_floor.py                        # RevGRU and RevLSTM, T 70 and 1000
+    python benchmarks/gemm_floor.py --cells lstm --seq-lens 70 --threads 1
+    python benchmarks/gemm_floor.py --small                # smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+if __package__:  # python -m benchmarks.gemm_floor: the siblings import each other by their own names
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_step import Config, build_model, make_batch, step
+from opcount import ALLOCATIONS, NO_OPS
+
+aten = torch.ops.aten
+#: The matrix products a step may run (op packets; every overload, in-place ones included).
+PRODUCTS: frozenset[Any] = frozenset(
+    {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.addbmm, aten.mv, aten.addmv, aten.dot}
+)
+PAPER = dict(batch=20, vocab=10000, emb=650, hidden=1150, seq_lens=[70, 1000], repeats=5, target=1.5)
+SMALL = dict(batch=4, vocab=200, emb=32, hidden=48, seq_lens=[12], repeats=2, target=1.5)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A tensor operand of a recorded product (``out=`` included): where it lies in its storage (key: the
+    storage's address)."""
+
+    storage: int
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Product:
+    """One recorded matrix product: the op and its arguments, tensors as :class:`Operand`."""
+
+    func: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class ProductRecorder(TorchDispatchMode):
+    """Records the matrix products run while active (:attr:`products`, in order) and counts every other op
+    (:attr:`other_ops`: views, aliases and allocations left out, as :mod:`opcount` counts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.products: list[Product] = []
+        self.other_ops = 0
+        self.storage_bytes: dict[int, int] = {}
+
+    def _operand(self, t: Tensor) -> Operand:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        self.storage_bytes[key] = max(self.storage_bytes.get(key, 0), storage.nbytes())
+        return Operand(key, int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet in PRODUCTS:
+            spec = tuple(self._operand(a) if isinstance(a, Tensor) else a for a in args)
+            named = {k: self._operand(v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}  # out=
+            self.products.append(Product(func, spec, named))
+        elif not (func.is_view or packet in NO_OPS or packet in ALLOCATIONS):
+            self.other_ops += 1
+        return func(*args, **kwargs)
+
+
+class ProductReplay:
+    """Runs recorded products alone (those ``keep`` selects, all by default), in order, on random operands laid
+    out as recorded.
+
+    Example::
+
+        >>> w, x = torch.randn(6, 4), torch.randn(3, 4)
+        >>> with ProductRecorder() as rec:
+        ...     y = torch.addmm(torch.zeros(6), x, w.t()) @ w
+        >>> [p.func.__name__ for p in rec.products], rec.other_ops  # zeros: one op outside the products
+        (['addmm.default', 'mm.default'], 1)
+        >>> replay = ProductReplay(rec)
+        >>> replay.shapes() == [[(6,), (3, 4), (4, 6)], [(3, 6), (6, 4)]]
+        True
+        >>> replay.run()
+    """
+
+    def __init__(self, recorder: ProductRecorder, keep: Callable[[Product], bool] | None = None) -> None:
+        self.storages = {
+            key: torch.empty(nbytes // 4 + 1, dtype=torch.float32).normal_(0.0, 0.01)
+            for key, nbytes in recorder.storage_bytes.items()
+        }
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = [
+            (p.func, tuple(map(self._value, p.args)), {k: self._value(v) for k, v in p.kwargs.items()})
+            for p in recorder.products
+            if keep is None or keep(p)
+        ]
+
+    def _value(self, arg: Any) -> Any:
+        """A recorded argument for the replay: an :class:`Operand` as a tensor in its replay storage."""
+        return self._tensor(arg) if isinstance(arg, Operand) else arg
+
+    def _tensor(self, operand: Operand) -> Tensor:
+        if operand.dtype != torch.float32:
+            raise ValueError(f"the replay draws float32 operands; a product read {operand.dtype}")
+        return self.storages[operand.storage].as_strided(operand.shape, operand.stride, operand.offset)
+
+    def shapes(self) -> list[list[tuple[int, ...]]]:
+        """Each call's tensor operands' shapes."""
+        return [[tuple(a.shape) for a in args if isinstance(a, Tensor)] for _, args, _ in self.calls]
+
+    def run(self) -> None:
+        """Every product once, in the recorded order (outputs of out-of-place products allocated as in the step)."""
+        for func, args, kwargs in self.calls:
+            func(*args, **kwargs)
+
+
+def record_step(model: Any, batch: Any) -> ProductRecorder:
+    """One training step (forward, ``backward()``, gradients cleared) under a :class:`ProductRecorder`."""
+    with ProductRecorder() as recorder:
+        step(model, batch)
+    return recorder
+
+
+def reads_size(size: int) -> Callable[[Product], bool]:
+    """Selects the products with an operand of which one dimension is ``size`` (the vocabulary: the head's)."""
+    return lambda p: any(isinstance(a, Operand) and size in a.shape for a in p.args)
+
+
+def _seconds(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_group(cell: str, seq_len: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Both models' steps and the reversible step's products replayed, in turns: medians and what they leave."""
+    sizes = dict(layers=1, seq_len=seq_len, batch=args.batch, vocab=args.vocab, emb=args.emb, hidden=args.hidden)
+    device = torch.device("cpu")
+    base_config, rev_config = Config(cell=cell, **sizes), Config(cell=cell, **sizes, variant="rev", bits=3)
+    base, rev = build_model(base_config, device), build_model(rev_config, device)
+    base_batch, rev_batch = make_batch(base_config, device), make_batch(rev_config, device)
+    recorder = record_step(rev, rev_batch)
+    head = reads_size(args.vocab)
+    runs: dict[str, Callable[[], None]] = {
+        "baseline": lambda: step(base, base_batch),
+        "reversible": lambda: step(rev, rev_batch),
+        "floor": ProductReplay(recorder).run,
+        "floor_head": ProductReplay(recorder, head).run,
+    }
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            samples[name].append(_seconds(fn) * 1e3)
+    ms = {name: statistics.median(s) for name, s in samples.items()}
+    ops = recorder.other_ops
+    return {
+        "cell": cell,
+        "seq_len": seq_len,
+        "median_ms": ms,
+        "products": len(recorder.products),
+        "head_products": sum(map(head, recorder.products)),
+        "other_ops": ops,
+        "step_ratio": ms["reversible"] / ms["baseline"],
+        "floor_ratio": ms["floor"] / ms["baseline"],
+        "us_per_other_op": (ms["reversible"] - ms["floor"]) * 1e3 / ops,
+        "us_per_other_op_at_target": (args.target * ms["baseline"] - ms["floor"]) * 1e3 / ops,
+        "samples_ms": samples,
+    }
+
+
+def format_table(groups: Sequence[dict[str, Any]], target: float) -> str:
+    """One line per (cell, T)."""
+    head = (
+        f"{'cell':5} {'T':>5} {'nn.* ms':>8} {'rev ms':>8} {'floor ms':>8} {'(head)':>7} {'rev/nn':>6} {'floor/nn':>8} "
+        f"{'other ops':>9} {'us/op':>6} {f'us/op at {target:g}x':>14}"
+    )
+    lines = [head]
+    for g in groups:
+        ms = g["median_ms"]
+        lines.append(
+            f"{g['cell']:5} {g['seq_len']:5d} {ms['baseline']:8.1f} {ms['reversible']:8.1f} {ms['floor']:8.1f} "
+            f"{ms['floor_head']:7.1f} {g['step_ratio']:6.2f} {g['floor_ratio']:8.2f} {g['other_ops']:9d} "
+            f"{g['us_per_other_op']:6.1f} {g['us_per_other_op_at_target']:14.1f}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cells", nargs="+", choices=["gru", "lstm"], default=["gru", "lstm"])
+    p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths T (default 70 1000)")
+    p.add_argument("--repeats", type=int, help="timed rounds after one warm-up (default 5)")
+    p.add_argument("--target", type=float, help="the time target, in multiples of the nn.* step (default 1.5)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--small", action="store_true", help="smoke preset: vocab 200, emb 32, T 12, batch 4")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/gemm_floor-cpu[-small].json)")
+    args = p.parse_args(argv)
+    for key, value in (SMALL if args.small else PAPER).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.repeats < 1 or min(args.seq_lens) < 1 or args.target <= 0:
+        p.error("--repeats, --seq-lens and --target must be positive")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
+    if args.out is None:
+        suffix = "-small" if args.small else ""
+        args.out = Path(__file__).resolve().parent / "results" / f"gemm_floor-cpu{suffix}.json"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Measure every (cell, T), print the table, write the JSON; returns the groups."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    groups = [measure_group(cell, t, args) for t in args.seq_lens for cell in args.cells]
+    print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads, {args.repeats} rounds (medians)")
+    print(format_table(groups, args.target))
+    payload = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "groups": groups,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return groups
+
+
+if __name__ == "__main__":
+    main()
