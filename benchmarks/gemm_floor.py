@@ -3,22 +3,25 @@
 The reversible method does more matrix products than the ``nn.*`` LM, whatever its elementwise code costs: the
 head's logits GEMM runs twice (once for the forward's loss, once in the reverse sweep, which may not keep
 ``T x B x V`` logits), the input projections twice (forward and sweep), and the hidden GEMMs once more (the
-reconstruction). This script measures that floor, and what is left for everything else under a time target.
+reconstruction). This script measures that floor, and what it leaves everything else under a time target.
 
-One training step of each model (:mod:`lm_step`'s models, sizes and batch) runs under :class:`ProductRecorder`,
-a dispatch mode that records every matrix product (:data:`PRODUCTS`: ``mm``, ``addmm``, ``addmm_``, ...) with its
-operands' shapes, strides and storages, in order, and counts every other op as :mod:`opcount` does (views,
-aliases and allocations left out). :class:`ProductReplay` then runs the recorded products alone, in the same order,
-on random operands of the same shapes and strides; operands that shared a storage in the step share one in the
-replay (a weight read by every step stays one tensor), so caches see the same reuse. The two whole steps and the
-replay run in turns (``--repeats`` rounds after a warm-up; medians).
+After a warm-up step, one training step of each model (:mod:`lm_step`'s models, sizes and batch) runs under
+:class:`ProductRecorder`, a dispatch mode that records every matrix product (:data:`PRODUCTS`) with its operands'
+shapes, strides and storages, in order, and counts every other op as :mod:`opcount` does (views, aliases and
+allocations left out). :class:`ProductReplay` then runs recorded products alone, in the same order, on random
+operands of the same shapes and strides; operands at one storage address in the step share one replay storage (a
+weight read by every step stays one tensor; an address the step frees and reuses is reused too), so caches see
+the step's reuse. The whole steps and the replays run in turns (``--repeats`` rounds after a warm-up); ratios
+are taken within each round, and their median is reported with the rounds' range.
 
-Columns: the ``nn.*`` LM's step, the reversible step, the replay of its products (``floor``; ``(head)``: of those
-the head's, the products with an operand of the vocabulary's size), the step and the floor as ratios to the
-``nn.*`` step, the reversible step's ops outside the products, the time they take on average
-(``(step - floor) / ops``), and the average that ``--target`` times the ``nn.*`` step would leave them
-(``(target * nn.* step - floor) / ops``). The ``nn.*`` LM's recurrence is oneDNN's fused LSTM/GRU, one op whose
-own GEMMs cannot be replayed apart: its step is measured whole.
+Replays: ``floor``, every product of the reversible step; ``head``, those with an operand of the vocabulary's
+size (the decoder's), of the reversible step and of the ``nn.*`` step. The ``nn.*`` LSTM's recurrence is one
+oneDNN op (``mkldnn_rnn_layer``) whose GEMMs cannot be replayed apart, so the ``nn.*`` step is measured whole; its
+head's products are replayed for the head's ratio. Columns: both steps (ms), the floor (ms), the step and the
+floor as ratios to the ``nn.*`` step (median, min-max), the head's products reversible vs ``nn.*``, the
+reversible step's ops outside the products, its time outside them per such op (``(step - floor) / ops``: an upper
+bound on an op's cost, since it also holds views, allocations, Python, and the products' colder caches in the
+step), and what ``--target`` times the ``nn.*`` step would leave per op (``(target * nn.* step - floor) / ops``).
 
 Usage::
 
@@ -34,6 +37,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +53,12 @@ from lm_step import Config, build_model, make_batch, step
 from opcount import ALLOCATIONS, NO_OPS
 
 aten = torch.ops.aten
-#: The matrix products a step may run (op packets; every overload, in-place ones included).
+#: The matrix products a step may run (op packets, each with every overload; in-place packets listed apart).
 PRODUCTS: frozenset[Any] = frozenset(
-    {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.addbmm, aten.mv, aten.addmv, aten.dot}
+    {
+        *(aten.mm, aten.addmm, aten.addmm_, aten._addmm_activation, aten.bmm, aten.baddbmm, aten.baddbmm_),
+        *(aten.addbmm, aten.addbmm_, aten.mv, aten.addmv, aten.addmv_, aten.addr, aten.addr_, aten.dot, aten.vdot),
+    }
 )
 PAPER = dict(batch=20, vocab=10000, emb=650, hidden=1150, seq_lens=[70, 1000], repeats=5, target=1.5)
 SMALL = dict(batch=4, vocab=200, emb=32, hidden=48, seq_lens=[12], repeats=2, target=1.5)
@@ -79,14 +86,19 @@ class Product:
 
 
 class ProductRecorder(TorchDispatchMode):
-    """Records the matrix products run while active (:attr:`products`, in order) and counts every other op
-    (:attr:`other_ops`: views, aliases and allocations left out, as :mod:`opcount` counts)."""
+    """Records the matrix products run while active (:attr:`products`, in order) and counts every other op by name
+    (:attr:`others`: views, aliases and allocations left out, as :mod:`opcount` counts)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.products: list[Product] = []
-        self.other_ops = 0
+        self.others: Counter[str] = Counter()
         self.storage_bytes: dict[int, int] = {}
+
+    @property
+    def other_ops(self) -> int:
+        """Op calls outside the products."""
+        return sum(self.others.values())
 
     def _operand(self, t: Tensor) -> Operand:
         storage = t.untyped_storage()
@@ -102,7 +114,7 @@ class ProductRecorder(TorchDispatchMode):
             named = {k: self._operand(v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}  # out=
             self.products.append(Product(func, spec, named))
         elif not (func.is_view or packet in NO_OPS or packet in ALLOCATIONS):
-            self.other_ops += 1
+            self.others[packet.__name__] += 1
         return func(*args, **kwargs)
 
 
@@ -144,8 +156,8 @@ class ProductReplay:
         return self.storages[operand.storage].as_strided(operand.shape, operand.stride, operand.offset)
 
     def shapes(self) -> list[list[tuple[int, ...]]]:
-        """Each call's tensor operands' shapes."""
-        return [[tuple(a.shape) for a in args if isinstance(a, Tensor)] for _, args, _ in self.calls]
+        """Each call's tensor operands' shapes (``out=`` last)."""
+        return [[tuple(a.shape) for a in (*args, *kw.values()) if isinstance(a, Tensor)] for _, args, kw in self.calls]
 
     def run(self) -> None:
         """Every product once, in the recorded order (outputs of out-of-place products allocated as in the step)."""
@@ -171,20 +183,27 @@ def _seconds(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def _median_range(values: list[float]) -> tuple[float, list[float]]:
+    return statistics.median(values), [min(values), max(values)]
+
+
 def measure_group(cell: str, seq_len: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Both models' steps and the reversible step's products replayed, in turns: medians and what they leave."""
+    """Both models' steps and the product replays, in turns: per-round ratios (median, range) and what they leave."""
     sizes = dict(layers=1, seq_len=seq_len, batch=args.batch, vocab=args.vocab, emb=args.emb, hidden=args.hidden)
     device = torch.device("cpu")
     base_config, rev_config = Config(cell=cell, **sizes), Config(cell=cell, **sizes, variant="rev", bits=3)
     base, rev = build_model(base_config, device), build_model(rev_config, device)
     base_batch, rev_batch = make_batch(base_config, device), make_batch(rev_config, device)
-    recorder = record_step(rev, rev_batch)
+    for model, batch in ((base, base_batch), (rev, rev_batch)):  # the first step's one-off work stays unrecorded
+        step(model, batch)
+    recorded, base_recorded = record_step(rev, rev_batch), record_step(base, base_batch)
     head = reads_size(args.vocab)
     runs: dict[str, Callable[[], None]] = {
         "baseline": lambda: step(base, base_batch),
         "reversible": lambda: step(rev, rev_batch),
-        "floor": ProductReplay(recorder).run,
-        "floor_head": ProductReplay(recorder, head).run,
+        "floor": ProductReplay(recorded).run,
+        "head": ProductReplay(recorded, head).run,
+        "baseline_head": ProductReplay(base_recorded, head).run,
     }
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():  # warm-up
@@ -192,36 +211,45 @@ def measure_group(cell: str, seq_len: int, args: argparse.Namespace) -> dict[str
     for _ in range(args.repeats):
         for name, fn in runs.items():
             samples[name].append(_seconds(fn) * 1e3)
-    ms = {name: statistics.median(s) for name, s in samples.items()}
-    ops = recorder.other_ops
+    ops = recorded.other_ops
+    rounds = list(zip(samples["baseline"], samples["reversible"], samples["floor"]))
+    step_ratio, step_range = _median_range([r / b for b, r, _ in rounds])
+    floor_ratio, floor_range = _median_range([f / b for b, _, f in rounds])
+    head_ratio, _ = _median_range([r / b for r, b in zip(samples["head"], samples["baseline_head"])])
     return {
         "cell": cell,
         "seq_len": seq_len,
-        "median_ms": ms,
-        "products": len(recorder.products),
-        "head_products": sum(map(head, recorder.products)),
+        "median_ms": {name: statistics.median(s) for name, s in samples.items()},
+        "products": len(recorded.products),
+        "head_products": sum(map(head, recorded.products)),
+        "baseline_head_products": sum(map(head, base_recorded.products)),
         "other_ops": ops,
-        "step_ratio": ms["reversible"] / ms["baseline"],
-        "floor_ratio": ms["floor"] / ms["baseline"],
-        "us_per_other_op": (ms["reversible"] - ms["floor"]) * 1e3 / ops,
-        "us_per_other_op_at_target": (args.target * ms["baseline"] - ms["floor"]) * 1e3 / ops,
+        "step_ratio": step_ratio,
+        "step_ratio_range": step_range,
+        "floor_ratio": floor_ratio,
+        "floor_ratio_range": floor_range,
+        "head_ratio": head_ratio,
+        "us_per_other_op": statistics.median((r - f) * 1e3 / ops for _, r, f in rounds),
+        "us_per_other_op_at_target": statistics.median((args.target * b - f) * 1e3 / ops for b, _, f in rounds),
         "samples_ms": samples,
     }
 
 
 def format_table(groups: Sequence[dict[str, Any]], target: float) -> str:
-    """One line per (cell, T)."""
-    head = (
-        f"{'cell':5} {'T':>5} {'nn.* ms':>8} {'rev ms':>8} {'floor ms':>8} {'(head)':>7} {'rev/nn':>6} {'floor/nn':>8} "
-        f"{'other ops':>9} {'us/op':>6} {f'us/op at {target:g}x':>14}"
-    )
-    lines = [head]
+    """One line per (cell, T): ratios are per-round medians with the rounds' range."""
+    lines = [
+        f"{'cell':5} {'T':>5} {'nn.* ms':>8} {'rev ms':>8} {'floor ms':>8} {'rev/nn (range)':>17} "
+        f"{'floor/nn (range)':>17} {'head':>5} {'other ops':>9} {'us/op':>6} {f'us/op at {target:g}x':>14}"
+    ]
     for g in groups:
         ms = g["median_ms"]
+        step_lo, step_hi = g["step_ratio_range"]
+        floor_lo, floor_hi = g["floor_ratio_range"]
         lines.append(
             f"{g['cell']:5} {g['seq_len']:5d} {ms['baseline']:8.1f} {ms['reversible']:8.1f} {ms['floor']:8.1f} "
-            f"{ms['floor_head']:7.1f} {g['step_ratio']:6.2f} {g['floor_ratio']:8.2f} {g['other_ops']:9d} "
-            f"{g['us_per_other_op']:6.1f} {g['us_per_other_op_at_target']:14.1f}"
+            f"{g['step_ratio']:5.2f} ({step_lo:4.2f}-{step_hi:4.2f}) {g['floor_ratio']:5.2f} ({floor_lo:4.2f}-"
+            f"{floor_hi:4.2f}) {g['head_ratio']:5.2f} {g['other_ops']:9d} {g['us_per_other_op']:6.1f} "
+            f"{g['us_per_other_op_at_target']:14.1f}"
         )
     return "\n".join(lines)
 
