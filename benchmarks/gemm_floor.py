@@ -33,7 +33,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ if __package__:  # python -m benchmarks.gemm_floor: the siblings import each oth
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_step import Config, build_model, make_batch, step
 from opcount import ALLOCATIONS, NO_OPS
+from step_parts import add_common_arguments, finish_arguments, report
 
 aten = torch.ops.aten
 #: The matrix products a step may run (op packets, each with every overload; in-place packets listed apart).
@@ -60,8 +60,6 @@ PRODUCTS: frozenset[Any] = frozenset(
         *(aten.addbmm, aten.addbmm_, aten.mv, aten.addmv, aten.addmv_, aten.addr, aten.addr_, aten.dot, aten.vdot),
     }
 )
-PAPER = dict(batch=20, vocab=10000, emb=650, hidden=1150, seq_lens=[70, 1000], repeats=5, target=1.5)
-SMALL = dict(batch=4, vocab=200, emb=32, hidden=48, seq_lens=[12], repeats=2, target=1.5)
 
 
 @dataclass(frozen=True)
@@ -254,46 +252,18 @@ def format_table(groups: Sequence[dict[str, Any]], target: float) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cells", nargs="+", choices=["gru", "lstm"], default=["gru", "lstm"])
-    p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths T (default 70 1000)")
-    p.add_argument("--repeats", type=int, help="timed rounds after one warm-up (default 5)")
-    p.add_argument("--target", type=float, help="the time target, in multiples of the nn.* step (default 1.5)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--small", action="store_true", help="smoke preset: vocab 200, emb 32, T 12, batch 4")
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/gemm_floor-cpu[-small].json)")
-    args = p.parse_args(argv)
-    for key, value in (SMALL if args.small else PAPER).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.repeats < 1 or min(args.seq_lens) < 1 or args.target <= 0:
-        p.error("--repeats, --seq-lens and --target must be positive")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be at least 1")
-    if args.out is None:
-        suffix = "-small" if args.small else ""
-        args.out = Path(__file__).resolve().parent / "results" / f"gemm_floor-cpu{suffix}.json"
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Measure every (cell, T), print the table, write the JSON; returns the groups."""
-    args = parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(p, "gemm_floor")
+    p.add_argument("--target", type=float, default=1.5, help="the time target, in nn.* steps (default 1.5)")
+    args = finish_arguments(p, argv, "gemm_floor")
+    if args.target <= 0:
+        p.error("--target must be positive")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     groups = [measure_group(cell, t, args) for t in args.seq_lens for cell in args.cells]
-    print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads, {args.repeats} rounds (medians)")
-    print(format_table(groups, args.target))
-    payload = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "groups": groups,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report(args, groups, format_table(groups, args.target))
     return groups
 
 

@@ -193,14 +193,18 @@ def format_table(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_common_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    """The options this script shares with :mod:`gemm_floor` (``name``: the results file's stem)."""
     p.add_argument("--cells", nargs="+", choices=["gru", "lstm"], default=["gru", "lstm"])
     p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths T (default 70 1000)")
     p.add_argument("--repeats", type=int, help="timed rounds after one warm-up (default 5)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--small", action="store_true", help="smoke preset: vocab 200, emb 32, T 12, batch 4")
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/step_parts-cpu[-small].json)")
+    p.add_argument("--out", type=Path, help=f"JSON path (default benchmarks/results/{name}-cpu[-small].json)")
+
+
+def finish_arguments(p: argparse.ArgumentParser, argv: Sequence[str] | None, name: str) -> argparse.Namespace:
+    """Parse, fill what was not given from :data:`PAPER` or :data:`SMALL`, check, and name the default JSON path."""
     args = p.parse_args(argv)
     for key, value in (SMALL if args.small else PAPER).items():
         if getattr(args, key, None) is None:
@@ -211,18 +215,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--threads must be at least 1")
     if args.out is None:
         suffix = "-small" if args.small else ""
-        args.out = Path(__file__).resolve().parent / "results" / f"step_parts-cpu{suffix}.json"
+        args.out = Path(__file__).resolve().parent / "results" / f"{name}-cpu{suffix}.json"
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Measure every (cell, T), print the table, write the JSON; returns the groups."""
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    groups = [measure_group(cell, t, args) for t in args.seq_lens for cell in args.cells]
+def report(args: argparse.Namespace, groups: list[dict[str, Any]], table: str) -> None:
+    """Print the table under the setting's line and write the groups' JSON to ``args.out``."""
     print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads, {args.repeats} rounds (medians)")
-    print(format_table(groups))
+    print(table)
     payload = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -232,6 +232,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Measure every (cell, T), print the table, write the JSON; returns the groups."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(p, "step_parts")
+    args = finish_arguments(p, argv, "step_parts")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    groups = [measure_group(cell, t, args) for t in args.seq_lens for cell in args.cells]
+    report(args, groups, format_table(groups))
     return groups
 
 
