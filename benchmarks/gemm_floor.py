@@ -134,10 +134,8 @@ class ProductReplay:
     """
 
     def __init__(self, recorder: ProductRecorder, keep: Callable[[Product], bool] | None = None) -> None:
-        self.storages = {
-            key: torch.empty(nbytes // 4 + 1, dtype=torch.float32).normal_(0.0, 0.01)
-            for key, nbytes in recorder.storage_bytes.items()
-        }
+        self._storage_bytes = recorder.storage_bytes
+        self.storages: dict[int, Tensor] = {}  # drawn at first use: only the kept products' storages
         self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = [
             (p.func, tuple(map(self._value, p.args)), {k: self._value(v) for k, v in p.kwargs.items()})
             for p in recorder.products
@@ -151,7 +149,11 @@ class ProductReplay:
     def _tensor(self, operand: Operand) -> Tensor:
         if operand.dtype != torch.float32:
             raise ValueError(f"the replay draws float32 operands; a product read {operand.dtype}")
-        return self.storages[operand.storage].as_strided(operand.shape, operand.stride, operand.offset)
+        storage = self.storages.get(operand.storage)
+        if storage is None:
+            storage = torch.empty(self._storage_bytes[operand.storage] // 4 + 1, dtype=torch.float32).normal_(0.0, 0.01)
+            self.storages[operand.storage] = storage
+        return storage.as_strided(operand.shape, operand.stride, operand.offset)
 
     def shapes(self) -> list[list[tuple[int, ...]]]:
         """Each call's tensor operands' shapes (``out=`` last)."""
